@@ -1,0 +1,50 @@
+"""sagaline: sagas on CQRS with durable command and event buses, for Python."""
+
+from __future__ import annotations
+
+from sagaline.aggregate import Aggregate
+from sagaline.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    InvalidMessage,
+    NonRetryableError,
+    SagaDefinitionError,
+    SagalineError,
+    UnknownMessageType,
+)
+from sagaline.handling import Context, Runtime, Service, System
+from sagaline.messages import Command, Envelope, Event, parse_document, registry
+from sagaline.ports import RetryPolicy
+from sagaline.projection import Projection, Views, rebuild
+from sagaline.saga import Orchestrator, SagaDefinition, SagaStatus, Step, StepKind
+
+__all__ = [
+    "Aggregate",
+    "Command",
+    "ConcurrencyError",
+    "ConfigurationError",
+    "Context",
+    "Envelope",
+    "Event",
+    "InvalidMessage",
+    "NonRetryableError",
+    "Orchestrator",
+    "Projection",
+    "RetryPolicy",
+    "Runtime",
+    "SagaDefinition",
+    "SagaDefinitionError",
+    "SagaStatus",
+    "SagalineError",
+    "Service",
+    "Step",
+    "StepKind",
+    "System",
+    "UnknownMessageType",
+    "Views",
+    "parse_document",
+    "rebuild",
+    "registry",
+]
+
+__version__ = "0.1.0"

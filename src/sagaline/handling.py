@@ -1,0 +1,416 @@
+"""Services, handler registration and the unit of work every message goes through.
+
+The path of one batch (design section 4): claim deliveries from the bus; open one transaction on
+the service's store; for each message record (consumer, messageId) in the inbox, skipping
+duplicates; run the handler, whose state changes and outgoing messages join the same
+transaction; settle every delivery (ack, retry with backoff, dead letter) in that transaction;
+commit. A crash anywhere before the commit leaves the batch to be delivered again.
+
+Group commit: the whole batch commits once. A handler error rolls the batch back and it is handled
+again message by message under savepoints, so one bad message never costs the others their work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast
+
+from sagaline.aggregate import Aggregate
+from sagaline.backends.sqlite import SqliteDatabase, SqliteTransaction
+from sagaline.errors import ConfigurationError, InvalidMessage, NonRetryableError
+from sagaline.messages import Command, Envelope, Event, Message
+from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, RetryPolicy
+
+__all__ = [
+    "Context",
+    "Handler",
+    "Runtime",
+    "Service",
+    "System",
+    "Worker",
+    "crash_point",
+]
+
+log = logging.getLogger("sagaline.handling")
+
+A = TypeVar("A", bound=Aggregate)
+M = TypeVar("M", bound=Message)
+Handler = Callable[["Context", Any], Awaitable[None]]
+
+
+def crash_point(name: str) -> None:
+    """Kill this process with SIGKILL when ``SAGALINE_CRASH_AT`` names this point.
+
+    Used by the crash tests to die at a precise line: ``SAGALINE_CRASH_AT=after-handle:40`` dies
+    the 40th time the point is passed. Costs one dictionary lookup when unarmed.
+    """
+    armed = _CRASH_POINTS.get(name)
+    if armed is None:
+        return
+    armed[0] -= 1
+    if armed[0] <= 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _parse_crash_points(spec: str | None) -> dict[str, list[int]]:
+    points: dict[str, list[int]] = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, _, count = item.strip().partition(":")
+        points[name] = [int(count or "1")]
+    return points
+
+
+_CRASH_POINTS = _parse_crash_points(os.environ.get("SAGALINE_CRASH_AT"))
+
+
+class Context:
+    """What a handler sees: the incoming message's metadata, its store transaction, its outbox."""
+
+    __slots__ = ("envelope", "outgoing", "service", "tx")
+
+    def __init__(self, tx: SqliteTransaction, envelope: Envelope, service: str) -> None:
+        self.tx = tx
+        self.envelope = envelope
+        self.service = service
+        self.outgoing: list[Envelope] = []
+
+    def send(self, command: Command) -> Envelope:
+        """Send a command, caused by the message being handled, once this unit commits."""
+        envelope = Envelope.wrap(command, causation=self.envelope, source=self.service)
+        self.outgoing.append(envelope)
+        return envelope
+
+    def publish(self, event: Event) -> Envelope:
+        """Publish an event, caused by the message being handled, once this unit commits."""
+        envelope = Envelope.wrap(event, causation=self.envelope, source=self.service)
+        self.outgoing.append(envelope)
+        return envelope
+
+    async def load(self, cls: type[A], aggregate_id: str) -> A:
+        """Rebuild an event-sourced aggregate from its stream (version 0 when new)."""
+        aggregate = cls(aggregate_id)
+        for stored in await self.tx.read_stream(cls.stream_name(aggregate_id)):
+            aggregate.apply(cast(Event, stored.envelope.decode()))
+            aggregate.version = stored.version or 0
+        return aggregate
+
+    async def save(self, aggregate: Aggregate) -> None:
+        """Append the aggregate's new events at its loaded version; they are published too."""
+        if not aggregate.pending:
+            return
+        envelopes = [
+            Envelope.wrap(event, causation=self.envelope, source=self.service)
+            for event in aggregate.pending
+        ]
+        aggregate.version = await self.tx.append(
+            aggregate.stream_name(aggregate.id), aggregate.version, envelopes
+        )
+        aggregate.pending.clear()
+
+
+@dataclass
+class Service:
+    """A named service: the commands it handles and the events it subscribes to."""
+
+    name: str
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    command_handlers: dict[str, Handler] = field(default_factory=dict)
+    event_handlers: dict[str, Handler] = field(default_factory=dict)
+
+    def handles(self, *types: type[Command]) -> Callable[[Handler], Handler]:
+        """Register a handler for one or more command types (one service owns a command)."""
+
+        def register(handler: Handler) -> Handler:
+            for cls in types:
+                self.command_handlers[cls.type_name()] = handler
+            return handler
+
+        return register
+
+    def subscribes(self, *types: type[Event]) -> Callable[[Handler], Handler]:
+        """Register a handler for one or more event types."""
+
+        def register(handler: Handler) -> Handler:
+            for cls in types:
+                self.event_handlers[cls.type_name()] = handler
+            return handler
+
+        return register
+
+    def consumers(self) -> list[ConsumerSpec]:
+        """The bus consumers this service needs: its command queue and its subscription."""
+        specs = []
+        if self.command_handlers:
+            specs.append(
+                ConsumerSpec(self.name, "queue", frozenset(self.command_handlers), self.retry)
+            )
+        if self.event_handlers:
+            specs.append(
+                ConsumerSpec(self.name, "subscription", frozenset(self.event_handlers), self.retry)
+            )
+        return specs
+
+
+class System:
+    """A set of services and the routing of each command type to its service's queue."""
+
+    def __init__(self, services: Iterable[Service]) -> None:
+        self.services = {service.name: service for service in services}
+        self.routes: dict[str, str] = {}
+        for service in self.services.values():
+            for type_name in service.command_handlers:
+                owner = self.routes.setdefault(type_name, service.name)
+                if owner != service.name:
+                    raise ConfigurationError(
+                        f"{type_name} is handled by both {owner!r} and {service.name!r}"
+                    )
+
+    def route(self, command_type: str) -> str:
+        """The queue a command type goes to."""
+        try:
+            return self.routes[command_type]
+        except KeyError:
+            raise ConfigurationError(f"no service handles {command_type}") from None
+
+    async def submit(
+        self, db: SqliteDatabase, message: Message, *, message_id: str | None = None
+    ) -> Envelope:
+        """Put one message from outside (CLI, HTTP, tests) onto the bus, durably."""
+        if isinstance(message, Command):
+            self.route(message.type_name())
+        envelope = Envelope.wrap(message, source="client", message_id=message_id)
+        async with db.transaction() as tx:
+            await tx.emit([envelope], self.routes)
+        return envelope
+
+    async def submit_many(self, db: SqliteDatabase, messages: Sequence[Message]) -> list[Envelope]:
+        """Submit many messages in one transaction."""
+        envelopes = [Envelope.wrap(m, source="client") for m in messages]
+        for message in messages:
+            if isinstance(message, Command):
+                self.route(message.type_name())
+        async with db.transaction() as tx:
+            await tx.emit(envelopes, self.routes)
+        return envelopes
+
+
+class _RetryBatch(Exception):
+    """A handler failed in the fast pass: handle the batch again under savepoints."""
+
+
+class Worker:
+    """One consumer loop: claim a batch, handle it in one transaction, repeat."""
+
+    def __init__(
+        self,
+        db: SqliteDatabase,
+        system: System,
+        service: Service,
+        spec: ConsumerSpec,
+        *,
+        member: str,
+        batch_size: int = 256,
+        poll_interval: float = 0.1,
+    ) -> None:
+        self.db = db
+        self.system = system
+        self.service = service
+        self.spec = spec
+        self.member = member
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.handlers = (
+            service.command_handlers if spec.source == "queue" else service.event_handlers
+        )
+        self.handled = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set; the batch in hand is finished first."""
+        while not stop.is_set():
+            if not await self.run_once():
+                waiter = asyncio.ensure_future(stop.wait())
+                work = asyncio.ensure_future(
+                    self.db.wait_for_work(self.spec, self.poll_interval)
+                )
+                await asyncio.wait({waiter, work}, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                work.cancel()
+
+    async def run_once(self) -> int:
+        """Claim and handle one batch; the number of deliveries it held."""
+        batch = await self.db.claim(self.spec, self.member, self.batch_size)
+        if not batch.deliveries and batch.cursor is None:
+            return 0
+        try:
+            await self._handle(batch, careful=False)
+        except _RetryBatch:
+            await self._handle(batch, careful=True)
+        self.handled += len(batch.deliveries)
+        return len(batch.deliveries)
+
+    async def _handle(self, batch: Batch, *, careful: bool) -> None:
+        spec = self.spec
+        async with self.db.transaction() as tx:
+            outcomes: list[tuple[Outcome, str | None]] = []
+            outgoing: list[Envelope] = []
+            blocked: set[Any] = set()
+            for delivery in batch.deliveries:
+                if delivery.ordering_key in blocked:
+                    outcomes.append((Outcome.SKIP, None))
+                    continue
+                outcome = await self._handle_one(tx, delivery, outgoing, careful)
+                if outcome[0] is Outcome.RETRY:
+                    blocked.add(delivery.ordering_key)
+                outcomes.append(outcome)
+            crash_point("before-emit")
+            await tx.emit(outgoing, self.system.routes)
+            await self.db.settle(tx, batch, outcomes)
+            crash_point("before-commit")
+        crash_point("after-commit")
+        if careful:
+            for delivery, (outcome, error) in zip(batch.deliveries, outcomes, strict=True):
+                if outcome is Outcome.RETRY:
+                    log.warning(
+                        "%s: %s %s failed (attempt %d), will retry: %s",
+                        spec.name,
+                        delivery.envelope.message_type,
+                        delivery.envelope.message_id,
+                        delivery.attempt,
+                        error,
+                    )
+
+    async def _handle_one(
+        self,
+        tx: SqliteTransaction,
+        delivery: Delivery,
+        outgoing: list[Envelope],
+        careful: bool,
+    ) -> tuple[Outcome, str | None]:
+        spec = self.spec
+        envelope = delivery.envelope
+        if delivery.attempt > spec.retry.max_attempts:
+            reason = (
+                f"delivered {delivery.attempt - 1} times without completing"
+                " (the consumer died while handling it)"
+            )
+            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt - 1)
+            return Outcome.DEAD, reason
+        handler = self.handlers.get(envelope.message_type)
+        try:
+            message = envelope.decode()
+        except InvalidMessage as exc:
+            reason = f"invalid message: {exc.reason}"
+            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            return Outcome.DEAD, reason
+        if handler is None:
+            reason = f"{spec.name} has no handler for {envelope.message_type}"
+            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            return Outcome.DEAD, reason
+        ctx = Context(tx, envelope, self.service.name)
+        if not careful:
+            try:
+                if await tx.record_inbox(spec.name, envelope.message_id):
+                    await handler(ctx, message)
+                    crash_point("after-handle")
+            except Exception as exc:
+                raise _RetryBatch() from exc
+            outgoing.extend(ctx.outgoing)
+            return Outcome.ACK, None
+        try:
+            with tx.savepoint():
+                if await tx.record_inbox(spec.name, envelope.message_id):
+                    await handler(ctx, message)
+        except NonRetryableError as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            return Outcome.DEAD, reason
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if delivery.attempt >= spec.retry.max_attempts:
+                await tx.dead_letter(
+                    spec.name,
+                    envelope,
+                    f"failed {delivery.attempt} times; last error: {reason}",
+                    delivery.attempt,
+                )
+                return Outcome.DEAD, reason
+            return Outcome.RETRY, reason
+        outgoing.extend(ctx.outgoing)
+        return Outcome.ACK, None
+
+
+class Runtime:
+    """Runs the workers of a set of services in this process against one backend."""
+
+    def __init__(
+        self,
+        db: SqliteDatabase,
+        system: System,
+        services: Iterable[str] | None = None,
+        *,
+        member: str | None = None,
+        batch_size: int = 256,
+        poll_interval: float = 0.1,
+    ) -> None:
+        self.db = db
+        self.system = system
+        self.member = member or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        names = list(services) if services is not None else list(system.services)
+        self.workers = [
+            Worker(
+                db,
+                system,
+                system.services[name],
+                spec,
+                member=self.member,
+                batch_size=batch_size,
+                poll_interval=poll_interval,
+            )
+            for name in names
+            for spec in system.services[name].consumers()
+        ]
+        self.stop_event = asyncio.Event()
+
+    async def run(self) -> None:
+        """Run every worker until :meth:`stop`; in-flight batches finish first."""
+        tasks = [asyncio.create_task(worker.run(self.stop_event)) for worker in self.workers]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def stop(self) -> None:
+        """Ask every worker to finish its batch and return."""
+        self.stop_event.set()
+
+    async def run_until(
+        self, done: Callable[[], bool], *, check_every: float = 0.05, timeout: float = 300.0
+    ) -> None:
+        """Run until ``done()`` is true (checked between batches), then stop."""
+        runner = asyncio.create_task(self.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not done():
+                if runner.done():
+                    runner.result()
+                if loop.time() > deadline:
+                    raise TimeoutError(f"not done after {timeout} seconds")
+                await asyncio.sleep(check_every)
+        finally:
+            self.stop()
+            await runner
+
+    @property
+    def handled(self) -> int:
+        """Deliveries handled by this runtime's workers."""
+        return sum(worker.handled for worker in self.workers)

@@ -1,0 +1,302 @@
+"""Typed commands and events, their metadata, the type registry and the JSON codec.
+
+A message body is exactly the seed's JSON document: flat, camelCase keys, with a ``commandType``
+or ``eventType`` discriminator. Metadata (message id, correlation, causation, timestamp,
+traceparent) travels beside the body in an :class:`Envelope`, never inside it.
+
+Money is :class:`decimal.Decimal` and is written as a JSON number that keeps its scale
+(``75.50`` stays ``75.50``).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, ClassVar, Literal, TypeVar
+
+import msgspec
+
+from sagaline.errors import InvalidMessage, UnknownMessageType
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "Command",
+    "Envelope",
+    "Event",
+    "Message",
+    "MessageKind",
+    "MessageRegistry",
+    "check_money",
+    "decode_body",
+    "encode_body",
+    "json_schema",
+    "new_message_id",
+    "parse_document",
+    "registry",
+    "utc_now",
+    "utc_timestamp",
+]
+
+#: Largest message body accepted anywhere (submit, consumers).
+MAX_MESSAGE_BYTES = 1024 * 1024
+
+MessageKind = Literal["command", "event"]
+
+M = TypeVar("M", bound="Message")
+
+
+def utc_now() -> datetime:
+    """The current time, timezone-aware UTC."""
+    return datetime.now(UTC)
+
+
+def utc_timestamp(moment: datetime | None = None) -> str:
+    """ISO-8601 UTC with a ``Z`` suffix, as the wire contract writes timestamps."""
+    moment = moment or utc_now()
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def new_message_id() -> str:
+    """A fresh message id (UUID4 text)."""
+    return str(uuid.uuid4())
+
+
+_MONEY_LIMIT = Decimal(10) ** 12
+
+
+def check_money(name: str, value: Decimal) -> None:
+    """Reject money that is not finite, negative, absurdly large or too finely divided.
+
+    Raised as ``ValueError`` so that msgspec reports it as a validation error.
+    """
+    if not value.is_finite():
+        raise ValueError(f"{name} must be a finite number")
+    if value < 0:
+        raise ValueError(f"{name} must not be negative")
+    if value >= _MONEY_LIMIT:
+        raise ValueError(f"{name} must be below 10^12")
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -4:
+        raise ValueError(f"{name} must have at most 4 decimal places")
+
+
+class Message(
+    msgspec.Struct,
+    rename="camel",
+    forbid_unknown_fields=True,
+    kw_only=True,
+    frozen=True,
+):
+    """Base of every message body. Subclass :class:`Command` or :class:`Event`."""
+
+    kind: ClassVar[MessageKind]
+    discriminator: ClassVar[str]
+
+    @classmethod
+    def type_name(cls) -> str:
+        """The wire name of this type (the value of ``commandType`` / ``eventType``)."""
+        tag = cls.__struct_config__.tag
+        return tag if isinstance(tag, str) else cls.__name__
+
+    def correlation_key(self) -> str:
+        """The business key this message belongs to: its ``orderId`` by default.
+
+        Override for messages keyed otherwise; it drives per-key ordering and the audit trail.
+        """
+        value = getattr(self, "order_id", None)
+        if not isinstance(value, str):
+            raise NotImplementedError(f"{type(self).__name__} must define correlation_key()")
+        return value
+
+
+class Command(Message, tag_field="commandType", tag=True):
+    """A request to one service to do something. Routed to exactly one queue."""
+
+    kind: ClassVar[MessageKind] = "command"
+    discriminator: ClassVar[str] = "commandType"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        registry.register(cls)
+
+
+class Event(Message, tag_field="eventType", tag=True):
+    """A fact that happened. Published to every subscriber; retained in the log."""
+
+    kind: ClassVar[MessageKind] = "event"
+    discriminator: ClassVar[str] = "eventType"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        registry.register(cls)
+
+
+_ENCODER = msgspec.json.Encoder(decimal_format="number")
+_PATH = re.compile(r" - at `(?P<path>[^`]*)`$")
+
+
+class MessageRegistry:
+    """Maps wire type names to message classes. Messages decode only into registered types."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Message]] = {}
+        self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+
+    def register(self, cls: type[Message]) -> None:
+        """Register ``cls`` under its wire name; a second class with the same name is an error."""
+        name = cls.type_name()
+        existing = self._types.get(name)
+        if existing is not None and existing is not cls:
+            raise TypeError(f"message type {name!r} is already registered by {existing!r}")
+        self._types[name] = cls
+        # The decoder is built on first use: a class is not complete inside __init_subclass__.
+        self._decoders.pop(name, None)
+
+    def get(self, name: str) -> type[Message]:
+        """The class registered under ``name``."""
+        try:
+            return self._types[name]
+        except KeyError:
+            raise UnknownMessageType(
+                f"unknown message type {name!r}", field="commandType/eventType"
+            ) from None
+
+    def names(self) -> list[str]:
+        """Every registered wire name, sorted."""
+        return sorted(self._types)
+
+    def decode(self, name: str, body: bytes | str) -> Message:
+        """Decode ``body`` as the registered type ``name``, with a clear error naming the field."""
+        decoder = self._decoders.get(name)
+        if decoder is None:
+            decoder = self._decoders[name] = msgspec.json.Decoder(self.get(name))
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise InvalidMessage(
+                f"message body of {len(body)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}"
+            )
+        try:
+            message: Message = decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            raise _invalid(name, exc) from None
+        except msgspec.DecodeError as exc:
+            raise InvalidMessage(f"{name}: {exc}") from None
+        return message
+
+
+def _invalid(name: str, exc: msgspec.ValidationError) -> InvalidMessage:
+    text = str(exc)
+    match = _PATH.search(text)
+    path = match.group("path") if match else None
+    return InvalidMessage(f"{name}: {text}", field=path)
+
+
+#: The process-wide registry that :class:`Command` and :class:`Event` subclasses join.
+registry = MessageRegistry()
+
+
+def encode_body(message: Message) -> bytes:
+    """The message's body as the wire's JSON (Decimal as a number that keeps its scale)."""
+    return _ENCODER.encode(message)
+
+
+def decode_body(name: str, body: bytes | str) -> Message:
+    """Decode a body of the registered type ``name``."""
+    return registry.decode(name, body)
+
+
+def parse_document(document: bytes | str) -> Message:
+    """Parse a JSON document in the seed's format, finding its type by its discriminator.
+
+    Raises :class:`InvalidMessage` naming the field and the problem.
+    """
+    if len(document) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage(f"document exceeds the limit of {MAX_MESSAGE_BYTES} bytes")
+    try:
+        raw = msgspec.json.decode(document)
+    except msgspec.DecodeError as exc:
+        raise InvalidMessage(f"malformed JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidMessage("a message must be a JSON object", field="$")
+    name = raw.get("commandType", raw.get("eventType"))
+    if name is None:
+        raise InvalidMessage("missing commandType or eventType", field="$.commandType")
+    if not isinstance(name, str):
+        raise InvalidMessage("the type discriminator must be a string", field="$.commandType")
+    cls = registry.get(name)
+    if cls.discriminator not in raw:
+        raise InvalidMessage(
+            f"{name} is a{'n' if cls.kind == 'event' else ''} {cls.kind}: "
+            f"its type goes in {cls.discriminator}",
+            field=f"$.{cls.discriminator}",
+        )
+    return registry.decode(name, document)
+
+
+def json_schema(cls: type[Message]) -> dict[str, Any]:
+    """The JSON Schema of one message type; money is a JSON number."""
+    schema: dict[str, Any] = msgspec.json.schema(cls)
+    return _numbers_for_decimals(schema)
+
+
+def _numbers_for_decimals(node: Any) -> Any:
+    if isinstance(node, dict):
+        if node.get("type") == "string" and node.get("format") == "decimal":
+            return {"type": "number"}
+        return {key: _numbers_for_decimals(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_numbers_for_decimals(value) for value in node]
+    return node
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A message body with the metadata that travels beside it.
+
+    ``body`` is the encoded JSON; ``message`` is the decoded body, filled lazily.
+    """
+
+    message_id: str
+    message_type: str
+    body: bytes
+    correlation_id: str
+    causation_id: str | None
+    timestamp: str
+    traceparent: str | None = None
+    source: str | None = None
+    _message: Message | None = field(default=None, repr=False)
+
+    @classmethod
+    def wrap(
+        cls,
+        message: Message,
+        *,
+        causation: Envelope | None = None,
+        source: str | None = None,
+        message_id: str | None = None,
+    ) -> Envelope:
+        """Envelope ``message`` with fresh metadata; causation and trace come from ``causation``."""
+        return cls(
+            message_id=message_id or new_message_id(),
+            message_type=message.type_name(),
+            body=encode_body(message),
+            correlation_id=message.correlation_key(),
+            causation_id=causation.message_id if causation else None,
+            timestamp=utc_timestamp(),
+            traceparent=causation.traceparent if causation else None,
+            source=source,
+            _message=message,
+        )
+
+    @property
+    def kind(self) -> MessageKind:
+        """Whether this is a command or an event, from its registered type."""
+        return registry.get(self.message_type).kind
+
+    def decode(self) -> Message:
+        """The typed body; raises :class:`InvalidMessage` if it does not validate."""
+        if self._message is None:
+            self._message = registry.decode(self.message_type, self.body)
+        return self._message

@@ -1,0 +1,29 @@
+"""The reference system of the seed: order write, inventory, payment, the saga, order read."""
+
+from __future__ import annotations
+
+from sagaline.handling import System
+from sagaline.orders.inventory import build_inventory_service
+from sagaline.orders.order import build_order_service
+from sagaline.orders.payment import PaymentRules, build_payment_service
+from sagaline.orders.read import build_order_projection
+from sagaline.orders.saga import ORDER_SAGA
+from sagaline.saga.engine import Orchestrator
+
+__all__ = ["ORDER_SAGA", "SERVICE_NAMES", "PaymentRules", "build_system"]
+
+#: The five services, in the order the CLI lists them.
+SERVICE_NAMES = ("order", "inventory", "payment", "orchestrator", "read")
+
+
+def build_system(payment_rules: PaymentRules | None = None) -> System:
+    """The five services of the order flow, wired for one bus."""
+    return System(
+        [
+            build_order_service(),
+            build_inventory_service(),
+            build_payment_service(payment_rules),
+            Orchestrator([ORDER_SAGA]).service,
+            build_order_projection().service(),
+        ]
+    )

@@ -1,0 +1,69 @@
+"""The payment service: charges once per order, declines above the customer's limit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from sagaline.handling import Context, Service
+from sagaline.orders.messages import (
+    PaymentFailedEvent,
+    PaymentProcessedEvent,
+    ProcessPaymentCommand,
+)
+
+__all__ = ["PAYMENTS", "PaymentRules", "build_payment_service"]
+
+PAYMENTS = "payment.payment"
+
+
+@dataclass(frozen=True)
+class PaymentRules:
+    """Which payments are declined: any above the customer's limit (or the default limit)."""
+
+    default_limit: Decimal = Decimal("1000.00")
+    limits: Mapping[str, Decimal] = field(default_factory=dict)
+
+    def decline_reason(self, customer_id: str, amount: Decimal) -> str | None:
+        """Why a payment is declined, or None when it goes through."""
+        limit = self.limits.get(customer_id, self.default_limit)
+        if amount > limit:
+            return f"Payment declined: {amount} exceeds the limit of {limit} for {customer_id}"
+        return None
+
+
+def build_payment_service(rules: PaymentRules | None = None) -> Service:
+    """ProcessPayment answered by PaymentProcessed (with a transactionId) or PaymentFailed."""
+    rules = rules or PaymentRules()
+    service = Service("payment")
+
+    @service.handles(ProcessPaymentCommand)
+    async def process(ctx: Context, command: ProcessPaymentCommand) -> None:
+        existing = await ctx.tx.get_document(PAYMENTS, command.order_id)
+        if existing is not None:
+            # The same intent again: answer as before, never charge twice.
+            payment = existing.data
+        else:
+            reason = rules.decline_reason(command.customer_id, command.amount)
+            payment = {
+                "orderId": command.order_id,
+                "customerId": command.customer_id,
+                "amount": command.amount,
+            }
+            if reason is None:
+                payment.update(status="PROCESSED", transactionId=f"TRN-{uuid.uuid4().hex[:12].upper()}")
+            else:
+                payment.update(status="FAILED", reason=reason)
+            await ctx.tx.put_document(PAYMENTS, command.order_id, payment, 0)
+        if payment["status"] == "PROCESSED":
+            ctx.publish(
+                PaymentProcessedEvent(
+                    order_id=command.order_id, transaction_id=str(payment["transactionId"])
+                )
+            )
+        else:
+            ctx.publish(PaymentFailedEvent(order_id=command.order_id, reason=str(payment["reason"])))
+
+    return service

@@ -1,0 +1,228 @@
+"""The ports every adapter implements: the Store (state) and the Bus (messages).
+
+The core only knows these protocols. An adapter is one module per technology under
+``sagaline.backends``, chosen by URL scheme. When the bus lives in the same database as the store
+(SQLite, PostgreSQL), outgoing messages and acknowledgements are written inside the store's
+transaction; a broker bus (RabbitMQ, NATS) gets them through the store's outbox instead.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from sagaline.messages import Envelope
+
+__all__ = [
+    "Batch",
+    "Bus",
+    "ConsumerSpec",
+    "DeadLetter",
+    "Delivery",
+    "Document",
+    "Outcome",
+    "RetryPolicy",
+    "SagaRecord",
+    "Store",
+    "StoreTransaction",
+    "StoredEvent",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a failed handling is retried: exponential backoff, then the dead letters."""
+
+    max_attempts: int = 5
+    initial_delay: float = 0.05
+    multiplier: float = 2.0
+    max_delay: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before delivery number ``attempt + 1``."""
+        return float(
+            min(self.max_delay, self.initial_delay * self.multiplier ** max(0, attempt - 1))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    """One consumer: a service's command queue, or its subscription to event types."""
+
+    name: str
+    source: Literal["queue", "subscription"]
+    message_types: frozenset[str]
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message handed to a consumer. ``ordering_key`` groups what must stay in order."""
+
+    envelope: Envelope
+    attempt: int
+    ordering_key: Any
+    token: Any
+
+
+@dataclass(slots=True)
+class Batch:
+    """What one claim returned; ``cursor`` is adapter state needed to settle it."""
+
+    consumer: ConsumerSpec
+    deliveries: list[Delivery]
+    cursor: Any = None
+
+
+class Outcome(enum.Enum):
+    """How one delivery of a batch ended."""
+
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD = "dead"
+    SKIP = "skip"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as the log holds it: envelope, stream, version and global position."""
+
+    position: int
+    stream: str | None
+    version: int | None
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A JSON document with the version it was read at (for optimistic concurrency)."""
+
+    data: dict[str, Any]
+    version: int
+
+
+@dataclass(slots=True)
+class SagaRecord:
+    """The persisted state of one saga instance."""
+
+    saga_id: str
+    definition: str
+    definition_version: int
+    status: str
+    step: int
+    data: dict[str, Any]
+    history: list[dict[str, Any]]
+    version: int = 0
+    created_at: str = ""
+    updated_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that could not be processed, with the reason."""
+
+    id: int
+    consumer: str
+    envelope: Envelope
+    reason: str
+    attempts: int
+    failed_at: str
+
+
+class StoreTransaction(Protocol):
+    """One local transaction on a service's store: inbox, state and outgoing messages."""
+
+    async def record_inbox(self, consumer: str, message_id: str) -> bool:
+        """Mark ``message_id`` processed by ``consumer``; False if it already was."""
+        ...
+
+    async def append(
+        self, stream: str, expected_version: int, events: Sequence[Envelope]
+    ) -> int:
+        """Append to a stream at ``expected_version``; ConcurrencyError on conflict."""
+        ...
+
+    async def read_stream(self, stream: str) -> list[StoredEvent]:
+        """Every event of one stream, in version order."""
+        ...
+
+    async def get_document(self, namespace: str, key: str) -> Document | None:
+        """One document, or None."""
+        ...
+
+    async def put_document(
+        self, namespace: str, key: str, data: dict[str, Any], expected_version: int
+    ) -> int:
+        """Write a document at ``expected_version`` (0 creates); returns the new version."""
+        ...
+
+    async def delete_namespace(self, namespace: str) -> None:
+        """Delete every document of a namespace."""
+        ...
+
+    async def get_saga(self, saga_id: str) -> SagaRecord | None:
+        """One saga instance, or None."""
+        ...
+
+    async def put_saga(self, record: SagaRecord) -> None:
+        """Insert or update a saga instance at ``record.version``; bumps it."""
+        ...
+
+    async def emit(self, envelopes: Sequence[Envelope], routes: dict[str, str]) -> None:
+        """Hand outgoing messages to the bus (same database) or the outbox."""
+        ...
+
+    async def dead_letter(self, consumer: str, envelope: Envelope, reason: str, attempts: int) -> None:
+        """Record a message that could not be processed."""
+        ...
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A service's own durable state."""
+
+    url: str
+
+    def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]:
+        """One unit of work; commits on success, rolls back on error."""
+        ...
+
+    async def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """The global event log from a position."""
+        ...
+
+    def iter_log(self, after: int = 0, batch: int = 1000) -> AsyncIterator[StoredEvent]:
+        """Stream the global event log without loading it whole."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+@runtime_checkable
+class Bus(Protocol):
+    """Durable command queues and event subscriptions."""
+
+    url: str
+
+    async def claim(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
+        """Lease up to ``limit`` deliveries for ``consumer``; empty when there is no work."""
+        ...
+
+    async def settle(
+        self, tx: StoreTransaction, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]
+    ) -> None:
+        """Record each delivery's outcome inside ``tx`` (ack, retry with backoff, dead letter)."""
+        ...
+
+    async def wait_for_work(self, consumer: ConsumerSpec, timeout: float) -> None:
+        """Return when new work may be there, or after ``timeout`` seconds."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...

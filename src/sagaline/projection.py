@@ -1,0 +1,132 @@
+"""CQRS read side: projections that keep materialized views, and their rebuild from the log.
+
+A live projection is a subscriber like any other: its view change, its inbox mark and its
+subscription cursor (the checkpoint) commit in one transaction. A rebuild replays the retained
+event log into a shadow namespace while queries go on against the live one, then swaps them and
+moves the checkpoint in one transaction. Projection handlers set state from the event, so a
+replayed event leaves the view as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.handling import Context, Service
+from sagaline.messages import Envelope, Event
+from sagaline.ports import StoreTransaction
+
+__all__ = ["Projection", "Views", "rebuild"]
+
+ProjectionHandler = Callable[["Views", Any, Envelope], Awaitable[None]]
+
+
+class Views:
+    """The documents of one view namespace, inside a transaction."""
+
+    def __init__(self, tx: StoreTransaction, namespace: str) -> None:
+        self.tx = tx
+        self.namespace = namespace
+        self._versions: dict[str, int] = {}
+
+    async def get(self, key: str) -> dict[str, Any] | None:
+        """One row of the view, or None."""
+        document = await self.tx.get_document(self.namespace, key)
+        if document is None:
+            self._versions[key] = 0
+            return None
+        self._versions[key] = document.version
+        return dict(document.data)
+
+    async def put(self, key: str, data: dict[str, Any]) -> None:
+        """Write one row of the view (read it first with :meth:`get`)."""
+        if key not in self._versions:
+            await self.get(key)
+        self._versions[key] = await self.tx.put_document(
+            self.namespace, key, data, self._versions[key]
+        )
+
+
+class Projection:
+    """A named projection: event handlers that maintain one view namespace."""
+
+    def __init__(self, name: str, namespace: str) -> None:
+        self.name = name
+        self.namespace = namespace
+        self.handlers: dict[str, ProjectionHandler] = {}
+
+    def on(self, *types: type[Event]) -> Callable[[ProjectionHandler], ProjectionHandler]:
+        """Register a handler for one or more event types."""
+
+        def register(handler: ProjectionHandler) -> ProjectionHandler:
+            for cls in types:
+                self.handlers[cls.type_name()] = handler
+            return handler
+
+        return register
+
+    def service(self) -> Service:
+        """The projection as a service subscribed to its events."""
+        service = Service(self.name)
+
+        async def handle(ctx: Context, event: Any) -> None:
+            await self.handlers[ctx.envelope.message_type](
+                Views(ctx.tx, self.namespace), event, ctx.envelope
+            )
+
+        for type_name in self.handlers:
+            service.event_handlers[type_name] = handle
+        return service
+
+    async def apply(self, views: Views, envelope: Envelope) -> bool:
+        """Apply one logged event to ``views``; False when the projection ignores its type."""
+        handler = self.handlers.get(envelope.message_type)
+        if handler is None:
+            return False
+        await handler(views, envelope.decode(), envelope)
+        return True
+
+
+async def rebuild(
+    db: SqliteDatabase,
+    projection: Projection,
+    *,
+    swap: bool = True,
+    page: int = 2000,
+    progress: Callable[[int, int], None] | None = None,
+) -> str:
+    """Replay the whole event log into a fresh copy of the view.
+
+    With ``swap`` the copy replaces the live view and the projection's checkpoint moves to the
+    last replayed position in one transaction. Returns the namespace that holds the result.
+    """
+    shadow = f"{projection.namespace}.rebuild"
+    async with db.transaction() as tx:
+        await tx.delete_namespace(shadow)
+    head = db.head_position()
+    position = 0
+    while True:
+        events = await db.read_log(position, page)
+        if not events:
+            break
+        async with db.transaction() as tx:
+            views = Views(tx, shadow)
+            for stored in events:
+                await projection.apply(views, stored.envelope)
+        position = events[-1].position
+        if progress is not None:
+            progress(position, max(head, position))
+    if not swap:
+        return shadow
+    async with db.transaction() as tx:
+        # Catch up with what was appended meanwhile; the lock holds new appends off now.
+        while events := await db.read_log(position, page):
+            views = Views(tx, shadow)
+            for stored in events:
+                await projection.apply(views, stored.envelope)
+            position = events[-1].position
+        await tx.delete_namespace(projection.namespace)
+        db.rename_namespace(shadow, projection.namespace)
+        db.reset_subscription(projection.name, position)
+    return projection.namespace
