@@ -24,7 +24,7 @@ from typing import Any, TypeVar, cast
 from sagaline.aggregate import Aggregate
 from sagaline.backends.sqlite import SqliteDatabase, SqliteTransaction
 from sagaline.errors import ConfigurationError, InvalidMessage, NonRetryableError
-from sagaline.messages import Command, Envelope, Event, Message
+from sagaline.messages import Command, Envelope, Event, Message, decode_body
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, RetryPolicy
 
 __all__ = [
@@ -180,23 +180,30 @@ class System:
         except KeyError:
             raise ConfigurationError(f"no service handles {command_type}") from None
 
-    async def submit(
-        self, db: SqliteDatabase, message: Message, *, message_id: str | None = None
-    ) -> Envelope:
-        """Put one message from outside (CLI, HTTP, tests) onto the bus, durably."""
+    def _accept(self, message: Message, message_id: str | None = None) -> Envelope:
+        """Envelope a message from outside, checked as a consumer will check it."""
         if isinstance(message, Command):
             self.route(message.type_name())
         envelope = Envelope.wrap(message, source="client", message_id=message_id)
+        # Constructing a struct in Python skips its constraints; decoding applies them.
+        decode_body(envelope.message_type, envelope.body)
+        return envelope
+
+    async def submit(
+        self, db: SqliteDatabase, message: Message, *, message_id: str | None = None
+    ) -> Envelope:
+        """Put one message from outside (CLI, HTTP, tests) onto the bus, durably.
+
+        Raises :class:`InvalidMessage` (naming the field) and writes nothing when it is invalid.
+        """
+        envelope = self._accept(message, message_id)
         async with db.transaction() as tx:
             await tx.emit([envelope], self.routes)
         return envelope
 
     async def submit_many(self, db: SqliteDatabase, messages: Sequence[Message]) -> list[Envelope]:
-        """Submit many messages in one transaction."""
-        envelopes = [Envelope.wrap(m, source="client") for m in messages]
-        for message in messages:
-            if isinstance(message, Command):
-                self.route(message.type_name())
+        """Submit many messages in one transaction; nothing is written if one is invalid."""
+        envelopes = [self._accept(message) for message in messages]
         async with db.transaction() as tx:
             await tx.emit(envelopes, self.routes)
         return envelopes
@@ -244,17 +251,17 @@ class Worker:
                 waiter.cancel()
                 work.cancel()
 
-    async def run_once(self) -> int:
-        """Claim and handle one batch; the number of deliveries it held."""
+    async def run_once(self) -> bool:
+        """Claim and handle one batch; False when there was nothing to do."""
         batch = await self.db.claim(self.spec, self.member, self.batch_size)
         if not batch.deliveries and batch.cursor is None:
-            return 0
+            return False
         try:
             await self._handle(batch, careful=False)
         except _RetryBatch:
             await self._handle(batch, careful=True)
         self.handled += len(batch.deliveries)
-        return len(batch.deliveries)
+        return True
 
     async def _handle(self, batch: Batch, *, careful: bool) -> None:
         spec = self.spec
@@ -262,14 +269,25 @@ class Worker:
             outcomes: list[tuple[Outcome, str | None]] = []
             outgoing: list[Envelope] = []
             blocked: set[Any] = set()
+            # Fast pass: one inbox lookup and one inbox insert for the whole batch.
+            duplicates: set[str] = set()
+            processed: list[str] = []
+            if not careful:
+                duplicates = await tx.seen(
+                    spec.name, [d.envelope.message_id for d in batch.deliveries]
+                )
             for delivery in batch.deliveries:
                 if delivery.ordering_key in blocked:
                     outcomes.append((Outcome.SKIP, None))
                     continue
-                outcome = await self._handle_one(tx, delivery, outgoing, careful)
+                outcome = await self._handle_one(
+                    tx, delivery, outgoing, careful, duplicates, processed
+                )
                 if outcome[0] is Outcome.RETRY:
                     blocked.add(delivery.ordering_key)
                 outcomes.append(outcome)
+            if processed:
+                await tx.record_inbox_many(spec.name, processed)
             crash_point("before-emit")
             await tx.emit(outgoing, self.system.routes)
             await self.db.settle(tx, batch, outcomes)
@@ -293,6 +311,8 @@ class Worker:
         delivery: Delivery,
         outgoing: list[Envelope],
         careful: bool,
+        duplicates: set[str],
+        processed: list[str],
     ) -> tuple[Outcome, str | None]:
         spec = self.spec
         envelope = delivery.envelope
@@ -316,12 +336,14 @@ class Worker:
             return Outcome.DEAD, reason
         ctx = Context(tx, envelope, self.service.name)
         if not careful:
+            if envelope.message_id in duplicates:
+                return Outcome.ACK, None
             try:
-                if await tx.record_inbox(spec.name, envelope.message_id):
-                    await handler(ctx, message)
-                    crash_point("after-handle")
+                await handler(ctx, message)
             except Exception as exc:
                 raise _RetryBatch() from exc
+            crash_point("after-handle")
+            processed.append(envelope.message_id)
             outgoing.extend(ctx.outgoing)
             return Outcome.ACK, None
         try:

@@ -50,6 +50,9 @@ PARTITIONS = 8
 LEASE_SECONDS = 30.0
 #: How often a subscriber refreshes its membership and partition leases.
 MEMBERSHIP_INTERVAL = 1.0
+#: A subscription claim reads at most this many wanted log rows per delivery it may return
+#: (rows of partitions another member leases are read and passed over).
+SCAN_FACTOR = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sagaline_meta (
@@ -113,12 +116,11 @@ CREATE TABLE IF NOT EXISTS members (
     PRIMARY KEY (consumer, member)
 );
 CREATE TABLE IF NOT EXISTS inbox (
-    consumer TEXT NOT NULL,
     message_id TEXT NOT NULL,
+    consumer TEXT NOT NULL,
     processed_at TEXT NOT NULL,
-    PRIMARY KEY (consumer, message_id)
+    PRIMARY KEY (message_id, consumer)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS inbox_message ON inbox (message_id);
 CREATE TABLE IF NOT EXISTS documents (
     namespace TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -232,6 +234,8 @@ class SqliteTransaction:
         self._db = db
         self._conn = db.connection
         self.wrote_messages = False
+        # One timestamp for the whole unit of work: it commits at one moment.
+        self.now = utc_timestamp()
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
@@ -245,21 +249,38 @@ class SqliteTransaction:
             raise
         self._conn.execute("RELEASE message")
 
+    async def seen(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
+        """Which of ``message_ids`` ``consumer`` has processed already."""
+        found: set[str] = set()
+        for start in range(0, len(message_ids), 500):
+            chunk = message_ids[start : start + 500]
+            found.update(
+                row[0]
+                for row in self._conn.execute(
+                    "SELECT message_id FROM inbox WHERE consumer = ? AND message_id IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    (consumer, *chunk),
+                )
+            )
+        return found
+
+    async def record_inbox_many(self, consumer: str, message_ids: Sequence[str]) -> None:
+        """Mark many messages processed; they must not be marked yet (see :meth:`seen`)."""
+        self._conn.executemany(
+            "INSERT INTO inbox (message_id, consumer, processed_at) VALUES (?, ?, ?)",
+            [(message_id, consumer, self.now) for message_id in message_ids],
+        )
+
     async def record_inbox(self, consumer: str, message_id: str) -> bool:
         cursor = self._conn.execute(
-            "INSERT OR IGNORE INTO inbox (consumer, message_id, processed_at) VALUES (?, ?, ?)",
-            (consumer, message_id, utc_timestamp()),
+            "INSERT OR IGNORE INTO inbox (message_id, consumer, processed_at) VALUES (?, ?, ?)",
+            (message_id, consumer, self.now),
         )
         return cursor.rowcount == 1
 
     async def append(self, stream: str, expected_version: int, events: Sequence[Envelope]) -> int:
-        current = self._conn.execute(
-            "SELECT COALESCE(MAX(version), 0) FROM events WHERE stream = ?", (stream,)
-        ).fetchone()[0]
-        if current != expected_version:
-            raise ConcurrencyError(
-                f"stream {stream!r} is at version {current}, expected {expected_version}"
-            )
+        # A stale expected version collides with an existing (stream, version): the unique
+        # constraint is the concurrency check.
         rows = [
             (stream, expected_version + i + 1, *_envelope_params(e), partition_of(e.correlation_id))
             for i, e in enumerate(events)
@@ -271,8 +292,10 @@ class SqliteTransaction:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-        except sqlite3.IntegrityError as exc:
-            raise ConcurrencyError(f"stream {stream!r}: {exc}") from None
+        except sqlite3.IntegrityError:
+            raise ConcurrencyError(
+                f"stream {stream!r} has moved past version {expected_version}"
+            ) from None
         if rows:
             self.wrote_messages = True
         return expected_version + len(rows)
@@ -320,7 +343,7 @@ class SqliteTransaction:
         return self._db.get_saga_sync(saga_id)
 
     async def put_saga(self, record: SagaRecord) -> None:
-        now = utc_timestamp()
+        now = self.now
         data = _JSON.encode(record.data).decode()
         history = _JSON.encode(record.history).decode()
         if record.version == 0:
@@ -613,33 +636,49 @@ class SqliteDatabase:
                 conn.execute("COMMIT")
                 return Batch(consumer=consumer, deliveries=[])
             start = min(eligible.values())
+            head = conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0]
+            wanted = sorted(consumer.message_types)
             rows = conn.execute(
                 f"SELECT position, part, {_ENVELOPE_COLUMNS} FROM events"
-                " WHERE position > ? ORDER BY position LIMIT ?",
-                (start, limit),
-            ).fetchall()
+                f" WHERE position > ? AND type IN ({','.join('?' * len(wanted))})"
+                " ORDER BY position LIMIT ?",
+                (start, *wanted, limit * SCAN_FACTOR),
+            )
+            deliveries: list[Delivery] = []
+            first_seen: set[int] = set()
+            scanned_to = head
+            seen = 0
+            for row in rows:
+                seen += 1
+                position, part = row[0], row[1]
+                cursor = eligible.get(part)
+                if cursor is None or position <= cursor:
+                    continue
+                attempt = 1
+                if part not in first_seen:
+                    first_seen.add(part)
+                    attempt = attempts.get(part, 0) + 1
+                deliveries.append(
+                    Delivery(
+                        envelope=_envelope(row, 2),
+                        attempt=attempt,
+                        ordering_key=part,
+                        token=position,
+                    )
+                )
+                if len(deliveries) >= limit:
+                    scanned_to = position
+                    break
+            else:
+                if seen == limit * SCAN_FACTOR:  # the scan stopped short of the head
+                    scanned_to = position
+            rows.close()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        deliveries: list[Delivery] = []
-        first_seen: set[int] = set()
-        wanted = consumer.message_types
-        for row in rows:
-            position, part = row[0], row[1]
-            cursor = eligible.get(part)
-            if cursor is None or position <= cursor or row[3] not in wanted:
-                continue
-            attempt = 1
-            if part not in first_seen:
-                first_seen.add(part)
-                attempt = attempts.get(part, 0) + 1
-            deliveries.append(
-                Delivery(
-                    envelope=_envelope(row, 2), attempt=attempt, ordering_key=part, token=position
-                )
-            )
-        scanned_to = rows[-1][0] if rows else start
+        if scanned_to == start:
+            return Batch(consumer=consumer, deliveries=[])
         return Batch(
             consumer=consumer,
             deliveries=deliveries,
