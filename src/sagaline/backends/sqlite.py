@@ -758,6 +758,22 @@ class SqliteDatabase:
             pass
         event.clear()
 
+    def get_meta(self, key: str) -> str | None:
+        """A value of the file's metadata table, or None."""
+        row = self.connection.execute(
+            "SELECT value FROM sagaline_meta WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the file's metadata table (its own transaction)."""
+        async with self.transaction():
+            self.connection.execute(
+                "INSERT INTO sagaline_meta (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
     def rename_namespace(self, source: str, target: str) -> None:
         """Move every document of ``source`` to ``target`` (inside a transaction)."""
         self.connection.execute(
