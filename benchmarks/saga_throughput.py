@@ -62,6 +62,7 @@ async def run(sagas: int, batch_size: int, path: str) -> None:
         await system.submit_many(db, orders[start : start + 5000])
     del orders
     submitted = time.perf_counter()
+    cpu_before = time.process_time()
     runtime = Runtime(db, system, batch_size=batch_size)
 
     def terminal() -> int:
@@ -82,6 +83,7 @@ async def run(sagas: int, batch_size: int, path: str) -> None:
 
     await runtime.run_until(done, check_every=0.1, timeout=3600)
     finished = time.perf_counter()
+    cpu = time.process_time() - cpu_before
     handled = runtime.handled
     latencies = [
         _seconds(updated) - _seconds(ts)
@@ -98,9 +100,12 @@ async def run(sagas: int, batch_size: int, path: str) -> None:
     print(f"submit                {submitted - started:.2f} s")
     print(f"all sagas terminal    {run_seconds:.2f} s")
     print(f"completed sagas/s     {sagas / run_seconds:,.0f}")
-    print(f"latency p50 / p99     {quantiles[49]:.2f} s / {quantiles[98]:.2f} s (submit to terminal)")
+    print(
+        f"latency p50 / p99     {quantiles[49]:.2f} s / {quantiles[98]:.2f} s (submit to terminal)"
+    )
     print(f"messages handled      {handled:,} in {finished - submitted:.2f} s")
     print(f"messages/s            {handled / (finished - submitted):,.0f}")
+    print(f"CPU per saga          {cpu / sagas * 1e6:,.0f} us ({cpu:.2f} s of CPU in the run)")
     print(f"peak RSS              {rss_mb:,.0f} MB")
     await db.close()
 

@@ -244,9 +244,7 @@ class Worker:
         while not stop.is_set():
             if not await self.run_once():
                 waiter = asyncio.ensure_future(stop.wait())
-                work = asyncio.ensure_future(
-                    self.db.wait_for_work(self.spec, self.poll_interval)
-                )
+                work = asyncio.ensure_future(self.db.wait_for_work(self.spec, self.poll_interval))
                 await asyncio.wait({waiter, work}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 work.cancel()
@@ -280,12 +278,12 @@ class Worker:
                 if delivery.ordering_key in blocked:
                     outcomes.append((Outcome.SKIP, None))
                     continue
-                outcome = await self._handle_one(
+                result = await self._handle_one(
                     tx, delivery, outgoing, careful, duplicates, processed
                 )
-                if outcome[0] is Outcome.RETRY:
+                if result[0] is Outcome.RETRY:
                     blocked.add(delivery.ordering_key)
-                outcomes.append(outcome)
+                outcomes.append(result)
             if processed:
                 await tx.record_inbox_many(spec.name, processed)
             crash_point("before-emit")

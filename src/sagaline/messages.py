@@ -122,12 +122,18 @@ class Message(
 
     kind: ClassVar[MessageKind]
     discriminator: ClassVar[str]
+    #: The wire name, set when a subclass is defined (read on every message, so kept ready).
+    wire_name: ClassVar[str] = ""
 
     @classmethod
     def type_name(cls) -> str:
         """The wire name of this type (the value of ``commandType`` / ``eventType``)."""
+        return cls.wire_name or cls.__name__
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
         tag = cls.__struct_config__.tag
-        return tag if isinstance(tag, str) else cls.__name__
+        cls.wire_name = tag if isinstance(tag, str) else cls.__name__
 
     def correlation_key(self) -> str:
         """The business key this message belongs to: its ``orderId`` by default.
@@ -140,7 +146,7 @@ class Message(
         return value
 
 
-class Command(Message, tag_field="commandType", tag=True):
+class Command(Message, tag_field="commandType", tag=True, frozen=True):
     """A request to one service to do something. Routed to exactly one queue."""
 
     kind: ClassVar[MessageKind] = "command"
@@ -151,7 +157,7 @@ class Command(Message, tag_field="commandType", tag=True):
         registry.register(cls)
 
 
-class Event(Message, tag_field="eventType", tag=True):
+class Event(Message, tag_field="eventType", tag=True, frozen=True):
     """A fact that happened. Published to every subscriber; retained in the log."""
 
     kind: ClassVar[MessageKind] = "event"
@@ -265,8 +271,8 @@ def parse_document(document: bytes | str) -> Message:
 
 def json_schema(cls: type[Message]) -> dict[str, Any]:
     """The JSON Schema of one message type; money is a JSON number."""
-    schema: dict[str, Any] = msgspec.json.schema(cls)
-    return _numbers_for_decimals(schema)
+    schema: dict[str, Any] = _numbers_for_decimals(msgspec.json.schema(cls))
+    return schema
 
 
 def _numbers_for_decimals(node: Any) -> Any:
@@ -308,7 +314,7 @@ class Envelope:
         """Envelope ``message`` with fresh metadata; causation and trace come from ``causation``."""
         return cls(
             message_id=message_id or new_message_id(),
-            message_type=message.type_name(),
+            message_type=message.wire_name,
             body=encode_body(message),
             correlation_id=message.correlation_key(),
             causation_id=causation.message_id if causation else None,

@@ -106,7 +106,11 @@ class Document:
 
 @dataclass(slots=True)
 class SagaRecord:
-    """The persisted state of one saga instance."""
+    """The persisted state of one saga instance.
+
+    ``history`` holds the transitions read back (left empty when the instance is loaded to make a
+    transition); ``new_history`` the ones the current unit of work adds.
+    """
 
     saga_id: str
     definition: str
@@ -114,10 +118,12 @@ class SagaRecord:
     status: str
     step: int
     data: dict[str, Any]
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]] = field(default_factory=list)
     version: int = 0
     created_at: str = ""
     updated_at: str = ""
+    new_history: list[dict[str, Any]] = field(default_factory=list)
+    loaded_status: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +141,14 @@ class DeadLetter:
 class StoreTransaction(Protocol):
     """One local transaction on a service's store: inbox, state and outgoing messages."""
 
+    #: When this unit of work happens (ISO-8601 UTC); one value for everything it writes.
+    now: str
+
     async def record_inbox(self, consumer: str, message_id: str) -> bool:
         """Mark ``message_id`` processed by ``consumer``; False if it already was."""
         ...
 
-    async def append(
-        self, stream: str, expected_version: int, events: Sequence[Envelope]
-    ) -> int:
+    async def append(self, stream: str, expected_version: int, events: Sequence[Envelope]) -> int:
         """Append to a stream at ``expected_version``; ConcurrencyError on conflict."""
         ...
 
@@ -175,7 +182,9 @@ class StoreTransaction(Protocol):
         """Hand outgoing messages to the bus (same database) or the outbox."""
         ...
 
-    async def dead_letter(self, consumer: str, envelope: Envelope, reason: str, attempts: int) -> None:
+    async def dead_letter(
+        self, consumer: str, envelope: Envelope, reason: str, attempts: int
+    ) -> None:
         """Record a message that could not be processed."""
         ...
 

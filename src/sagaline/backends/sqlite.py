@@ -21,10 +21,10 @@ import math
 import sqlite3
 import time
 import zlib
-from decimal import Decimal
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +135,18 @@ CREATE TABLE IF NOT EXISTS sagas (
     status TEXT NOT NULL,
     step INTEGER NOT NULL,
     data TEXT NOT NULL,
-    history TEXT NOT NULL,
     version INTEGER NOT NULL,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sagas_status ON sagas (status);
+CREATE TABLE IF NOT EXISTS saga_history (
+    saga_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    entry INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (saga_id, version, entry)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     consumer TEXT NOT NULL,
@@ -159,7 +165,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 _JSON = msgspec.json.Encoder(decimal_format="number")
 _DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder(float_hook=Decimal)
-_ENVELOPE_COLUMNS = "message_id, type, body, correlation_id, causation_id, timestamp, traceparent, source"
+_ENVELOPE_COLUMNS = (
+    "message_id, type, body, correlation_id, causation_id, timestamp, traceparent, source"
+)
 
 
 def _decode_json(text: str | bytes) -> Any:
@@ -171,9 +179,7 @@ def path_from_url(url: str) -> str:
     """The file path of a ``sqlite:///relative`` or ``sqlite:////absolute`` URL."""
     prefix = "sqlite:///"
     if not url.startswith(prefix):
-        raise ConfigurationError(
-            f"not a SQLite URL: {url!r} (expected sqlite:///path/to/file.db)"
-        )
+        raise ConfigurationError(f"not a SQLite URL: {url!r} (expected sqlite:///path/to/file.db)")
     path = url[len(prefix) :]
     if not path:
         raise ConfigurationError("the SQLite URL names no file")
@@ -340,18 +346,16 @@ class SqliteTransaction:
         self._conn.execute("DELETE FROM documents WHERE namespace = ?", (namespace,))
 
     async def get_saga(self, saga_id: str) -> SagaRecord | None:
-        return self._db.get_saga_sync(saga_id)
+        return self._db.get_saga_sync(saga_id, history=False)
 
     async def put_saga(self, record: SagaRecord) -> None:
         now = self.now
         data = _JSON.encode(record.data).decode()
-        history = _JSON.encode(record.history).decode()
         if record.version == 0:
             try:
                 self._conn.execute(
                     "INSERT INTO sagas (saga_id, definition, definition_version, status, step,"
-                    " data, history, version, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    " data, version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
                     (
                         record.saga_id,
                         record.definition,
@@ -359,7 +363,6 @@ class SqliteTransaction:
                         record.status,
                         record.step,
                         data,
-                        history,
                         now,
                         now,
                     ),
@@ -367,19 +370,18 @@ class SqliteTransaction:
             except sqlite3.IntegrityError:
                 raise ConcurrencyError(f"saga {record.saga_id!r} already exists") from None
             record.created_at = now
+        elif record.status == record.loaded_status:
+            # The status index is left alone unless the status changes.
+            cursor = self._conn.execute(
+                "UPDATE sagas SET step = ?, data = ?, version = version + 1,"
+                " updated_at = ? WHERE saga_id = ? AND version = ?",
+                (record.step, data, now, record.saga_id, record.version),
+            )
         else:
             cursor = self._conn.execute(
-                "UPDATE sagas SET status = ?, step = ?, data = ?, history = ?,"
-                " version = version + 1, updated_at = ? WHERE saga_id = ? AND version = ?",
-                (
-                    record.status,
-                    record.step,
-                    data,
-                    history,
-                    now,
-                    record.saga_id,
-                    record.version,
-                ),
+                "UPDATE sagas SET status = ?, step = ?, data = ?, version = version + 1,"
+                " updated_at = ? WHERE saga_id = ? AND version = ?",
+                (record.status, record.step, data, now, record.saga_id, record.version),
             )
             if cursor.rowcount != 1:
                 raise ConcurrencyError(
@@ -387,6 +389,17 @@ class SqliteTransaction:
                 )
         record.version += 1
         record.updated_at = now
+        record.loaded_status = record.status
+        if record.new_history:
+            self._conn.executemany(
+                "INSERT INTO saga_history (saga_id, version, entry, data) VALUES (?, ?, ?, ?)",
+                [
+                    (record.saga_id, record.version, n, _JSON.encode(entry).decode())
+                    for n, entry in enumerate(record.new_history)
+                ],
+            )
+            record.history.extend(record.new_history)
+            record.new_history = []
 
     async def emit(self, envelopes: Sequence[Envelope], routes: dict[str, str]) -> None:
         commands: list[tuple[Any, ...]] = []
@@ -395,13 +408,9 @@ class SqliteTransaction:
         for envelope in envelopes:
             queue = routes.get(envelope.message_type)
             if queue is not None:
-                commands.append(
-                    (queue, envelope.correlation_id, *_envelope_params(envelope), now)
-                )
+                commands.append((queue, envelope.correlation_id, *_envelope_params(envelope), now))
             else:
-                events.append(
-                    (*_envelope_params(envelope), partition_of(envelope.correlation_id))
-                )
+                events.append((*_envelope_params(envelope), partition_of(envelope.correlation_id)))
         if commands:
             self._conn.executemany(
                 "INSERT INTO commands (queue, key, message_id, type, body, correlation_id,"
@@ -616,7 +625,9 @@ class SqliteDatabase:
         now = time.monotonic()
         wall = time.time()
         membership = self._members.setdefault((consumer.name, member), _Membership())
-        conn.execute("BEGIN IMMEDIATE" if now - membership.refreshed > MEMBERSHIP_INTERVAL else "BEGIN")
+        conn.execute(
+            "BEGIN IMMEDIATE" if now - membership.refreshed > MEMBERSHIP_INTERVAL else "BEGIN"
+        )
         try:
             if now - membership.refreshed > MEMBERSHIP_INTERVAL:
                 membership.owned = self._refresh_membership(consumer, member, wall)
@@ -682,7 +693,9 @@ class SqliteDatabase:
         return Batch(
             consumer=consumer,
             deliveries=deliveries,
-            cursor=_SubscriptionCursor(positions=eligible, attempts=attempts, scanned_to=scanned_to),
+            cursor=_SubscriptionCursor(
+                positions=eligible, attempts=attempts, scanned_to=scanned_to
+            ),
         )
 
     async def settle(
@@ -701,7 +714,9 @@ class SqliteDatabase:
             release: list[tuple[Any, ...]] = []
             for delivery, (outcome, error) in zip(batch.deliveries, outcomes, strict=True):
                 if outcome is Outcome.ACK or outcome is Outcome.DEAD:
-                    done.append(("handled" if outcome is Outcome.ACK else "dead", error, delivery.token))
+                    done.append(
+                        ("handled" if outcome is Outcome.ACK else "dead", error, delivery.token)
+                    )
                 elif outcome is Outcome.RETRY:
                     retry.append((wall + policy.delay(delivery.attempt), error, delivery.token))
                 else:
@@ -738,9 +753,7 @@ class SqliteDatabase:
                 if error is None:  # skipped behind another key's failure: no attempt spent
                     updates.append((position, state.attempts.get(part, 0), 0.0, None, part))
                 else:
-                    updates.append(
-                        (position, attempt, wall + policy.delay(attempt), error, part)
-                    )
+                    updates.append((position, attempt, wall + policy.delay(attempt), error, part))
             else:
                 updates.append((state.scanned_to, 0, 0.0, None, part))
         conn.executemany(
@@ -752,10 +765,8 @@ class SqliteDatabase:
     async def wait_for_work(self, consumer: ConsumerSpec, timeout: float) -> None:
         """Wait for an in-process commit that wrote messages, or poll after ``timeout``."""
         event = self._wakeups.setdefault(consumer.name, asyncio.Event())
-        try:
+        with suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
         event.clear()
 
     def get_meta(self, key: str) -> str | None:
@@ -827,19 +838,30 @@ class SqliteDatabase:
         row = self.connection.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()
         return int(row[0])
 
-    def get_saga_sync(self, saga_id: str) -> SagaRecord | None:
-        """One saga instance, or None."""
+    def get_saga_sync(self, saga_id: str, *, history: bool = True) -> SagaRecord | None:
+        """One saga instance (with its history unless told otherwise), or None."""
         row = self.connection.execute(
-            "SELECT saga_id, definition, definition_version, status, step, data, history,"
+            "SELECT saga_id, definition, definition_version, status, step, data,"
             " version, created_at, updated_at FROM sagas WHERE saga_id = ?",
             (saga_id,),
         ).fetchone()
-        return None if row is None else _saga(row)
+        if row is None:
+            return None
+        record = _saga(row)
+        if history:
+            record.history = [
+                _decode_json(entry)
+                for (entry,) in self.connection.execute(
+                    "SELECT data FROM saga_history WHERE saga_id = ? ORDER BY version, entry",
+                    (saga_id,),
+                )
+            ]
+        return record
 
     def list_sagas(self, status: str | None = None) -> list[SagaRecord]:
-        """Saga instances, optionally of one status."""
+        """Saga instances (without their history), optionally of one status."""
         sql = (
-            "SELECT saga_id, definition, definition_version, status, step, data, history,"
+            "SELECT saga_id, definition, definition_version, status, step, data,"
             " version, created_at, updated_at FROM sagas"
         )
         params: tuple[Any, ...] = ()
@@ -873,7 +895,9 @@ class SqliteDatabase:
                 raise ValueError(f"not a field name: {name!r}")
             sql += " AND json_extract(data, ?) = ?"
             params.extend([f"$.{name}", value])
-        return [_decode_json(row[0]) for row in self.connection.execute(sql + " ORDER BY key", params)]
+        return [
+            _decode_json(row[0]) for row in self.connection.execute(sql + " ORDER BY key", params)
+        ]
 
     def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]:
         """Every command and event of one business key, with who handled it and when."""
@@ -891,13 +915,25 @@ class SqliteDatabase:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             for message_id, consumer, at in self.connection.execute(
-                f"SELECT message_id, consumer, processed_at FROM inbox WHERE message_id IN ({marks})"
-                " ORDER BY processed_at",
+                "SELECT message_id, consumer, processed_at FROM inbox"
+                f" WHERE message_id IN ({marks}) ORDER BY processed_at",
                 chunk,
             ):
                 handled.setdefault(message_id, []).append((consumer, at))
         result = []
-        for kind, seq, message_id, type_, body, causation, ts, source, queue, extra1, extra2 in rows:
+        for (
+            kind,
+            seq,
+            message_id,
+            type_,
+            body,
+            causation,
+            ts,
+            source,
+            queue,
+            extra1,
+            extra2,
+        ) in rows:
             entry: dict[str, Any] = {
                 "kind": kind,
                 "sequence": seq,
@@ -973,8 +1009,8 @@ def _saga(row: Sequence[Any]) -> SagaRecord:
         status=row[3],
         step=row[4],
         data=_decode_json(row[5]),
-        history=_decode_json(row[6]),
-        version=row[7],
-        created_at=row[8],
-        updated_at=row[9],
+        loaded_status=row[3],
+        version=row[6],
+        created_at=row[7],
+        updated_at=row[8],
     )

@@ -39,6 +39,7 @@ async def set_stock(tx: StoreTransaction, product_id: str, quantity: int) -> dic
     if quantity < 0:
         raise ValueError("quantity must not be negative")
     current = await tx.get_document(STOCK, product_id)
+    stock: dict[str, Any]
     if current is None:
         stock = {"productId": product_id, "available": 0, "reserved": 0, "sold": 0, "stocked": 0}
         version = 0
@@ -130,7 +131,9 @@ def _answer_again(ctx: Context, order_id: str, reservation: dict[str, Any]) -> N
     if status in ("RESERVED", "SOLD"):
         ctx.publish(InventoryReservedEvent(order_id=order_id))
     elif status == "FAILED":
-        ctx.publish(InventoryReservationFailedEvent(order_id=order_id, reason=reservation["reason"]))
+        ctx.publish(
+            InventoryReservationFailedEvent(order_id=order_id, reason=reservation["reason"])
+        )
     else:
         ctx.publish(
             InventoryReservationFailedEvent(

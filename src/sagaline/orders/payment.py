@@ -53,7 +53,9 @@ def build_payment_service(rules: PaymentRules | None = None) -> Service:
                 "amount": command.amount,
             }
             if reason is None:
-                payment.update(status="PROCESSED", transactionId=f"TRN-{uuid.uuid4().hex[:12].upper()}")
+                payment.update(
+                    status="PROCESSED", transactionId=f"TRN-{uuid.uuid4().hex[:12].upper()}"
+                )
             else:
                 payment.update(status="FAILED", reason=reason)
             await ctx.tx.put_document(PAYMENTS, command.order_id, payment, 0)
@@ -64,6 +66,8 @@ def build_payment_service(rules: PaymentRules | None = None) -> Service:
                 )
             )
         else:
-            ctx.publish(PaymentFailedEvent(order_id=command.order_id, reason=str(payment["reason"])))
+            ctx.publish(
+                PaymentFailedEvent(order_id=command.order_id, reason=str(payment["reason"]))
+            )
 
     return service

@@ -6,9 +6,9 @@ createdAt, updatedAt. Queries never touch the write side's streams.
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
 
-from sagaline.messages import Envelope
+from sagaline.messages import Envelope, utc_timestamp
 from sagaline.orders.messages import OrderCancelledEvent, OrderConfirmedEvent, OrderCreatedEvent
 from sagaline.projection import Projection, Views
 
@@ -17,8 +17,8 @@ __all__ = ["ORDER_VIEW", "build_order_projection"]
 ORDER_VIEW = "read.order"
 
 
-def _iso(moment: Any) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
+def _iso(moment: datetime) -> str:
+    return utc_timestamp(moment)
 
 
 def build_order_projection() -> Projection:

@@ -82,9 +82,12 @@ class SagaDefinition:
     _by_event: dict[str, list[tuple[int, str]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _by_event_attribute: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._validate()
+        snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in self.correlation_field)
+        object.__setattr__(self, "_by_event_attribute", snake.lstrip("_"))
         index = self._by_event
         index.setdefault(self.start.type_name(), []).append((-1, "start"))
         for position, step in enumerate(self.steps):
@@ -93,9 +96,7 @@ class SagaDefinition:
             for failure in step.failures:
                 index.setdefault(failure.type_name(), []).append((position, "failure"))
             if step.compensated is not None:
-                index.setdefault(step.compensated.type_name(), []).append(
-                    (position, "compensated")
-                )
+                index.setdefault(step.compensated.type_name(), []).append((position, "compensated"))
 
     def _validate(self) -> None:
         if not self.steps:
@@ -112,7 +113,9 @@ class SagaDefinition:
             if step.command is None and position != 0:
                 raise SagaDefinitionError(f"{where}: only the first step may be the start event")
             if step.command is not None and step.success is None:
-                raise SagaDefinitionError(f"{where}: a step that sends a command needs a success event")
+                raise SagaDefinitionError(
+                    f"{where}: a step that sends a command needs a success event"
+                )
             if step.kind is StepKind.COMPENSATABLE:
                 if seen_pivot:
                     raise SagaDefinitionError(
@@ -131,6 +134,11 @@ class SagaDefinition:
                 seen_pivot = True
             if step.compensate_on_failure and step.compensation is None:
                 raise SagaDefinitionError(f"{where}: compensate_on_failure needs a compensation")
+
+    @property
+    def correlation_attribute(self) -> str:
+        """The Python attribute of ``correlation_field`` (``orderId`` -> ``order_id``)."""
+        return self._by_event_attribute
 
     def handles(self, event_type: str) -> list[tuple[int, str]]:
         """The (step index, role) pairs an event type plays in this saga."""

@@ -16,7 +16,7 @@ import msgspec
 
 from sagaline.errors import ConfigurationError
 from sagaline.handling import Context, Service
-from sagaline.messages import Event, Message, utc_timestamp
+from sagaline.messages import Event, Message
 from sagaline.ports import RetryPolicy, SagaRecord
 from sagaline.saga.definition import SagaDefinition, SagaStatus
 
@@ -55,19 +55,19 @@ class Orchestrator:
         self._by_type = by_type
 
     async def _on_event(self, ctx: Context, event: Any) -> None:
-        for definition in self._by_type.get(event.type_name(), []):
+        for definition in self._by_type.get(event.wire_name, ()):
             await self._advance(ctx, definition, event)
 
     async def _advance(self, ctx: Context, definition: SagaDefinition, event: Event) -> None:
-        key = getattr(event, _snake(definition.correlation_field), None)
+        key = getattr(event, definition.correlation_attribute, None)
         if not isinstance(key, str):
             raise ConfigurationError(
                 f"{event.type_name()} has no {definition.correlation_field} to correlate"
                 f" saga {definition.name!r}"
             )
         record = await ctx.tx.get_saga(saga_id(definition, key))
-        roles = definition.handles(event.type_name())
-        event_type = event.type_name()
+        event_type = event.wire_name
+        roles = definition.handles(event_type)
         if record is None:
             if any(role == "start" for _, role in roles):
                 await self._start(ctx, definition, key, event)
@@ -110,7 +110,6 @@ class Orchestrator:
             status=SagaStatus.RUNNING,
             step=0,
             data=data,
-            history=[],
         )
         self._note(record, ctx, event.type_name(), "started")
         if definition.steps[0].command is None:
@@ -141,8 +140,8 @@ class Orchestrator:
         record.step = len(definition.steps)
         if definition.on_completed is not None:
             published = ctx.publish(definition.on_completed(record.data))
-            record.history[-1].setdefault("sent", []).append(published.message_type)
-        record.history[-1]["status"] = record.status
+            record.new_history[-1].setdefault("sent", []).append(published.message_type)
+        record.new_history[-1]["status"] = record.status
 
     def _send_step(
         self, ctx: Context, definition: SagaDefinition, record: SagaRecord, position: int
@@ -151,7 +150,7 @@ class Orchestrator:
         assert step.command is not None
         record.step = position
         sent = ctx.send(step.command(record.data))
-        record.history[-1].setdefault("sent", []).append(sent.message_type)
+        record.new_history[-1].setdefault("sent", []).append(sent.message_type)
 
     async def _fail(
         self, ctx: Context, definition: SagaDefinition, record: SagaRecord, event: Event
@@ -181,25 +180,21 @@ class Orchestrator:
         plan: list[int] = record.data["_compensations"]
         if not plan:
             record.status = SagaStatus.COMPENSATED
-            record.history[-1]["status"] = record.status
+            record.new_history[-1]["status"] = record.status
             return
         step = definition.steps[plan[0]]
         assert step.compensation is not None
         record.step = plan[0]
         sent = ctx.send(step.compensation(record.data))
-        record.history[-1].setdefault("sent", []).append(sent.message_type)
+        record.new_history[-1].setdefault("sent", []).append(sent.message_type)
 
     @staticmethod
     def _note(record: SagaRecord, ctx: Context, event_type: str, transition: str) -> None:
-        record.history.append(
+        record.new_history.append(
             {
-                "at": utc_timestamp(),
+                "at": ctx.tx.now,
                 "event": event_type,
                 "messageId": ctx.envelope.message_id,
                 "transition": transition,
             }
         )
-
-
-def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")

@@ -1,0 +1,780 @@
+"""The ``sagaline`` command line: run the order flow, submit commands, query and trace it.
+
+Every command takes ``--store URL`` (default ``$SAGALINE_STORE_URL``, else
+``sqlite:///./sagaline.db``); query commands take ``--json`` for machine-readable output on
+stdout. Errors go to stderr: exit code 2 for bad input, 1 for anything else that went wrong.
+
+Text that comes from messages (reasons, ids, type names) is untrusted: it is printed inert, with
+control characters replaced and rich markup escaped, so a payload cannot drive the terminal.
+"""
+
+import asyncio
+import logging
+import os
+import re
+import signal
+import sqlite3
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import msgspec
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.tree import Tree
+
+from sagaline.backends.sqlite import SqliteDatabase, path_from_url
+from sagaline.errors import InvalidMessage, SagalineError, UnknownMessageType
+from sagaline.handling import Runtime
+from sagaline.messages import MAX_MESSAGE_BYTES, Command, json_schema, parse_document, registry
+from sagaline.observability import (
+    TransactionTrace,
+    dead_letter_summary,
+    load_trace,
+    redact_url,
+    saga_failure,
+    saga_summary,
+    strip_control,
+    to_json,
+)
+from sagaline.orders import ORDER_SAGA, SERVICE_NAMES, PaymentRules, build_system
+from sagaline.orders.demo import (
+    DEMO_STOCK,
+    NotADemoStore,
+    open_demo_store,
+    run_demo,
+)
+from sagaline.orders.inventory import STOCK, set_stock
+from sagaline.orders.messages import Id
+from sagaline.orders.read import ORDER_VIEW, build_order_projection
+from sagaline.ports import Document, SagaRecord
+from sagaline.projection import rebuild as rebuild_projection
+from sagaline.saga.definition import SagaStatus
+from sagaline.saga.engine import saga_id
+
+__all__ = ["DEFAULT_STORE_URL", "app", "main"]
+
+#: The store used when neither ``--store`` nor ``SAGALINE_STORE_URL`` names one.
+DEFAULT_STORE_URL = "sqlite:///./sagaline.db"
+
+#: The largest stock level ``sagaline stock set`` accepts.
+MAX_STOCK = 10**12
+
+log = logging.getLogger("sagaline.cli")
+
+# Emoji codes (``:x:``) and highlighting would alter untrusted text; styles are set explicitly.
+out = Console(highlight=False, emoji=False)
+err = Console(stderr=True, highlight=False, emoji=False)
+
+app = typer.Typer(
+    name="sagaline",
+    help="Sagas on CQRS: run the order flow, submit commands, query read models, trace sagas.",
+    no_args_is_help=True,
+    add_completion=False,
+    # Tracebacks with local variables could show message bodies or secrets.
+    pretty_exceptions_enable=False,
+)
+stock_app = typer.Typer(help="Inventory stock levels.", no_args_is_help=True)
+app.add_typer(stock_app, name="stock")
+
+StoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="SAGALINE_STORE_URL",
+        metavar="URL",
+        help="Store URL (sqlite:///path/to/file.db).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+PaymentLimitOption = Annotated[
+    str,
+    typer.Option(
+        "--payment-limit", metavar="AMOUNT", help="Payments above this amount are declined."
+    ),
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _inert(value: object) -> str:
+    """Untrusted text made safe for rich markup and for the terminal."""
+    return escape(strip_control(str(value)))
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    """Print ``message`` (already inert markup) on stderr and exit with ``code``."""
+    err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _emit_json(value: Any) -> None:
+    sys.stdout.write(to_json(value) + "\n")
+    sys.stdout.flush()
+
+
+def _arrow() -> str:
+    return "→" if out.encoding.lower().startswith("utf") else "->"
+
+
+def _check_store_url(url: str) -> str:
+    """The file path of a supported store URL; exits with a clear error otherwise."""
+    shown = _inert(redact_url(url))
+    if not url.startswith("sqlite:///"):
+        _fail(f"unsupported store URL {shown}: this version supports sqlite:///path/to/file.db", 2)
+    try:
+        return path_from_url(url)
+    except SagalineError as exc:
+        _fail(_inert(exc), 2)
+
+
+@contextmanager
+def _store(url: str, *, must_exist: bool = True) -> Iterator[SqliteDatabase]:
+    """Open the store; queries refuse to create an empty one where none was."""
+    path = _check_store_url(url)
+    shown = _inert(redact_url(url))
+    if must_exist and path != ":memory:" and not Path(path).exists():
+        _fail(f"no store at {shown} (run `sagaline demo`, or pass --store URL)", 1)
+    try:
+        db = SqliteDatabase(url)
+    except (SagalineError, sqlite3.Error) as exc:
+        _fail(f"cannot open the store {shown}: {_inert(exc)}", 1)
+    try:
+        with _errors():
+            yield db
+    finally:
+        db.connection.close()
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn sagaline and database errors into a message on stderr and exit code 1."""
+    try:
+        yield
+    except InvalidMessage as exc:
+        _fail(_describe_invalid(exc), 2)
+    except SagalineError as exc:
+        _fail(_inert(exc), 1)
+    except sqlite3.Error as exc:
+        _fail(f"database error: {_inert(exc)}", 1)
+
+
+# msgspec names the offending key in the text when the error is about a key, not a value.
+_NAMED_FIELD = re.compile(r"(?:missing required|unknown) field `(?P<name>[^`]+)`")
+
+
+def _field_of(exc: InvalidMessage) -> str | None:
+    match = _NAMED_FIELD.search(exc.reason)
+    if match is not None:
+        return f"{exc.field or '$'}.{match['name']}"
+    return exc.field
+
+
+def _describe_invalid(exc: InvalidMessage) -> str:
+    field = _field_of(exc)
+    prefix = f"invalid message, field {_inert(field)}: " if field else "invalid message: "
+    return prefix + _inert(exc.reason)
+
+
+def _parse_amount(text: str, option: str) -> Decimal:
+    try:
+        amount = Decimal(text)
+    except InvalidOperation:
+        _fail(f"{option} must be a decimal amount such as 1000.00, not {_inert(text)!r}", 2)
+    if not amount.is_finite() or amount < 0:
+        _fail(f"{option} must be a finite, non-negative amount, not {_inert(text)!r}", 2)
+    return amount
+
+
+def _configure_logging(level: int) -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, _InertFormatter) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_InertFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+class _InertFormatter(logging.Formatter):
+    """Log lines with control characters replaced: log messages quote message payloads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return "\n".join(strip_control(line) for line in super().format(record).splitlines())
+
+
+def _clock(timestamp: object) -> str:
+    """``HH:MM:SS.mmm`` of an ISO-8601 timestamp (the whole text when it is not one)."""
+    text = str(timestamp or "")
+    match = re.fullmatch(r"\d{4}-\d\d-\d\dT(\d\d:\d\d:\d\d)(\.\d{1,3})?\d*Z?", text)
+    if match is None:
+        return _inert(text)
+    return match.group(1) + (match.group(2) or "")
+
+
+def _items(items: object) -> str:
+    if not isinstance(items, list):
+        return ""
+    return ", ".join(
+        f"{_inert(item.get('productId'))} x {_inert(item.get('quantity'))}"
+        for item in items
+        if isinstance(item, Mapping)
+    )
+
+
+def _status_style(status: object) -> str:
+    return {
+        "CONFIRMED": "green",
+        "COMPLETED": "green",
+        "CANCELLED": "red",
+        "COMPENSATED": "red",
+        "COMPENSATING": "yellow",
+        "RUNNING": "yellow",
+        "PENDING": "yellow",
+    }.get(str(status), "white")
+
+
+def _styled_status(status: object) -> str:
+    return f"[{_status_style(status)}]{_inert(status)}[/]"
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else _inert(value)
+
+
+# ----------------------------------------------------------------- rendering
+
+
+def _message_label(row: Mapping[str, Any]) -> str:
+    arrow = _arrow()
+    kind = str(row.get("kind"))
+    style = "bold cyan" if kind == "command" else "bold magenta"
+    parts = [
+        f"[{style}]{_inert(row.get('type'))}[/]",
+        f"[dim]{_inert(kind)}[/]",
+        f"from {_inert(row.get('source') or '?')} at {_clock(row.get('timestamp'))}",
+    ]
+    handled = [h for h in row.get("handledBy") or [] if isinstance(h, Mapping)]
+    if handled:
+        parts.append(
+            f"{arrow} handled by "
+            + ", ".join(
+                f"[green]{_inert(h.get('consumer'))}[/] at {_clock(h.get('at'))}" for h in handled
+            )
+        )
+    elif kind == "command":
+        outcome = row.get("outcome")
+        if outcome == "dead":
+            parts.append(f"[red]{arrow} dead-lettered[/]")
+        elif outcome is None:
+            parts.append(f"[yellow]{arrow} pending in queue {_inert(row.get('queue'))}[/]")
+    else:
+        parts.append(f"[dim]{arrow} no subscriber[/]")
+    body = row.get("body")
+    if isinstance(body, Mapping):
+        for key in ("reason", "transactionId"):
+            if body.get(key) is not None:
+                parts.append(f'{key} "{_inert(body[key])}"')
+    return "  ".join(parts)
+
+
+def _saga_line(trace: TransactionTrace, order: Mapping[str, Any] | None) -> str:
+    parts = [f"[bold]{_inert(trace.correlation_id)}[/]"]
+    record = trace.saga
+    if record is None:
+        parts.append("no saga")
+    else:
+        parts.append(f"saga {_inert(record.saga_id)} {_styled_status(record.status)}")
+        failure = saga_failure(record)
+        if failure is not None:
+            parts.append(
+                f"failed at {_inert(failure.get('step'))}: [red]{_inert(failure.get('reason'))}[/]"
+            )
+    if order is not None:
+        parts.append(f"order {_styled_status(order.get('status'))}")
+        if order.get("reason"):
+            parts.append(f"reason: {_inert(order['reason'])}")
+    return "  ".join(parts)
+
+
+def _print_trace(trace: TransactionTrace, order: Mapping[str, Any] | None) -> None:
+    out.print(_saga_line(trace, order), soft_wrap=True)
+    tree = Tree("", hide_root=True, guide_style="dim")
+    parents: list[Tree] = [tree]
+    for depth, row in trace.messages:
+        del parents[depth + 1 :]
+        node = parents[-1].add(_message_label(row))
+        parents.append(node)
+    out.print(tree)
+
+
+def _history_table(record: SagaRecord) -> Table:
+    table = Table(title=f"saga {_inert(record.saga_id)} transitions", title_justify="left")
+    for column in ("at", "event", "transition", "sent", "status"):
+        table.add_column(column)
+    for entry in record.history:
+        if not isinstance(entry, Mapping):
+            continue
+        sent = entry.get("sent")
+        table.add_row(
+            _clock(entry.get("at")),
+            _cell(entry.get("event")),
+            _cell(entry.get("transition")),
+            ", ".join(_inert(s) for s in sent) if isinstance(sent, list) else "",
+            _styled_status(entry["status"]) if entry.get("status") else "",
+        )
+    return table
+
+
+def _orders_table(rows: Sequence[Mapping[str, Any]], title: str = "Orders") -> Table:
+    table = Table(title=title, title_justify="left")
+    table.add_column("orderId", no_wrap=True)
+    table.add_column("customerId", no_wrap=True)
+    table.add_column("items")
+    table.add_column("totalAmount", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("reason")
+    for row in rows:
+        table.add_row(
+            _cell(row.get("orderId")),
+            _cell(row.get("customerId")),
+            _items(row.get("items")),
+            _cell(row.get("totalAmount")),
+            _styled_status(row.get("status")),
+            _cell(row.get("reason")),
+        )
+    return table
+
+
+def _stock_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title="Stock", title_justify="left")
+    table.add_column("productId", no_wrap=True)
+    for column in ("available", "reserved", "sold", "stocked"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            _cell(row.get("productId")),
+            *(_cell(row.get(c)) for c in ("available", "reserved", "sold", "stocked")),
+        )
+    return table
+
+
+# ----------------------------------------------------------------- commands
+
+
+@app.callback()
+def _setup() -> None:
+    _configure_logging(logging.WARNING)
+
+
+@app.command()
+def demo(
+    store: StoreOption = DEFAULT_STORE_URL,
+    payment_limit: PaymentLimitOption = "1000.00",
+) -> None:
+    """Run the seed's order flow: one order confirmed, two compensated, with their timelines.
+
+    The store is replaced when it is an earlier demo's; any other existing store is refused.
+    """
+    _check_store_url(store)
+    limit = _parse_amount(payment_limit, "--payment-limit")
+    shown = _inert(redact_url(store))
+
+    async def go() -> tuple[
+        int, list[TransactionTrace], list[dict[str, Any]], list[Document | None]
+    ]:
+        db = await open_demo_store(store)
+        try:
+            run = await run_demo(db, payment_limit=limit)
+            traces = [load_trace(db, key, saga_id(ORDER_SAGA, key)) for key in run.order_ids]
+            orders = [db.get_document_sync(ORDER_VIEW, key) for key in run.order_ids]
+            return run.handled, traces, db.query_documents(STOCK), orders
+        finally:
+            await db.close()
+
+    with _errors():
+        try:
+            handled, traces, stock, orders = asyncio.run(go())
+        except NotADemoStore as exc:
+            _fail(
+                f"{_inert(exc)}. Pass another store, e.g. --store sqlite:///./sagaline-demo.db", 2
+            )
+        except TimeoutError:
+            _fail("the demo's sagas did not settle in time", 1)
+    stocked = ", ".join(f"{_inert(p)}={q}" for p, q in DEMO_STOCK.items())
+    out.print(
+        f"[bold]sagaline demo[/] on {shown}: stocked {stocked}; submitted {len(traces)} orders;"
+        f" {handled} deliveries handled by order, inventory, payment, orchestrator, read",
+        soft_wrap=True,
+    )
+    views = [document.data if document else None for document in orders]
+    for trace, view in zip(traces, views, strict=True):
+        out.print()
+        _print_trace(trace, view)
+    out.print()
+    out.print(_orders_table([view for view in views if view is not None], "Order read model"))
+    out.print(_stock_table(stock))
+
+
+@app.command()
+def run(
+    store: StoreOption = DEFAULT_STORE_URL,
+    services: Annotated[
+        str,
+        typer.Option(
+            "--services", metavar="NAMES", help="Comma-separated services to run in this process."
+        ),
+    ] = ",".join(SERVICE_NAMES),
+    payment_limit: PaymentLimitOption = "1000.00",
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=100_000, help="Deliveries per batch.")
+    ] = 256,
+) -> None:
+    """Run services until SIGINT or SIGTERM; in-flight batches finish first.
+
+    Several processes may run on one store: they share the work of each service.
+    """
+    names: list[str] = []
+    for name in (part.strip() for part in services.split(",")):
+        if not name or name in names:
+            continue
+        if name not in SERVICE_NAMES:
+            _fail(f"unknown service {_inert(name)!r}; choose from {', '.join(SERVICE_NAMES)}", 2)
+        names.append(name)
+    if not names:
+        _fail(f"no service to run; choose from {', '.join(SERVICE_NAMES)}", 2)
+    limit = _parse_amount(payment_limit, "--payment-limit")
+    _configure_logging(logging.INFO)
+    shown = redact_url(store)
+
+    async def serve(db: SqliteDatabase) -> int:
+        runtime = Runtime(
+            db, build_system(PaymentRules(default_limit=limit)), names, batch_size=batch_size
+        )
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: signal.Signals) -> None:
+            log.info("%s received: finishing the batches in hand", signum.name)
+            runtime.stop()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        out.print(
+            f"sagaline run: {', '.join(names)} on {_inert(shown)} (pid {os.getpid()})",
+            soft_wrap=True,
+        )
+        log.info("running %s on %s as member %s", ",".join(names), shown, runtime.member)
+        try:
+            await runtime.run()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+        return runtime.handled
+
+    with _store(store, must_exist=False) as db:
+        handled = asyncio.run(serve(db))
+    log.info("stopped after handling %d deliveries", handled)
+
+
+def _read_document(source: str) -> bytes:
+    """The bytes of FILE (``-`` is stdin), refusing anything larger than a message may be."""
+    limit = MAX_MESSAGE_BYTES + 1
+    try:
+        if source == "-":
+            data = sys.stdin.buffer.read(limit)
+        else:
+            with open(source, "rb") as file:
+                data = file.read(limit)
+    except OSError as exc:
+        _fail(f"cannot read {_inert(source)}: {_inert(exc.strerror or exc)}", 2)
+    if len(data) >= limit:
+        _fail(f"{_inert(source)} is larger than the message limit of {MAX_MESSAGE_BYTES} bytes", 2)
+    return data
+
+
+@app.command()
+def submit(
+    file: Annotated[
+        str, typer.Argument(metavar="FILE", help="A command in the seed's JSON; - reads stdin.")
+    ],
+    store: StoreOption = DEFAULT_STORE_URL,
+    json_output: JsonOption = False,
+) -> None:
+    """Put one command onto the bus; prints its message id. Nothing is written if it is invalid."""
+    _check_store_url(store)
+    document = _read_document(file)
+    # Validate before the store is even opened: a bad document leaves no trace.
+    try:
+        message = parse_document(document)
+    except InvalidMessage as exc:
+        _fail(_describe_invalid(exc), 2)
+    if not isinstance(message, Command):
+        _fail(
+            f"invalid message, field $.{message.discriminator}: {_inert(message.type_name())}"
+            f" is an {message.kind}; submit takes a command (a commandType document)",
+            2,
+        )
+    with _store(store, must_exist=False) as db:
+        envelope = asyncio.run(build_system().submit(db, message))
+    if json_output:
+        _emit_json(
+            {
+                "messageId": envelope.message_id,
+                "type": envelope.message_type,
+                "correlationId": envelope.correlation_id,
+            }
+        )
+    else:
+        out.print(envelope.message_id)
+
+
+@stock_app.command("set", context_settings={"ignore_unknown_options": True})
+def stock_set(
+    product: Annotated[str, typer.Argument(metavar="PRODUCT", help="The product id.")],
+    quantity: Annotated[
+        str, typer.Argument(metavar="QTY", help="Units available: a non-negative integer.")
+    ],
+    store: StoreOption = DEFAULT_STORE_URL,
+    json_output: JsonOption = False,
+) -> None:
+    """Set how many units of a product are available."""
+    # QTY is parsed here, not by the option parser, so that "-1" gets a clear error.
+    if re.fullmatch(r"[0-9]+", quantity) is None:
+        _fail(f"QTY must be a non-negative integer, not {_inert(quantity)!r}", 2)
+    units = int(quantity)
+    if units > MAX_STOCK:
+        _fail(f"QTY must be at most {MAX_STOCK}", 2)
+    try:
+        msgspec.convert(product, Id)
+    except msgspec.ValidationError:
+        _fail(f"PRODUCT must be 1 to 100 letters, digits or . _ : -, not {_inert(product)!r}", 2)
+
+    async def apply(db: SqliteDatabase) -> dict[str, Any]:
+        async with db.transaction() as tx:
+            return await set_stock(tx, product, units)
+
+    with _store(store, must_exist=False) as db:
+        row = asyncio.run(apply(db))
+    if json_output:
+        _emit_json(row)
+    else:
+        out.print(_stock_table([row]))
+
+
+@stock_app.command("list")
+def stock_list(store: StoreOption = DEFAULT_STORE_URL, json_output: JsonOption = False) -> None:
+    """Every product's stock: available, reserved, sold and stocked units."""
+    with _store(store) as db:
+        rows = db.query_documents(STOCK)
+    if json_output:
+        _emit_json(rows)
+    else:
+        out.print(_stock_table(rows))
+
+
+@app.command()
+def order(
+    order_id: Annotated[str, typer.Argument(metavar="ORDER_ID", help="The orderId.")],
+    store: StoreOption = DEFAULT_STORE_URL,
+    json_output: JsonOption = False,
+) -> None:
+    """One order of the read model."""
+    with _store(store) as db:
+        document = db.get_document_sync(ORDER_VIEW, order_id)
+    if document is None:
+        _fail(f"no order {_inert(order_id)!r} in the read model", 1)
+    row = document.data
+    if json_output:
+        _emit_json(row)
+        return
+    table = Table(show_header=False, title=f"Order {_inert(order_id)}", title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key in ("orderId", "customerId", "items", "totalAmount", "status", "reason"):
+        value = row.get(key)
+        if key == "items":
+            table.add_row(key, _items(value))
+        elif key == "status":
+            table.add_row(key, _styled_status(value))
+        else:
+            table.add_row(key, _cell(value))
+    for key in ("createdAt", "updatedAt"):
+        table.add_row(key, _cell(row.get(key)))
+    out.print(table)
+
+
+@app.command()
+def orders(
+    status: Annotated[
+        str | None, typer.Option("--status", help="Only orders with this status.")
+    ] = None,
+    customer: Annotated[
+        str | None, typer.Option("--customer", help="Only orders of this customerId.")
+    ] = None,
+    store: StoreOption = DEFAULT_STORE_URL,
+    json_output: JsonOption = False,
+) -> None:
+    """Orders of the read model, optionally filtered by status and customer."""
+    filters: dict[str, str] = {}
+    if status is not None:
+        filters["status"] = status.upper()
+    if customer is not None:
+        filters["customerId"] = customer
+    with _store(store) as db:
+        rows = db.query_documents(ORDER_VIEW, filters)
+    if json_output:
+        _emit_json(rows)
+    else:
+        out.print(_orders_table(rows))
+
+
+@app.command()
+def trace(
+    order_id: Annotated[str, typer.Argument(metavar="ORDER_ID", help="The orderId.")],
+    store: StoreOption = DEFAULT_STORE_URL,
+    json_output: JsonOption = False,
+) -> None:
+    """The audit trail of one order: every command and event as a causal tree, and its saga."""
+    with _store(store) as db:
+        found = load_trace(db, order_id, saga_id(ORDER_SAGA, order_id))
+        document = db.get_document_sync(ORDER_VIEW, order_id)
+    if not found.found:
+        _fail(f"nothing is known about {_inert(order_id)!r}", 1)
+    if json_output:
+        _emit_json(found.to_json())
+        return
+    _print_trace(found, document.data if document else None)
+    if found.saga is not None:
+        out.print(_history_table(found.saga))
+    if found.dead_letters:
+        out.print(_dead_letter_table([dead_letter_summary(d) for d in found.dead_letters]))
+
+
+def _dead_letter_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table(title="Dead letters", title_justify="left")
+    for column in ("failedAt", "consumer", "type", "messageId", "attempts", "reason"):
+        table.add_column(column, no_wrap=column != "reason")
+    for row in rows:
+        table.add_row(
+            *(_cell(row.get(c)) for c in ("failedAt", "consumer", "type")),
+            _cell(row.get("messageId")),
+            _cell(row.get("attempts")),
+            _cell(row.get("reason")),
+        )
+    return table
+
+
+@app.command("dead-letters")
+def dead_letters(store: StoreOption = DEFAULT_STORE_URL, json_output: JsonOption = False) -> None:
+    """Messages that could not be processed, with the reason."""
+    with _store(store) as db:
+        rows = [dead_letter_summary(letter) for letter in db.dead_letters()]
+    if json_output:
+        _emit_json(rows)
+    else:
+        out.print(_dead_letter_table(rows))
+
+
+@app.command()
+def schema(
+    type_name: Annotated[
+        str | None, typer.Argument(metavar="TYPE", help="A message type; all when left out.")
+    ] = None,
+    json_output: JsonOption = False,
+) -> None:
+    """The JSON Schema of a message type, or of every type keyed by name (always JSON)."""
+    if type_name is None:
+        _emit_json({name: json_schema(registry.get(name)) for name in registry.names()})
+        return
+    try:
+        cls = registry.get(type_name)
+    except UnknownMessageType:
+        _fail(
+            f"unknown message type {_inert(type_name)!r}; known: {', '.join(registry.names())}", 2
+        )
+    _emit_json(json_schema(cls))
+
+
+@app.command()
+def sagas(
+    status: Annotated[
+        str | None,
+        typer.Option(
+            "--status",
+            help=f"Only sagas in this status ({', '.join(s.value for s in SagaStatus)}).",
+        ),
+    ] = None,
+    store: StoreOption = DEFAULT_STORE_URL,
+    json_output: JsonOption = False,
+) -> None:
+    """Saga instances with their status, and how many are in each status."""
+    wanted = None
+    if status is not None:
+        wanted = status.upper()
+        if wanted not in {s.value for s in SagaStatus}:
+            _fail(
+                f"unknown saga status {_inert(status)!r};"
+                f" choose from {', '.join(s.value for s in SagaStatus)}",
+                2,
+            )
+    with _store(store) as db:
+        rows = [saga_summary(record) for record in db.list_sagas(wanted)]
+        counts = db.saga_counts()
+    if json_output:
+        _emit_json({"counts": counts, "sagas": rows})
+        return
+    table = Table(title="Sagas", title_justify="left")
+    for column in ("sagaId", "status", "step", "failedStep", "reason", "createdAt", "updatedAt"):
+        table.add_column(column, no_wrap=column != "reason")
+    for row in rows:
+        table.add_row(
+            _cell(row["sagaId"]),
+            _styled_status(row["status"]),
+            _cell(row["step"]),
+            _cell(row["failedStep"]),
+            _cell(row["reason"]),
+            _cell(row["createdAt"]),
+            _cell(row["updatedAt"]),
+        )
+    out.print(table)
+    summary = ", ".join(f"{_inert(name)} {count}" for name, count in sorted(counts.items()))
+    out.print(f"sagas: {summary or 'none'}", soft_wrap=True)
+
+
+@app.command()
+def rebuild(store: StoreOption = DEFAULT_STORE_URL) -> None:
+    """Rebuild the order read model from the event log; queries go on meanwhile."""
+    projection = build_order_projection()
+    with _store(store) as db:
+        with Progress(
+            TextColumn(f"rebuilding {_inert(projection.namespace)}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("events"),
+            TimeElapsedColumn(),
+            console=err,
+        ) as progress:
+            task = progress.add_task("rebuild", total=db.head_position())
+
+            def advance(position: int, head: int) -> None:
+                progress.update(task, completed=position, total=head)
+
+            namespace = asyncio.run(rebuild_projection(db, projection, progress=advance))
+            progress.update(task, completed=progress.tasks[0].total or 0)
+        count = len(db.query_documents(namespace))
+        position = db.head_position()
+    out.print(
+        f"rebuilt {_inert(namespace)}: {count} orders from the event log up to position {position}",
+        soft_wrap=True,
+    )
+
+
+def main() -> None:
+    """Run the ``sagaline`` command line."""
+    app(prog_name="sagaline")

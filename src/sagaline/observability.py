@@ -1,0 +1,233 @@
+"""The audit trail as data: a transaction's messages in causal order, sagas and dead letters.
+
+Everything here returns plain data (dicts, lists, dataclasses) for the CLI, the HTTP API and tests
+to render; nothing prints. The helpers at the end make text safe to show: control characters out
+of untrusted payloads, passwords out of URLs.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import msgspec
+
+from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.ports import DeadLetter, SagaRecord
+
+__all__ = [
+    "TransactionTrace",
+    "causal_order",
+    "dead_letter_summary",
+    "load_trace",
+    "redact_url",
+    "saga_failure",
+    "saga_summary",
+    "stock_violations",
+    "strip_control",
+    "to_json",
+]
+
+TraceRow = dict[str, Any]
+
+
+def _sort_key(row: Mapping[str, Any]) -> tuple[str, int, str]:
+    return (str(row.get("timestamp") or ""), int(row.get("sequence") or 0), str(row["messageId"]))
+
+
+def causal_order(rows: Iterable[Mapping[str, Any]]) -> list[tuple[int, Mapping[str, Any]]]:
+    """Order messages as a tree along ``causationId``, depth first: ``[(depth, row), ...]``.
+
+    Roots are the rows whose ``causationId`` is not among the rows (the submitted command, or a
+    message whose cause belongs to another transaction); siblings are sorted by timestamp, then
+    by sequence. Every row appears exactly once, even when causation ids form a cycle (which a
+    forged message could claim): rows left unreached become roots of their own.
+    """
+    rows = list(rows)
+    ids = {row["messageId"] for row in rows}
+    children: dict[str, list[Mapping[str, Any]]] = {}
+    roots: list[Mapping[str, Any]] = []
+    for row in rows:
+        cause = row.get("causationId")
+        if cause is not None and cause in ids and cause != row["messageId"]:
+            children.setdefault(cause, []).append(row)
+        else:
+            roots.append(row)
+    for siblings in children.values():
+        siblings.sort(key=_sort_key)
+    ordered: list[tuple[int, Mapping[str, Any]]] = []
+    visited: set[str] = set()
+
+    def walk(start: Mapping[str, Any]) -> None:
+        # An explicit stack: a long causal chain must not hit the recursion limit.
+        stack: list[tuple[int, Mapping[str, Any]]] = [(0, start)]
+        while stack:
+            depth, row = stack.pop()
+            if row["messageId"] in visited:
+                continue
+            visited.add(row["messageId"])
+            ordered.append((depth, row))
+            for child in reversed(children.get(row["messageId"], [])):
+                stack.append((depth + 1, child))
+
+    for root in sorted(roots, key=_sort_key):
+        walk(root)
+    for row in sorted(rows, key=_sort_key):
+        if row["messageId"] not in visited:
+            walk(row)
+    return ordered
+
+
+def saga_failure(record: SagaRecord) -> dict[str, Any] | None:
+    """Where and why a saga failed (``step``, ``event``, ``reason``), or None when it did not."""
+    failure = record.data.get("_failure")
+    return dict(failure) if isinstance(failure, Mapping) else None
+
+
+def saga_summary(record: SagaRecord, *, history: bool = False) -> dict[str, Any]:
+    """One saga instance as a JSON-ready mapping (with its transitions when ``history``)."""
+    failure = saga_failure(record)
+    summary: dict[str, Any] = {
+        "sagaId": record.saga_id,
+        "definition": record.definition,
+        "definitionVersion": record.definition_version,
+        "status": record.status,
+        "step": record.step,
+        "failedStep": failure.get("step") if failure else None,
+        "reason": failure.get("reason") if failure else None,
+        "createdAt": record.created_at,
+        "updatedAt": record.updated_at,
+    }
+    if history:
+        summary["history"] = list(record.history)
+    return summary
+
+
+def dead_letter_summary(letter: DeadLetter) -> dict[str, Any]:
+    """One dead letter as a JSON-ready mapping (the body is left out: it may be large)."""
+    envelope = letter.envelope
+    return {
+        "id": letter.id,
+        "consumer": letter.consumer,
+        "type": envelope.message_type,
+        "messageId": envelope.message_id,
+        "correlationId": envelope.correlation_id,
+        "reason": letter.reason,
+        "attempts": letter.attempts,
+        "failedAt": letter.failed_at,
+    }
+
+
+@dataclass(frozen=True)
+class TransactionTrace:
+    """The whole story of one business transaction: its messages, saga and dead letters."""
+
+    correlation_id: str
+    messages: list[tuple[int, Mapping[str, Any]]]
+    saga: SagaRecord | None = None
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+    @property
+    def found(self) -> bool:
+        """Whether anything at all is known about the transaction."""
+        return bool(self.messages or self.saga or self.dead_letters)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready mapping: messages in causal order, each with its ``depth``."""
+        return {
+            "correlationId": self.correlation_id,
+            "saga": saga_summary(self.saga, history=True) if self.saga else None,
+            "messages": [{"depth": depth, **row} for depth, row in self.messages],
+            "deadLetters": [dead_letter_summary(letter) for letter in self.dead_letters],
+        }
+
+
+def load_trace(
+    db: SqliteDatabase, correlation_id: str, saga_id: str | None = None
+) -> TransactionTrace:
+    """Read the audit trail of ``correlation_id`` (and the saga ``saga_id``) from the store."""
+    return TransactionTrace(
+        correlation_id=correlation_id,
+        messages=causal_order(db.trace_rows(correlation_id)),
+        saga=db.get_saga_sync(saga_id) if saga_id is not None else None,
+        dead_letters=[
+            letter
+            for letter in db.dead_letters()
+            if letter.envelope.correlation_id == correlation_id
+        ],
+    )
+
+
+_JSON = msgspec.json.Encoder(decimal_format="number")
+
+
+def to_json(value: Any, *, indent: int = 2) -> str:
+    """JSON text for output: money stays a number with its scale (``75.50``), never a float."""
+    return msgspec.json.format(_JSON.encode(value), indent=indent).decode()
+
+
+# Bidirectional overrides and isolates reorder what a terminal shows (the "Trojan Source" trick);
+# they are format characters (Cf), removed with the C0/C1 controls.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf"})
+
+
+def strip_control(text: str, replacement: str = "?") -> str:
+    """``text`` with every control and format character replaced, so it cannot drive a terminal.
+
+    Escape sequences (ESC, CSI, OSC), carriage returns, bells and bidirectional overrides are
+    replaced by ``replacement``; tabs and line breaks by a space, keeping each value on its line.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char in "\t\n\r\v\f":
+            out.append(" ")
+        elif char.isprintable() or unicodedata.category(char) not in _UNSAFE_CATEGORIES:
+            out.append(char)
+        else:
+            out.append(replacement)
+    return "".join(out)
+
+
+_SECRET_PARAMETER = re.compile(r"pass|secret|token|key", re.IGNORECASE)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and any password-like query parameter) masked."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable URL>"
+    # Edit the text in place: urlunsplit would rewrite ``sqlite:///x`` as ``sqlite:/x``.
+    redacted = url
+    if password is not None:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        redacted = redacted.replace(parts.netloc, f"{user}:***@{host}", 1)
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        if any(_SECRET_PARAMETER.search(name) for name, _ in pairs):
+            masked = urlencode(
+                [(n, "***" if _SECRET_PARAMETER.search(n) else v) for n, v in pairs], safe="*"
+            )
+            redacted = redacted.replace(f"?{parts.query}", f"?{masked}", 1)
+    return redacted
+
+
+def stock_violations(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Products whose ledger is off: ``available + reserved + sold != stocked`` or negative."""
+    problems = []
+    for row in rows:
+        counts = {name: row.get(name, 0) for name in ("available", "reserved", "sold", "stocked")}
+        if any(not isinstance(v, int | Decimal) or v < 0 for v in counts.values()):
+            problems.append(f"{row.get('productId')}: a negative or non-integer count {counts}")
+        elif counts["available"] + counts["reserved"] + counts["sold"] != counts["stocked"]:
+            problems.append(f"{row.get('productId')}: available + reserved + sold != stocked")
+    return problems

@@ -1,0 +1,217 @@
+"""Shared fixtures: worker processes of the order flow and a store to drive and watch them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.handling import System
+from sagaline.orders import build_system
+from sagaline.orders.inventory import set_stock
+from sagaline.orders.messages import CreateOrderCommand, OrderItem
+
+#: Leases of the worker processes: short, so that a killed worker's leases expire in a test.
+LEASE_SECONDS = 2.0
+#: How often the tests look at the store while they wait for a condition.
+POLL_SECONDS = 0.02
+_RUN_SERVICES = Path(__file__).with_name("_run_services.py")
+
+
+class ServiceProcesses:
+    """Starts worker processes running all five services, and kills what is left at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.started: list[subprocess.Popen[bytes]] = []
+        self.logs: dict[int, Path] = {}
+
+    def command(self, store: Path) -> list[str]:
+        """The command line of one worker process on ``store``."""
+        return [
+            sys.executable,
+            str(_RUN_SERVICES),
+            "--store",
+            f"sqlite:///{store}",
+            "--lease-seconds",
+            str(LEASE_SECONDS),
+        ]
+
+    def start(self, store: Path, *, crash_at: str | None = None) -> subprocess.Popen[bytes]:
+        """Start a worker; ``crash_at`` (``point:N``) makes it SIGKILL itself there."""
+        env = {k: v for k, v in os.environ.items() if k != "SAGALINE_CRASH_AT"}
+        if crash_at is not None:
+            env["SAGALINE_CRASH_AT"] = crash_at
+        log = self.directory / f"worker-{len(self.started)}.log"
+        with log.open("wb") as stderr:
+            process = subprocess.Popen(
+                self.command(store), env=env, stdout=stderr, stderr=subprocess.STDOUT
+            )
+        self.logs[process.pid] = log
+        self.started.append(process)
+        return process
+
+    def output(self, process: subprocess.Popen[bytes]) -> str:
+        """What the worker wrote to stdout and stderr."""
+        return self.logs[process.pid].read_text(errors="replace")[-4000:]
+
+    def wait_exit(self, process: subprocess.Popen[bytes], timeout: float) -> int:
+        """The worker's return code once it has exited; fails the test after ``timeout``."""
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"worker {process.pid} still running after {timeout}s:\n{self.output(process)}"
+            )
+
+    def stop(self, process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+        """SIGTERM the worker and wait for it to finish its batch and exit."""
+        process.send_signal(signal.SIGTERM)
+        return self.wait_exit(process, timeout)
+
+    def wait_for(
+        self,
+        condition: Callable[[], bool],
+        *,
+        timeout: float,
+        what: str,
+        alive: Sequence[subprocess.Popen[bytes]] = (),
+    ) -> None:
+        """Poll ``condition`` until it holds; fail if it does not within ``timeout`` seconds.
+
+        Every process in ``alive`` must keep running meanwhile.
+        """
+        deadline = time.monotonic() + timeout
+        while not condition():
+            for process in alive:
+                if process.poll() is not None:
+                    pytest.fail(
+                        f"worker {process.pid} exited ({process.returncode}) while waiting"
+                        f" for {what}:\n{self.output(process)}"
+                    )
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} after {timeout}s")
+            time.sleep(POLL_SECONDS)
+
+    def close(self) -> None:
+        """Kill every worker this fixture started that is still running."""
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+class OrderStore:
+    """The test's own connection to the store the workers share: stock, submit, watch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.db = SqliteDatabase(f"sqlite:///{path}")
+        self.system: System = build_system()
+        self.subscribers = {
+            name for name, service in self.system.services.items() if service.event_handlers
+        }
+
+    def stock(self, levels: dict[str, int]) -> None:
+        """Put ``levels`` units of each product on the shelf."""
+
+        async def put() -> None:
+            async with self.db.transaction() as tx:
+                for product_id, quantity in levels.items():
+                    await set_stock(tx, product_id, quantity)
+
+        asyncio.run(put())
+
+    def submit(self, commands: Sequence[CreateOrderCommand]) -> None:
+        """Submit orders in one transaction, as a client does."""
+        asyncio.run(self.system.submit_many(self.db, commands))
+
+    @staticmethod
+    def mix(first: int, count: int, prefix: str = "ORD") -> list[CreateOrderCommand]:
+        """Orders ``first .. first+count-1`` of a fixed mix that takes every path of the saga.
+
+        One in ten asks for 2 of the scarce PROD-B, one in ten for PROD-A and PROD-B (both fail
+        for stock once PROD-B runs out), one in ten costs more than the payment limit of 1000.00;
+        the others buy PROD-A and go through while it lasts.
+        """
+        orders = []
+        for n in range(first, first + count):
+            items = [OrderItem(product_id="PROD-A", quantity=1 + n % 2)]
+            amount = Decimal(f"{10 + n % 90}.{n % 100:02d}")
+            if n % 10 == 3:
+                items = [OrderItem(product_id="PROD-B", quantity=2)]
+            elif n % 10 == 5:
+                items = [
+                    OrderItem(product_id="PROD-A", quantity=1),
+                    OrderItem(product_id="PROD-B", quantity=1),
+                ]
+            elif n % 10 == 7:
+                amount = Decimal("1500.00")
+            orders.append(
+                CreateOrderCommand(
+                    order_id=f"{prefix}-{n:05d}",
+                    customer_id=f"CUST-{n % 13:03d}",
+                    items=items,
+                    total_amount=amount,
+                )
+            )
+        return orders
+
+    def settled(self, sagas: int) -> bool:
+        """Whether ``sagas`` sagas exist, all ended, and every queue and subscription is drained.
+
+        Read in one snapshot, so that a worker's commit cannot fall between the counts.
+        """
+        conn = self.db.connection
+        conn.execute("BEGIN")
+        try:
+            counts = self.db.saga_counts()
+            pending = self.db.pending_counts()
+            lag = self.db.subscription_lag()
+        finally:
+            conn.execute("COMMIT")
+        ended = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
+        return (
+            ended == sagas == sum(counts.values())
+            and not pending
+            and self.subscribers <= set(lag)
+            and not any(lag.values())
+        )
+
+    def ended_sagas(self) -> int:
+        """How many sagas have completed or compensated."""
+        counts = self.db.saga_counts()
+        return counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
+
+    def close(self) -> None:
+        """Close the test's connection."""
+        asyncio.run(self.db.close())
+
+
+@pytest.fixture
+def service_processes(tmp_path: Path) -> Iterator[ServiceProcesses]:
+    """Start order-flow worker processes; any still running at the end are killed."""
+    processes = ServiceProcesses(tmp_path)
+    try:
+        yield processes
+    finally:
+        processes.close()
+
+
+@pytest.fixture
+def order_store(tmp_path: Path) -> Iterator[OrderStore]:
+    """A fresh SQLite store file for the order flow, with the test's connection to it."""
+    store = OrderStore(tmp_path / "orders.db")
+    try:
+        yield store
+    finally:
+        store.close()
