@@ -22,10 +22,17 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from sagaline.aggregate import Aggregate
-from sagaline.backends.sqlite import SqliteDatabase, SqliteTransaction
 from sagaline.errors import ConfigurationError, InvalidMessage, NonRetryableError
 from sagaline.messages import Command, Envelope, Event, Message, decode_body
-from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, RetryPolicy
+from sagaline.ports import (
+    Backend,
+    Batch,
+    ConsumerSpec,
+    Delivery,
+    Outcome,
+    RetryPolicy,
+    StoreTransaction,
+)
 
 __all__ = [
     "Context",
@@ -76,7 +83,7 @@ class Context:
 
     __slots__ = ("envelope", "outgoing", "service", "tx")
 
-    def __init__(self, tx: SqliteTransaction, envelope: Envelope, service: str) -> None:
+    def __init__(self, tx: StoreTransaction, envelope: Envelope, service: str) -> None:
         self.tx = tx
         self.envelope = envelope
         self.service = service
@@ -190,7 +197,7 @@ class System:
         return envelope
 
     async def submit(
-        self, db: SqliteDatabase, message: Message, *, message_id: str | None = None
+        self, db: Backend, message: Message, *, message_id: str | None = None
     ) -> Envelope:
         """Put one message from outside (CLI, HTTP, tests) onto the bus, durably.
 
@@ -201,7 +208,7 @@ class System:
             await tx.emit([envelope], self.routes)
         return envelope
 
-    async def submit_many(self, db: SqliteDatabase, messages: Sequence[Message]) -> list[Envelope]:
+    async def submit_many(self, db: Backend, messages: Sequence[Message]) -> list[Envelope]:
         """Submit many messages in one transaction; nothing is written if one is invalid."""
         envelopes = [self._accept(message) for message in messages]
         async with db.transaction() as tx:
@@ -218,7 +225,7 @@ class Worker:
 
     def __init__(
         self,
-        db: SqliteDatabase,
+        db: Backend,
         system: System,
         service: Service,
         spec: ConsumerSpec,
@@ -305,7 +312,7 @@ class Worker:
 
     async def _handle_one(
         self,
-        tx: SqliteTransaction,
+        tx: StoreTransaction,
         delivery: Delivery,
         outgoing: list[Envelope],
         careful: bool,
@@ -372,7 +379,7 @@ class Runtime:
 
     def __init__(
         self,
-        db: SqliteDatabase,
+        db: Backend,
         system: System,
         services: Iterable[str] | None = None,
         *,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from sagaline.messages import Envelope
 
 __all__ = [
+    "Backend",
     "Batch",
     "Bus",
     "ConsumerSpec",
@@ -148,6 +149,18 @@ class StoreTransaction(Protocol):
         """Mark ``message_id`` processed by ``consumer``; False if it already was."""
         ...
 
+    async def seen(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
+        """Which of ``message_ids`` ``consumer`` has processed already (one query per batch)."""
+        ...
+
+    async def record_inbox_many(self, consumer: str, message_ids: Sequence[str]) -> None:
+        """Mark many messages processed; none of them may be marked yet."""
+        ...
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        """A nested unit that rolls back alone when its block raises."""
+        ...
+
     async def append(self, stream: str, expected_version: int, events: Sequence[Envelope]) -> int:
         """Append to a stream at ``expected_version``; ConcurrencyError on conflict."""
         ...
@@ -235,3 +248,11 @@ class Bus(Protocol):
     async def close(self) -> None:
         """Release connections."""
         ...
+
+
+@runtime_checkable
+class Backend(Store, Bus, Protocol):
+    """A store and a bus in one database: outgoing messages and acks join the store's transaction.
+
+    SQLite (and PostgreSQL) are such backends; a broker bus pairs with a store through its outbox.
+    """

@@ -26,13 +26,14 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from sagaline.errors import ConcurrencyError, ConfigurationError
 from sagaline.messages import Envelope, utc_timestamp
 from sagaline.ports import (
+    Backend,
     Batch,
     ConsumerSpec,
     DeadLetter,
@@ -41,6 +42,7 @@ from sagaline.ports import (
     Outcome,
     SagaRecord,
     StoredEvent,
+    StoreTransaction,
 )
 
 __all__ = ["SqliteDatabase", "SqliteTransaction", "path_from_url"]
@@ -1014,3 +1016,11 @@ def _saga(row: Sequence[Any]) -> SagaRecord:
         created_at=row[7],
         updated_at=row[8],
     )
+
+
+if TYPE_CHECKING:
+
+    def _implements_ports(
+        db: SqliteDatabase, tx: SqliteTransaction
+    ) -> tuple[Backend, StoreTransaction]:
+        return db, tx
