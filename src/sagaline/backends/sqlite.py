@@ -471,7 +471,7 @@ class SqliteDatabase:
         self.connection.execute("PRAGMA foreign_keys=ON")
         self.connection.execute("PRAGMA cache_size=-65536")
         self._lock = asyncio.Lock()
-        self._wakeups: dict[str, asyncio.Event] = {}
+        self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
         self._members: dict[tuple[str, str], _Membership] = {}
         self._migrate()
 
@@ -534,6 +534,8 @@ class SqliteDatabase:
 
     async def claim(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         """Lease up to ``limit`` deliveries for ``consumer``."""
+        # Arm the wake-up before looking: a commit from now on wakes a later wait_for_work.
+        self._wakeup(consumer).clear()
         async with self._lock:
             if consumer.source == "queue":
                 return self._claim_queue(consumer, member, limit)
@@ -766,10 +768,15 @@ class SqliteDatabase:
 
     async def wait_for_work(self, consumer: ConsumerSpec, timeout: float) -> None:
         """Wait for an in-process commit that wrote messages, or poll after ``timeout``."""
-        event = self._wakeups.setdefault(consumer.name, asyncio.Event())
         with suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
-        event.clear()
+            await asyncio.wait_for(self._wakeup(consumer).wait(), timeout)
+
+    def _wakeup(self, consumer: ConsumerSpec) -> asyncio.Event:
+        key = (consumer.name, consumer.source)
+        event = self._wakeups.get(key)
+        if event is None:
+            event = self._wakeups[key] = asyncio.Event()
+        return event
 
     def get_meta(self, key: str) -> str | None:
         """A value of the file's metadata table, or None."""
