@@ -21,7 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from sagaline.backends.sqlite import SqliteDatabase
-from sagaline.handling import Runtime
+from sagaline.handling import DEFAULT_BATCH, Runtime
 from sagaline.orders import PaymentRules, build_system
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
@@ -113,7 +113,7 @@ async def run(sagas: int, batch_size: int, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sagas", type=int, default=10_000)
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--path", default=None, help="SQLite file (default: a temporary one)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sagaline-bench-") as tmp:

@@ -35,6 +35,7 @@ from sagaline.ports import (
 )
 
 __all__ = [
+    "DEFAULT_BATCH",
     "Context",
     "Handler",
     "Runtime",
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 log = logging.getLogger("sagaline.handling")
+
+#: Deliveries claimed and committed together. Under load a bigger batch spreads one commit over
+#: more messages; when idle a batch holds what is there, so latency does not wait for it.
+DEFAULT_BATCH = 500
 
 A = TypeVar("A", bound=Aggregate)
 M = TypeVar("M", bound=Message)
@@ -231,7 +236,7 @@ class Worker:
         spec: ConsumerSpec,
         *,
         member: str,
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH,
         poll_interval: float = 0.1,
     ) -> None:
         self.db = db
@@ -248,8 +253,19 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is finished first."""
+        failures = 0
         while not stop.is_set():
-            if not await self.run_once():
+            try:
+                progressed = await self.run_once()
+                failures = 0
+            except Exception:
+                # The store itself failed (locked past its timeout, disk full, ...): the batch
+                # rolled back and stays claimable; wait a little, then go on.
+                failures += 1
+                log.exception("%s/%s: batch failed, retrying", self.spec.name, self.spec.source)
+                await asyncio.sleep(min(5.0, 0.05 * 2**failures))
+                continue
+            if not progressed:
                 waiter = asyncio.ensure_future(stop.wait())
                 work = asyncio.ensure_future(self.db.wait_for_work(self.spec, self.poll_interval))
                 await asyncio.wait({waiter, work}, return_when=asyncio.FIRST_COMPLETED)
@@ -384,7 +400,7 @@ class Runtime:
         services: Iterable[str] | None = None,
         *,
         member: str | None = None,
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH,
         poll_interval: float = 0.1,
     ) -> None:
         self.db = db
@@ -408,6 +424,9 @@ class Runtime:
 
     async def run(self) -> None:
         """Run every worker until :meth:`stop`; in-flight batches finish first."""
+        start_checkpointer = getattr(self.db, "start_checkpointer", None)
+        if start_checkpointer is not None:
+            start_checkpointer()
         tasks = [asyncio.create_task(worker.run(self.stop_event)) for worker in self.workers]
         try:
             await asyncio.gather(*tasks)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -52,6 +53,9 @@ PARTITIONS = 8
 LEASE_SECONDS = 30.0
 #: How often a subscriber refreshes its membership and partition leases.
 MEMBERSHIP_INTERVAL = 1.0
+#: WAL pages past which a committing connection checkpoints itself (when a background
+#: checkpointer runs, it normally keeps the WAL well below this).
+BACKSTOP_CHECKPOINT_PAGES = 20000
 #: A subscription claim reads at most this many wanted log rows per delivery it may return
 #: (rows of partitions another member leases are read and passed over).
 SCAN_FACTOR = 8
@@ -473,6 +477,7 @@ class SqliteDatabase:
         self._lock = asyncio.Lock()
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
         self._members: dict[tuple[str, str], _Membership] = {}
+        self._checkpointer: tuple[threading.Thread, threading.Event] | None = None
         self._migrate()
 
     # ----------------------------------------------------------------- schema
@@ -525,8 +530,38 @@ class SqliteDatabase:
         for event in self._wakeups.values():
             event.set()
 
+    def start_checkpointer(self, interval: float = 0.5) -> None:
+        """Checkpoint the WAL from a background thread with its own connection.
+
+        A checkpoint copies committed pages into the database file and fsyncs it; done by the
+        committing connection it stalls the message path. PASSIVE checkpoints never block
+        writers, and the sqlite3 module releases the GIL while it runs, so it uses the other core.
+        The connection's own automatic checkpoint stays as a backstop at a larger WAL size.
+        """
+        if self._checkpointer is not None:
+            return
+        self.connection.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_CHECKPOINT_PAGES}")
+        stop = threading.Event()
+
+        def run() -> None:
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            try:
+                while not stop.wait(interval):
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            finally:
+                conn.close()
+
+        thread = threading.Thread(target=run, name="sagaline-checkpoint", daemon=True)
+        thread.start()
+        self._checkpointer = (thread, stop)
+
     async def close(self) -> None:
-        """Close the connection (after the current transaction)."""
+        """Stop the checkpointer and close the connection (after the current transaction)."""
+        if self._checkpointer is not None:
+            thread, stop = self._checkpointer
+            stop.set()
+            thread.join()
+            self._checkpointer = None
         async with self._lock:
             self.connection.close()
 
