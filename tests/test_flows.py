@@ -81,6 +81,19 @@ def trace_types(db: SqliteDatabase, order_id: str, kind: str) -> list[str]:
     return [r["type"] for r in sorted(rows, key=lambda r: r["sequence"])]
 
 
+def assert_history(
+    db: SqliteDatabase, events: list[str], sent: list[str], status: SagaStatus
+) -> None:
+    """The saga's recorded story: the events it took, what it sent, how it ended."""
+    saga = db.get_saga_sync("order:ORD-12345")
+    assert saga is not None
+    assert [entry["event"] for entry in saga.history] == events
+    assert [name for entry in saga.history for name in entry.get("sent", [])] == sent
+    assert saga.history[-1]["status"] == status
+    by_id = {row["messageId"]: row["type"] for row in db.trace_rows("ORD-12345")}
+    assert [by_id[entry["messageId"]] for entry in saga.history] == events
+
+
 def test_happy_path_confirms_the_order(tmp_path: Path) -> None:
     async def scenario() -> None:
         db, _ = await run_flow(tmp_path, [seed_order()], stock={"PROD-A": 10, "PROD-B": 5})
@@ -137,6 +150,12 @@ def test_happy_path_confirms_the_order(tmp_path: Path) -> None:
             "ProcessPaymentCommand",
         ]
         assert not db.dead_letters()
+        assert_history(
+            db,
+            ["OrderCreatedEvent", "InventoryReservedEvent", "PaymentProcessedEvent"],
+            ["ReserveInventoryCommand", "ProcessPaymentCommand", "OrderConfirmedEvent"],
+            SagaStatus.COMPLETED,
+        )
 
     asyncio.run(scenario())
 
@@ -169,6 +188,17 @@ def test_inventory_failure_cancels_and_reserves_nothing(tmp_path: Path) -> None:
             assert (stock["available"], stock["reserved"], stock["sold"]) == (stocked, 0, 0)
         assert db.get_document_sync(PAYMENTS, "ORD-12345") is None
         assert not db.dead_letters()
+        assert_history(
+            db,
+            [
+                "OrderCreatedEvent",
+                "InventoryReservationFailedEvent",
+                "InventoryReleasedEvent",
+                "OrderCancelledEvent",
+            ],
+            ["ReserveInventoryCommand", "ReleaseInventoryCommand", "CancelOrderCommand"],
+            SagaStatus.COMPENSATED,
+        )
 
     asyncio.run(scenario())
 
@@ -210,6 +240,23 @@ def test_payment_failure_releases_the_reservation_and_cancels(tmp_path: Path) ->
         assert payment is not None
         assert payment.data["status"] == "FAILED"
         assert "transactionId" not in payment.data
+        assert_history(
+            db,
+            [
+                "OrderCreatedEvent",
+                "InventoryReservedEvent",
+                "PaymentFailedEvent",
+                "InventoryReleasedEvent",
+                "OrderCancelledEvent",
+            ],
+            [
+                "ReserveInventoryCommand",
+                "ProcessPaymentCommand",
+                "ReleaseInventoryCommand",
+                "CancelOrderCommand",
+            ],
+            SagaStatus.COMPENSATED,
+        )
 
     asyncio.run(scenario())
 

@@ -175,11 +175,6 @@ def test_invalid_documents_are_rejected_naming_the_field(document: Any, field: s
         decode_body("CreateOrderCommand", dump(document))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="money given as a JSON string is accepted although the wire contract and the "
-    "exported schema say number (msgspec decodes Decimal from str by default)",
-)
 def test_money_as_a_string_is_rejected() -> None:
     with pytest.raises(InvalidMessage) as caught:
         parse_document(json.dumps(create_order(totalAmount="75.50")))
@@ -238,12 +233,6 @@ def test_deep_nesting_in_a_body_is_rejected_by_the_consumer_decoder() -> None:
         decode_body("CreateOrderCommand", body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RecursionError,
-    reason="parse_document decodes untyped first and lets msgspec's RecursionError escape "
-    "(messages.py, parse_document: catch RecursionError beside DecodeError)",
-)
 def test_deeply_nested_json_is_rejected_as_invalid() -> None:
     document = '{"commandType": "CreateOrderCommand", "items": ' + "[" * DEPTH + "]" * DEPTH + "}"
     with pytest.raises(InvalidMessage):
@@ -313,6 +302,15 @@ def validate(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> lis
         "format",
         "default",
         "anyOf",
+        "const",
+        # Annotations: they constrain nothing.
+        "$schema",
+        "$id",
+        "$comment",
+        "examples",
+        "deprecated",
+        "readOnly",
+        "writeOnly",
     }
     unknown = set(schema) - known
     assert not unknown, f"the schema uses keywords this check does not know: {unknown}"
@@ -333,6 +331,8 @@ def validate(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> lis
     }
     if kind is not None and not checks[kind](instance):
         return [f"{instance!r} is not of type {kind}"]
+    if "const" in schema and instance != schema["const"]:
+        errors.append(f"{instance!r} is not {schema['const']!r}")
     if "enum" in schema and instance not in schema["enum"]:
         errors.append(f"{instance!r} is not one of {schema['enum']}")
     if isinstance(instance, dict):
@@ -440,12 +440,13 @@ orders = st.builds(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None, database=None)
 @given(orders)
 def test_any_valid_create_order_round_trips_unchanged(command: CreateOrderCommand) -> None:
     body = encode_body(command)
     decoded = decode_body("CreateOrderCommand", body)
+    assert isinstance(decoded, CreateOrderCommand)
     assert decoded == command
-    assert str(decoded.total_amount) == str(command.total_amount)  # type: ignore[attr-defined]
+    assert str(decoded.total_amount) == str(command.total_amount)
     assert parse_document(body) == command
     assert encode_body(decoded) == body

@@ -253,6 +253,12 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is finished first."""
+        try:
+            await self._loop(stop)
+        finally:
+            await self.db.leave(self.spec, self.member)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
         failures = 0
         while not stop.is_set():
             try:

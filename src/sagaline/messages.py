@@ -223,8 +223,16 @@ class MessageRegistry:
 def _invalid(name: str, exc: msgspec.ValidationError) -> InvalidMessage:
     text = str(exc)
     match = _PATH.search(text)
-    path = match.group("path") if match else None
+    path = match.group("path") if match else "$"
+    named = _NAMED_FIELD.search(text)
+    if named:  # "Object contains unknown field `x`", "Object missing required field `x`"
+        path = f"{path}.{named.group('name')}"
+    elif match is None and (first := text.split(" ", 1)[0]).isidentifier():
+        path = f"$.{first}"  # a check of our own names its field first ("totalAmount must ...")
     return InvalidMessage(f"{name}: {text}", field=path)
+
+
+_NAMED_FIELD = re.compile(r"field `(?P<name>[^`]+)`")
 
 
 #: The process-wide registry that :class:`Command` and :class:`Event` subclasses join.
@@ -249,9 +257,11 @@ def parse_document(document: bytes | str) -> Message:
     if len(document) > MAX_MESSAGE_BYTES:
         raise InvalidMessage(f"document exceeds the limit of {MAX_MESSAGE_BYTES} bytes")
     try:
-        raw = msgspec.json.decode(document)
+        raw = _RAW.decode(document)
     except msgspec.DecodeError as exc:
         raise InvalidMessage(f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidMessage("the document is nested too deeply") from None
     if not isinstance(raw, dict):
         raise InvalidMessage("a message must be a JSON object", field="$")
     name = raw.get("commandType", raw.get("eventType"))
@@ -266,7 +276,29 @@ def parse_document(document: bytes | str) -> Message:
             f"its type goes in {cls.discriminator}",
             field=f"$.{cls.discriminator}",
         )
+    for field_name in _money_fields(cls):
+        if isinstance(raw.get(field_name), str):
+            raise InvalidMessage(
+                f"{name}: {field_name} must be a JSON number, not a string",
+                field=f"$.{field_name}",
+            )
     return registry.decode(name, document)
+
+
+# Untyped decoding of a whole document, numbers with a fraction kept exact.
+_RAW: msgspec.json.Decoder[Any] = msgspec.json.Decoder(float_hook=Decimal)
+
+
+def _money_fields(cls: type[Message]) -> list[str]:
+    """The wire names of the top-level Decimal fields of a message type."""
+    cached = _MONEY_FIELDS.get(cls)
+    if cached is None:
+        cached = [info.encode_name for info in msgspec.structs.fields(cls) if info.type is Decimal]
+        _MONEY_FIELDS[cls] = cached
+    return cached
+
+
+_MONEY_FIELDS: dict[type[Message], list[str]] = {}
 
 
 def json_schema(cls: type[Message]) -> dict[str, Any]:

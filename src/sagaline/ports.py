@@ -241,6 +241,10 @@ class Bus(Protocol):
         """Record each delivery's outcome inside ``tx`` (ack, retry with backoff, dead letter)."""
         ...
 
+    async def leave(self, consumer: ConsumerSpec, member: str) -> None:
+        """Give back at once whatever ``member`` holds for ``consumer`` (it is stopping)."""
+        ...
+
     async def wait_for_work(self, consumer: ConsumerSpec, timeout: float) -> None:
         """Return when new work may be there, or after ``timeout`` seconds."""
         ...

@@ -376,19 +376,20 @@ class SqliteTransaction:
             except sqlite3.IntegrityError:
                 raise ConcurrencyError(f"saga {record.saga_id!r} already exists") from None
             record.created_at = now
-        elif record.status == record.loaded_status:
-            # The status index is left alone unless the status changes.
-            cursor = self._conn.execute(
-                "UPDATE sagas SET step = ?, data = ?, version = version + 1,"
-                " updated_at = ? WHERE saga_id = ? AND version = ?",
-                (record.step, data, now, record.saga_id, record.version),
-            )
         else:
-            cursor = self._conn.execute(
-                "UPDATE sagas SET status = ?, step = ?, data = ?, version = version + 1,"
-                " updated_at = ? WHERE saga_id = ? AND version = ?",
-                (record.status, record.step, data, now, record.saga_id, record.version),
-            )
+            if record.status == record.loaded_status:
+                # The status index is left alone unless the status changes.
+                cursor = self._conn.execute(
+                    "UPDATE sagas SET step = ?, data = ?, version = version + 1,"
+                    " updated_at = ? WHERE saga_id = ? AND version = ?",
+                    (record.step, data, now, record.saga_id, record.version),
+                )
+            else:
+                cursor = self._conn.execute(
+                    "UPDATE sagas SET status = ?, step = ?, data = ?, version = version + 1,"
+                    " updated_at = ? WHERE saga_id = ? AND version = ?",
+                    (record.status, record.step, data, now, record.saga_id, record.version),
+                )
             if cursor.rowcount != 1:
                 raise ConcurrencyError(
                     f"saga {record.saga_id!r} is not at version {record.version}"
@@ -421,13 +422,16 @@ class SqliteTransaction:
             self._conn.executemany(
                 "INSERT INTO commands (queue, key, message_id, type, body, correlation_id,"
                 " causation_id, timestamp, traceparent, source, available_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                # A message sent again with its id (a client's retry) is the same message.
+                " ON CONFLICT (message_id) DO NOTHING",
                 commands,
             )
         if events:
             self._conn.executemany(
                 "INSERT INTO events (message_id, type, body, correlation_id, causation_id,"
-                " timestamp, traceparent, source, part) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " timestamp, traceparent, source, part) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (message_id) DO NOTHING",
                 events,
             )
         if envelopes:
@@ -736,6 +740,33 @@ class SqliteDatabase:
                 positions=eligible, attempts=attempts, scanned_to=scanned_to
             ),
         )
+
+    async def leave(self, consumer: ConsumerSpec, member: str) -> None:
+        """Hand back what ``member`` holds at once: its membership and partition leases.
+
+        A stopping worker calls it, so its successor does not wait for the leases to expire;
+        claimed commands are left to expire (their batch was settled, or it was cut short).
+        """
+        if consumer.source != "subscription":
+            return
+        async with self._lock:
+            conn = self.connection
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "DELETE FROM members WHERE consumer = ? AND member = ?",
+                    (consumer.name, member),
+                )
+                conn.execute(
+                    "UPDATE subscriptions SET lease_owner = NULL, lease_expires = NULL"
+                    " WHERE subscriber = ? AND lease_owner = ?",
+                    (consumer.name, member),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        self._members.pop((consumer.name, member), None)
 
     async def settle(
         self,

@@ -50,6 +50,30 @@ def _cancel_reason(data: Mapping[str, Any]) -> str:
     return f"{words}: {detail}" if detail else words
 
 
+def _reserve(data: Mapping[str, Any]) -> ReserveInventoryCommand:
+    return ReserveInventoryCommand(order_id=data["orderId"], items=_items(data))
+
+
+def _release(data: Mapping[str, Any]) -> ReleaseInventoryCommand:
+    return ReleaseInventoryCommand(order_id=data["orderId"], items=_items(data))
+
+
+def _pay(data: Mapping[str, Any]) -> ProcessPaymentCommand:
+    return ProcessPaymentCommand(
+        order_id=data["orderId"],
+        customer_id=data["customerId"],
+        amount=Decimal(data["totalAmount"]),
+    )
+
+
+def _cancel(data: Mapping[str, Any]) -> CancelOrderCommand:
+    return CancelOrderCommand(order_id=data["orderId"], reason=_cancel_reason(data))
+
+
+def _confirmed(data: Mapping[str, Any]) -> OrderConfirmedEvent:
+    return OrderConfirmedEvent(order_id=data["orderId"])
+
+
 ORDER_SAGA = SagaDefinition(
     name="order",
     description="Create an order, reserve its stock, take payment; compensate in reverse.",
@@ -58,30 +82,26 @@ ORDER_SAGA = SagaDefinition(
         Step(
             name="create_order",
             command=None,
-            compensation=lambda d: CancelOrderCommand(
-                order_id=d["orderId"], reason=_cancel_reason(d)
-            ),
+            compensation=_cancel,
             compensated=OrderCancelledEvent,
         ),
         Step(
             name="reserve_inventory",
-            command=lambda d: ReserveInventoryCommand(order_id=d["orderId"], items=_items(d)),
+            command=_reserve,
             success=InventoryReservedEvent,
             failures=(InventoryReservationFailedEvent,),
-            compensation=lambda d: ReleaseInventoryCommand(order_id=d["orderId"], items=_items(d)),
+            compensation=_release,
             compensated=InventoryReleasedEvent,
             compensate_on_failure=True,
         ),
         Step(
             name="process_payment",
-            command=lambda d: ProcessPaymentCommand(
-                order_id=d["orderId"], customer_id=d["customerId"], amount=Decimal(d["totalAmount"])
-            ),
+            command=_pay,
             success=PaymentProcessedEvent,
             failures=(PaymentFailedEvent,),
             kind=StepKind.PIVOT,
             keep=("transactionId",),
         ),
     ),
-    on_completed=lambda d: OrderConfirmedEvent(order_id=d["orderId"]),
+    on_completed=_confirmed,
 )

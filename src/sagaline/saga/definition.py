@@ -9,6 +9,7 @@ validated when it is built, and can be drawn as a Mermaid diagram.
 from __future__ import annotations
 
 import enum
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -180,6 +181,29 @@ class SagaDefinition:
             for failure in step.failures:
                 lines.append(f"    {step.name} --> compensating: {failure.type_name()}")
         lines.append("    completed --> [*]")
-        lines.append("    compensating --> compensated: compensations confirmed in reverse order")
+        compensatable = [
+            step
+            for step in reversed(self.steps)
+            if step.compensation is not None and step.compensated is not None
+        ]
+        for step in compensatable:
+            assert step.compensation is not None and step.compensated is not None
+            command = _return_type_name(step.compensation) or "compensation"
+            lines.append(
+                f"    compensating --> compensating: undo {step.name}"
+                f" ({command}, then {step.compensated.type_name()})"
+            )
+        lines.append("    compensating --> compensated: every compensation confirmed")
         lines.append("    compensated --> [*]")
         return "\n".join(lines)
+
+
+def _return_type_name(builder: CommandBuilder) -> str | None:
+    """The command type a builder makes, when it can be learnt without calling it."""
+    try:
+        returned = typing.get_type_hints(builder).get("return")
+    except (NameError, TypeError):
+        return None
+    if isinstance(returned, type) and issubclass(returned, Command):
+        return returned.type_name()
+    return None

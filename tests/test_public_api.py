@@ -1,0 +1,80 @@
+"""The public surface of ``sagaline``: what users import must not change by accident."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import pytest
+
+import sagaline
+
+PUBLIC = [
+    "Aggregate",
+    "Command",
+    "ConcurrencyError",
+    "ConfigurationError",
+    "Context",
+    "Envelope",
+    "Event",
+    "InvalidMessage",
+    "NonRetryableError",
+    "Orchestrator",
+    "Projection",
+    "RetryPolicy",
+    "Runtime",
+    "SagaDefinition",
+    "SagaDefinitionError",
+    "SagaStatus",
+    "SagalineError",
+    "Service",
+    "Step",
+    "StepKind",
+    "System",
+    "UnknownMessageType",
+    "Views",
+    "parse_document",
+    "rebuild",
+    "registry",
+]
+
+
+def test_the_exports_are_the_expected_ones() -> None:
+    # Adding or removing a public name is a decision: update this list with it.
+    assert sorted(sagaline.__all__) == PUBLIC
+    assert len(set(sagaline.__all__)) == len(sagaline.__all__)
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_every_public_name_is_importable_and_documented(name: str) -> None:
+    module = importlib.import_module("sagaline")
+    value = getattr(module, name)
+    assert value is getattr(sagaline, name)
+    doc = inspect.getdoc(value)
+    assert doc is not None and doc.strip(), f"sagaline.{name} has no docstring"
+
+
+@pytest.mark.parametrize("name", [n for n in PUBLIC if inspect.isclass(getattr(sagaline, n))])
+def test_the_public_methods_of_public_classes_are_documented(name: str) -> None:
+    cls = getattr(sagaline, name)
+    for attribute, member in vars(cls).items():
+        if attribute.startswith("_"):
+            continue
+        function = getattr(member, "__func__", member)
+        if callable(function) or isinstance(member, property):
+            assert (inspect.getdoc(function) or "").strip(), f"{name}.{attribute} has no docstring"
+
+
+def test_every_error_shares_one_root_and_has_its_own_code() -> None:
+    values = [getattr(sagaline, n) for n in PUBLIC]
+    errors = [v for v in values if inspect.isclass(v) and issubclass(v, sagaline.SagalineError)]
+    exceptions = [v for v in values if inspect.isclass(v) and issubclass(v, BaseException)]
+    assert len(exceptions) == len(errors)
+    assert {e.__name__ for e in errors} >= {"SagalineError", "ConcurrencyError", "InvalidMessage"}
+    codes = [e.code for e in errors]
+    assert len(set(codes)) == len(codes)
+
+
+def test_the_package_has_a_version() -> None:
+    assert isinstance(sagaline.__version__, str)
+    assert sagaline.__version__.count(".") >= 1
