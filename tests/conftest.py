@@ -20,41 +20,52 @@ from sagaline.orders import build_system
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 
-#: Leases of the worker processes: short, so that a killed worker's leases expire in a test.
-LEASE_SECONDS = 2.0
 #: How often the tests look at the store while they wait for a condition.
 POLL_SECONDS = 0.02
-_RUN_SERVICES = Path(__file__).with_name("_run_services.py")
 
 
 class ServiceProcesses:
-    """Starts worker processes running all five services, and kills what is left at the end."""
+    """Starts worker processes (the ``sagaline run`` CLI), and kills what is left at the end."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.started: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, Path] = {}
 
-    def command(self, store: Path) -> list[str]:
-        """The command line of one worker process on ``store``."""
-        return [
-            sys.executable,
-            str(_RUN_SERVICES),
-            "--store",
-            f"sqlite:///{store}",
-            "--lease-seconds",
-            str(LEASE_SECONDS),
-        ]
+    def start(
+        self,
+        store: Path,
+        *,
+        crash_at: str | None = None,
+        lease_seconds: float | None = None,
+        options: Sequence[str] = (),
+    ) -> subprocess.Popen[bytes]:
+        """Start ``sagaline run`` on ``store``: all five services until SIGTERM.
 
-    def start(self, store: Path, *, crash_at: str | None = None) -> subprocess.Popen[bytes]:
-        """Start a worker; ``crash_at`` (``point:N``) makes it SIGKILL itself there."""
+        ``crash_at`` (``point:N``) makes it SIGKILL itself there. ``lease_seconds`` shortens its
+        leases, so that a process started after it was killed need not wait long for them.
+        ``options`` are more options of ``sagaline run``.
+        """
         env = {k: v for k, v in os.environ.items() if k != "SAGALINE_CRASH_AT"}
         if crash_at is not None:
             env["SAGALINE_CRASH_AT"] = crash_at
+        if lease_seconds is not None:
+            options = ["--lease-seconds", str(lease_seconds), *options]
         log = self.directory / f"worker-{len(self.started)}.log"
-        with log.open("wb") as stderr:
+        with log.open("wb") as output:
             process = subprocess.Popen(
-                self.command(store), env=env, stdout=stderr, stderr=subprocess.STDOUT
+                [
+                    sys.executable,
+                    "-m",
+                    "sagaline",
+                    "run",
+                    "--store",
+                    f"sqlite:///{store}",
+                    *options,
+                ],
+                env=env,
+                stdout=output,
+                stderr=subprocess.STDOUT,
             )
         self.logs[process.pid] = log
         self.started.append(process)
@@ -136,12 +147,12 @@ class OrderStore:
         asyncio.run(self.system.submit_many(self.db, commands))
 
     @staticmethod
-    def mix(first: int, count: int, prefix: str = "ORD") -> list[CreateOrderCommand]:
-        """Orders ``first .. first+count-1`` of a fixed mix that takes every path of the saga.
+    def mix(first: int, count: int) -> list[CreateOrderCommand]:
+        """Orders ``ORD-<first>`` onwards, of a fixed mix that takes every path of the saga.
 
-        One in ten asks for 2 of the scarce PROD-B, one in ten for PROD-A and PROD-B (both fail
-        for stock once PROD-B runs out), one in ten costs more than the payment limit of 1000.00;
-        the others buy PROD-A and go through while it lasts.
+        One in ten asks for 2 of the scarce PROD-B and one in ten for PROD-A and PROD-B: they
+        fail for stock once PROD-B runs out. One in ten costs more than the payment limit of
+        1000.00 and fails at payment. The others buy PROD-A and go through while it lasts.
         """
         orders = []
         for n in range(first, first + count):
@@ -158,7 +169,7 @@ class OrderStore:
                 amount = Decimal("1500.00")
             orders.append(
                 CreateOrderCommand(
-                    order_id=f"{prefix}-{n:05d}",
+                    order_id=f"ORD-{n:05d}",
                     customer_id=f"CUST-{n % 13:03d}",
                     items=items,
                     total_amount=amount,

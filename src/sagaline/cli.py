@@ -29,9 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from sagaline.backends.sqlite import SqliteDatabase, path_from_url
+from sagaline.backends.sqlite import LEASE_SECONDS, SqliteDatabase, path_from_url
 from sagaline.errors import InvalidMessage, SagalineError, UnknownMessageType
-from sagaline.handling import Runtime
+from sagaline.handling import DEFAULT_BATCH, Runtime
 from sagaline.messages import MAX_MESSAGE_BYTES, Command, json_schema, parse_document, registry
 from sagaline.observability import (
     TransactionTrace,
@@ -40,6 +40,7 @@ from sagaline.observability import (
     redact_url,
     saga_failure,
     saga_summary,
+    stock_violations,
     strip_control,
     to_json,
 )
@@ -109,6 +110,16 @@ def _inert(value: object) -> str:
     return escape(strip_control(str(value)))
 
 
+def _quoted(value: object, limit: int = 120) -> str:
+    """Untrusted text quoted as a Python literal: control characters show as escapes.
+
+    Long values are cut: an error message need not repeat a megabyte of input.
+    """
+    text = str(value)
+    quoted = repr(text[:limit]) + ("..." if len(text) > limit else "")
+    return escape(strip_control(quoted))
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
     """Print ``message`` (already inert markup) on stderr and exit with ``code``."""
     err.print(f"[bold red]error:[/] {message}", soft_wrap=True)
@@ -136,14 +147,20 @@ def _check_store_url(url: str) -> str:
 
 
 @contextmanager
-def _store(url: str, *, must_exist: bool = True) -> Iterator[SqliteDatabase]:
+def _store(
+    url: str, *, must_exist: bool = True, lease_seconds: float | None = None
+) -> Iterator[SqliteDatabase]:
     """Open the store; queries refuse to create an empty one where none was."""
     path = _check_store_url(url)
     shown = _inert(redact_url(url))
     if must_exist and path != ":memory:" and not Path(path).exists():
         _fail(f"no store at {shown} (run `sagaline demo`, or pass --store URL)", 1)
     try:
-        db = SqliteDatabase(url)
+        db = (
+            SqliteDatabase(url)
+            if lease_seconds is None
+            else SqliteDatabase(url, lease_seconds=lease_seconds)
+        )
     except (SagalineError, sqlite3.Error) as exc:
         _fail(f"cannot open the store {shown}: {_inert(exc)}", 1)
     try:
@@ -187,9 +204,9 @@ def _parse_amount(text: str, option: str) -> Decimal:
     try:
         amount = Decimal(text)
     except InvalidOperation:
-        _fail(f"{option} must be a decimal amount such as 1000.00, not {_inert(text)!r}", 2)
+        _fail(f"{option} must be a decimal amount such as 1000.00, not {_quoted(text)}", 2)
     if not amount.is_finite() or amount < 0:
-        _fail(f"{option} must be a finite, non-negative amount, not {_inert(text)!r}", 2)
+        _fail(f"{option} must be a finite, non-negative amount, not {_quoted(text)}", 2)
     return amount
 
 
@@ -252,17 +269,17 @@ def _cell(value: object) -> str:
 
 
 def _message_label(row: Mapping[str, Any]) -> str:
+    """Three lines at most: what was sent by whom and when; who handled it; its reason."""
     arrow = _arrow()
     kind = str(row.get("kind"))
     style = "bold cyan" if kind == "command" else "bold magenta"
-    parts = [
-        f"[{style}]{_inert(row.get('type'))}[/]",
-        f"[dim]{_inert(kind)}[/]",
-        f"from {_inert(row.get('source') or '?')} at {_clock(row.get('timestamp'))}",
+    lines = [
+        f"[{style}]{_inert(row.get('type'))}[/] [dim]{_inert(kind)}[/]"
+        f" from [blue]{_inert(row.get('source') or '?')}[/] at {_clock(row.get('timestamp'))}"
     ]
     handled = [h for h in row.get("handledBy") or [] if isinstance(h, Mapping)]
     if handled:
-        parts.append(
+        lines.append(
             f"{arrow} handled by "
             + ", ".join(
                 f"[green]{_inert(h.get('consumer'))}[/] at {_clock(h.get('at'))}" for h in handled
@@ -271,17 +288,21 @@ def _message_label(row: Mapping[str, Any]) -> str:
     elif kind == "command":
         outcome = row.get("outcome")
         if outcome == "dead":
-            parts.append(f"[red]{arrow} dead-lettered[/]")
+            lines.append(f"[red]{arrow} dead-lettered[/]")
         elif outcome is None:
-            parts.append(f"[yellow]{arrow} pending in queue {_inert(row.get('queue'))}[/]")
+            lines.append(f"[yellow]{arrow} pending in queue {_inert(row.get('queue'))}[/]")
     else:
-        parts.append(f"[dim]{arrow} no subscriber[/]")
+        lines.append(f"[dim]{arrow} no subscriber[/]")
     body = row.get("body")
     if isinstance(body, Mapping):
-        for key in ("reason", "transactionId"):
-            if body.get(key) is not None:
-                parts.append(f'{key} "{_inert(body[key])}"')
-    return "  ".join(parts)
+        details = [
+            f"{key} [italic]{_inert(body[key])}[/]"
+            for key in ("reason", "transactionId")
+            if body.get(key) is not None
+        ]
+        if details:
+            lines.append("  ".join(details))
+    return "\n".join(lines)
 
 
 def _saga_line(trace: TransactionTrace, order: Mapping[str, Any] | None) -> str:
@@ -300,7 +321,7 @@ def _saga_line(trace: TransactionTrace, order: Mapping[str, Any] | None) -> str:
         parts.append(f"order {_styled_status(order.get('status'))}")
         if order.get("reason"):
             parts.append(f"reason: {_inert(order['reason'])}")
-    return "  ".join(parts)
+    return f"{parts[0]}: " + "; ".join(parts[1:])
 
 
 def _print_trace(trace: TransactionTrace, order: Mapping[str, Any] | None) -> None:
@@ -420,6 +441,12 @@ def demo(
     out.print()
     out.print(_orders_table([view for view in views if view is not None], "Order read model"))
     out.print(_stock_table(stock))
+    problems = stock_violations(stock)
+    if problems:
+        for problem in problems:
+            out.print(f"[red]stock ledger off:[/] {_inert(problem)}", soft_wrap=True)
+    else:
+        out.print("stock ledger balanced: available + reserved + sold == stocked for every product")
 
 
 @app.command()
@@ -434,7 +461,17 @@ def run(
     payment_limit: PaymentLimitOption = "1000.00",
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, max=100_000, help="Deliveries per batch.")
-    ] = 256,
+    ] = DEFAULT_BATCH,
+    lease_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--lease-seconds",
+            min=0.1,
+            help="How long a claim or membership lasts without renewal: after a crash, another"
+            " process takes the work over once it expires.",
+            show_default=f"{LEASE_SECONDS:g}",
+        ),
+    ] = None,
 ) -> None:
     """Run services until SIGINT or SIGTERM; in-flight batches finish first.
 
@@ -445,7 +482,7 @@ def run(
         if not name or name in names:
             continue
         if name not in SERVICE_NAMES:
-            _fail(f"unknown service {_inert(name)!r}; choose from {', '.join(SERVICE_NAMES)}", 2)
+            _fail(f"unknown service {_quoted(name)}; choose from {', '.join(SERVICE_NAMES)}", 2)
         names.append(name)
     if not names:
         _fail(f"no service to run; choose from {', '.join(SERVICE_NAMES)}", 2)
@@ -470,16 +507,32 @@ def run(
             soft_wrap=True,
         )
         log.info("running %s on %s as member %s", ",".join(names), shown, runtime.member)
+        reporter = asyncio.create_task(_report_progress(db, runtime))
         try:
             await runtime.run()
         finally:
+            reporter.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
         return runtime.handled
 
-    with _store(store, must_exist=False) as db:
+    with _store(store, must_exist=False, lease_seconds=lease_seconds) as db:
         handled = asyncio.run(serve(db))
     log.info("stopped after handling %d deliveries", handled)
+
+
+async def _report_progress(db: SqliteDatabase, runtime: Runtime, every: float = 10.0) -> None:
+    """Log, while there is work, how much was handled and what is still queued."""
+    reported = 0
+    while not runtime.stop_event.is_set():
+        await asyncio.sleep(every)
+        if runtime.handled != reported:
+            reported = runtime.handled
+            log.info(
+                "handled %d deliveries so far; pending commands %s",
+                reported,
+                db.pending_counts() or "none",
+            )
 
 
 def _read_document(source: str) -> bytes:
@@ -546,14 +599,14 @@ def stock_set(
     """Set how many units of a product are available."""
     # QTY is parsed here, not by the option parser, so that "-1" gets a clear error.
     if re.fullmatch(r"[0-9]+", quantity) is None:
-        _fail(f"QTY must be a non-negative integer, not {_inert(quantity)!r}", 2)
+        _fail(f"QTY must be a non-negative integer, not {_quoted(quantity)}", 2)
     units = int(quantity)
     if units > MAX_STOCK:
         _fail(f"QTY must be at most {MAX_STOCK}", 2)
     try:
         msgspec.convert(product, Id)
     except msgspec.ValidationError:
-        _fail(f"PRODUCT must be 1 to 100 letters, digits or . _ : -, not {_inert(product)!r}", 2)
+        _fail(f"PRODUCT must be 1 to 100 letters, digits or . _ : -, not {_quoted(product)}", 2)
 
     async def apply(db: SqliteDatabase) -> dict[str, Any]:
         async with db.transaction() as tx:
@@ -574,8 +627,10 @@ def stock_list(store: StoreOption = DEFAULT_STORE_URL, json_output: JsonOption =
         rows = db.query_documents(STOCK)
     if json_output:
         _emit_json(rows)
-    else:
+    elif rows:
         out.print(_stock_table(rows))
+    else:
+        out.print("no stock recorded (sagaline stock set PRODUCT QTY)")
 
 
 @app.command()
@@ -588,7 +643,7 @@ def order(
     with _store(store) as db:
         document = db.get_document_sync(ORDER_VIEW, order_id)
     if document is None:
-        _fail(f"no order {_inert(order_id)!r} in the read model", 1)
+        _fail(f"no order {_quoted(order_id)} in the read model", 1)
     row = document.data
     if json_output:
         _emit_json(row)
@@ -630,8 +685,10 @@ def orders(
         rows = db.query_documents(ORDER_VIEW, filters)
     if json_output:
         _emit_json(rows)
-    else:
+    elif rows:
         out.print(_orders_table(rows))
+    else:
+        out.print("no orders match")
 
 
 @app.command()
@@ -645,7 +702,7 @@ def trace(
         found = load_trace(db, order_id, saga_id(ORDER_SAGA, order_id))
         document = db.get_document_sync(ORDER_VIEW, order_id)
     if not found.found:
-        _fail(f"nothing is known about {_inert(order_id)!r}", 1)
+        _fail(f"nothing is known about {_quoted(order_id)}", 1)
     if json_output:
         _emit_json(found.to_json())
         return
@@ -677,8 +734,10 @@ def dead_letters(store: StoreOption = DEFAULT_STORE_URL, json_output: JsonOption
         rows = [dead_letter_summary(letter) for letter in db.dead_letters()]
     if json_output:
         _emit_json(rows)
-    else:
+    elif rows:
         out.print(_dead_letter_table(rows))
+    else:
+        out.print("no dead letters")
 
 
 @app.command()
@@ -695,9 +754,7 @@ def schema(
     try:
         cls = registry.get(type_name)
     except UnknownMessageType:
-        _fail(
-            f"unknown message type {_inert(type_name)!r}; known: {', '.join(registry.names())}", 2
-        )
+        _fail(f"unknown message type {_quoted(type_name)}; known: {', '.join(registry.names())}", 2)
     _emit_json(json_schema(cls))
 
 
@@ -719,7 +776,7 @@ def sagas(
         wanted = status.upper()
         if wanted not in {s.value for s in SagaStatus}:
             _fail(
-                f"unknown saga status {_inert(status)!r};"
+                f"unknown saga status {_quoted(status)};"
                 f" choose from {', '.join(s.value for s in SagaStatus)}",
                 2,
             )
@@ -730,8 +787,12 @@ def sagas(
         _emit_json({"counts": counts, "sagas": rows})
         return
     table = Table(title="Sagas", title_justify="left")
-    for column in ("sagaId", "status", "step", "failedStep", "reason", "createdAt", "updatedAt"):
-        table.add_column(column, no_wrap=column != "reason")
+    table.add_column("sagaId", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("step", justify="right")
+    table.add_column("failedStep")
+    table.add_column("reason", min_width=20, ratio=1)
+    table.add_column("updatedAt")
     for row in rows:
         table.add_row(
             _cell(row["sagaId"]),
@@ -739,10 +800,10 @@ def sagas(
             _cell(row["step"]),
             _cell(row["failedStep"]),
             _cell(row["reason"]),
-            _cell(row["createdAt"]),
             _cell(row["updatedAt"]),
         )
-    out.print(table)
+    if rows:
+        out.print(table)
     summary = ", ".join(f"{_inert(name)} {count}" for name, count in sorted(counts.items()))
     out.print(f"sagas: {summary or 'none'}", soft_wrap=True)
 

@@ -33,8 +33,6 @@ __all__ = [
     "to_json",
 ]
 
-TraceRow = dict[str, Any]
-
 
 def _sort_key(row: Mapping[str, Any]) -> tuple[str, int, str]:
     return (str(row.get("timestamp") or ""), int(row.get("sequence") or 0), str(row["messageId"]))
@@ -167,8 +165,26 @@ _JSON = msgspec.json.Encoder(decimal_format="number")
 
 
 def to_json(value: Any, *, indent: int = 2) -> str:
-    """JSON text for output: money stays a number with its scale (``75.50``), never a float."""
-    return msgspec.json.format(_JSON.encode(value), indent=indent).decode()
+    """JSON text for output: money stays a number with its scale (``75.50``), never a float.
+
+    Every character that is not printable (C1 controls, bidirectional overrides, ...) is
+    written as a ``\\uXXXX`` escape, so the JSON is inert on a terminal and parses the same.
+    """
+    text = msgspec.json.format(_JSON.encode(value), indent=indent).decode()
+    if text.isascii() and "\x7f" not in text:
+        return text
+    # Outside strings JSON holds only ASCII, so every such character is inside a string.
+    return "".join(
+        char if char.isprintable() or char in "\n\t\r" else _json_escape(char) for char in text
+    )
+
+
+def _json_escape(char: str) -> str:
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 # Bidirectional overrides and isolates reorder what a terminal shows (the "Trojan Source" trick);

@@ -50,7 +50,7 @@ __all__ = ["SqliteDatabase", "SqliteTransaction", "path_from_url"]
 
 SCHEMA_VERSION = 1
 PARTITIONS = 8
-LEASE_SECONDS = 30.0
+LEASE_SECONDS = 10.0
 #: How often a subscriber refreshes its membership and partition leases.
 MEMBERSHIP_INTERVAL = 1.0
 #: WAL pages past which a committing connection checkpoints itself (when a background

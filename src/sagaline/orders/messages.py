@@ -20,6 +20,7 @@ from sagaline.messages import Command, Event, check_money, utc_now
 __all__ = [
     "CancelOrderCommand",
     "CreateOrderCommand",
+    "Id",
     "InventoryReleasedEvent",
     "InventoryReservationFailedEvent",
     "InventoryReservedEvent",

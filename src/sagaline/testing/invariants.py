@@ -95,10 +95,10 @@ def check_invariants(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(
-            check_invariants_async(db, initial_stock=initial_stock, system=system)
-        )
-    raise RuntimeError("check_invariants() runs its own event loop: await check_invariants_async()")
+        pass  # no loop in this thread: run one
+    else:
+        raise RuntimeError("check_invariants() runs its own event loop: use check_invariants_async")
+    return asyncio.run(check_invariants_async(db, initial_stock=initial_stock, system=system))
 
 
 async def check_invariants_async(
@@ -216,7 +216,7 @@ def _check_stock(
     reservations = _documents(db, RESERVATIONS)
     held: Counter[str] = Counter()
     sold: Counter[str] = Counter()
-    for order_id, reservation in reservations.items():
+    for reservation in reservations.values():
         target = {"RESERVED": held, "SOLD": sold}.get(reservation.get("status", ""))
         if target is not None:
             for item in reservation.get("items", []):
@@ -224,10 +224,13 @@ def _check_stock(
     for product_id, stock in stocks.items():
         evidence = {"productId": product_id, **{name: stock.get(name) for name in _STOCK_FIELDS}}
         values = [stock.get(name) for name in _STOCK_FIELDS]
-        if not all(isinstance(value, int) for value in values):
-            yield Violation("I2", f"{product_id} has a ledger field that is not an integer", evidence)
+        numbers = [value for value in values if isinstance(value, int)]
+        if len(numbers) != len(values):
+            yield Violation(
+                "I2", f"{product_id} has a ledger field that is not an integer", evidence
+            )
             continue
-        available, reserved, sold_units, stocked = (int(value) for value in values)
+        available, reserved, sold_units, stocked = numbers
         if available + reserved + sold_units != stocked:
             yield Violation(
                 "I2",
@@ -235,7 +238,7 @@ def _check_stock(
                 f"{available + reserved + sold_units}, but {stocked} were stocked",
                 evidence,
             )
-        negative = [name for name in _STOCK_FIELDS if int(stock[name]) < 0]
+        negative = [name for name, value in zip(_STOCK_FIELDS, numbers, strict=True) if value < 0]
         if negative:
             yield Violation("I2", f"{product_id}: negative {', '.join(negative)}", evidence)
         if initial_stock is not None and stocked != initial_stock.get(product_id, stocked):
@@ -373,14 +376,18 @@ def _check_money(db: SqliteDatabase, facts: _Facts) -> Iterator[Violation]:
         outcome = facts.outcomes.get(order_id)
         if payment.get("status") == "PROCESSED" and outcome != SagaStatus.COMPLETED:
             yield Violation(
-                "I4", f"{order_id} was charged, but its saga is {outcome}", {**evidence, "saga": outcome}
+                "I4",
+                f"{order_id} was charged, but its saga is {outcome}",
+                {**evidence, "saga": outcome},
             )
     for order_id in sorted(facts.events):
         processed = facts.of(order_id, _PAYMENT_PROCESSED)
         if not processed:
             if facts.outcomes.get(order_id) == SagaStatus.COMPLETED:
                 yield Violation(
-                    "I4", f"the saga of {order_id} completed without a payment", {"orderId": order_id}
+                    "I4",
+                    f"the saga of {order_id} completed without a payment",
+                    {"orderId": order_id},
                 )
             continue
         payment = payments.get(order_id, {})
@@ -571,7 +578,9 @@ def _check_no_loss(db: SqliteDatabase, facts: _Facts) -> Iterator[Violation]:
         }
         if outcome == "dead":
             if (queue, message_id) not in dead:
-                yield Violation("I8", f"{type_} for {order_id} failed without a dead letter", evidence)
+                yield Violation(
+                    "I8", f"{type_} for {order_id} failed without a dead letter", evidence
+                )
             continue
         answers = caused.get(message_id, set())
         if type_ == _CREATE_ORDER and not answers & {_CREATED, _REJECTED}:
@@ -581,7 +590,9 @@ def _check_no_loss(db: SqliteDatabase, facts: _Facts) -> Iterator[Violation]:
                 evidence,
             )
         elif not answers:
-            yield Violation("I8", f"{type_} for {order_id} was handled but caused no event", evidence)
+            yield Violation(
+                "I8", f"{type_} for {order_id} was handled but caused no event", evidence
+            )
     for order_id in facts.created_orders():
         created = facts.of(order_id, _CREATED)[0]
         if created.stream != f"Order-{order_id}":
