@@ -77,9 +77,11 @@ CREATE TABLE IF NOT EXISTS events (
     timestamp TEXT NOT NULL,
     traceparent TEXT,
     source TEXT,
-    part INTEGER NOT NULL,
-    UNIQUE (stream, version)
+    part INTEGER NOT NULL
 );
+-- Only event-sourced appends have a stream: published events cost this index nothing.
+CREATE UNIQUE INDEX IF NOT EXISTS events_stream ON events (stream, version)
+    WHERE stream IS NOT NULL;
 CREATE INDEX IF NOT EXISTS events_correlation ON events (correlation_id);
 CREATE TABLE IF NOT EXISTS commands (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -397,14 +399,12 @@ class SqliteTransaction:
         record.version += 1
         record.updated_at = now
         record.loaded_status = record.status
-        if record.new_history:
-            self._conn.executemany(
+        for n, entry in enumerate(record.new_history):
+            self._conn.execute(
                 "INSERT INTO saga_history (saga_id, version, entry, data) VALUES (?, ?, ?, ?)",
-                [
-                    (record.saga_id, record.version, n, _JSON.encode(entry).decode())
-                    for n, entry in enumerate(record.new_history)
-                ],
+                (record.saga_id, record.version, n, _JSON.encode(entry).decode()),
             )
+        if record.new_history:
             record.history.extend(record.new_history)
             record.new_history = []
 
@@ -580,7 +580,24 @@ class SqliteDatabase:
                 return self._claim_queue(consumer, member, limit)
             return self._claim_subscription(consumer, member, limit)
 
+    @contextmanager
+    def _without_fsync(self) -> Iterator[None]:
+        """Commit without waiting for the disk: only for bookkeeping that may be lost.
+
+        A lease or membership row lost to a power cut only makes a message claimable again
+        sooner; the next FULL commit flushes these WAL frames along with its own.
+        """
+        self.connection.execute("PRAGMA synchronous=NORMAL")
+        try:
+            yield
+        finally:
+            self.connection.execute("PRAGMA synchronous=FULL")
+
     def _claim_queue(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
+        with self._without_fsync():
+            return self._claim_queue_rows(consumer, member, limit)
+
+    def _claim_queue_rows(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         conn = self.connection
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
@@ -664,6 +681,10 @@ class SqliteDatabase:
         return sorted(owned)
 
     def _claim_subscription(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
+        with self._without_fsync():
+            return self._claim_subscription_rows(consumer, member, limit)
+
+    def _claim_subscription_rows(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         conn = self.connection
         now = time.monotonic()
         wall = time.time()

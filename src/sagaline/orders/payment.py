@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -54,7 +54,7 @@ def build_payment_service(rules: PaymentRules | None = None) -> Service:
             }
             if reason is None:
                 payment.update(
-                    status="PROCESSED", transactionId=f"TRN-{uuid.uuid4().hex[:12].upper()}"
+                    status="PROCESSED", transactionId=f"TRN-{random.getrandbits(48):012X}"
                 )
             else:
                 payment.update(status="FAILED", reason=reason)
