@@ -1,0 +1,229 @@
+"""Read-only queries of the SQLite file for tools: the log, sagas, views, traces, dead letters."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from sagaline.backends.sqlite.rows import (
+    ENVELOPE_COLUMNS,
+    decode_json,
+    envelope_from_row,
+    saga_from_row,
+)
+from sagaline.messages import Envelope
+from sagaline.ports import DeadLetter, Document, SagaRecord, StoredEvent
+
+__all__ = ["SqliteQueries"]
+
+
+class SqliteQueries:
+    """Queries on the connection of a :class:`SqliteDatabase` (outside any unit of work)."""
+
+    connection: sqlite3.Connection
+
+    def read_stream_sync(self, stream: str) -> list[StoredEvent]:
+        """Every event of one stream, in version order."""
+        rows = self.connection.execute(
+            f"SELECT position, stream, version, {ENVELOPE_COLUMNS} FROM events"
+            " WHERE stream = ? ORDER BY version",
+            (stream,),
+        ).fetchall()
+        return [StoredEvent(row[0], row[1], row[2], envelope_from_row(row, 3)) for row in rows]
+
+    async def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """The global event log after ``after``, at most ``limit`` events."""
+        rows = self.connection.execute(
+            f"SELECT position, stream, version, {ENVELOPE_COLUMNS} FROM events"
+            " WHERE position > ? ORDER BY position LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [StoredEvent(row[0], row[1], row[2], envelope_from_row(row, 3)) for row in rows]
+
+    async def iter_log(self, after: int = 0, batch: int = 1000) -> AsyncIterator[StoredEvent]:
+        """Stream the global log in pages of ``batch`` events."""
+        while True:
+            page = await self.read_log(after, batch)
+            if not page:
+                return
+            for event in page:
+                yield event
+            after = page[-1].position
+
+    def head_position(self) -> int:
+        """The position of the newest event (0 when the log is empty)."""
+        row = self.connection.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()
+        return int(row[0])
+
+    def get_saga_sync(self, saga_id: str, *, history: bool = True) -> SagaRecord | None:
+        """One saga instance (with its history unless told otherwise), or None."""
+        row = self.connection.execute(
+            "SELECT saga_id, definition, definition_version, status, step, data,"
+            " version, created_at, updated_at FROM sagas WHERE saga_id = ?",
+            (saga_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        record = saga_from_row(row)
+        if history:
+            record.history = [
+                decode_json(entry)
+                for (entry,) in self.connection.execute(
+                    "SELECT data FROM saga_history WHERE saga_id = ? ORDER BY version, entry",
+                    (saga_id,),
+                )
+            ]
+        return record
+
+    def list_sagas(self, status: str | None = None) -> list[SagaRecord]:
+        """Saga instances (without their history), optionally of one status."""
+        sql = (
+            "SELECT saga_id, definition, definition_version, status, step, data,"
+            " version, created_at, updated_at FROM sagas"
+        )
+        params: tuple[Any, ...] = ()
+        if status is not None:
+            sql += " WHERE status = ?"
+            params = (status,)
+        return [
+            saga_from_row(row)
+            for row in self.connection.execute(sql + " ORDER BY created_at", params)
+        ]
+
+    def saga_counts(self) -> dict[str, int]:
+        """How many sagas are in each status."""
+        return dict(
+            self.connection.execute("SELECT status, COUNT(*) FROM sagas GROUP BY status").fetchall()
+        )
+
+    def get_document_sync(self, namespace: str, key: str) -> Document | None:
+        """One document, or None (outside any unit of work)."""
+        row = self.connection.execute(
+            "SELECT data, version FROM documents WHERE namespace = ? AND key = ?",
+            (namespace, key),
+        ).fetchone()
+        return None if row is None else Document(decode_json(row[0]), row[1])
+
+    def query_documents(
+        self, namespace: str, filters: dict[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Documents of a namespace whose top-level fields equal ``filters`` (parameters only)."""
+        sql = "SELECT data FROM documents WHERE namespace = ?"
+        params: list[Any] = [namespace]
+        for name, value in (filters or {}).items():
+            if not name.isidentifier():
+                raise ValueError(f"not a field name: {name!r}")
+            sql += " AND json_extract(data, ?) = ?"
+            params.extend([f"$.{name}", value])
+        return [
+            decode_json(row[0]) for row in self.connection.execute(sql + " ORDER BY key", params)
+        ]
+
+    def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]:
+        """Every command and event of one business key, with who handled it and when."""
+        rows = self.connection.execute(
+            "SELECT 'event', position, message_id, type, body, causation_id, timestamp, source,"
+            " NULL, stream, version FROM events WHERE correlation_id = ?"
+            " UNION ALL"
+            " SELECT 'command', id, message_id, type, body, causation_id, timestamp, source,"
+            " queue, outcome, attempts FROM commands WHERE correlation_id = ?",
+            (correlation_id, correlation_id),
+        ).fetchall()
+        handled: dict[str, list[tuple[str, str]]] = {}
+        ids = [row[2] for row in rows]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for message_id, consumer, at in self.connection.execute(
+                "SELECT message_id, consumer, processed_at FROM inbox"
+                f" WHERE message_id IN ({marks}) ORDER BY processed_at",
+                chunk,
+            ):
+                handled.setdefault(message_id, []).append((consumer, at))
+        result = []
+        for (
+            kind,
+            seq,
+            message_id,
+            type_,
+            body,
+            causation,
+            ts,
+            source,
+            queue,
+            extra1,
+            extra2,
+        ) in rows:
+            entry: dict[str, Any] = {
+                "kind": kind,
+                "sequence": seq,
+                "messageId": message_id,
+                "type": type_,
+                "body": decode_json(body),
+                "causationId": causation,
+                "timestamp": ts,
+                "source": source,
+                "handledBy": [{"consumer": c, "at": at} for c, at in handled.get(message_id, [])],
+            }
+            if kind == "command":
+                entry.update({"queue": queue, "outcome": extra1, "deliveries": extra2})
+            else:
+                entry.update({"stream": extra1, "version": extra2})
+            result.append(entry)
+        return result
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        rows = self.connection.execute(
+            "SELECT id, consumer, message_id, type, body, correlation_id, causation_id, timestamp,"
+            " source, reason, attempts, failed_at FROM dead_letters ORDER BY id"
+        ).fetchall()
+        return [
+            DeadLetter(
+                id=row[0],
+                consumer=row[1],
+                envelope=Envelope(
+                    message_id=row[2],
+                    message_type=row[3],
+                    body=row[4].encode(),
+                    correlation_id=row[5],
+                    causation_id=row[6],
+                    timestamp=row[7],
+                    source=row[8],
+                ),
+                reason=row[9],
+                attempts=row[10],
+                failed_at=row[11],
+            )
+            for row in rows
+        ]
+
+    def pending_counts(self) -> dict[str, int]:
+        """Undone commands per queue."""
+        return dict(
+            self.connection.execute(
+                "SELECT queue, COUNT(*) FROM commands WHERE done = 0 GROUP BY queue"
+            ).fetchall()
+        )
+
+    def subscription_lag(self) -> dict[str, int]:
+        """Per subscriber, how many log positions its slowest partition is behind."""
+        head = self.head_position()
+        return {
+            name: head - low
+            for name, low in self.connection.execute(
+                "SELECT subscriber, MIN(position) FROM subscriptions GROUP BY subscriber"
+            )
+        }
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read-only query for checks and tools (parameters only)."""
+        return self.connection.execute(sql, params).fetchall()
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the file's metadata table, or None."""
+        row = self.connection.execute(
+            "SELECT value FROM sagaline_meta WHERE key = ?", (key,)
+        ).fetchone()
+        return None if row is None else str(row[0])

@@ -1,0 +1,100 @@
+"""Rows to objects and back: envelopes, saga records, JSON with exact money, URLs, partitions."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+import msgspec
+
+from sagaline.backends.sqlite.schema import PARTITIONS
+from sagaline.errors import ConfigurationError
+from sagaline.messages import Envelope
+from sagaline.ports import SagaRecord
+
+__all__ = [
+    "DECODER",
+    "ENVELOPE_COLUMNS",
+    "JSON",
+    "decode_json",
+    "envelope_from_row",
+    "envelope_params",
+    "partition_of",
+    "path_from_url",
+    "saga_from_row",
+]
+
+JSON = msgspec.json.Encoder(decimal_format="number")
+DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder(float_hook=Decimal)
+ENVELOPE_COLUMNS = (
+    "message_id, type, body, correlation_id, causation_id, timestamp, traceparent, source"
+)
+
+
+def decode_json(text: str | bytes) -> Any:
+    """JSON with numbers that have a fraction read as Decimal (money never goes through float)."""
+    return DECODER.decode(text)
+
+
+def path_from_url(url: str) -> str:
+    """The file path of a ``sqlite:///relative`` or ``sqlite:////absolute`` URL."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        # The URL is not repeated: another scheme's URL may hold a password.
+        raise ConfigurationError("not a SQLite URL (expected sqlite:///path/to/file.db)")
+    path = url[len(prefix) :]
+    if not path:
+        raise ConfigurationError("the SQLite URL names no file")
+    return path
+
+
+def partition_of(key: str) -> int:
+    """The partition of a correlation key: stable across processes and runs."""
+    return zlib.crc32(key.encode()) % PARTITIONS
+
+
+def envelope_from_row(row: Sequence[Any], offset: int = 0) -> Envelope:
+    """The envelope in ``row`` from column ``offset`` on (see :data:`ENVELOPE_COLUMNS`)."""
+    body = row[offset + 2]
+    return Envelope(
+        message_id=row[offset],
+        message_type=row[offset + 1],
+        body=body.encode() if isinstance(body, str) else body,
+        correlation_id=row[offset + 3],
+        causation_id=row[offset + 4],
+        timestamp=row[offset + 5],
+        traceparent=row[offset + 6],
+        source=row[offset + 7],
+    )
+
+
+def envelope_params(envelope: Envelope) -> tuple[Any, ...]:
+    """An envelope as the parameters of :data:`ENVELOPE_COLUMNS`."""
+    return (
+        envelope.message_id,
+        envelope.message_type,
+        envelope.body.decode(),
+        envelope.correlation_id,
+        envelope.causation_id,
+        envelope.timestamp,
+        envelope.traceparent,
+        envelope.source,
+    )
+
+
+def saga_from_row(row: Sequence[Any]) -> SagaRecord:
+    """A saga record from a row of the sagas table (its history is loaded separately)."""
+    return SagaRecord(
+        saga_id=row[0],
+        definition=row[1],
+        definition_version=row[2],
+        status=row[3],
+        step=row[4],
+        data=decode_json(row[5]),
+        loaded_status=row[3],
+        version=row[6],
+        created_at=row[7],
+        updated_at=row[8],
+    )

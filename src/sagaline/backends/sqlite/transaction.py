@@ -1,0 +1,243 @@
+"""One unit of work on the SQLite file: inbox, event store, documents, sagas, outgoing messages."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from sagaline.backends.sqlite.rows import (
+    JSON,
+    decode_json,
+    envelope_params,
+    partition_of,
+)
+from sagaline.errors import ConcurrencyError
+from sagaline.messages import Envelope, utc_timestamp
+from sagaline.ports import Document, SagaRecord, StoredEvent
+
+if TYPE_CHECKING:
+    from sagaline.backends.sqlite import SqliteDatabase
+
+__all__ = ["SqliteTransaction"]
+
+
+class SqliteTransaction:
+    """One ``BEGIN IMMEDIATE`` transaction on the shared connection."""
+
+    def __init__(self, db: SqliteDatabase) -> None:
+        self._db = db
+        self._conn = db.connection
+        self.wrote_messages = False
+        # One timestamp for the whole unit of work: it commits at one moment.
+        self.now = utc_timestamp()
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested unit that rolls back alone on error."""
+        self._conn.execute("SAVEPOINT message")
+        try:
+            yield
+        except BaseException:
+            self._conn.execute("ROLLBACK TO message")
+            self._conn.execute("RELEASE message")
+            raise
+        self._conn.execute("RELEASE message")
+
+    async def seen(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
+        """Which of ``message_ids`` ``consumer`` has processed already."""
+        found: set[str] = set()
+        for start in range(0, len(message_ids), 500):
+            chunk = message_ids[start : start + 500]
+            found.update(
+                row[0]
+                for row in self._conn.execute(
+                    "SELECT message_id FROM inbox WHERE consumer = ? AND message_id IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    (consumer, *chunk),
+                )
+            )
+        return found
+
+    async def record_inbox_many(self, consumer: str, message_ids: Sequence[str]) -> None:
+        """Mark many messages processed; they must not be marked yet (see :meth:`seen`)."""
+        self._conn.executemany(
+            "INSERT INTO inbox (message_id, consumer, processed_at) VALUES (?, ?, ?)",
+            [(message_id, consumer, self.now) for message_id in message_ids],
+        )
+
+    async def record_inbox(self, consumer: str, message_id: str) -> bool:
+        cursor = self._conn.execute(
+            "INSERT OR IGNORE INTO inbox (message_id, consumer, processed_at) VALUES (?, ?, ?)",
+            (message_id, consumer, self.now),
+        )
+        return cursor.rowcount == 1
+
+    async def append(self, stream: str, expected_version: int, events: Sequence[Envelope]) -> int:
+        # A stale expected version collides with an existing (stream, version): the unique
+        # constraint is the concurrency check.
+        rows = [
+            (stream, expected_version + i + 1, *envelope_params(e), partition_of(e.correlation_id))
+            for i, e in enumerate(events)
+        ]
+        try:
+            self._conn.executemany(
+                "INSERT INTO events (stream, version, message_id, type, body, correlation_id,"
+                " causation_id, timestamp, traceparent, source, part)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        except sqlite3.IntegrityError:
+            raise ConcurrencyError(
+                f"stream {stream!r} has moved past version {expected_version}"
+            ) from None
+        if rows:
+            self.wrote_messages = True
+        return expected_version + len(rows)
+
+    async def read_stream(self, stream: str) -> list[StoredEvent]:
+        return self._db.read_stream_sync(stream)
+
+    async def get_document(self, namespace: str, key: str) -> Document | None:
+        row = self._conn.execute(
+            "SELECT data, version FROM documents WHERE namespace = ? AND key = ?",
+            (namespace, key),
+        ).fetchone()
+        if row is None:
+            return None
+        return Document(decode_json(row[0]), row[1])
+
+    async def put_document(
+        self, namespace: str, key: str, data: dict[str, Any], expected_version: int
+    ) -> int:
+        encoded = JSON.encode(data).decode()
+        if expected_version == 0:
+            try:
+                self._conn.execute(
+                    "INSERT INTO documents (namespace, key, data, version) VALUES (?, ?, ?, 1)",
+                    (namespace, key, encoded),
+                )
+            except sqlite3.IntegrityError:
+                raise ConcurrencyError(f"document {namespace}/{key} already exists") from None
+            return 1
+        cursor = self._conn.execute(
+            "UPDATE documents SET data = ?, version = version + 1"
+            " WHERE namespace = ? AND key = ? AND version = ?",
+            (encoded, namespace, key, expected_version),
+        )
+        if cursor.rowcount != 1:
+            raise ConcurrencyError(
+                f"document {namespace}/{key} is not at version {expected_version}"
+            )
+        return expected_version + 1
+
+    async def delete_namespace(self, namespace: str) -> None:
+        self._conn.execute("DELETE FROM documents WHERE namespace = ?", (namespace,))
+
+    async def get_saga(self, saga_id: str) -> SagaRecord | None:
+        return self._db.get_saga_sync(saga_id, history=False)
+
+    async def put_saga(self, record: SagaRecord) -> None:
+        now = self.now
+        data = JSON.encode(record.data).decode()
+        if record.version == 0:
+            try:
+                self._conn.execute(
+                    "INSERT INTO sagas (saga_id, definition, definition_version, status, step,"
+                    " data, version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?, ?)",
+                    (
+                        record.saga_id,
+                        record.definition,
+                        record.definition_version,
+                        record.status,
+                        record.step,
+                        data,
+                        now,
+                        now,
+                    ),
+                )
+            except sqlite3.IntegrityError:
+                raise ConcurrencyError(f"saga {record.saga_id!r} already exists") from None
+            record.created_at = now
+        else:
+            if record.status == record.loaded_status:
+                # The status index is left alone unless the status changes.
+                cursor = self._conn.execute(
+                    "UPDATE sagas SET step = ?, data = ?, version = version + 1,"
+                    " updated_at = ? WHERE saga_id = ? AND version = ?",
+                    (record.step, data, now, record.saga_id, record.version),
+                )
+            else:
+                cursor = self._conn.execute(
+                    "UPDATE sagas SET status = ?, step = ?, data = ?, version = version + 1,"
+                    " updated_at = ? WHERE saga_id = ? AND version = ?",
+                    (record.status, record.step, data, now, record.saga_id, record.version),
+                )
+            if cursor.rowcount != 1:
+                raise ConcurrencyError(
+                    f"saga {record.saga_id!r} is not at version {record.version}"
+                )
+        record.version += 1
+        record.updated_at = now
+        record.loaded_status = record.status
+        for n, entry in enumerate(record.new_history):
+            self._conn.execute(
+                "INSERT INTO saga_history (saga_id, version, entry, data) VALUES (?, ?, ?, ?)",
+                (record.saga_id, record.version, n, JSON.encode(entry).decode()),
+            )
+        if record.new_history:
+            record.history.extend(record.new_history)
+            record.new_history = []
+
+    async def emit(self, envelopes: Sequence[Envelope], routes: dict[str, str]) -> None:
+        commands: list[tuple[Any, ...]] = []
+        events: list[tuple[Any, ...]] = []
+        now = time.time()
+        for envelope in envelopes:
+            queue = routes.get(envelope.message_type)
+            if queue is not None:
+                commands.append((queue, envelope.correlation_id, *envelope_params(envelope), now))
+            else:
+                events.append((*envelope_params(envelope), partition_of(envelope.correlation_id)))
+        if commands:
+            self._conn.executemany(
+                "INSERT INTO commands (queue, key, message_id, type, body, correlation_id,"
+                " causation_id, timestamp, traceparent, source, available_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                # A message sent again with its id (a client's retry) is the same message.
+                " ON CONFLICT (message_id) DO NOTHING",
+                commands,
+            )
+        if events:
+            self._conn.executemany(
+                "INSERT INTO events (message_id, type, body, correlation_id, causation_id,"
+                " timestamp, traceparent, source, part) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (message_id) DO NOTHING",
+                events,
+            )
+        if envelopes:
+            self.wrote_messages = True
+
+    async def dead_letter(
+        self, consumer: str, envelope: Envelope, reason: str, attempts: int
+    ) -> None:
+        self._conn.execute(
+            "INSERT INTO dead_letters (consumer, message_id, type, body, correlation_id,"
+            " causation_id, timestamp, source, reason, attempts, failed_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                consumer,
+                envelope.message_id,
+                envelope.message_type,
+                envelope.body.decode(errors="replace"),
+                envelope.correlation_id,
+                envelope.causation_id,
+                envelope.timestamp,
+                envelope.source,
+                reason,
+                attempts,
+                utc_timestamp(),
+            ),
+        )
