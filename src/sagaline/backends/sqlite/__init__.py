@@ -80,6 +80,7 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
             tx = SqliteTransaction(self)
             try:
                 yield tx
+                tx.flush()
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

@@ -33,18 +33,32 @@ class SqliteTransaction:
         self.wrote_messages = False
         # One timestamp for the whole unit of work: it commits at one moment.
         self.now = utc_timestamp()
+        # Saga history rows are never read inside a unit of work: they are written in one go
+        # when it commits (see flush).
+        self._history: list[tuple[str, int, int, str]] = []
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
         """A nested unit that rolls back alone on error."""
         self._conn.execute("SAVEPOINT message")
+        history = len(self._history)
         try:
             yield
         except BaseException:
             self._conn.execute("ROLLBACK TO message")
             self._conn.execute("RELEASE message")
+            del self._history[history:]
             raise
         self._conn.execute("RELEASE message")
+
+    def flush(self) -> None:
+        """Write what was kept for the end of the unit of work; called just before COMMIT."""
+        if self._history:
+            self._conn.executemany(
+                "INSERT INTO saga_history (saga_id, version, entry, data) VALUES (?, ?, ?, ?)",
+                self._history,
+            )
+            self._history.clear()
 
     async def seen(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
         """Which of ``message_ids`` ``consumer`` has processed already."""
@@ -82,13 +96,17 @@ class SqliteTransaction:
             (stream, expected_version + i + 1, *envelope_params(e), partition_of(e.correlation_id))
             for i, e in enumerate(events)
         ]
+        sql = (
+            "INSERT INTO events (stream, version, message_id, type, body, correlation_id,"
+            " causation_id, timestamp, traceparent, source, part)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )
         try:
-            self._conn.executemany(
-                "INSERT INTO events (stream, version, message_id, type, body, correlation_id,"
-                " causation_id, timestamp, traceparent, source, part)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            # One event is the common case, and execute costs less than executemany.
+            if len(rows) == 1:
+                self._conn.execute(sql, rows[0])
+            else:
+                self._conn.executemany(sql, rows)
         except sqlite3.IntegrityError:
             raise ConcurrencyError(
                 f"stream {stream!r} has moved past version {expected_version}"
@@ -182,11 +200,10 @@ class SqliteTransaction:
         record.version += 1
         record.updated_at = now
         record.loaded_status = record.status
-        for n, entry in enumerate(record.new_history):
-            self._conn.execute(
-                "INSERT INTO saga_history (saga_id, version, entry, data) VALUES (?, ?, ?, ?)",
-                (record.saga_id, record.version, n, JSON.encode(entry).decode()),
-            )
+        self._history.extend(
+            (record.saga_id, record.version, n, JSON.encode(entry).decode())
+            for n, entry in enumerate(record.new_history)
+        )
         if record.new_history:
             record.history.extend(record.new_history)
             record.new_history = []
