@@ -85,18 +85,27 @@ class SqliteBus:
         now = time.time()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            rows = conn.execute(
-                "UPDATE commands SET lease_owner = ?, lease_expires = ?, attempts = attempts + 1"
-                " WHERE id IN ("
-                "  SELECT c.id FROM commands c"
-                "  WHERE c.queue = ? AND c.done = 0 AND c.available_at <= ?"
-                "   AND (c.lease_expires IS NULL OR c.lease_expires < ?)"
-                "   AND NOT EXISTS (SELECT 1 FROM commands p WHERE p.queue = c.queue"
-                "    AND p.key = c.key AND p.done = 0 AND p.id < c.id)"
-                "  ORDER BY c.id LIMIT ?)"
-                f" RETURNING id, attempts, key, {ENVELOPE_COLUMNS}",
-                (member, now + self.lease_seconds, consumer.name, now, now, limit),
+            candidates = conn.execute(
+                "SELECT c.id, c.attempts FROM commands c"
+                " WHERE c.queue = ? AND c.done = 0 AND c.available_at <= ?"
+                "  AND (c.lease_expires IS NULL OR c.lease_expires < ?)"
+                "  AND NOT EXISTS (SELECT 1 FROM commands p WHERE p.queue = c.queue"
+                "   AND p.key = c.key AND p.done = 0 AND p.id < c.id)"
+                " ORDER BY c.id LIMIT ?",
+                (consumer.name, now, now, limit),
             ).fetchall()
+            # A message delivered before and not completed may be one that kills its consumer:
+            # it goes alone, so that it never takes a batch of others down with it.
+            suspect = next((row[0] for row in candidates if row[1] > 0), None)
+            ids = [suspect] if suspect is not None else [row[0] for row in candidates]
+            rows = []
+            if ids:
+                rows = conn.execute(
+                    "UPDATE commands SET lease_owner = ?, lease_expires = ?,"
+                    f" attempts = attempts + 1 WHERE id IN ({','.join('?' * len(ids))})"
+                    f" RETURNING id, attempts, key, {ENVELOPE_COLUMNS}",
+                    (member, now + self.lease_seconds, *ids),
+                ).fetchall()
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -177,9 +186,7 @@ class SqliteBus:
         now = time.monotonic()
         wall = time.time()
         membership = self._members.setdefault((consumer.name, member), _Membership())
-        conn.execute(
-            "BEGIN IMMEDIATE" if now - membership.refreshed > MEMBERSHIP_INTERVAL else "BEGIN"
-        )
+        conn.execute("BEGIN IMMEDIATE")
         try:
             if now - membership.refreshed > MEMBERSHIP_INTERVAL:
                 membership.owned = self._refresh_membership(consumer, member, wall)
@@ -189,12 +196,13 @@ class SqliteBus:
                 return Batch(consumer=consumer, deliveries=[])
             marks = ",".join("?" * len(membership.owned))
             state = conn.execute(
-                "SELECT part, position, attempts, available_at FROM subscriptions"
+                "SELECT part, position, attempts, available_at, claimed FROM subscriptions"
                 f" WHERE subscriber = ? AND lease_owner = ? AND part IN ({marks})",
                 (consumer.name, member, *membership.owned),
             ).fetchall()
-            eligible = {part: position for part, position, _, due in state if due <= wall}
-            attempts = {part: tries for part, _, tries, _ in state}
+            eligible = {part: position for part, position, _, due, _ in state if due <= wall}
+            attempts = {part: tries for part, _, tries, _, _ in state}
+            claimed = {part: first for part, _, _, _, first in state}
             if not eligible:
                 conn.execute("COMMIT")
                 return Batch(consumer=consumer, deliveries=[])
@@ -209,6 +217,8 @@ class SqliteBus:
             )
             deliveries: list[Delivery] = []
             first_seen: set[int] = set()
+            marks_claimed: list[tuple[int, int, str, int]] = []
+            first_of: dict[int, int] = {}
             scanned_to = head
             seen = 0
             for row in rows:
@@ -220,7 +230,11 @@ class SqliteBus:
                 attempt = 1
                 if part not in first_seen:
                     first_seen.add(part)
+                    if claimed.get(part) == position:  # handed out before, never settled
+                        attempts[part] = attempts.get(part, 0) + 1
                     attempt = attempts.get(part, 0) + 1
+                    marks_claimed.append((position, attempts.get(part, 0), consumer.name, part))
+                    first_of[part] = position
                 deliveries.append(
                     Delivery(
                         envelope=envelope_from_row(row, 2),
@@ -236,6 +250,27 @@ class SqliteBus:
                 if seen == limit * SCAN_FACTOR:  # the scan stopped short of the head
                     scanned_to = position
             rows.close()
+            suspect = next(
+                (
+                    d
+                    for d in deliveries
+                    if d.attempt > 1 and d.token == first_of.get(d.ordering_key)
+                ),
+                None,
+            )
+            if suspect is not None:
+                # The head of a partition that failed or killed its consumer goes alone: the
+                # other partitions keep their cursors and are claimed again afterwards.
+                part = suspect.ordering_key
+                deliveries = [suspect]
+                eligible = {part: eligible[part]}
+                scanned_to = suspect.token
+                marks_claimed = [m for m in marks_claimed if m[3] == part]
+            conn.executemany(
+                "UPDATE subscriptions SET claimed = ?, attempts = ?"
+                " WHERE subscriber = ? AND part = ?",
+                marks_claimed,
+            )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -337,7 +372,7 @@ class SqliteBus:
                 updates.append((state.scanned_to, 0, 0.0, None, part))
         conn.executemany(
             "UPDATE subscriptions SET position = MAX(position, ?), attempts = ?,"
-            " available_at = ?, last_error = ? WHERE subscriber = ? AND part = ?",
+            " available_at = ?, last_error = ?, claimed = 0 WHERE subscriber = ? AND part = ?",
             [(p, a, due, err, batch.consumer.name, part) for p, a, due, err, part in updates],
         )
 
@@ -360,7 +395,7 @@ class SqliteBus:
             [(subscriber, part) for part in range(PARTITIONS)],
         )
         self.connection.execute(
-            "UPDATE subscriptions SET position = ?, attempts = 0, available_at = 0,"
+            "UPDATE subscriptions SET position = ?, attempts = 0, available_at = 0, claimed = 0,"
             " last_error = NULL WHERE subscriber = ?",
             (position, subscriber),
         )

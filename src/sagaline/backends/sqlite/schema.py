@@ -81,6 +81,9 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     attempts INTEGER NOT NULL DEFAULT 0,
     available_at REAL NOT NULL DEFAULT 0,
     last_error TEXT,
+    -- The position handed out first by the last claim, until that batch is settled: met again,
+    -- it means the consumer died handling it, which counts as a failed attempt.
+    claimed INTEGER NOT NULL DEFAULT 0,
     lease_owner TEXT,
     lease_expires REAL,
     PRIMARY KEY (subscriber, part)
