@@ -70,9 +70,7 @@ async def run(sagas: int, batch_size: int, path: str) -> None:
         return counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
 
     def drained() -> bool:
-        if terminal() < sagas or db.pending_counts():
-            return False
-        return all(lag == 0 for lag in db.subscription_lag().values())
+        return terminal() >= sagas and db.is_idle(system.subscribers)
 
     sagas_done_at: list[float] = []
 

@@ -12,14 +12,12 @@ import pytest
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.handling import Runtime, System
 from sagaline.orders import PaymentRules, build_system
+from sagaline.orders.demo import is_settled
 from sagaline.orders.inventory import RESERVATIONS, STOCK, set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 from sagaline.orders.payment import PAYMENTS
 from sagaline.orders.read import ORDER_VIEW
 from sagaline.saga import SagaStatus
-
-SUBSCRIBERS = {"order", "inventory", "orchestrator", "read"}
-TERMINAL = {SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value}
 
 
 def seed_order(**changes: Any) -> CreateOrderCommand:
@@ -39,15 +37,7 @@ def seed_order(**changes: Any) -> CreateOrderCommand:
 
 def drained(db: SqliteDatabase, sagas: int) -> bool:
     """Every saga ended, no command pending, every subscriber caught up with the log."""
-    counts = db.saga_counts()
-    lag = db.subscription_lag()
-    return (
-        sum(counts.values()) == sagas
-        and set(counts) <= TERMINAL
-        and not db.pending_counts()
-        and set(lag) >= SUBSCRIBERS
-        and not any(lag.values())
-    )
+    return is_settled(db, sagas)
 
 
 async def run_flow(

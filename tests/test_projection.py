@@ -12,14 +12,12 @@ import pytest
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.handling import Runtime, System
 from sagaline.orders import PaymentRules, build_system
+from sagaline.orders.demo import is_settled
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 from sagaline.orders.read import ORDER_VIEW, build_order_projection
 from sagaline.projection import rebuild
-from sagaline.saga import SagaStatus
 
-SUBSCRIBERS = {"order", "inventory", "orchestrator", "read"}
-TERMINAL = {SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value}
 MEMBER = "projection-test"
 STOCK = {"PROD-A": 1000, "PROD-B": 1000}
 RULES = PaymentRules(limits={"CUST-4": Decimal("1.00")})
@@ -47,15 +45,8 @@ def plan(first: int, count: int) -> list[tuple[CreateOrderCommand, str]]:
 
 
 def drained(db: SqliteDatabase, sagas: int) -> bool:
-    counts = db.saga_counts()
-    lag = db.subscription_lag()
-    return (
-        sum(counts.values()) == sagas
-        and set(counts) <= TERMINAL
-        and not db.pending_counts()
-        and set(lag) >= SUBSCRIBERS
-        and not any(lag.values())
-    )
+    """Every saga ended, no command pending, every subscriber caught up with the log."""
+    return is_settled(db, sagas)
 
 
 async def run(db: SqliteDatabase, system: System, orders: list[Any], sagas: int) -> None:

@@ -8,6 +8,7 @@ import inspect
 import pytest
 
 import sagaline
+from sagaline.orders import SUBSCRIBER_NAMES, build_system
 
 PUBLIC = [
     "Aggregate",
@@ -78,3 +79,7 @@ def test_every_error_shares_one_root_and_has_its_own_code() -> None:
 def test_the_package_has_a_version() -> None:
     assert isinstance(sagaline.__version__, str)
     assert sagaline.__version__.count(".") >= 1
+
+
+def test_the_order_flow_names_its_subscribers() -> None:
+    assert sorted(SUBSCRIBER_NAMES) == sorted(build_system().subscribers)

@@ -185,6 +185,11 @@ class System:
                         f"{type_name} is handled by both {owner!r} and {service.name!r}"
                     )
 
+    @property
+    def subscribers(self) -> list[str]:
+        """The services that subscribe to events (each has a cursor on the log)."""
+        return [name for name, service in self.services.items() if service.event_handlers]
+
     def route(self, command_type: str) -> str:
         """The queue a command type goes to."""
         try:

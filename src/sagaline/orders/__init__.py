@@ -10,10 +10,12 @@ from sagaline.orders.read import build_order_projection
 from sagaline.orders.saga import ORDER_SAGA
 from sagaline.saga.engine import Orchestrator
 
-__all__ = ["ORDER_SAGA", "SERVICE_NAMES", "PaymentRules", "build_system"]
+__all__ = ["ORDER_SAGA", "SERVICE_NAMES", "SUBSCRIBER_NAMES", "PaymentRules", "build_system"]
 
 #: The five services, in the order the CLI lists them.
 SERVICE_NAMES = ("order", "inventory", "payment", "orchestrator", "read")
+#: The services that subscribe to events, each with its cursor on the log.
+SUBSCRIBER_NAMES = ("order", "inventory", "orchestrator", "read")
 
 
 def build_system(payment_rules: PaymentRules | None = None) -> System:

@@ -17,7 +17,7 @@ from sagaline.backends.sqlite import SqliteDatabase, path_from_url
 from sagaline.errors import ConfigurationError
 from sagaline.handling import Runtime, System
 from sagaline.messages import Command, Envelope, parse_document
-from sagaline.orders import PaymentRules, build_system
+from sagaline.orders import SUBSCRIBER_NAMES, PaymentRules, build_system
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 
@@ -158,11 +158,8 @@ def is_settled(db: SqliteDatabase, sagas: int) -> bool:
     head of the log.
     """
     counts = db.saga_counts()
-    if counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0) != sagas:
-        return False
-    if db.pending_counts():
-        return False
-    return all(lag == 0 for lag in db.subscription_lag().values())
+    ended = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
+    return ended == sagas == sum(counts.values()) and db.is_idle(SUBSCRIBER_NAMES)
 
 
 async def run_until_settled(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from sagaline.backends.sqlite.rows import (
@@ -216,6 +216,25 @@ class SqliteQueries:
                 "SELECT subscriber, MIN(position) FROM subscriptions GROUP BY subscriber"
             )
         }
+
+    def is_idle(self, subscribers: Iterable[str] = ()) -> bool:
+        """Whether nothing is left to deliver: no command pending, every subscriber at the head.
+
+        ``subscribers`` must have started: one that never claimed has no cursor yet, and would
+        otherwise look caught up. Read in one snapshot, so that a commit of another process
+        cannot fall between the two looks; a unit of work open on this connection means work in
+        flight.
+        """
+        conn = self.connection
+        if conn.in_transaction:
+            return False
+        conn.execute("BEGIN")
+        try:
+            pending = self.pending_counts()
+            lag = self.subscription_lag()
+        finally:
+            conn.execute("COMMIT")
+        return not pending and set(subscribers) <= set(lag) and not any(lag.values())
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """A read-only query for checks and tools (parameters only)."""
