@@ -183,19 +183,8 @@ def _errors() -> Iterator[None]:
         _fail(f"database error: {_inert(exc)}", 1)
 
 
-# msgspec names the offending key in the text when the error is about a key, not a value.
-_NAMED_FIELD = re.compile(r"(?:missing required|unknown) field `(?P<name>[^`]+)`")
-
-
-def _field_of(exc: InvalidMessage) -> str | None:
-    match = _NAMED_FIELD.search(exc.reason)
-    if match is not None:
-        return f"{exc.field or '$'}.{match['name']}"
-    return exc.field
-
-
 def _describe_invalid(exc: InvalidMessage) -> str:
-    field = _field_of(exc)
+    field = exc.field
     prefix = f"invalid message, field {_inert(field)}: " if field else "invalid message: "
     return prefix + _inert(exc.reason)
 

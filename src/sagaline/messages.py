@@ -269,7 +269,11 @@ def parse_document(document: bytes | str) -> Message:
         raise InvalidMessage("missing commandType or eventType", field="$.commandType")
     if not isinstance(name, str):
         raise InvalidMessage("the type discriminator must be a string", field="$.commandType")
-    cls = registry.get(name)
+    key = "commandType" if "commandType" in raw else "eventType"
+    try:
+        cls = registry.get(name)
+    except UnknownMessageType:
+        raise UnknownMessageType(f"unknown message type {name!r}", field=f"$.{key}") from None
     if cls.discriminator not in raw:
         raise InvalidMessage(
             f"{name} is a{'n' if cls.kind == 'event' else ''} {cls.kind}: "
