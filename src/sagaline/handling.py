@@ -52,7 +52,6 @@ log = logging.getLogger("sagaline.handling")
 DEFAULT_BATCH = 500
 
 A = TypeVar("A", bound=Aggregate)
-M = TypeVar("M", bound=Message)
 Handler = Callable[["Context", Any], Awaitable[None]]
 
 
