@@ -360,11 +360,6 @@ class Envelope:
             _message=message,
         )
 
-    @property
-    def kind(self) -> MessageKind:
-        """Whether this is a command or an event, from its registered type."""
-        return registry.get(self.message_type).kind
-
     def decode(self) -> Message:
         """The typed body; raises :class:`InvalidMessage` if it does not validate."""
         if self._message is None:

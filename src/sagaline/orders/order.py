@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from decimal import Decimal
-from typing import Any
 
 from sagaline.aggregate import Aggregate
 from sagaline.handling import Context, Service
@@ -147,15 +146,3 @@ async def _reject(ctx: Context, command: CreateOrderCommand, reason: str) -> Non
     await ctx.tx.append(
         stream, len(existing), [Envelope.wrap(event, causation=ctx.envelope, source=ctx.service)]
     )
-
-
-def order_summary(order: Order) -> dict[str, Any]:
-    """The write side's view of one order (for checks and tools)."""
-    return {
-        "orderId": order.id,
-        "status": order.status,
-        "customerId": order.customer_id,
-        "totalAmount": order.total_amount,
-        "reason": order.reason,
-        "version": order.version,
-    }

@@ -83,12 +83,12 @@ class SagaDefinition:
     _by_event: dict[str, list[tuple[int, str]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _by_event_attribute: str = field(default="", init=False, repr=False, compare=False)
+    _correlation_attribute: str = field(default="", init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._validate()
         snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in self.correlation_field)
-        object.__setattr__(self, "_by_event_attribute", snake.lstrip("_"))
+        object.__setattr__(self, "_correlation_attribute", snake.lstrip("_"))
         index = self._by_event
         index.setdefault(self.start.type_name(), []).append((-1, "start"))
         for position, step in enumerate(self.steps):
@@ -139,7 +139,7 @@ class SagaDefinition:
     @property
     def correlation_attribute(self) -> str:
         """The Python attribute of ``correlation_field`` (``orderId`` -> ``order_id``)."""
-        return self._by_event_attribute
+        return self._correlation_attribute
 
     def handles(self, event_type: str) -> list[tuple[int, str]]:
         """The (step index, role) pairs an event type plays in this saga."""
