@@ -27,12 +27,15 @@ from sagaline.messages import Command, Envelope, Event, Message, decode_body
 from sagaline.ports import (
     Backend,
     Batch,
+    BrokerBus,
     ConsumerSpec,
     Delivery,
+    Outbox,
     Outcome,
     RetryPolicy,
     StoreTransaction,
 )
+from sagaline.relay import Relay
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -206,22 +209,30 @@ class System:
         return envelope
 
     async def submit(
-        self, db: Backend, message: Message, *, message_id: str | None = None
+        self, bus: Backend | BrokerBus, message: Message, *, message_id: str | None = None
     ) -> Envelope:
         """Put one message from outside (CLI, HTTP, tests) onto the bus, durably.
 
         Raises :class:`InvalidMessage` (naming the field) and writes nothing when it is invalid.
         """
-        envelope = self._accept(message, message_id)
-        async with db.transaction() as tx:
-            await tx.emit([envelope], self.routes)
-        return envelope
+        return (await self.submit_many(bus, [message], message_ids=[message_id]))[0]
 
-    async def submit_many(self, db: Backend, messages: Sequence[Message]) -> list[Envelope]:
-        """Submit many messages in one transaction; nothing is written if one is invalid."""
-        envelopes = [self._accept(message) for message in messages]
-        async with db.transaction() as tx:
-            await tx.emit(envelopes, self.routes)
+    async def submit_many(
+        self,
+        bus: Backend | BrokerBus,
+        messages: Sequence[Message],
+        *,
+        message_ids: Sequence[str | None] | None = None,
+    ) -> list[Envelope]:
+        """Submit many messages at once; nothing is written if one is invalid."""
+        ids = message_ids or [None] * len(messages)
+        envelopes = [self._accept(m, i) for m, i in zip(messages, ids, strict=True)]
+        publish = getattr(bus, "publish", None)
+        if publish is not None:
+            await publish(envelopes, self.routes)
+        else:
+            async with cast(Backend, bus).transaction() as tx:
+                await tx.emit(envelopes, self.routes)
         return envelopes
 
 
@@ -230,7 +241,12 @@ class _RetryBatch(Exception):
 
 
 class Worker:
-    """One consumer loop: claim a batch, handle it in one transaction, repeat."""
+    """One consumer loop: claim a batch, handle it in one transaction, repeat.
+
+    With the bus in the store's database (``bus`` omitted), acknowledgements join the handling
+    transaction. With a separate bus, outgoing messages go to the store's outbox and the batch is
+    completed on the bus after the commit (a crash in between redelivers it; the inbox absorbs it).
+    """
 
     def __init__(
         self,
@@ -242,8 +258,11 @@ class Worker:
         member: str,
         batch_size: int = DEFAULT_BATCH,
         poll_interval: float = 0.1,
+        bus: BrokerBus | None = None,
     ) -> None:
         self.db = db
+        self.bus: Backend | BrokerBus = db if bus is None else bus
+        self.broker = None if bus is None or cast(object, bus) is db else bus
         self.system = system
         self.service = service
         self.spec = spec
@@ -260,7 +279,7 @@ class Worker:
         try:
             await self._loop(stop)
         finally:
-            await self.db.leave(self.spec, self.member)
+            await self.bus.leave(self.spec, self.member)
 
     async def _loop(self, stop: asyncio.Event) -> None:
         failures = 0
@@ -277,14 +296,14 @@ class Worker:
                 continue
             if not progressed:
                 waiter = asyncio.ensure_future(stop.wait())
-                work = asyncio.ensure_future(self.db.wait_for_work(self.spec, self.poll_interval))
+                work = asyncio.ensure_future(self.bus.wait_for_work(self.spec, self.poll_interval))
                 await asyncio.wait({waiter, work}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 work.cancel()
 
     async def run_once(self) -> bool:
         """Claim and handle one batch; False when there was nothing to do."""
-        batch = await self.db.claim(self.spec, self.member, self.batch_size)
+        batch = await self.bus.claim(self.spec, self.member, self.batch_size)
         if not batch.deliveries and batch.cursor is None:
             return False
         try:
@@ -321,9 +340,12 @@ class Worker:
                 await tx.record_inbox_many(spec.name, processed)
             crash_point("before-emit")
             await tx.emit(outgoing, self.system.routes)
-            await self.db.settle(tx, batch, outcomes)
+            if self.broker is None:
+                await self.db.settle(tx, batch, outcomes)
             crash_point("before-commit")
         crash_point("after-commit")
+        if self.broker is not None:
+            await self.broker.complete(batch, outcomes)
         if careful:
             for delivery, (outcome, error) in zip(batch.deliveries, outcomes, strict=True):
                 if outcome is Outcome.RETRY:
@@ -401,7 +423,12 @@ class Worker:
 
 
 class Runtime:
-    """Runs the workers of a set of services in this process against one backend."""
+    """Runs the workers of a set of services in this process against one store (and bus).
+
+    Without ``bus`` the store's database is the bus too. With a separate ``bus``, the store must be
+    opened in outbox mode; the runtime declares the system's topology on the bus and runs the
+    outbox relay beside the workers.
+    """
 
     def __init__(
         self,
@@ -409,11 +436,13 @@ class Runtime:
         system: System,
         services: Iterable[str] | None = None,
         *,
+        bus: BrokerBus | None = None,
         member: str | None = None,
         batch_size: int = DEFAULT_BATCH,
         poll_interval: float = 0.1,
     ) -> None:
         self.db = db
+        self.bus = None if bus is None or cast(object, bus) is db else bus
         self.system = system
         self.member = member or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         names = list(services) if services is not None else list(system.services)
@@ -426,23 +455,45 @@ class Runtime:
                 member=self.member,
                 batch_size=batch_size,
                 poll_interval=poll_interval,
+                bus=self.bus,
             )
             for name in names
             for spec in system.services[name].consumers()
         ]
+        self.relay: Relay | None = None
+        if self.bus is not None:
+            if not isinstance(db, Outbox) or not getattr(db, "outbox", False):
+                raise ConfigurationError(
+                    "a store used with a separate bus must be opened in outbox mode"
+                )
+            self.relay = Relay(db, self.bus, system.routes, owner=self.member)
         self.stop_event = asyncio.Event()
+        self._relay_stop = asyncio.Event()
 
     async def run(self) -> None:
         """Run every worker until :meth:`stop`; in-flight batches finish first."""
         start_checkpointer = getattr(self.db, "start_checkpointer", None)
         if start_checkpointer is not None:
             start_checkpointer()
-        tasks = [asyncio.create_task(worker.run(self.stop_event)) for worker in self.workers]
+        if self.bus is not None:
+            consumers = [
+                spec for service in self.system.services.values() for spec in service.consumers()
+            ]
+            await self.bus.prepare(consumers, self.system.routes)
+        runs = [worker.run(self.stop_event) for worker in self.workers]
+        tasks = [asyncio.create_task(run) for run in runs]
+        relay = None
+        if self.relay is not None:
+            relay = asyncio.create_task(self.relay.run(self._relay_stop))
         try:
             await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()
+            if relay is not None:
+                # The workers are done: the relay publishes what they emitted last, then stops.
+                self._relay_stop.set()
+                await relay
 
     def stop(self) -> None:
         """Ask every worker to finish its batch and return."""

@@ -9,7 +9,7 @@ transaction; a broker bus (RabbitMQ, NATS) gets them through the store's outbox 
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -19,11 +19,14 @@ from sagaline.messages import Envelope
 __all__ = [
     "Backend",
     "Batch",
+    "BrokerBus",
     "Bus",
     "ConsumerSpec",
     "DeadLetter",
     "Delivery",
     "Document",
+    "Outbox",
+    "OutboxEntry",
     "Outcome",
     "RetryPolicy",
     "SagaRecord",
@@ -128,6 +131,14 @@ class SagaRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """A message a unit of work emitted, waiting in the store's outbox to be published."""
+
+    id: int
+    envelope: Envelope
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A message that could not be processed, with the reason."""
 
@@ -191,7 +202,7 @@ class StoreTransaction(Protocol):
         """Insert or update a saga instance at ``record.version``; bumps it."""
         ...
 
-    async def emit(self, envelopes: Sequence[Envelope], routes: dict[str, str]) -> None:
+    async def emit(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
         """Hand outgoing messages to the bus (same database) or the outbox."""
         ...
 
@@ -226,6 +237,27 @@ class Store(Protocol):
 
 
 @runtime_checkable
+class Outbox(Protocol):
+    """The outbox of a store whose service publishes through a separate bus.
+
+    ``StoreTransaction.emit`` (and ``append``) write the outgoing messages into the outbox in the
+    unit of work; one relay per store publishes them in order and marks them sent.
+    """
+
+    async def outbox_claim(self, owner: str, limit: int) -> list[OutboxEntry]:
+        """The oldest unsent entries, if ``owner`` holds (or now takes) the relay lease."""
+        ...
+
+    async def outbox_sent(self, ids: Sequence[int]) -> None:
+        """Mark entries published; they are not handed out again."""
+        ...
+
+    async def wait_for_outbox(self, timeout: float) -> None:
+        """Return when a unit of work of this process emitted something, or after ``timeout``."""
+        ...
+
+
+@runtime_checkable
 class Bus(Protocol):
     """Durable command queues and event subscriptions."""
 
@@ -233,12 +265,6 @@ class Bus(Protocol):
 
     async def claim(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         """Lease up to ``limit`` deliveries for ``consumer``; empty when there is no work."""
-        ...
-
-    async def settle(
-        self, tx: StoreTransaction, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]
-    ) -> None:
-        """Record each delivery's outcome inside ``tx`` (ack, retry with backoff, dead letter)."""
         ...
 
     async def leave(self, consumer: ConsumerSpec, member: str) -> None:
@@ -255,8 +281,40 @@ class Bus(Protocol):
 
 
 @runtime_checkable
+class BrokerBus(Bus, Protocol):
+    """A bus that is not the service's store: messages arrive through the outbox relay, and each
+    delivery is completed after the store's commit (ack; retry after backoff; dead letters are
+    recorded in the store, then acknowledged). RabbitMQ and NATS are such buses; so is a SQLite or
+    PostgreSQL bus used from another database.
+    """
+
+    async def prepare(self, consumers: Sequence[ConsumerSpec], routes: Mapping[str, str]) -> None:
+        """Declare what the system needs (queues, streams, bindings); idempotent."""
+        ...
+
+    async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
+        """Publish durably; returns once the bus has confirmed every message."""
+        ...
+
+    async def complete(self, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]) -> None:
+        """After the store committed: settle each delivery (ACK and DEAD acknowledge; RETRY comes
+        back after ``consumer.retry.delay(attempt)``; SKIP comes back keeping its key's order)."""
+        ...
+
+    def replay(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """The retained event log from a position (projection rebuilds)."""
+        ...
+
+
+@runtime_checkable
 class Backend(Store, Bus, Protocol):
     """A store and a bus in one database: outgoing messages and acks join the store's transaction.
 
-    SQLite (and PostgreSQL) are such backends; a broker bus pairs with a store through its outbox.
+    SQLite and PostgreSQL are such backends; a broker bus pairs with a store through its outbox.
     """
+
+    async def settle(
+        self, tx: StoreTransaction, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]
+    ) -> None:
+        """Record each delivery's outcome inside ``tx`` (ack, retry with backoff, dead letter)."""
+        ...

@@ -15,14 +15,20 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sagaline.backends.sqlite.bus import SqliteBus
 from sagaline.backends.sqlite.queries import SqliteQueries
-from sagaline.backends.sqlite.rows import partition_of, path_from_url
+from sagaline.backends.sqlite.rows import (
+    ENVELOPE_COLUMNS,
+    envelope_from_row,
+    partition_of,
+    path_from_url,
+)
 from sagaline.backends.sqlite.schema import (
     BACKSTOP_CHECKPOINT_PAGES,
     LEASE_SECONDS,
@@ -31,9 +37,11 @@ from sagaline.backends.sqlite.schema import (
 )
 from sagaline.backends.sqlite.transaction import SqliteTransaction
 from sagaline.errors import ConfigurationError
+from sagaline.messages import Envelope
+from sagaline.ports import Batch, ConsumerSpec, OutboxEntry, Outcome, StoredEvent
 
 if TYPE_CHECKING:
-    from sagaline.ports import Backend, StoreTransaction
+    from sagaline.ports import Backend, BrokerBus, Outbox, StoreTransaction
 
 __all__ = [
     "LEASE_SECONDS",
@@ -48,8 +56,13 @@ __all__ = [
 class SqliteDatabase(SqliteBus, SqliteQueries):
     """Store and bus in one SQLite file (WAL, synchronous=FULL)."""
 
-    def __init__(self, url: str, *, lease_seconds: float = LEASE_SECONDS) -> None:
+    def __init__(
+        self, url: str, *, lease_seconds: float = LEASE_SECONDS, outbox: bool = False
+    ) -> None:
         self.url = url
+        #: True when this file is a service's store whose messages go out through another bus.
+        self.outbox = outbox
+        self._outbox_ready = asyncio.Event()
         self.path = path_from_url(url)
         self.lease_seconds = lease_seconds
         parent = Path(self.path).parent
@@ -91,6 +104,79 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
     def _notify(self) -> None:
         for event in self._wakeups.values():
             event.set()
+        self._outbox_ready.set()
+
+    # The outbox (a service store whose bus is elsewhere) -------------------------------------
+
+    async def outbox_claim(self, owner: str, limit: int) -> list[OutboxEntry]:
+        """The oldest unsent entries, when ``owner`` holds or takes the relay lease."""
+        self._outbox_ready.clear()
+        async with self._lock:
+            conn = self.connection
+            now = time.time()
+            with self._without_fsync():
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    taken = conn.execute(
+                        "UPDATE relay_lease SET owner = ?, expires = ?"
+                        " WHERE id = 1 AND (owner IS NULL OR owner = ? OR expires < ?)",
+                        (owner, now + self.lease_seconds, owner, now),
+                    ).rowcount
+                    conn.execute("COMMIT")
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+            if not taken:
+                return []
+            rows = conn.execute(
+                f"SELECT id, {ENVELOPE_COLUMNS} FROM outbox WHERE sent = 0 ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [OutboxEntry(row[0], envelope_from_row(row, 1)) for row in rows]
+
+    async def outbox_sent(self, ids: Sequence[int]) -> None:
+        """Mark entries published."""
+        if not ids:
+            return
+        async with self._lock:
+            conn = self.connection
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("UPDATE outbox SET sent = 1 WHERE id = ?", [(i,) for i in ids])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    async def wait_for_outbox(self, timeout: float) -> None:
+        """Wait for a commit of this process that emitted, or ``timeout`` seconds."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._outbox_ready.wait(), timeout)
+
+    # The file as a bus for services whose stores are elsewhere ---------------------------------
+
+    async def open(self) -> None:
+        """Nothing to do: the file is opened and migrated by the constructor."""
+
+    async def prepare(self, consumers: Sequence[ConsumerSpec], routes: Mapping[str, str]) -> None:
+        """Nothing to declare: queues and subscriptions are rows, made on first use."""
+
+    async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
+        """Put messages on this file's queues and log, durably (a known message id is kept)."""
+        if not envelopes:
+            return
+        async with self.transaction() as tx:
+            tx.to_bus(envelopes, routes)
+
+    async def complete(self, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]) -> None:
+        """Settle a batch whose handling committed in another store."""
+        async with self.transaction() as tx:
+            await self.settle(tx, batch, outcomes)
+
+    async def replay(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """The event log from ``after`` on, streamed."""
+        async for stored in self.iter_log(after):
+            yield stored
 
     def start_checkpointer(self, interval: float = 0.5) -> None:
         """Checkpoint the WAL from a background thread with its own connection.
@@ -147,5 +233,5 @@ if TYPE_CHECKING:
 
     def _implements_ports(
         db: SqliteDatabase, tx: SqliteTransaction
-    ) -> tuple[Backend, StoreTransaction]:
-        return db, tx
+    ) -> tuple[Backend, BrokerBus, Outbox, StoreTransaction]:
+        return db, db, db, tx

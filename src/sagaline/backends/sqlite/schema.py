@@ -140,6 +140,26 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     attempts INTEGER NOT NULL,
     failed_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    causation_id TEXT,
+    timestamp TEXT NOT NULL,
+    traceparent TEXT,
+    source TEXT,
+    sent INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (id) WHERE sent = 0;
+CREATE INDEX IF NOT EXISTS outbox_correlation ON outbox (correlation_id);
+CREATE TABLE IF NOT EXISTS relay_lease (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    owner TEXT,
+    expires REAL NOT NULL DEFAULT 0
+);
+INSERT OR IGNORE INTO relay_lease (id, owner, expires) VALUES (1, NULL, 0);
 """
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -113,7 +113,16 @@ class SqliteTransaction:
             ) from None
         if rows:
             self.wrote_messages = True
+            if self._db.outbox:
+                self._to_outbox(events)
         return expected_version + len(rows)
+
+    def _to_outbox(self, envelopes: Sequence[Envelope]) -> None:
+        self._conn.executemany(
+            "INSERT INTO outbox (message_id, type, body, correlation_id, causation_id,"
+            " timestamp, traceparent, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [envelope_params(envelope) for envelope in envelopes],
+        )
 
     async def read_stream(self, stream: str) -> list[StoredEvent]:
         return self._db.read_stream_sync(stream)
@@ -208,7 +217,16 @@ class SqliteTransaction:
             record.history.extend(record.new_history)
             record.new_history = []
 
-    async def emit(self, envelopes: Sequence[Envelope], routes: dict[str, str]) -> None:
+    async def emit(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
+        if self._db.outbox:
+            if envelopes:
+                self._to_outbox(envelopes)
+                self.wrote_messages = True
+            return
+        self.to_bus(envelopes, routes)
+
+    def to_bus(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
+        """Put messages on this file's own queues and log (a message id already there is kept)."""
         commands: list[tuple[Any, ...]] = []
         events: list[tuple[Any, ...]] = []
         now = time.time()
