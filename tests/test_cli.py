@@ -434,12 +434,19 @@ def test_unknown_order_and_missing_store_are_errors(
 
 
 def test_store_urls_are_printed_without_passwords(tmp_path: Path) -> None:
-    result = sagaline(
-        "orders", "--store", "postgresql://app:hunter2@db.example/orders", cwd=tmp_path
+    # An unsupported scheme is refused before anything is opened; an unreachable server fails
+    # to connect. Neither message repeats the password.
+    unsupported, unreachable = sagaline_all(
+        [
+            (("orders", "--store", "mysql://app:hunter2@db.invalid/orders"), tmp_path, None),
+            (("orders", "--store", "postgresql://app:hunter2@127.0.0.1:9/o"), tmp_path, None),
+        ]
     )
-    assert result.returncode == 2
-    assert "hunter2" not in result.stderr
-    assert "app:***@db.example" in result.stderr
+    assert unsupported.returncode == 2
+    assert unreachable.returncode == 1
+    for result in (unsupported, unreachable):
+        assert "hunter2" not in result.stderr + result.stdout
+        assert "app:***@" in result.stderr
 
 
 # ----------------------------------------------------------------------- schema

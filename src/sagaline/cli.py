@@ -15,11 +15,11 @@ import re
 import signal
 import sqlite3
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, TypeVar, cast
 
 import msgspec
 import typer
@@ -29,10 +29,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from sagaline.backends.sqlite import LEASE_SECONDS, SqliteDatabase, path_from_url
+from sagaline.backends.sqlite import LEASE_SECONDS, path_from_url
+from sagaline.deploy import Deployment, Supervisor, serve_argv, service_url
 from sagaline.errors import InvalidMessage, SagalineError, UnknownMessageType
 from sagaline.handling import DEFAULT_BATCH, Runtime
-from sagaline.messages import MAX_MESSAGE_BYTES, Command, json_schema, parse_document, registry
+from sagaline.messages import (
+    MAX_MESSAGE_BYTES,
+    Command,
+    Envelope,
+    json_schema,
+    parse_document,
+    registry,
+)
 from sagaline.observability import (
     TransactionTrace,
     dead_letter_summary,
@@ -48,13 +56,13 @@ from sagaline.orders import ORDER_SAGA, SERVICE_NAMES, PaymentRules, build_syste
 from sagaline.orders.demo import (
     DEMO_STOCK,
     NotADemoStore,
-    open_demo_store,
+    open_demo_deployment,
     run_demo,
 )
 from sagaline.orders.inventory import STOCK, set_stock
 from sagaline.orders.messages import Id
 from sagaline.orders.read import ORDER_VIEW, build_order_projection
-from sagaline.ports import Document, SagaRecord
+from sagaline.ports import Document, SagaRecord, StoreQueries
 from sagaline.projection import rebuild as rebuild_projection
 from sagaline.saga.definition import SagaStatus
 from sagaline.saga.engine import saga_id
@@ -68,6 +76,7 @@ DEFAULT_STORE_URL = "sqlite:///./sagaline.db"
 MAX_STOCK = 10**12
 
 log = logging.getLogger("sagaline.cli")
+T = TypeVar("T")
 
 # Emoji codes (``:x:``) and highlighting would alter untrusted text; styles are set explicitly.
 out = Console(highlight=False, emoji=False)
@@ -90,10 +99,21 @@ StoreOption = Annotated[
         "--store",
         envvar="SAGALINE_STORE_URL",
         metavar="URL",
-        help="Store URL (sqlite:///path/to/file.db).",
+        help="Store URL: sqlite:///path/to/file.db or postgresql://user@host/db.",
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+BusOption = Annotated[
+    str | None,
+    typer.Option(
+        "--bus",
+        envvar="SAGALINE_BUS_URL",
+        metavar="URL",
+        help="Bus URL when the bus is not the store's database: amqp://, nats://, or another"
+        " sqlite:/// file or postgresql:// database. With it, each service opens its own store"
+        " (put {service} in a SQLite store URL for one file per service).",
+    ),
+]
 PaymentLimitOption = Annotated[
     str,
     typer.Option(
@@ -135,39 +155,116 @@ def _arrow() -> str:
     return "→" if out.encoding.lower().startswith("utf") else "->"
 
 
+_STORE_SCHEMES = ("sqlite", "postgresql", "postgres")
+_BUS_SCHEMES = (*_STORE_SCHEMES, "amqp", "amqps", "nats")
+
+
+def _queries(deployment: Deployment, service: str) -> StoreQueries:
+    """The query methods of ``service``'s store (every backend offers the same ones)."""
+    return cast(StoreQueries, deployment.store(service))
+
+
+def _all_queries(deployment: Deployment) -> list[StoreQueries]:
+    """The query methods of every distinct store of the deployment, and of a database bus
+    (which also holds the commands that clients submitted)."""
+    sources = [cast(StoreQueries, store) for store in deployment.distinct_stores()]
+    if deployment.bus is not None and hasattr(deployment.bus, "trace_rows"):
+        sources.append(cast(StoreQueries, deployment.bus))
+    return sources
+
+
+def _check_urls(store: str, bus: str | None) -> None:
+    """Exit with a clear error unless ``store`` and ``bus`` are URLs sagaline supports."""
+    for url, kind, schemes in ((store, "store", _STORE_SCHEMES), (bus, "bus", _BUS_SCHEMES)):
+        if url is None:
+            continue
+        shown = _inert(redact_url(url))
+        scheme = url.partition("://")[0].lower()
+        if "://" not in url or scheme not in schemes:
+            _fail(
+                f"unsupported {kind} URL {shown}: use "
+                + ", ".join(f"{name}://" for name in schemes if name != "postgres"),
+                2,
+            )
+        if scheme == "sqlite":
+            try:
+                path_from_url(url)
+            except SagalineError as exc:
+                _fail(_inert(exc), 2)
+
+
 def _check_store_url(url: str) -> str:
-    """The file path of a supported store URL; exits with a clear error otherwise."""
-    shown = _inert(redact_url(url))
+    """The file path of a SQLite store URL; exits with a clear error otherwise."""
+    _check_urls(url, None)
     if not url.startswith("sqlite:///"):
-        _fail(f"unsupported store URL {shown}: this version supports sqlite:///path/to/file.db", 2)
-    try:
-        return path_from_url(url)
-    except SagalineError as exc:
-        _fail(_inert(exc), 2)
+        _fail(f"this command needs a SQLite store, not {_inert(redact_url(url))}", 2)
+    return path_from_url(url)
 
 
-@contextmanager
-def _store(
-    url: str, *, must_exist: bool = True, lease_seconds: float | None = None
-) -> Iterator[SqliteDatabase]:
-    """Open the store; queries refuse to create an empty one where none was."""
-    path = _check_store_url(url)
-    shown = _inert(redact_url(url))
-    if must_exist and path != ":memory:" and not Path(path).exists():
-        _fail(f"no store at {shown} (run `sagaline demo`, or pass --store URL)", 1)
+def _open_deployment(
+    store: str,
+    bus: str | None,
+    *,
+    must_exist: str | None = "read",
+    services: Sequence[str] = SERVICE_NAMES,
+    lease_seconds: float | None = None,
+) -> Deployment:
+    """The services' stores and bus; queries refuse to create an empty SQLite store."""
+    _check_urls(store, bus)
+    shown = _inert(redact_url(store))
+    if must_exist is not None and store.startswith("sqlite:///"):
+        path = path_from_url(service_url(store, must_exist))
+        if path != ":memory:" and not Path(path).exists():
+            _fail(f"no store at {_inert(path)} (run `sagaline demo`, or pass --store URL)", 1)
+    options: dict[str, Any] = {}
+    if lease_seconds is not None:
+        options["lease_seconds"] = lease_seconds
     try:
-        db = (
-            SqliteDatabase(url)
-            if lease_seconds is None
-            else SqliteDatabase(url, lease_seconds=lease_seconds)
-        )
-    except (SagalineError, sqlite3.Error) as exc:
+        return Deployment(store, bus, services, store_options=options)
+    except Exception as exc:
+        if not isinstance(exc, (SagalineError, *_database_errors())):
+            raise
         _fail(f"cannot open the store {shown}: {_inert(exc)}", 1)
-    try:
-        with _errors():
-            yield db
-    finally:
-        db.connection.close()
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    """Errors of the databases and brokers in use, shown as one line rather than a traceback."""
+    errors: list[type[Exception]] = [sqlite3.Error, OSError]
+    for module, name in (("psycopg", "Error"), ("aiormq", "AMQPError"), ("nats", "errors")):
+        loaded = sys.modules.get(module)
+        found = getattr(loaded, name, None) if loaded is not None else None
+        if isinstance(found, type) and issubclass(found, Exception):
+            errors.append(found)
+        elif module == "nats" and found is not None:
+            base = getattr(found, "Error", None)
+            if isinstance(base, type) and issubclass(base, Exception):
+                errors.append(base)
+    return tuple(errors)
+
+
+def _with(
+    store: str,
+    bus: str | None,
+    work: Callable[[Deployment], Awaitable[T]],
+    *,
+    must_exist: str | None = "read",
+    services: Sequence[str] = SERVICE_NAMES,
+    lease_seconds: float | None = None,
+) -> T:
+    """Open the deployment, do ``work`` with it and close it, all in one event loop."""
+    deployment = _open_deployment(
+        store, bus, must_exist=must_exist, services=services, lease_seconds=lease_seconds
+    )
+
+    async def go() -> T:
+        try:
+            await deployment.open()
+            return await work(deployment)
+        finally:
+            await deployment.close()
+
+    with _errors():
+        return asyncio.run(go())
 
 
 @contextmanager
@@ -179,7 +276,7 @@ def _errors() -> Iterator[None]:
         _fail(_describe_invalid(exc), 2)
     except SagalineError as exc:
         _fail(_inert(exc), 1)
-    except sqlite3.Error as exc:
+    except _database_errors() as exc:
         _fail(f"database error: {_inert(exc)}", 1)
 
 
@@ -386,27 +483,35 @@ def _setup() -> None:
 @app.command()
 def demo(
     store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
     payment_limit: PaymentLimitOption = "1000.00",
 ) -> None:
     """Run the seed's order flow: one order confirmed, two compensated, with their timelines.
 
     The store is replaced when it is an earlier demo's; any other existing store is refused.
     """
-    _check_store_url(store)
+    _check_urls(store, bus)
     limit = _parse_amount(payment_limit, "--payment-limit")
-    shown = _inert(redact_url(store))
+    shown = _inert(redact_url(store)) + (f" with bus {_inert(redact_url(bus))}" if bus else "")
 
     async def go() -> tuple[
         int, list[TransactionTrace], list[dict[str, Any]], list[Document | None]
     ]:
-        db = await open_demo_store(store)
+        deployment = await open_demo_deployment(store, bus)
         try:
-            run = await run_demo(db, payment_limit=limit)
-            traces = [load_trace(db, key, saga_id(ORDER_SAGA, key)) for key in run.order_ids]
-            orders = [db.get_document_sync(ORDER_VIEW, key) for key in run.order_ids]
-            return run.handled, traces, db.query_documents(STOCK), orders
+            run = await run_demo(deployment, payment_limit=limit)
+            sources = _all_queries(deployment)
+            orchestrator = _queries(deployment, "orchestrator")
+            traces = [
+                load_trace(sources, key, saga_id(ORDER_SAGA, key), saga_store=orchestrator)
+                for key in run.order_ids
+            ]
+            read = _queries(deployment, "read")
+            orders = [read.get_document_sync(ORDER_VIEW, key) for key in run.order_ids]
+            stock = _queries(deployment, "inventory").query_documents(STOCK)
+            return run.handled, traces, stock, orders
         finally:
-            await db.close()
+            await deployment.close()
 
     with _errors():
         try:
@@ -438,34 +543,22 @@ def demo(
         out.print("stock ledger balanced: available + reserved + sold == stocked for every product")
 
 
-@app.command()
-def run(
-    store: StoreOption = DEFAULT_STORE_URL,
-    services: Annotated[
-        str,
-        typer.Option(
-            "--services", metavar="NAMES", help="Comma-separated services to run in this process."
-        ),
-    ] = ",".join(SERVICE_NAMES),
-    payment_limit: PaymentLimitOption = "1000.00",
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", min=1, max=100_000, help="Deliveries per batch.")
-    ] = DEFAULT_BATCH,
-    lease_seconds: Annotated[
-        float | None,
-        typer.Option(
-            "--lease-seconds",
-            min=0.1,
-            help="How long a claim or membership lasts without renewal: after a crash, another"
-            " process takes the work over once it expires.",
-            show_default=f"{LEASE_SECONDS:g}",
-        ),
-    ] = None,
-) -> None:
-    """Run services until SIGINT or SIGTERM; in-flight batches finish first.
+BatchOption = Annotated[
+    int, typer.Option("--batch-size", min=1, max=100_000, help="Deliveries per batch.")
+]
+LeaseOption = Annotated[
+    float | None,
+    typer.Option(
+        "--lease-seconds",
+        min=0.1,
+        help="How long a claim or membership lasts without renewal: after a crash, another"
+        " process takes the work over once it expires.",
+        show_default=f"{LEASE_SECONDS:g}",
+    ),
+]
 
-    Several processes may run on one store: they share the work of each service.
-    """
+
+def _service_names(services: str) -> list[str]:
     names: list[str] = []
     for name in (part.strip() for part in services.split(",")):
         if not name or name in names:
@@ -475,53 +568,212 @@ def run(
         names.append(name)
     if not names:
         _fail(f"no service to run; choose from {', '.join(SERVICE_NAMES)}", 2)
+    return names
+
+
+def _serve_in_process(
+    store: str,
+    bus: str | None,
+    names: list[str],
+    *,
+    payment_limit: str,
+    batch_size: int,
+    lease_seconds: float | None,
+    title: str,
+) -> None:
+    """Run ``names`` in this process until SIGINT or SIGTERM; in-flight batches finish first."""
     limit = _parse_amount(payment_limit, "--payment-limit")
     _configure_logging(logging.INFO)
-    shown = redact_url(store)
+    shown = redact_url(store) + (f" with bus {redact_url(bus)}" if bus else "")
 
-    async def serve(db: SqliteDatabase) -> int:
-        runtime = Runtime(
-            db, build_system(PaymentRules(default_limit=limit)), names, batch_size=batch_size
-        )
+    async def serve(deployment: Deployment) -> int:
+        system = build_system(PaymentRules(default_limit=limit))
+        runtimes = deployment.runtimes(system, names, batch_size=batch_size)
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: signal.Signals) -> None:
             log.info("%s received: finishing the batches in hand", signum.name)
-            runtime.stop()
+            for runtime in runtimes:
+                runtime.stop()
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
         out.print(
-            f"sagaline run: {', '.join(names)} on {_inert(shown)} (pid {os.getpid()})",
+            f"sagaline {title}: {', '.join(names)} on {_inert(shown)} (pid {os.getpid()})",
             soft_wrap=True,
         )
-        log.info("running %s on %s as member %s", ",".join(names), shown, runtime.member)
-        reporter = asyncio.create_task(_report_progress(db, runtime))
+        log.info("running %s on %s", ",".join(names), shown)
+        reporter = asyncio.create_task(_report_progress(runtimes))
         try:
-            await runtime.run()
+            await asyncio.gather(*(runtime.run() for runtime in runtimes))
         finally:
             reporter.cancel()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
-        return runtime.handled
+        return sum(runtime.handled for runtime in runtimes)
 
-    with _store(store, must_exist=False, lease_seconds=lease_seconds) as db:
-        handled = asyncio.run(serve(db))
+    handled = _with(store, bus, serve, must_exist=None, services=names, lease_seconds=lease_seconds)
     log.info("stopped after handling %d deliveries", handled)
 
 
-async def _report_progress(db: SqliteDatabase, runtime: Runtime, every: float = 10.0) -> None:
-    """Log, while there is work, how much was handled and what is still queued."""
+@app.command()
+def run(
+    store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
+    services: Annotated[
+        str,
+        typer.Option(
+            "--services", metavar="NAMES", help="Comma-separated services to run in this process."
+        ),
+    ] = ",".join(SERVICE_NAMES),
+    payment_limit: PaymentLimitOption = "1000.00",
+    batch_size: BatchOption = DEFAULT_BATCH,
+    lease_seconds: LeaseOption = None,
+) -> None:
+    """Run services in this process until SIGINT or SIGTERM; in-flight batches finish first.
+
+    Several processes may run on one store: they share the work of each service.
+    """
+    _serve_in_process(
+        store,
+        bus,
+        _service_names(services),
+        payment_limit=payment_limit,
+        batch_size=batch_size,
+        lease_seconds=lease_seconds,
+        title="run",
+    )
+
+
+def _supervise(commands: dict[str, list[str]], title: str) -> None:
+    """Run ``commands`` as supervised child processes until SIGINT or SIGTERM."""
+    _configure_logging(logging.INFO)
+
+    async def go() -> None:
+        supervisor = Supervisor(commands)
+        loop = asyncio.get_running_loop()
+
+        def on_signal(signum: signal.Signals) -> None:
+            log.info("%s received: stopping %d processes", signum.name, len(commands))
+            supervisor.stop()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        out.print(f"sagaline {title}: {len(commands)} processes (pid {os.getpid()})")
+        await supervisor.run()
+
+    asyncio.run(go())
+
+
+def _child_options(payment_limit: str, batch_size: int, lease_seconds: float | None) -> list[str]:
+    extra = ["--payment-limit", payment_limit, "--batch-size", str(batch_size)]
+    if lease_seconds is not None:
+        extra += ["--lease-seconds", str(lease_seconds)]
+    return extra
+
+
+@app.command()
+def serve(
+    service: Annotated[
+        str, typer.Argument(metavar="SERVICE", help=f"One of {', '.join(SERVICE_NAMES)}.")
+    ],
+    store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
+    instances: Annotated[
+        int,
+        typer.Option(
+            "--instances", min=1, max=64, help="Processes of this service, competing for work."
+        ),
+    ] = 1,
+    payment_limit: PaymentLimitOption = "1000.00",
+    batch_size: BatchOption = DEFAULT_BATCH,
+    lease_seconds: LeaseOption = None,
+) -> None:
+    """Run one service; with --instances N, N supervised processes of it share its work."""
+    names = _service_names(service)
+    if len(names) != 1:
+        _fail("serve runs one service; use `sagaline up` for all of them", 2)
+    _check_urls(store, bus)
+    _parse_amount(payment_limit, "--payment-limit")
+    if instances == 1:
+        _serve_in_process(
+            store,
+            bus,
+            names,
+            payment_limit=payment_limit,
+            batch_size=batch_size,
+            lease_seconds=lease_seconds,
+            title="serve",
+        )
+        return
+    extra = _child_options(payment_limit, batch_size, lease_seconds)
+    _supervise(
+        {
+            f"{names[0]}-{n}": serve_argv(names[0], store, bus, extra)
+            for n in range(1, instances + 1)
+        },
+        f"serve {names[0]}",
+    )
+
+
+@app.command()
+def up(
+    store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
+    instances: Annotated[
+        int, typer.Option("--instances", min=1, max=64, help="Processes per service.")
+    ] = 1,
+    payment_limit: PaymentLimitOption = "1000.00",
+    batch_size: BatchOption = DEFAULT_BATCH,
+    lease_seconds: LeaseOption = None,
+) -> None:
+    """Run all five services as separate processes; a crashed one is restarted; Ctrl-C stops all."""
+    _check_urls(store, bus)
+    _parse_amount(payment_limit, "--payment-limit")
+    # Create every schema once, before the processes race to do it.
+    _with(store, bus, _prepare, must_exist=None)
+    extra = _child_options(payment_limit, batch_size, lease_seconds)
+    _supervise(
+        {
+            f"{service}-{n}": serve_argv(service, store, bus, extra)
+            for service in SERVICE_NAMES
+            for n in range(1, instances + 1)
+        },
+        "up",
+    )
+
+
+async def _prepare(deployment: Deployment) -> None:
+    """Create the stores' schemas and the bus's topology for the whole system."""
+    if deployment.bus is not None:
+        system = build_system()
+        consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
+        await deployment.bus.prepare(consumers, system.routes)
+
+
+@app.command()
+def migrate(
+    store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
+) -> None:
+    """Create or upgrade every service's store schema and the bus's queues and streams."""
+    _with(store, bus, _prepare, must_exist=None)
+    out.print(
+        f"migrated the stores of {', '.join(SERVICE_NAMES)} on {_inert(redact_url(store))}"
+        + (f" and the bus {_inert(redact_url(bus))}" if bus else ""),
+        soft_wrap=True,
+    )
+
+
+async def _report_progress(runtimes: Sequence[Runtime], every: float = 10.0) -> None:
+    """Log, while there is work, how much was handled."""
     reported = 0
-    while not runtime.stop_event.is_set():
+    while not all(runtime.stop_event.is_set() for runtime in runtimes):
         await asyncio.sleep(every)
-        if runtime.handled != reported:
-            reported = runtime.handled
-            log.info(
-                "handled %d deliveries so far; pending commands %s",
-                reported,
-                db.pending_counts() or "none",
-            )
+        handled = sum(runtime.handled for runtime in runtimes)
+        if handled != reported:
+            reported = handled
+            log.info("handled %d deliveries so far", reported)
 
 
 def _read_document(source: str) -> bytes:
@@ -546,10 +798,11 @@ def submit(
         str, typer.Argument(metavar="FILE", help="A command in the seed's JSON; - reads stdin.")
     ],
     store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Put one command onto the bus; prints its message id. Nothing is written if it is invalid."""
-    _check_store_url(store)
+    _check_urls(store, bus)
     document = _read_document(file)
     # Validate before the store is even opened: a bad document leaves no trace.
     try:
@@ -562,8 +815,12 @@ def submit(
             f" is an {message.kind}; submit takes a command (a commandType document)",
             2,
         )
-    with _store(store, must_exist=False) as db:
-        envelope = asyncio.run(build_system().submit(db, message))
+
+    async def send(deployment: Deployment) -> Envelope:
+        return await build_system().submit(deployment.entry, message)
+
+    # A separate bus needs no store: only the bus is opened.
+    envelope = _with(store, bus, send, must_exist=None, services=() if bus else SERVICE_NAMES)
     if json_output:
         _emit_json(
             {
@@ -583,6 +840,7 @@ def stock_set(
         str, typer.Argument(metavar="QTY", help="Units available: a non-negative integer.")
     ],
     store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Set how many units of a product are available."""
@@ -597,12 +855,11 @@ def stock_set(
     except msgspec.ValidationError:
         _fail(f"PRODUCT must be 1 to 100 letters, digits or . _ : -, not {_quoted(product)}", 2)
 
-    async def apply(db: SqliteDatabase) -> dict[str, Any]:
-        async with db.transaction() as tx:
+    async def apply(deployment: Deployment) -> dict[str, Any]:
+        async with deployment.store("inventory").transaction() as tx:
             return await set_stock(tx, product, units)
 
-    with _store(store, must_exist=False) as db:
-        row = asyncio.run(apply(db))
+    row = _with(store, bus, apply, must_exist=None, services=["inventory"])
     if json_output:
         _emit_json(row)
     else:
@@ -610,10 +867,15 @@ def stock_set(
 
 
 @stock_app.command("list")
-def stock_list(store: StoreOption = DEFAULT_STORE_URL, json_output: JsonOption = False) -> None:
+def stock_list(
+    store: StoreOption = DEFAULT_STORE_URL, bus: BusOption = None, json_output: JsonOption = False
+) -> None:
     """Every product's stock: available, reserved, sold and stocked units."""
-    with _store(store) as db:
-        rows = db.query_documents(STOCK)
+
+    async def query(deployment: Deployment) -> list[dict[str, Any]]:
+        return _queries(deployment, "inventory").query_documents(STOCK)
+
+    rows = _with(store, bus, query, must_exist="inventory", services=["inventory"])
     if json_output:
         _emit_json(rows)
     elif rows:
@@ -626,11 +888,15 @@ def stock_list(store: StoreOption = DEFAULT_STORE_URL, json_output: JsonOption =
 def order(
     order_id: Annotated[str, typer.Argument(metavar="ORDER_ID", help="The orderId.")],
     store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """One order of the read model."""
-    with _store(store) as db:
-        document = db.get_document_sync(ORDER_VIEW, order_id)
+
+    async def query(deployment: Deployment) -> Document | None:
+        return _queries(deployment, "read").get_document_sync(ORDER_VIEW, order_id)
+
+    document = _with(store, bus, query, services=["read"])
     if document is None:
         _fail(f"no order {_quoted(order_id)} in the read model", 1)
     row = document.data
@@ -662,6 +928,7 @@ def orders(
         str | None, typer.Option("--customer", help="Only orders of this customerId.")
     ] = None,
     store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Orders of the read model, optionally filtered by status and customer."""
@@ -670,8 +937,11 @@ def orders(
         filters["status"] = status.upper()
     if customer is not None:
         filters["customerId"] = customer
-    with _store(store) as db:
-        rows = db.query_documents(ORDER_VIEW, filters)
+
+    async def query(deployment: Deployment) -> list[dict[str, Any]]:
+        return _queries(deployment, "read").query_documents(ORDER_VIEW, filters)
+
+    rows = _with(store, bus, query, services=["read"])
     if json_output:
         _emit_json(rows)
     elif rows:
@@ -684,12 +954,21 @@ def orders(
 def trace(
     order_id: Annotated[str, typer.Argument(metavar="ORDER_ID", help="The orderId.")],
     store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """The audit trail of one order: every command and event as a causal tree, and its saga."""
-    with _store(store) as db:
-        found = load_trace(db, order_id, saga_id(ORDER_SAGA, order_id))
-        document = db.get_document_sync(ORDER_VIEW, order_id)
+
+    async def query(deployment: Deployment) -> tuple[TransactionTrace, Document | None]:
+        found = load_trace(
+            _all_queries(deployment),
+            order_id,
+            saga_id(ORDER_SAGA, order_id),
+            saga_store=_queries(deployment, "orchestrator"),
+        )
+        return found, _queries(deployment, "read").get_document_sync(ORDER_VIEW, order_id)
+
+    found, document = _with(store, bus, query)
     if not found.found:
         _fail(f"nothing is known about {_quoted(order_id)}", 1)
     if json_output:
@@ -717,10 +996,19 @@ def _dead_letter_table(rows: Sequence[Mapping[str, Any]]) -> Table:
 
 
 @app.command("dead-letters")
-def dead_letters(store: StoreOption = DEFAULT_STORE_URL, json_output: JsonOption = False) -> None:
-    """Messages that could not be processed, with the reason."""
-    with _store(store) as db:
-        rows = [dead_letter_summary(letter) for letter in db.dead_letters()]
+def dead_letters(
+    store: StoreOption = DEFAULT_STORE_URL, bus: BusOption = None, json_output: JsonOption = False
+) -> None:
+    """Messages that could not be processed, with the reason (from every service's store)."""
+
+    async def query(deployment: Deployment) -> list[dict[str, Any]]:
+        letters = [
+            letter for queries in _all_queries(deployment) for letter in queries.dead_letters()
+        ]
+        letters.sort(key=lambda letter: letter.failed_at)
+        return [dead_letter_summary(letter) for letter in letters]
+
+    rows = _with(store, bus, query)
     if json_output:
         _emit_json(rows)
     elif rows:
@@ -757,6 +1045,7 @@ def sagas(
         ),
     ] = None,
     store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Saga instances with their status, and how many are in each status."""
@@ -769,9 +1058,12 @@ def sagas(
                 f" choose from {', '.join(s.value for s in SagaStatus)}",
                 2,
             )
-    with _store(store) as db:
-        rows = [saga_summary(record) for record in db.list_sagas(wanted)]
-        counts = db.saga_counts()
+
+    async def query(deployment: Deployment) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        db = _queries(deployment, "orchestrator")
+        return [saga_summary(record) for record in db.list_sagas(wanted)], db.saga_counts()
+
+    rows, counts = _with(store, bus, query, must_exist="orchestrator", services=["orchestrator"])
     if json_output:
         _emit_json({"counts": counts, "sagas": rows})
         return
@@ -798,10 +1090,13 @@ def sagas(
 
 
 @app.command()
-def rebuild(store: StoreOption = DEFAULT_STORE_URL) -> None:
+def rebuild(store: StoreOption = DEFAULT_STORE_URL, bus: BusOption = None) -> None:
     """Rebuild the order read model from the event log; queries go on meanwhile."""
     projection = build_order_projection()
-    with _store(store) as db:
+
+    async def go(deployment: Deployment) -> tuple[str, int, int]:
+        db = deployment.store("read")
+        queries = _queries(deployment, "read")
         with Progress(
             TextColumn(f"rebuilding {_inert(projection.namespace)}"),
             BarColumn(),
@@ -810,15 +1105,20 @@ def rebuild(store: StoreOption = DEFAULT_STORE_URL) -> None:
             TimeElapsedColumn(),
             console=err,
         ) as progress:
-            task = progress.add_task("rebuild", total=db.head_position())
+            head = queries.head_position() if deployment.bus is None else None
+            task = progress.add_task("rebuild", total=head)
 
             def advance(position: int, head: int) -> None:
                 progress.update(task, completed=position, total=head)
 
-            namespace = asyncio.run(rebuild_projection(db, projection, progress=advance))
-            progress.update(task, completed=progress.tasks[0].total or 0)
-        count = len(db.query_documents(namespace))
-        position = db.head_position()
+            namespace = await rebuild_projection(
+                db, projection, bus=deployment.bus, progress=advance
+            )
+            progress.update(task, completed=progress.tasks[0].completed)
+        count = len(queries.query_documents(namespace))
+        return namespace, count, int(progress.tasks[0].completed)
+
+    namespace, count, position = _with(store, bus, go, services=["read"])
     out.print(
         f"rebuilt {_inert(namespace)}: {count} orders from the event log up to position {position}",
         soft_wrap=True,

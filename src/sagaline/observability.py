@@ -12,19 +12,21 @@ import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import msgspec
 
-from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.ports import DeadLetter, SagaRecord
 
 __all__ = [
+    "SagaSource",
+    "TraceSource",
     "TransactionTrace",
     "causal_order",
     "dead_letter_summary",
     "load_trace",
+    "merge_trace_rows",
     "redact_url",
     "saga_failure",
     "saga_summary",
@@ -145,17 +147,80 @@ class TransactionTrace:
         }
 
 
+class TraceSource(Protocol):
+    """What a store offers for tracing (every backend's query methods)."""
+
+    def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]: ...
+
+    def handled_by(self, message_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]: ...
+
+    def dead_letters(self) -> list[DeadLetter]: ...
+
+
+class SagaSource(Protocol):
+    """A store that holds saga instances."""
+
+    def get_saga_sync(self, saga_id: str, *, history: bool = True) -> SagaRecord | None: ...
+
+
+def merge_trace_rows(sources: Sequence[TraceSource], correlation_id: str) -> list[dict[str, Any]]:
+    """One row per message from the stores of several services.
+
+    With a database per service, a message is recorded by the store of the service that emitted
+    it (its outbox or log) and handled in the stores of the services that consumed it (their
+    inboxes); the rows are merged by message id, and every store is asked who handled what.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        for row in source.trace_rows(correlation_id):
+            known = merged.get(row["messageId"])
+            if known is None:
+                merged[row["messageId"]] = dict(row)
+            else:
+                for key, value in row.items():
+                    if known.get(key) is None and value is not None:
+                        known[key] = value
+    if len(sources) > 1:
+        ids = list(merged)
+        for row in merged.values():
+            row["handledBy"] = []
+        for source in sources:
+            for message_id, handlers in source.handled_by(ids).items():
+                merged[message_id]["handledBy"].extend(
+                    {"consumer": consumer, "at": at} for consumer, at in handlers
+                )
+        for row in merged.values():
+            row["handledBy"].sort(key=lambda entry: entry["at"])
+    return list(merged.values())
+
+
 def load_trace(
-    db: SqliteDatabase, correlation_id: str, saga_id: str | None = None
+    db: TraceSource | Sequence[TraceSource],
+    correlation_id: str,
+    saga_id: str | None = None,
+    *,
+    saga_store: SagaSource | None = None,
 ) -> TransactionTrace:
-    """Read the audit trail of ``correlation_id`` (and the saga ``saga_id``) from the store."""
+    """Read the audit trail of ``correlation_id`` (and the saga ``saga_id``) from the stores.
+
+    ``db`` is one store, or the stores of every service; the saga is read from ``saga_store``
+    (default: the only store given).
+    """
+    sources = [db] if not isinstance(db, Sequence) else list(db)
+    if saga_store is None and len(sources) == 1:
+        saga_store = cast(SagaSource, sources[0])
     return TransactionTrace(
         correlation_id=correlation_id,
-        messages=causal_order(db.trace_rows(correlation_id)),
-        saga=db.get_saga_sync(saga_id) if saga_id is not None else None,
+        messages=causal_order(merge_trace_rows(sources, correlation_id)),
+        saga=(
+            saga_store.get_saga_sync(saga_id)
+            if saga_id is not None and saga_store is not None
+            else None
+        ),
         dead_letters=[
             letter
-            for letter in db.dead_letters()
+            for source in sources
+            for letter in source.dead_letters()
             if letter.envelope.correlation_id == correlation_id
         ],
     )

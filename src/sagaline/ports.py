@@ -31,6 +31,7 @@ __all__ = [
     "RetryPolicy",
     "SagaRecord",
     "Store",
+    "StoreQueries",
     "StoreTransaction",
     "StoredEvent",
 ]
@@ -233,6 +234,49 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+        ...
+
+
+class StoreQueries(Protocol):
+    """Read-only queries every store offers to tools (CLI, HTTP API, tests), outside any unit of
+    work; synchronous, so that a check can run between two batches without awaiting."""
+
+    def get_document_sync(self, namespace: str, key: str) -> Document | None:
+        """One document, or None."""
+        ...
+
+    def query_documents(
+        self, namespace: str, filters: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """The documents of a namespace whose top-level fields equal ``filters``, by key."""
+        ...
+
+    def get_saga_sync(self, saga_id: str, *, history: bool = True) -> SagaRecord | None:
+        """One saga instance (with its transitions), or None."""
+        ...
+
+    def list_sagas(self, status: str | None = None) -> list[SagaRecord]:
+        """Saga instances, optionally only those in ``status``."""
+        ...
+
+    def saga_counts(self) -> dict[str, int]:
+        """How many saga instances are in each status."""
+        ...
+
+    def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]:
+        """Every message of one business key this store knows, with who handled it and when."""
+        ...
+
+    def handled_by(self, message_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """Which consumers of this store handled each message, and when."""
+        ...
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter of this store, oldest first."""
+        ...
+
+    def head_position(self) -> int:
+        """The position of the last event of the store's log (0 when empty)."""
         ...
 
 

@@ -9,13 +9,13 @@ replayed event leaves the view as it was.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
-from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.handling import Context, Service
 from sagaline.messages import Envelope, Event
-from sagaline.ports import StoreTransaction
+from sagaline.ports import Backend, BrokerBus, StoredEvent, StoreQueries, StoreTransaction
 
 __all__ = ["Projection", "Views", "rebuild"]
 
@@ -89,44 +89,73 @@ class Projection:
 
 
 async def rebuild(
-    db: SqliteDatabase,
+    db: Backend,
     projection: Projection,
     *,
+    bus: BrokerBus | None = None,
     swap: bool = True,
     page: int = 2000,
     progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Replay the whole event log into a fresh copy of the view.
 
-    With ``swap`` the copy replaces the live view and the projection's checkpoint moves to the
-    last replayed position in one transaction. Returns the namespace that holds the result.
+    With ``swap`` the copy replaces the live view in one transaction, and the projection goes on
+    from where the replay ended: with the bus in the store's database its cursor moves there;
+    with a separate ``bus`` (replayed through :meth:`BrokerBus.replay`) every replayed event is
+    marked in the projection's inbox, so its live delivery is not applied twice. Returns the
+    namespace that holds the result.
     """
     shadow = f"{projection.namespace}.rebuild"
     async with db.transaction() as tx:
         await tx.delete_namespace(shadow)
-    head = db.head_position()
+    queries = cast(StoreQueries, db)
+    head = queries.head_position() if bus is None else 0
     position = 0
+    replayed: list[str] = []
+
+    async def replay_page(tx: StoreTransaction, after: int) -> list[StoredEvent]:
+        if bus is None:
+            return await db.read_log(after, page)
+        events = []
+        async for stored in bus.replay(after):
+            events.append(stored)
+            if len(events) >= page:
+                break
+        return events
+
+    async def apply(tx: StoreTransaction, events: list[StoredEvent]) -> None:
+        views = Views(tx, shadow)
+        for stored in events:
+            if await projection.apply(views, stored.envelope) and bus is not None:
+                replayed.append(stored.envelope.message_id)
+
     while True:
-        events = await db.read_log(position, page)
-        if not events:
-            break
         async with db.transaction() as tx:
-            views = Views(tx, shadow)
-            for stored in events:
-                await projection.apply(views, stored.envelope)
+            events = await replay_page(tx, position)
+            if not events:
+                break
+            await apply(tx, events)
         position = events[-1].position
         if progress is not None:
             progress(position, max(head, position))
     if not swap:
         return shadow
     async with db.transaction() as tx:
-        # Catch up with what was appended meanwhile; the lock holds new appends off now.
-        while events := await db.read_log(position, page):
-            views = Views(tx, shadow)
-            for stored in events:
-                await projection.apply(views, stored.envelope)
+        # Catch up with what was published meanwhile; this transaction holds the live
+        # projection off until the swap commits.
+        while events := await replay_page(tx, position):
+            await apply(tx, events)
             position = events[-1].position
         await tx.delete_namespace(projection.namespace)
-        db.rename_namespace(shadow, projection.namespace)
-        db.reset_subscription(projection.name, position)
+        await _maybe_await(db.rename_namespace(shadow, projection.namespace))  # type: ignore[attr-defined]
+        if bus is None:
+            await _maybe_await(db.reset_subscription(projection.name, position))  # type: ignore[attr-defined]
+        else:
+            fresh = [m for m in replayed if m not in await tx.seen(projection.name, replayed)]
+            await tx.record_inbox_many(projection.name, fresh)
     return projection.namespace
+
+
+async def _maybe_await(result: object) -> None:
+    if inspect.isawaitable(result):
+        await result

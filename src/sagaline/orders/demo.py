@@ -7,19 +7,25 @@ next run, any other store is refused, so the demo never wipes real data.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, cast
 
 from sagaline.backends.sqlite import SqliteDatabase, path_from_url
+from sagaline.deploy import Deployment, scheme_of, service_url
 from sagaline.errors import ConfigurationError
 from sagaline.handling import Runtime, System
 from sagaline.messages import Command, Envelope, parse_document
-from sagaline.orders import SUBSCRIBER_NAMES, PaymentRules, build_system
-from sagaline.orders.inventory import set_stock
+from sagaline.orders import SERVICE_NAMES, SUBSCRIBER_NAMES, PaymentRules, build_system
+from sagaline.orders.inventory import STOCK, set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
+from sagaline.orders.order import Order
+from sagaline.orders.read import ORDER_VIEW
+from sagaline.ports import Backend, BrokerBus
 
 __all__ = [
     "DEMO_META_KEY",
@@ -30,7 +36,9 @@ __all__ = [
     "NotADemoStore",
     "demo_orders",
     "is_demo_store",
+    "is_deployment_settled",
     "is_settled",
+    "open_demo_deployment",
     "open_demo_store",
     "run_demo",
     "run_until_settled",
@@ -60,6 +68,11 @@ SEED_ORDER_JSON = """{
 DEMO_ORDER_IDS = ("ORD-12345", "ORD-12346", "ORD-12347")
 
 _SIDE_FILES = ("-wal", "-shm", "-journal")
+
+#: The order aggregate's last event once it has recorded its saga's outcome.
+_ORDER_FINAL_EVENTS = frozenset(
+    {"OrderConfirmationRecordedEvent", "OrderCancelledEvent", "OrderRejectedEvent"}
+)
 
 
 class NotADemoStore(ConfigurationError):
@@ -134,20 +147,70 @@ async def open_demo_store(url: str) -> SqliteDatabase:
     return db
 
 
-async def stock_demo(db: SqliteDatabase, stock: Mapping[str, int] = DEMO_STOCK) -> None:
-    """Set the demo's stock levels in one transaction."""
+def _clear_demo_file(url: str) -> None:
+    """Delete the SQLite file at ``url`` when it is an earlier demo's; refuse any other file."""
+    path = path_from_url(url)
+    if path == ":memory:" or not Path(path).exists():
+        return
+    if not is_demo_store(path):
+        raise NotADemoStore(f"{path} exists and is not a demo store; the demo will not replace it")
+    for name in (path, *(path + suffix for suffix in _SIDE_FILES)):
+        Path(name).unlink(missing_ok=True)
+
+
+async def open_demo_deployment(store_url: str, bus_url: str | None = None) -> Deployment:
+    """Fresh demo stores for the five services (and a fresh SQLite bus), opened.
+
+    Earlier demo stores are replaced; a store the demo did not create is refused with
+    :class:`NotADemoStore`. On PostgreSQL the demo's schemas are dropped and made again only when
+    they carry the demo's mark.
+    """
+    if bus_url == store_url:
+        bus_url = None
+    if bus_url is None and scheme_of(store_url) == "sqlite" and "{service}" not in store_url:
+        return Deployment.of(await open_demo_store(store_url), SERVICE_NAMES)
+    urls = []
+    if scheme_of(store_url) == "sqlite":
+        urls += [service_url(store_url, name) for name in SERVICE_NAMES]
+    if bus_url is not None and scheme_of(bus_url) == "sqlite":
+        urls.append(bus_url)
+    for url in dict.fromkeys(urls):
+        _clear_demo_file(url)
+    deployment = Deployment(store_url, bus_url, SERVICE_NAMES)
+    await reset_demo_schemas(deployment)
+    await deployment.open()
+    for store in deployment.distinct_stores():
+        await cast(Any, store).set_meta(DEMO_META_KEY, "1")
+    if deployment.bus is not None and scheme_of(bus_url or "") == "sqlite":
+        await cast(Any, deployment.bus).set_meta(DEMO_META_KEY, "1")
+    return deployment
+
+
+async def reset_demo_schemas(deployment: Deployment) -> None:
+    """Drop the PostgreSQL schemas of an earlier demo (refusing schemas without the mark)."""
+    for store in deployment.distinct_stores():
+        reset = getattr(store, "drop_if_marked", None)
+        if reset is not None and not await reset(DEMO_META_KEY):
+            raise NotADemoStore(
+                "the PostgreSQL schemas hold data that is not the demo's; the demo will not"
+                " replace them"
+            )
+
+
+async def stock_demo(db: Backend, stock: Mapping[str, int] = DEMO_STOCK) -> None:
+    """Set the demo's stock levels in one transaction (``db``: the inventory's store)."""
     async with db.transaction() as tx:
         for product_id, quantity in stock.items():
             await set_stock(tx, product_id, quantity)
 
 
 async def submit_demo_orders(
-    db: SqliteDatabase, system: System, orders: Sequence[Command] | None = None
+    bus: Backend | BrokerBus, system: System, orders: Sequence[Command] | None = None
 ) -> list[Envelope]:
     """Submit the demo's orders (or ``orders``) one by one, as clients would."""
     if orders is None:
         orders = demo_orders()
-    return [await system.submit(db, order) for order in orders]
+    return [await system.submit(bus, order) for order in orders]
 
 
 def is_settled(db: SqliteDatabase, sagas: int) -> bool:
@@ -162,16 +225,85 @@ def is_settled(db: SqliteDatabase, sagas: int) -> bool:
     return ended == sagas == sum(counts.values()) and db.is_idle(SUBSCRIBER_NAMES)
 
 
-async def run_until_settled(
-    db: SqliteDatabase, system: System, sagas: int, *, timeout: float = 60.0
-) -> int:
-    """Run every service of ``system`` in this process until :func:`is_settled`.
+def is_deployment_settled(deployment: Deployment, order_ids: Sequence[str]) -> bool:
+    """Whether the orders' sagas have ended and every service has caught up with them.
 
-    Returns how many deliveries were handled; raises ``TimeoutError`` after ``timeout`` seconds.
+    With one database for stores and bus this is :func:`is_settled`. With a database per
+    service, each store is asked about its own part: the orchestrator's sagas ended, the read
+    model shows every order's final status, no stock is left reserved, the order aggregate
+    recorded the outcome, and no outbox holds anything unpublished.
     """
+    orchestrator = cast(Any, deployment.store("orchestrator"))
+    if deployment.colocated and len(deployment.distinct_stores()) == 1:
+        return is_settled(orchestrator, len(order_ids))
+    counts = orchestrator.saga_counts()
+    ended = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
+    if not ended == len(order_ids) == sum(counts.values()):
+        return False
+    read = cast(Any, deployment.store("read"))
+    for order_id in order_ids:
+        view = read.get_document_sync(ORDER_VIEW, order_id)
+        if view is None or view.data.get("status") not in ("CONFIRMED", "CANCELLED"):
+            return False
+    inventory = cast(Any, deployment.store("inventory"))
+    if any(row.get("reserved") for row in inventory.query_documents(STOCK)):
+        return False
+    order_store = cast(Any, deployment.store("order"))
+    for order_id in order_ids:
+        stream = order_store.read_stream_sync(Order.stream_name(order_id))
+        if not stream or stream[-1].envelope.message_type not in _ORDER_FINAL_EVENTS:
+            return False
+    return all(
+        not getattr(store, "outbox_pending", lambda: 0)() for store in deployment.distinct_stores()
+    )
+
+
+async def run_until_settled(
+    db: SqliteDatabase | Deployment,
+    system: System,
+    sagas: int | Sequence[str],
+    *,
+    timeout: float = 60.0,
+) -> int:
+    """Run every service of ``system`` in this process until they settle.
+
+    ``sagas`` is the number of sagas (one SQLite store) or the order ids. Returns how many
+    deliveries were handled; raises ``TimeoutError`` after ``timeout`` seconds.
+    """
+    if isinstance(db, Deployment):
+        deployment = db
+        order_ids = list(sagas) if not isinstance(sagas, int) else []
+        runtimes = deployment.runtimes(system)
+
+        def done() -> bool:
+            return is_deployment_settled(deployment, order_ids)
+
+        await _run_all_until(runtimes, done, timeout)
+        return sum(runtime.handled for runtime in runtimes)
+    count = sagas if isinstance(sagas, int) else len(sagas)
     runtime = Runtime(db, system)
-    await runtime.run_until(lambda: is_settled(db, sagas), timeout=timeout)
+    await runtime.run_until(lambda: is_settled(db, count), timeout=timeout)
     return runtime.handled
+
+
+async def _run_all_until(
+    runtimes: Sequence[Runtime], done: Callable[[], bool], timeout: float
+) -> None:
+    tasks = [asyncio.create_task(runtime.run()) for runtime in runtimes]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while not done():
+            for task in tasks:
+                if task.done():
+                    task.result()
+            if loop.time() > deadline:
+                raise TimeoutError(f"not settled after {timeout} seconds")
+            await asyncio.sleep(0.05)
+    finally:
+        for runtime in runtimes:
+            runtime.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass(frozen=True)
@@ -188,14 +320,20 @@ class DemoRun:
 
 
 async def run_demo(
-    db: SqliteDatabase,
+    db: SqliteDatabase | Deployment,
     *,
     payment_limit: Decimal = Decimal("1000.00"),
     timeout: float = 60.0,
 ) -> DemoRun:
     """Stock the store, submit the demo's orders and run the five services until all settle."""
+    deployment = db if isinstance(db, Deployment) else Deployment.of(db, SERVICE_NAMES)
     system = build_system(PaymentRules(default_limit=payment_limit))
-    await stock_demo(db)
-    submitted = await submit_demo_orders(db, system)
-    handled = await run_until_settled(db, system, len(submitted), timeout=timeout)
+    await stock_demo(deployment.store("inventory"))
+    submitted = await submit_demo_orders(deployment.entry, system)
+    if isinstance(db, Deployment):
+        handled = await run_until_settled(
+            db, system, [e.correlation_id for e in submitted], timeout=timeout
+        )
+    else:
+        handled = await run_until_settled(db, system, len(submitted), timeout=timeout)
     return DemoRun(submitted=submitted, handled=handled)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 from sagaline.backends.sqlite.rows import (
@@ -12,7 +12,8 @@ from sagaline.backends.sqlite.rows import (
     envelope_from_row,
     saga_from_row,
 )
-from sagaline.messages import Envelope
+from sagaline.errors import UnknownMessageType
+from sagaline.messages import Command, Envelope, registry
 from sagaline.ports import DeadLetter, Document, SagaRecord, StoredEvent
 
 __all__ = ["SqliteQueries"]
@@ -106,7 +107,7 @@ class SqliteQueries:
         return None if row is None else Document(decode_json(row[0]), row[1])
 
     def query_documents(
-        self, namespace: str, filters: dict[str, str] | None = None
+        self, namespace: str, filters: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         """Documents of a namespace whose top-level fields equal ``filters`` (parameters only)."""
         sql = "SELECT data FROM documents WHERE namespace = ?"
@@ -127,20 +128,22 @@ class SqliteQueries:
             " NULL, stream, version FROM events WHERE correlation_id = ?"
             " UNION ALL"
             " SELECT 'command', id, message_id, type, body, causation_id, timestamp, source,"
-            " queue, outcome, attempts FROM commands WHERE correlation_id = ?",
-            (correlation_id, correlation_id),
+            " queue, outcome, attempts FROM commands WHERE correlation_id = ?"
+            # Sent through another bus: the outbox is this store's record of what it emitted.
+            " UNION ALL"
+            " SELECT 'outbox', id, message_id, type, body, causation_id, timestamp, source,"
+            " NULL, NULL, NULL FROM outbox WHERE correlation_id = ?",
+            (correlation_id, correlation_id, correlation_id),
         ).fetchall()
-        handled: dict[str, list[tuple[str, str]]] = {}
-        ids = [row[2] for row in rows]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            for message_id, consumer, at in self.connection.execute(
-                "SELECT message_id, consumer, processed_at FROM inbox"
-                f" WHERE message_id IN ({marks}) ORDER BY processed_at",
-                chunk,
-            ):
-                handled.setdefault(message_id, []).append((consumer, at))
+        seen: set[str] = set()
+        unique = []
+        for row in rows:
+            # An appended event is in the stream table and in the outbox: keep the stream row.
+            if row[2] not in seen:
+                seen.add(row[2])
+                unique.append(row)
+        rows = unique
+        handled = self.handled_by([row[2] for row in rows])
         result = []
         for (
             kind,
@@ -166,12 +169,28 @@ class SqliteQueries:
                 "source": source,
                 "handledBy": [{"consumer": c, "at": at} for c, at in handled.get(message_id, [])],
             }
+            if kind == "outbox":
+                entry["kind"] = kind = _kind_of(type_)
             if kind == "command":
                 entry.update({"queue": queue, "outcome": extra1, "deliveries": extra2})
             else:
                 entry.update({"stream": extra1, "version": extra2})
             result.append(entry)
         return result
+
+    def handled_by(self, message_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """Which consumers of this store handled each of ``message_ids``, and when."""
+        handled: dict[str, list[tuple[str, str]]] = {}
+        for start in range(0, len(message_ids), 500):
+            chunk = message_ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for message_id, consumer, at in self.connection.execute(
+                "SELECT message_id, consumer, processed_at FROM inbox"
+                f" WHERE message_id IN ({marks}) ORDER BY processed_at",
+                chunk,
+            ):
+                handled.setdefault(message_id, []).append((consumer, at))
+        return handled
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
@@ -198,6 +217,11 @@ class SqliteQueries:
             )
             for row in rows
         ]
+
+    def outbox_pending(self) -> int:
+        """How many outbox entries are not published yet."""
+        row = self.connection.execute("SELECT COUNT(*) FROM outbox WHERE sent = 0").fetchone()
+        return int(row[0])
 
     def pending_counts(self) -> dict[str, int]:
         """Undone commands per queue."""
@@ -246,3 +270,12 @@ class SqliteQueries:
             "SELECT value FROM sagaline_meta WHERE key = ?", (key,)
         ).fetchone()
         return None if row is None else str(row[0])
+
+
+def _kind_of(message_type: str) -> str:
+    """``command`` or ``event``, by the registered type (``event`` when it is unknown)."""
+    try:
+        cls = registry.get(message_type)
+    except UnknownMessageType:
+        return "event"
+    return "command" if issubclass(cls, Command) else "event"

@@ -1,0 +1,364 @@
+"""Wiring a system to its stores and its bus by URL, and running services as processes.
+
+Database per service: each service owns its store. A store URL may name the service with the
+placeholder ``{service}`` (``sqlite:///./data/{service}.db``: one file per service); a PostgreSQL
+URL gives each service its own schema (``sagaline_order``, ...) in that database. A bus URL names
+where messages travel:
+
+* no bus URL, or the store's own database: the bus lives beside the stores and outgoing messages
+  and acknowledgements join each unit of work (SQLite file, PostgreSQL schema ``sagaline_bus``);
+* any other bus (``amqp://`` RabbitMQ, ``nats://`` NATS JetStream, or another SQLite file or
+  PostgreSQL database): stores are opened in outbox mode and a relay publishes what they emit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from sagaline.errors import ConfigurationError
+from sagaline.handling import DEFAULT_BATCH, Runtime, System
+from sagaline.ports import Backend, BrokerBus
+
+__all__ = [
+    "SERVICE_PLACEHOLDER",
+    "Deployment",
+    "Supervisor",
+    "open_bus",
+    "scheme_of",
+    "service_url",
+]
+
+log = logging.getLogger("sagaline.deploy")
+
+#: Replaced by the service's name in a store URL.
+SERVICE_PLACEHOLDER = "{service}"
+
+_POSTGRES = ("postgresql", "postgres")
+
+
+def scheme_of(url: str) -> str:
+    """The URL's scheme, lower-cased (``sqlite``, ``postgresql``, ``amqp``, ``nats``)."""
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ConfigurationError("a store or bus URL must have a scheme, e.g. sqlite:///file.db")
+    return scheme.lower()
+
+
+def service_url(url: str, service: str) -> str:
+    """``url`` with the service placeholder filled in."""
+    return url.replace(SERVICE_PLACEHOLDER, service)
+
+
+def _schema_for(service: str) -> str:
+    return f"sagaline_{service}"
+
+
+BUS_SCHEMA = "sagaline_bus"
+
+
+def _open_store(
+    url: str, service: str, *, outbox: bool, colocated_bus: bool, **options: Any
+) -> Any:
+    scheme = scheme_of(url)
+    if scheme == "sqlite":
+        from sagaline.backends.sqlite import SqliteDatabase
+
+        return SqliteDatabase(service_url(url, service), outbox=outbox, **options)
+    if scheme in _POSTGRES:
+        from sagaline.backends.postgres import PostgresDatabase
+
+        return PostgresDatabase(
+            url,
+            schema=_schema_for(service),
+            bus_schema=BUS_SCHEMA if colocated_bus else None,
+            outbox=outbox,
+            **options,
+        )
+    raise ConfigurationError(
+        f"no store for URL scheme {scheme!r}; stores are sqlite:///path or postgresql://..."
+    )
+
+
+def open_bus(url: str, **options: Any) -> BrokerBus:
+    """The bus a URL names, not yet opened (``await bus.open()``)."""
+    scheme = scheme_of(url)
+    if scheme == "sqlite":
+        from sagaline.backends.sqlite import SqliteDatabase
+
+        return SqliteDatabase(url, **options)
+    if scheme in _POSTGRES:
+        from sagaline.backends.postgres import PostgresDatabase
+
+        return cast(BrokerBus, PostgresDatabase(url, schema=BUS_SCHEMA, **options))
+    if scheme in ("amqp", "amqps"):
+        from sagaline.backends.rabbitmq import RabbitBus
+
+        url, prefix = _take_prefix(url)
+        if prefix:
+            options = {"prefix": prefix, **options}
+        return cast(BrokerBus, RabbitBus(url, **options))
+    if scheme == "nats":
+        from sagaline.backends.nats import NatsBus
+
+        url, prefix = _take_prefix(url)
+        if prefix:
+            options = {"prefix": prefix, **options}
+        return cast(BrokerBus, NatsBus(url, **options))
+    raise ConfigurationError(
+        f"no bus for URL scheme {scheme!r}; buses are sqlite, postgresql, amqp and nats"
+    )
+
+
+def _take_prefix(url: str) -> tuple[str, str | None]:
+    """Split a ``prefix=NAME`` query parameter (names of queues, streams) off a broker URL."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((value for name, value in pairs if name == "prefix"), None)
+    if prefix is None:
+        return url, None
+    if not prefix.replace("_", "").replace("-", "").isalnum():
+        raise ConfigurationError("a bus prefix may hold letters, digits, '_' and '-' only")
+    rest = urlencode([(name, value) for name, value in pairs if name != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix
+
+
+@dataclass
+class Deployment:
+    """The stores of a set of services and the bus between them, opened from URLs."""
+
+    store_url: str
+    bus_url: str | None = None
+    services: Sequence[str] = ()
+    store_options: Mapping[str, Any] = field(default_factory=dict)
+    bus_options: Mapping[str, Any] = field(default_factory=dict)
+    stores: dict[str, Backend] = field(default_factory=dict, init=False)
+    bus: BrokerBus | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        store_scheme = scheme_of(self.store_url)
+        if self.bus_url is not None and self.bus_url == self.store_url:
+            self.bus_url = None
+        if self.bus_url is None and SERVICE_PLACEHOLDER in self.store_url:
+            raise ConfigurationError(
+                "a store URL with {service} gives each service its own file: pass --bus URL"
+                " for the bus between them"
+            )
+        colocated = self.bus_url is None
+        # One database object per distinct database: services sharing a SQLite file share it.
+        opened: dict[str, Backend] = {}
+        for service in self.services:
+            key = (
+                service_url(self.store_url, service)
+                if store_scheme == "sqlite"
+                else f"{self.store_url}#{service}"
+            )
+            store = opened.get(key)
+            if store is None:
+                store = opened[key] = _open_store(
+                    self.store_url,
+                    service,
+                    outbox=not colocated,
+                    colocated_bus=colocated,
+                    **self.store_options,
+                )
+            self.stores[service] = store
+        if self.bus_url is not None:
+            self.bus = open_bus(self.bus_url, **self.bus_options)
+
+    @classmethod
+    def of(cls, store: Backend, services: Sequence[str]) -> Deployment:
+        """A deployment of ``services`` all on one already opened store that is also the bus."""
+        deployment = cls.__new__(cls)
+        deployment.store_url = store.url
+        deployment.bus_url = None
+        deployment.services = list(services)
+        deployment.store_options = {}
+        deployment.bus_options = {}
+        deployment.stores = dict.fromkeys(services, store)
+        deployment.bus = None
+        return deployment
+
+    @property
+    def colocated(self) -> bool:
+        """Whether the bus lives in the stores' database (no relay, acks in the unit of work)."""
+        return self.bus is None
+
+    def distinct_stores(self) -> list[Backend]:
+        """Each store once (services on one SQLite file share one)."""
+        seen: dict[int, Backend] = {}
+        for store in self.stores.values():
+            seen.setdefault(id(store), store)
+        return list(seen.values())
+
+    def store(self, service: str) -> Backend:
+        """The store ``service`` owns."""
+        try:
+            return self.stores[service]
+        except KeyError:
+            raise ConfigurationError(f"no store opened for service {service!r}") from None
+
+    @property
+    def entry(self) -> Backend | BrokerBus:
+        """Where messages from outside are submitted: the bus."""
+        if self.bus is not None:
+            return self.bus
+        return self.distinct_stores()[0]
+
+    async def open(self) -> None:
+        """Connect every store and the bus (creating their schemas)."""
+        for store in self.distinct_stores():
+            await _open(store)
+        if self.bus is not None:
+            await _open(self.bus)
+
+    async def close(self) -> None:
+        """Close the bus and every store."""
+        if self.bus is not None:
+            await self.bus.close()
+        for store in self.distinct_stores():
+            await store.close()
+
+    def runtimes(
+        self,
+        system: System,
+        services: Iterable[str] | None = None,
+        *,
+        member: str | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        poll_interval: float = 0.1,
+    ) -> list[Runtime]:
+        """One runtime per distinct store, running the named services (default: all opened)."""
+        names = list(services) if services is not None else list(self.services)
+        groups: dict[int, list[str]] = {}
+        for name in names:
+            groups.setdefault(id(self.store(name)), []).append(name)
+        return [
+            Runtime(
+                self.store(group[0]),
+                system,
+                group,
+                bus=self.bus,
+                member=member,
+                batch_size=batch_size,
+                poll_interval=poll_interval,
+            )
+            for group in groups.values()
+        ]
+
+
+async def _open(resource: object) -> None:
+    opener = getattr(resource, "open", None)
+    if opener is not None:
+        await opener()
+
+
+async def run_runtimes(runtimes: Sequence[Runtime]) -> None:
+    """Run several runtimes until each is stopped."""
+    await asyncio.gather(*(runtime.run() for runtime in runtimes))
+
+
+@dataclass
+class _Child:
+    name: str
+    argv: list[str]
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+
+
+class Supervisor:
+    """Runs commands as child processes, restarts any that dies, stops them all on request.
+
+    A child that exits while the supervisor is not stopping is restarted after a backoff that
+    grows with its recent crashes. :meth:`stop` sends SIGTERM to every child (they finish their
+    batches), then SIGKILL to those still alive after ``grace`` seconds.
+    """
+
+    def __init__(
+        self,
+        commands: Mapping[str, Sequence[str]],
+        *,
+        env: Mapping[str, str] | None = None,
+        grace: float = 15.0,
+        max_backoff: float = 10.0,
+    ) -> None:
+        self.children = [_Child(name, list(argv)) for name, argv in commands.items()]
+        self.env = dict(os.environ if env is None else env)
+        self.grace = grace
+        self.max_backoff = max_backoff
+        self.stopping = asyncio.Event()
+
+    async def _start(self, child: _Child) -> None:
+        child.process = await asyncio.create_subprocess_exec(*child.argv, env=self.env)
+        log.info("started %s (pid %d)", child.name, child.process.pid)
+
+    async def _watch(self, child: _Child) -> None:
+        while True:
+            await self._start(child)
+            assert child.process is not None
+            code = await child.process.wait()
+            if self.stopping.is_set():
+                return
+            child.restarts += 1
+            delay = min(self.max_backoff, 0.25 * 2 ** min(child.restarts, 8))
+            log.warning("%s exited with %s; restarting in %.2fs", child.name, code, delay)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), delay)
+                return
+            except TimeoutError:
+                continue
+
+    def pids(self) -> dict[str, int]:
+        """The running children's process ids."""
+        return {
+            child.name: child.process.pid
+            for child in self.children
+            if child.process is not None and child.process.returncode is None
+        }
+
+    async def run(self) -> None:
+        """Start every child and keep them running until :meth:`stop`."""
+        watchers = [asyncio.create_task(self._watch(child)) for child in self.children]
+        await self.stopping.wait()
+        for child in self.children:
+            if child.process is not None and child.process.returncode is None:
+                child.process.send_signal(signal.SIGTERM)
+        waits = [
+            child.process.wait()
+            for child in self.children
+            if child.process is not None and child.process.returncode is None
+        ]
+        try:
+            await asyncio.wait_for(asyncio.gather(*waits), self.grace)
+        except TimeoutError:
+            for child in self.children:
+                if child.process is not None and child.process.returncode is None:
+                    log.warning("%s did not stop in %.0fs: killing it", child.name, self.grace)
+                    child.process.kill()
+                    await child.process.wait()
+        for watcher in watchers:
+            watcher.cancel()
+
+    def stop(self) -> None:
+        """Stop every child (SIGTERM, then SIGKILL after the grace period)."""
+        self.stopping.set()
+
+
+def serve_argv(
+    service: str,
+    store_url: str,
+    bus_url: str | None,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The command line of one ``sagaline serve`` process for ``service``."""
+    argv = [sys.executable, "-m", "sagaline", "serve", service, "--store", store_url]
+    if bus_url is not None:
+        argv += ["--bus", bus_url]
+    return [*argv, *extra]

@@ -1,0 +1,243 @@
+"""The order flow with every service in its own OS process, on each deployable combination.
+
+``sagaline up --store URL --bus URL`` starts the five services as separate processes, each with
+its own store (database per service); the test stocks the inventory, submits orders as a client,
+waits until every service has caught up, and checks the outcome of each order. Under load, a
+service process is killed with SIGKILL; ``up`` restarts it, and afterwards the invariants of
+RELIABILITY.md hold over the services' stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import servers
+from conftest import OrderStore
+
+from sagaline.deploy import Deployment
+from sagaline.orders import SERVICE_NAMES, build_system
+from sagaline.orders.demo import DEMO_STOCK, demo_orders, is_deployment_settled
+from sagaline.orders.inventory import set_stock
+from sagaline.orders.read import ORDER_VIEW
+
+COMBINATIONS = ("sqlite+sqlite", "postgresql+postgresql", "postgresql+rabbitmq", "postgresql+nats")
+
+
+@pytest.fixture(params=COMBINATIONS)
+def urls(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The store URL and bus URL of one combination, on storage of this test's own."""
+    combination = request.param
+    if combination == "sqlite+sqlite":
+        yield f"sqlite:///{tmp_path}/{{service}}.db", f"sqlite:///{tmp_path}/bus.db"
+        return
+    postgres = servers.postgres_database()
+    store = next(postgres)
+    try:
+        if combination == "postgresql+postgresql":
+            yield store, store
+        elif combination == "postgresql+rabbitmq":
+            vhost = servers.rabbitmq_vhost()
+            try:
+                yield store, next(vhost)
+            finally:
+                vhost.close()
+        else:
+            prefix = servers.nats_prefix()
+            try:
+                yield store, next(prefix)
+            finally:
+                prefix.close()
+    finally:
+        postgres.close()
+
+
+class Cluster:
+    """``sagaline up`` on one combination, and the test's own view of the services' stores."""
+
+    def __init__(self, store: str, bus: str, directory: Path) -> None:
+        self.store = store
+        self.bus = bus
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = directory / "up.log"
+
+    def run(self, work: Callable[[Deployment], Any]) -> Any:
+        """Do ``work`` with the deployment opened in this process (then closed)."""
+
+        async def go() -> Any:
+            deployment = Deployment(self.store, self.bus, SERVICE_NAMES)
+            await deployment.open()
+            try:
+                result = work(deployment)
+                if asyncio.iscoroutine(result):
+                    result = await result
+                return result
+            finally:
+                await deployment.close()
+
+        return asyncio.run(go())
+
+    def up(self, *options: str) -> None:
+        """Start ``sagaline up`` with short leases, so a restarted service resumes quickly."""
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "sagaline",
+                    "up",
+                    "--store",
+                    self.store,
+                    "--bus",
+                    self.bus,
+                    "--lease-seconds",
+                    "2",
+                    *options,
+                ],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={k: v for k, v in os.environ.items() if k != "SAGALINE_CRASH_AT"},
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:]
+
+    def services(self) -> dict[str, list[int]]:
+        """The pids of the running service processes, by service."""
+        assert self.process is not None
+        found: dict[str, list[int]] = {}
+        for child in psutil.Process(self.process.pid).children():
+            try:
+                argv = child.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "serve" in argv:
+                found.setdefault(argv[argv.index("serve") + 1], []).append(child.pid)
+        return found
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.process is not None
+            if self.process.poll() is not None:
+                pytest.fail(f"sagaline up exited while waiting for {what}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} after {timeout}s:\n{self.output()}")
+            time.sleep(0.1)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        children = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"sagaline up did not stop:\n{self.output()}")
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"service processes left running: {alive}"
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                child.kill()
+            self.process.kill()
+            self.process.wait(30)
+
+
+@pytest.fixture
+def cluster(urls: tuple[str, str], tmp_path: Path) -> Iterator[Cluster]:
+    running = Cluster(*urls, tmp_path)
+    try:
+        yield running
+    finally:
+        running.kill()
+
+
+def stock(levels: dict[str, int]) -> Callable[[Deployment], Any]:
+    async def put(deployment: Deployment) -> None:
+        async with deployment.store("inventory").transaction() as tx:
+            for product_id, quantity in levels.items():
+                await set_stock(tx, product_id, quantity)
+
+    return put
+
+
+def submit(commands: Sequence[Any]) -> Callable[[Deployment], Any]:
+    async def send(deployment: Deployment) -> None:
+        await build_system().submit_many(deployment.entry, commands)
+
+    return send
+
+
+def settled(order_ids: Sequence[str]) -> Callable[[Deployment], bool]:
+    return lambda deployment: is_deployment_settled(deployment, order_ids)
+
+
+def statuses(order_ids: Sequence[str]) -> Callable[[Deployment], dict[str, Any]]:
+    def read(deployment: Deployment) -> dict[str, Any]:
+        view = deployment.store("read")
+        found = {}
+        for order_id in order_ids:
+            document = view.get_document_sync(ORDER_VIEW, order_id)  # type: ignore[attr-defined]
+            found[order_id] = document.data["status"] if document else None
+        return found
+
+    return read
+
+
+def test_the_demo_orders_run_end_to_end_with_each_service_in_its_own_process(
+    cluster: Cluster,
+) -> None:
+    cluster.run(lambda deployment: None)  # creates the schemas before the services start
+    cluster.up()
+    cluster.wait_for(lambda: set(cluster.services()) == set(SERVICE_NAMES), "five services")
+    assert all(len(pids) == 1 for pids in cluster.services().values())
+    cluster.run(stock(dict(DEMO_STOCK)))
+    orders = demo_orders()
+    cluster.run(submit(orders))
+    order_ids = [order.correlation_key() for order in orders]
+    cluster.wait_for(lambda: cluster.run(settled(order_ids)), "settled orders")
+    assert cluster.run(statuses(order_ids)) == {
+        "ORD-12345": "CONFIRMED",
+        "ORD-12346": "CANCELLED",
+        "ORD-12347": "CANCELLED",
+    }
+    assert cluster.stop() == 0
+
+
+def test_a_service_killed_under_load_is_restarted_and_nothing_is_lost(
+    cluster: Cluster,
+) -> None:
+    orders = OrderStore.mix(1, 300)
+    order_ids = [order.correlation_key() for order in orders]
+    cluster.run(stock({"PROD-A": 200, "PROD-B": 10}))
+    cluster.up("--instances", "2")
+    cluster.wait_for(
+        lambda: sum(len(p) for p in cluster.services().values()) == 2 * len(SERVICE_NAMES),
+        "ten service processes",
+    )
+    cluster.run(submit(orders))
+    # Kill one instance of every service while the orders are in flight; up restarts them.
+    victims = {service: pids[0] for service, pids in cluster.services().items()}
+    for pid in victims.values():
+        os.kill(pid, signal.SIGKILL)
+    cluster.wait_for(
+        lambda: not set(victims.values()) & {p for ps in cluster.services().values() for p in ps}
+        and sum(len(p) for p in cluster.services().values()) == 2 * len(SERVICE_NAMES),
+        "restarted services",
+    )
+    cluster.wait_for(lambda: cluster.run(settled(order_ids)), "settled orders", timeout=240)
+    found = cluster.run(statuses(order_ids))
+    assert set(found.values()) <= {"CONFIRMED", "CANCELLED"}
+    assert cluster.stop() == 0
