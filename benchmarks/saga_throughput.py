@@ -1,10 +1,17 @@
-"""Saga throughput on the embedded default: N order sagas submitted at once, all services in one
-process on one SQLite file (WAL, synchronous=FULL).
+"""Saga throughput: N order sagas submitted at once (90% succeed, 10% compensate).
 
-Prints completed sagas/s, p50/p99 submit-to-terminal latency, peak RSS and messages/s.
+By default all services run in one process on one SQLite file (WAL, synchronous=FULL). With
+``--store``/``--bus`` each service has its own store and the bus is the one named; with
+``--instances N`` every service runs as N separate processes (``sagaline up``). Prints completed
+sagas/s, p50/p99 submit-to-terminal latency, peak RSS, messages/s and, for a deployment, the raw
+durable message rate of the same transport measured in the same run and the ratio to it.
 
-    python benchmarks/saga_throughput.py                 # 10,000 sagas
+    python benchmarks/saga_throughput.py                 # 10,000 sagas, embedded
     python benchmarks/saga_throughput.py --sagas 100000  # the memory target
+    python benchmarks/saga_throughput.py --store postgresql://postgres@127.0.0.1/bench \
+        --bus postgresql://postgres@127.0.0.1/bench --instances 1
+    python benchmarks/saga_throughput.py --store postgresql://postgres@127.0.0.1/bench \
+        --bus amqp://guest:guest@127.0.0.1/ --instances 1
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,8 +30,9 @@ from decimal import Decimal
 from pathlib import Path
 
 from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.deploy import Deployment, open_bus
 from sagaline.handling import DEFAULT_BATCH, Runtime
-from sagaline.orders import PaymentRules, build_system
+from sagaline.orders import SERVICE_NAMES, PaymentRules, build_system
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 
@@ -108,15 +118,176 @@ async def run(sagas: int, batch_size: int, path: str) -> None:
     await db.close()
 
 
+async def raw_rate(bus_url: str, count: int, batch: int = 500) -> float:
+    """Durable messages/s of the bare transport: publish and consume ``count`` at once.
+
+    The same durability as the saga run: confirmed publishes, acknowledgements that are durable
+    (committed, or acked to the broker), the batch sizes the workers use.
+    """
+    from sagaline.messages import Envelope
+    from sagaline.orders.messages import ProcessPaymentCommand
+    from sagaline.ports import ConsumerSpec, Outcome
+
+    bus = open_bus(bus_url)
+    opener = getattr(bus, "open", None)
+    if opener is not None:
+        await opener()
+    spec = ConsumerSpec("rawbench", "queue", frozenset({"ProcessPaymentCommand"}))
+    routes = {"ProcessPaymentCommand": "rawbench"}
+    await bus.prepare([spec], routes)
+    envelopes = [
+        Envelope.wrap(
+            ProcessPaymentCommand(
+                order_id=f"RAW-{n}", customer_id="CUST-1", amount=Decimal("75.50")
+            ),
+            source="bench",
+        )
+        for n in range(count)
+    ]
+    received = 0
+    started = time.perf_counter()
+
+    async def produce() -> None:
+        for start in range(0, count, batch):
+            await bus.publish(envelopes[start : start + batch], routes)
+
+    async def consume() -> None:
+        nonlocal received
+        while received < count:
+            claimed = await bus.claim(spec, "raw", batch)
+            if not claimed.deliveries:
+                await bus.wait_for_work(spec, 0.05)
+                continue
+            await bus.complete(claimed, [(Outcome.ACK, None)] * len(claimed.deliveries))
+            received += len(claimed.deliveries)
+
+    await asyncio.gather(produce(), consume())
+    elapsed = time.perf_counter() - started
+    await bus.leave(spec, "raw")
+    await bus.close()
+    return count / elapsed
+
+
+async def run_deployment(
+    sagas: int, batch_size: int, store: str, bus: str | None, instances: int, raw: int
+) -> None:
+    """N sagas through a deployment: services in this process, or ``instances`` processes each."""
+    system = build_system(PaymentRules(default_limit=Decimal("1000.00")))
+    deployment = Deployment(store, bus, SERVICE_NAMES)
+    await deployment.open()
+    async with deployment.store("inventory").transaction() as tx:
+        await set_stock(tx, "PROD-A", sagas * 2)
+        await set_stock(tx, "PROD-X", 0)
+    if deployment.bus is not None:
+        consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
+        await deployment.bus.prepare(consumers, system.routes)
+    orchestrator = deployment.store("orchestrator")
+    supervisor = None
+    runner = None
+    runtimes = []
+    if instances:
+        argv = [sys.executable, "-m", "sagaline", "up", "--store", store, "--instances"]
+        argv += [str(instances), "--batch-size", str(batch_size)]
+        if bus is not None:
+            argv += ["--bus", bus]
+        supervisor = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    orders = _orders(sagas)
+    started = time.perf_counter()
+    submitted_at: dict[str, float] = {}
+    for start in range(0, sagas, 5000):
+        for envelope in await system.submit_many(deployment.entry, orders[start : start + 5000]):
+            submitted_at[envelope.correlation_id] = _seconds(envelope.timestamp)
+    del orders
+    submitted = time.perf_counter()
+    cpu_before = time.process_time()
+    if not instances:
+        runtimes = deployment.runtimes(system, batch_size=batch_size)
+        runner = asyncio.gather(*(runtime.run() for runtime in runtimes))
+
+    def terminal() -> int:
+        counts = orchestrator.saga_counts()  # type: ignore[attr-defined]
+        return int(counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0))
+
+    while terminal() < sagas:
+        await asyncio.sleep(0.1)
+    finished = time.perf_counter()
+    cpu = time.process_time() - cpu_before
+    for runtime in runtimes:
+        runtime.stop()
+    if runner is not None:
+        await runner
+    if supervisor is not None:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.wait(120)
+    handled = sum(runtime.handled for runtime in runtimes)
+    latencies = [
+        _seconds(record.updated_at) - submitted_at[record.saga_id.split(":", 1)[1]]
+        for record in orchestrator.list_sagas()  # type: ignore[attr-defined]
+    ]
+    run_seconds = finished - submitted
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    rate = sagas / run_seconds
+    print(f"store / bus           {store} / {bus or '(the store)'}")
+    print(f"services              {f'{instances} process(es) each' if instances else 'in-process'}")
+    print(f"sagas                 {sagas:,} ({orchestrator.saga_counts()})")  # type: ignore[attr-defined]
+    print(f"submit                {submitted - started:.2f} s")
+    print(f"all sagas terminal    {run_seconds:.2f} s")
+    print(f"completed sagas/s     {rate:,.0f}")
+    print(
+        f"latency p50 / p99     {quantiles[49]:.2f} s / {quantiles[98]:.2f} s (submit to terminal)"
+    )
+    if runtimes:
+        print(f"messages handled      {handled:,} ({handled / sagas:.1f} per saga)")
+        print(f"CPU per saga          {cpu / sagas * 1e6:,.0f} us (this process)")
+        print(f"peak RSS              {rss_mb:,.0f} MB (this process)")
+    await deployment.close()
+    if raw:
+        transport = bus or store
+        raw_rate_value = await raw_rate(transport, raw, batch_size)
+        per_saga = MESSAGES_PER_SAGA
+        print(f"raw transport rate    {raw_rate_value:,.0f} durable msgs/s publish+consume")
+        print(
+            f"ratio                 {rate * per_saga / raw_rate_value:.0%}"
+            f" (sagas/s x {per_saga} messages per saga / raw msgs/s)"
+        )
+
+
+#: Messages put on the bus per saga of the benchmark's mix (commands and events as published,
+#: not deliveries): CreateOrder, OrderCreated, ReserveInventory, InventoryReserved,
+#: ProcessPayment, PaymentProcessed, OrderConfirmed, OrderConfirmationRecorded on the happy path.
+MESSAGES_PER_SAGA = 8
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sagas", type=int, default=10_000)
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--path", default=None, help="SQLite file (default: a temporary one)")
+    parser.add_argument("--store", default=None, help="store URL (a deployment per service)")
+    parser.add_argument("--bus", default=None, help="bus URL when not the store's database")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=0,
+        help="run each service as this many processes (sagaline up); 0: all in this process",
+    )
+    parser.add_argument(
+        "--raw", type=int, default=20_000, help="messages for the raw transport rate (0: skip)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sagaline-bench-") as tmp:
-        path = args.path or str(Path(tmp) / "bench.db")
-        asyncio.run(run(args.sagas, args.batch_size, path))
+        if args.store is None and args.bus is None and not args.instances:
+            path = args.path or str(Path(tmp) / "bench.db")
+            asyncio.run(run(args.sagas, args.batch_size, path))
+        else:
+            store = args.store or f"sqlite:///{tmp}/{{service}}.db"
+            bus = args.bus
+            if bus is None and "{service}" in store:
+                bus = f"sqlite:///{tmp}/bus.db"
+            asyncio.run(
+                run_deployment(args.sagas, args.batch_size, store, bus, args.instances, args.raw)
+            )
     sys.stdout.flush()
 
 
