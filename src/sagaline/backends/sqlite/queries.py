@@ -6,6 +6,8 @@ import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
+import msgspec
+
 from sagaline.backends.sqlite.rows import (
     ENVELOPE_COLUMNS,
     decode_json,
@@ -163,7 +165,7 @@ class SqliteQueries:
                 "sequence": seq,
                 "messageId": message_id,
                 "type": type_,
-                "body": decode_json(body),
+                "body": _body_or_none(body),
                 "causationId": causation,
                 "timestamp": ts,
                 "source": source,
@@ -260,6 +262,73 @@ class SqliteQueries:
             conn.execute("COMMIT")
         return not pending and set(subscribers) <= set(lag) and not any(lag.values())
 
+    def audit_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row the invariant checker reads, table by table, in one consistent read.
+
+        The contract, shared by every backend that implements it (the checker in
+        :mod:`sagaline.testing.invariants` builds its snapshot from these shapes only): a dict
+        with exactly the keys below, each a list of tuples whose columns come in this order.
+        A backend without a table returns an empty list for it. JSON columns hold the JSON text
+        as stored (``str``; numbers with a fraction are read back exactly as decimals);
+        timestamps are the ISO 8601 text the envelopes carry; ``done`` and ``sent`` are 0 or 1.
+
+        * ``events`` (the event log: event-sourced appends, which carry a stream, and, when this
+          database is a bus, every published event), by ``position``:
+          ``(position, stream, version, part, message_id, type, body, correlation_id,
+          causation_id, timestamp, traceparent, source)``; ``stream`` and ``version`` are NULL
+          for a published event, ``part`` is the log partition of the correlation id.
+        * ``commands`` (the command queues, when this database is a bus), by ``id``:
+          ``(id, queue, message_id, type, correlation_id, causation_id, timestamp, source,
+          done, outcome, attempts, last_error)``; ``outcome`` is ``'handled'``, ``'dead'`` or
+          NULL while ``done`` is 0.
+        * ``outbox`` (what a store in outbox mode emitted, commands and events alike), by
+          ``id``: ``(id, message_id, type, body, correlation_id, causation_id, timestamp,
+          traceparent, source, sent)``.
+        * ``inbox`` (messages handled, per consumer), by consumer then message id:
+          ``(consumer, message_id)``.
+        * ``subscriptions`` (subscriber cursors, when this database is a bus), by subscriber
+          then part: ``(subscriber, part, position)``; ``position`` is the last log position
+          the subscriber has settled in that partition.
+        * ``dead_letters``, by ``id``: ``(id, consumer, message_id, type, correlation_id,
+          causation_id, source, reason, attempts, failed_at)``.
+        * ``documents``, by namespace then key: ``(namespace, key, data, version)``.
+        * ``sagas``, by ``saga_id``: ``(saga_id, definition, definition_version, status, step,
+          data, version, created_at, updated_at)``.
+        * ``saga_history``, by saga id, version, entry: ``(saga_id, version, entry, data)``.
+
+        Reads in one transaction when none is open on the connection, so that a commit of
+        another process cannot fall between two tables.
+        """
+        queries = {
+            "events": "SELECT position, stream, version, part, message_id, type, body,"
+            " correlation_id, causation_id, timestamp, traceparent, source FROM events"
+            " ORDER BY position",
+            "commands": "SELECT id, queue, message_id, type, correlation_id, causation_id,"
+            " timestamp, source, done, outcome, attempts, last_error FROM commands ORDER BY id",
+            "outbox": "SELECT id, message_id, type, body, correlation_id, causation_id,"
+            " timestamp, traceparent, source, sent FROM outbox ORDER BY id",
+            "inbox": "SELECT consumer, message_id FROM inbox ORDER BY consumer, message_id",
+            "subscriptions": "SELECT subscriber, part, position FROM subscriptions"
+            " ORDER BY subscriber, part",
+            "dead_letters": "SELECT id, consumer, message_id, type, correlation_id,"
+            " causation_id, source, reason, attempts, failed_at FROM dead_letters ORDER BY id",
+            "documents": "SELECT namespace, key, data, version FROM documents"
+            " ORDER BY namespace, key",
+            "sagas": "SELECT saga_id, definition, definition_version, status, step, data,"
+            " version, created_at, updated_at FROM sagas ORDER BY saga_id",
+            "saga_history": "SELECT saga_id, version, entry, data FROM saga_history"
+            " ORDER BY saga_id, version, entry",
+        }
+        conn = self.connection
+        own = not conn.in_transaction
+        if own:
+            conn.execute("BEGIN")
+        try:
+            return {name: conn.execute(sql).fetchall() for name, sql in queries.items()}
+        finally:
+            if own:
+                conn.execute("COMMIT")
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """A read-only query for checks and tools (parameters only)."""
         return self.connection.execute(sql, params).fetchall()
@@ -279,3 +348,11 @@ def _kind_of(message_type: str) -> str:
     except UnknownMessageType:
         return "event"
     return "command" if issubclass(cls, Command) else "event"
+
+
+def _body_or_none(body: str | bytes) -> Any:
+    """A logged message's body as JSON, or None when it is not JSON (a rejected message)."""
+    try:
+        return decode_json(body)
+    except (ValueError, msgspec.DecodeError):
+        return None

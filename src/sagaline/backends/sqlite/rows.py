@@ -72,10 +72,15 @@ def envelope_from_row(row: Sequence[Any], offset: int = 0) -> Envelope:
 
 def envelope_params(envelope: Envelope) -> tuple[Any, ...]:
     """An envelope as the parameters of :data:`ENVELOPE_COLUMNS`."""
+    try:
+        body: str | bytes = envelope.body.decode()
+    except UnicodeDecodeError:
+        # Not text (a foreign producer's bytes): kept as a blob, so it can be dead-lettered as is.
+        body = envelope.body
     return (
         envelope.message_id,
         envelope.message_type,
-        envelope.body.decode(),
+        body,
         envelope.correlation_id,
         envelope.causation_id,
         envelope.timestamp,

@@ -1,0 +1,480 @@
+"""The bus port's conformance suite, run against every bus through the real message path.
+
+Written once; each bus joins with a subclass that provides a :class:`Harness` factory: the bus in
+the store's own database (SQLite, PostgreSQL), or a separate bus (a SQLite or PostgreSQL bus
+database, RabbitMQ, NATS JetStream) with the services' store in outbox mode. Every test drives
+real services (:class:`Runtime`) and waits for what a user relies on: the handled messages in the
+store, the dead letters with their reason, the replayed log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import servers
+from test_bus import (
+    FAST_RETRY,
+    BusTestCommand,
+    BusTestEvent,
+    BusTestOtherEvent,
+    hand_made,
+    padded,
+    queue_service,
+    record,
+    subscriber,
+)
+
+from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.deploy import open_bus
+from sagaline.handling import Context, Runtime, Service, System
+from sagaline.messages import MAX_MESSAGE_BYTES, Envelope, encode_body
+from sagaline.ports import Backend, BrokerBus, DeadLetter, Outcome, RetryPolicy, StoredEvent
+
+
+class Harness:
+    """One store and one bus (the same object when the bus is in the store's database)."""
+
+    def __init__(self, store: Backend, bus: BrokerBus | None) -> None:
+        self.store = store
+        self.bus = bus
+        self.extra_buses: list[BrokerBus] = []
+
+    @property
+    def entry(self) -> Any:
+        return self.bus if self.bus is not None else self.store
+
+    @property
+    def port(self) -> Any:
+        """The object that claims and completes: the bus (or the store that is the bus)."""
+        return self.bus if self.bus is not None else self.store
+
+    async def open(self) -> None:
+        await _open(self.store)
+        if self.bus is not None:
+            await _open(self.bus)
+
+    async def close(self) -> None:
+        for bus in [*self.extra_buses, *([self.bus] if self.bus is not None else [])]:
+            try:
+                await bus.close()
+            except Exception:
+                pass
+        await self.store.close()
+
+    async def prepare(self, system: System) -> None:
+        consumers = [spec for service in system.services.values() for spec in service.consumers()]
+        await cast(BrokerBus, self.port).prepare(consumers, system.routes)
+
+    async def inject(self, envelopes: list[Envelope], system: System) -> None:
+        """Put hand-made envelopes on the bus as they are, unchecked (what a broken or hostile
+        producer could do)."""
+        await self.prepare(system)
+        await cast(BrokerBus, self.port).publish(envelopes, system.routes)
+
+    def runtime(
+        self, system: System, services: list[str] | None = None, member: str = "m"
+    ) -> Runtime:
+        return Runtime(
+            self.store, system, services, bus=self.bus, member=member, poll_interval=0.05
+        )
+
+    def recorded(self, service: str) -> dict[str, list[int]]:
+        rows = cast(Any, self.store).query_documents(f"bus.{service}")
+        return {row["key"]: row["seqs"] for row in rows}
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return list(cast(Any, self.store).dead_letters())
+
+    async def replay(self, after: int = 0) -> list[StoredEvent]:
+        return [stored async for stored in cast(BrokerBus, self.port).replay(after)]
+
+
+async def _open(resource: object) -> None:
+    opener = getattr(resource, "open", None)
+    if opener is not None:
+        await opener()
+
+
+MakeHarness = Callable[[], Harness]
+
+
+async def run_until(
+    harness: Harness,
+    system: System,
+    done: Callable[[], bool],
+    services: list[str] | None = None,
+    timeout: float = 30,
+    member: str = "m",
+) -> Runtime:
+    await harness.prepare(system)
+    runtime = harness.runtime(system, services, member)
+    await runtime.run_until(done, timeout=timeout)
+    return runtime
+
+
+def handled_all(
+    harness: Harness, service: str, expected: dict[str, list[int]]
+) -> Callable[[], bool]:
+    def done() -> bool:
+        found = harness.recorded(service)
+        return all(len(found.get(key, [])) >= len(seqs) for key, seqs in expected.items())
+
+    return done
+
+
+def both(*conditions: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: all(condition() for condition in conditions)
+
+
+class BusPortConformance:
+    """What every bus must do on the message path. Subclasses provide ``make_harness``."""
+
+    @pytest.fixture
+    def make_harness(self, tmp_path: Path) -> Iterator[MakeHarness]:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def harness(self, make_harness: MakeHarness) -> Harness:
+        return make_harness()
+
+    def test_commands_reach_the_queue_they_are_routed_to_in_order_per_key(
+        self, harness: Harness
+    ) -> None:
+        async def scenario() -> None:
+            await harness.open()
+            system = System(
+                [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+            )
+            await harness.prepare(system)
+            keys = [f"K-{k}" for k in range(5)]
+            await system.submit_many(
+                harness.entry, [BusTestCommand(key=k, seq=s) for s in range(20) for k in keys]
+            )
+            expected = {key: list(range(20)) for key in keys}
+            await run_until(harness, system, handled_all(harness, "alpha", expected))
+            assert harness.recorded("alpha") == expected
+            assert harness.recorded("watcher") == {}
+
+        asyncio.run(scenario())
+
+    def test_events_reach_every_subscriber_of_their_type(self, harness: Harness) -> None:
+        async def scenario() -> None:
+            await harness.open()
+            system = System(
+                [
+                    subscriber("first", BusTestEvent),
+                    subscriber("second", BusTestEvent, BusTestOtherEvent),
+                    subscriber("third", BusTestOtherEvent),
+                ]
+            )
+            await harness.prepare(system)
+            events: list[Any] = [BusTestEvent(key=f"K-{i % 3}", seq=i) for i in range(12)]
+            events += [BusTestOtherEvent(key="K-0", seq=100 + i) for i in range(2)]
+            await system.submit_many(harness.entry, events)
+            expected = {f"K-{k}": list(range(k, 12, 3)) for k in range(3)}
+            second = {**expected, "K-0": [0, 3, 6, 9, 100, 101]}
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "first", expected),
+                    handled_all(harness, "second", second),
+                    handled_all(harness, "third", {"K-0": [100, 101]}),
+                ),
+            )
+            assert harness.recorded("first") == expected
+            assert harness.recorded("second") == second
+            assert harness.recorded("third") == {"K-0": [100, 101]}
+
+        asyncio.run(scenario())
+
+    @pytest.mark.parametrize("source", ["queue", "subscription"])
+    def test_order_per_key_holds_despite_failures(self, harness: Harness, source: str) -> None:
+        calls: Counter[tuple[str, int]] = Counter()
+
+        async def flaky(ctx: Context, message: Any) -> None:
+            calls[message.key, message.seq] += 1
+            await record(ctx, message)
+            if message.seq % 5 == 2 and calls[message.key, message.seq] <= 2:
+                raise RuntimeError("transient")
+
+        async def scenario() -> None:
+            await harness.open()
+            service = Service("alpha", retry=FAST_RETRY)
+            kind: Any = BusTestCommand if source == "queue" else BusTestEvent
+            if source == "queue":
+                service.handles(BusTestCommand)(flaky)
+            else:
+                service.subscribes(BusTestEvent)(flaky)
+            system = System([service])
+            await harness.prepare(system)
+            keys = [f"K-{k}" for k in range(4)]
+            await system.submit_many(
+                harness.entry, [kind(key=key, seq=seq) for seq in range(12) for key in keys]
+            )
+            expected = {key: list(range(12)) for key in keys}
+            await run_until(harness, system, handled_all(harness, "alpha", expected))
+            assert harness.recorded("alpha") == expected
+            assert all(calls[key, 2] >= 3 for key in keys)
+            assert not harness.dead_letters()
+
+        asyncio.run(scenario())
+
+    def test_a_poison_message_is_retried_with_backoff_then_dead_lettered(
+        self, harness: Harness
+    ) -> None:
+        policy = RetryPolicy(max_attempts=3, initial_delay=0.1, multiplier=2.0, max_delay=1.0)
+        poison_calls: list[float] = []
+
+        async def handler(ctx: Context, command: BusTestCommand) -> None:
+            if command.key == "K-poison" and command.seq == 0:
+                poison_calls.append(asyncio.get_running_loop().time())
+                raise RuntimeError("poison-boom: cannot handle this one")
+            await record(ctx, command)
+
+        async def scenario() -> None:
+            await harness.open()
+            service = Service("alpha", retry=policy)
+            service.handles(BusTestCommand)(handler)
+            system = System([service])
+            await harness.prepare(system)
+            poison = await system.submit(harness.entry, BusTestCommand(key="K-poison", seq=0))
+            await system.submit_many(
+                harness.entry,
+                [BusTestCommand(key="K-poison", seq=1)]
+                + [BusTestCommand(key=f"K-{k}", seq=s) for s in range(5) for k in range(3)],
+            )
+            expected = {**{f"K-{k}": list(range(5)) for k in range(3)}, "K-poison": [1]}
+            await run_until(
+                harness,
+                system,
+                both(handled_all(harness, "alpha", expected), lambda: bool(harness.dead_letters())),
+            )
+            [dead] = harness.dead_letters()
+            assert (dead.consumer, dead.envelope.message_id) == ("alpha", poison.message_id)
+            assert dead.envelope.body == poison.body
+            assert dead.attempts == policy.max_attempts
+            assert "poison-boom" in dead.reason and "RuntimeError" in dead.reason
+            assert len(poison_calls) >= policy.max_attempts
+            assert poison_calls[-1] - poison_calls[0] >= (policy.delay(1) + policy.delay(2)) * 0.9
+            assert harness.recorded("alpha") == expected
+
+        asyncio.run(scenario())
+
+    @pytest.mark.parametrize("source", ["queue", "subscription"])
+    def test_invalid_and_foreign_messages_are_dead_lettered_and_the_consumer_goes_on(
+        self, harness: Harness, source: str
+    ) -> None:
+        async def scenario() -> None:
+            await harness.open()
+            if source == "queue":
+                system = System([queue_service("alpha", BusTestCommand)])
+                kind: Any = BusTestCommand
+                bad_body = b'{"commandType":"BusTestCommand","key":"K-1","seq":"one"}'
+                type_name = "BusTestCommand"
+            else:
+                system = System([subscriber("alpha", BusTestEvent)])
+                kind = BusTestEvent
+                bad_body = b'{"eventType":"BusTestEvent","key":"K-1","seq":1,"x":2}'
+                type_name = "BusTestEvent"
+            bad = hand_made(type_name, "K-1", bad_body)
+            not_json = hand_made(type_name, "K-2", b"\xff\xfe not json")
+            await harness.inject([bad, not_json], system)
+            await system.submit_many(
+                harness.entry, [kind(key="K-1", seq=1), kind(key="K-2", seq=2)]
+            )
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "alpha", {"K-1": [1], "K-2": [2]}),
+                    lambda: len(harness.dead_letters()) >= 2,
+                ),
+            )
+            dead = {letter.envelope.message_id: letter for letter in harness.dead_letters()}
+            assert set(dead) == {bad.message_id, not_json.message_id}
+            assert "invalid" in dead[bad.message_id].reason
+            assert dead[bad.message_id].envelope.body == bad.body
+            assert "invalid" in dead[not_json.message_id].reason
+            assert harness.recorded("alpha") == {"K-1": [1], "K-2": [2]}
+
+        asyncio.run(scenario())
+
+    def test_a_message_published_twice_is_handled_once(self, harness: Harness) -> None:
+        async def scenario() -> None:
+            await harness.open()
+            system = System(
+                [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+            )
+            await harness.prepare(system)
+            command = await system.submit(harness.entry, BusTestCommand(key="K-1", seq=1))
+            event = await system.submit(harness.entry, BusTestEvent(key="K-1", seq=1))
+            # The relay republishes after a crash between the broker's confirm and its mark.
+            await cast(BrokerBus, harness.port).publish([command, event], system.routes)
+            await system.submit_many(
+                harness.entry, [BusTestCommand(key="K-1", seq=2), BusTestEvent(key="K-1", seq=2)]
+            )
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "alpha", {"K-1": [1, 2]}),
+                    handled_all(harness, "watcher", {"K-1": [1, 2]}),
+                ),
+            )
+            assert harness.recorded("alpha") == {"K-1": [1, 2]}
+            assert harness.recorded("watcher") == {"K-1": [1, 2]}
+
+        asyncio.run(scenario())
+
+    def test_messages_up_to_the_size_limit_pass_and_bigger_ones_are_refused(
+        self, harness: Harness
+    ) -> None:
+        async def scenario() -> None:
+            await harness.open()
+            system = System(
+                [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+            )
+            await harness.prepare(system)
+            command = padded(BusTestCommand, "K-big", MAX_MESSAGE_BYTES)
+            event = padded(BusTestEvent, "K-big", MAX_MESSAGE_BYTES - 10)
+            await system.submit(harness.entry, command)
+            await system.submit(harness.entry, event)
+            with pytest.raises(Exception, match=str(MAX_MESSAGE_BYTES)):
+                await system.submit(
+                    harness.entry, padded(BusTestCommand, "K-x", MAX_MESSAGE_BYTES + 1)
+                )
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "alpha", {"K-big": [0]}),
+                    handled_all(harness, "watcher", {"K-big": [0]}),
+                ),
+            )
+            store = cast(Any, harness.store)
+            assert store.get_document_sync("bus.alpha", "K-big").data["sizes"] == [
+                len(command.payload)
+            ]
+            assert store.get_document_sync("bus.watcher", "K-big").data["sizes"] == [
+                len(event.payload)
+            ]
+            assert not harness.dead_letters()
+
+        asyncio.run(scenario())
+
+    def test_the_event_log_is_replayed_from_any_position(self, harness: Harness) -> None:
+        async def scenario() -> None:
+            await harness.open()
+            system = System([subscriber("early", BusTestEvent)])
+            await harness.prepare(system)
+            envelopes = await system.submit_many(
+                harness.entry, [BusTestEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
+            )
+            log = [e for e in await harness.replay(0) if e.envelope.message_type == "BusTestEvent"]
+            assert [e.envelope.message_id for e in log] == [e.message_id for e in envelopes]
+            assert [e.envelope.body for e in log] == [e.body for e in envelopes]
+            positions = [e.position for e in log]
+            assert positions == sorted(set(positions))
+            tail = await harness.replay(positions[9])
+            assert [e.envelope.message_id for e in tail] == [e.message_id for e in envelopes[10:]]
+            assert await harness.replay(positions[-1]) == []
+
+        asyncio.run(scenario())
+
+    def test_what_a_dead_consumer_held_is_delivered_to_another(
+        self, make_harness: MakeHarness
+    ) -> None:
+        async def scenario() -> None:
+            first = make_harness()
+            await first.open()
+            system = System(
+                [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+            )
+            await first.prepare(system)
+            command = await system.submit(first.entry, BusTestCommand(key="K-1", seq=1))
+            event = await system.submit(first.entry, BusTestEvent(key="K-1", seq=1))
+            queue, subscription = (
+                spec for service in system.services.values() for spec in service.consumers()
+            )
+            loop = asyncio.get_running_loop()
+            held = []
+            for spec, message in ((queue, command), (subscription, event)):
+                deadline = loop.time() + 15
+                while True:
+                    batch = await first.port.claim(spec, "doomed", 10)
+                    if batch.deliveries:
+                        break
+                    assert loop.time() < deadline, "nothing delivered to the first consumer"
+                    await first.port.wait_for_work(spec, 0.1)
+                [delivery] = batch.deliveries
+                assert delivery.envelope.message_id == message.message_id
+                assert delivery.attempt == 1
+                held.append(batch)
+            await self.kill(first)
+            second = make_harness()
+            await second.open()
+            await run_until(
+                second,
+                system,
+                both(
+                    handled_all(second, "alpha", {"K-1": [1]}),
+                    handled_all(second, "watcher", {"K-1": [1]}),
+                ),
+                member="survivor",
+                timeout=60,
+            )
+            await second.close()
+
+        asyncio.run(scenario())
+
+    async def kill(self, harness: Harness) -> None:
+        """End a member without settling what it holds, as a crash does."""
+        if harness.bus is not None:
+            abort = getattr(harness.bus, "abort", None)
+            if abort is not None:
+                await abort()
+                return
+        # A database bus: the member's leases expire; its connection is simply dropped.
+
+
+class TestSqliteBusPort(BusPortConformance):
+    """Store and bus in one SQLite file."""
+
+    @pytest.fixture
+    def make_harness(self, tmp_path: Path) -> Iterator[MakeHarness]:
+        made: list[Harness] = []
+
+        def make() -> Harness:
+            db = SqliteDatabase(f"sqlite:///{tmp_path}/one.db", lease_seconds=0.5)
+            harness = Harness(db, None)
+            made.append(harness)
+            return harness
+
+        yield make
+        for harness in made:
+            asyncio.run(harness.close())
+
+
+class TestSeparateSqliteBusPort(BusPortConformance):
+    """Each member's store in its own SQLite file (outbox mode), the bus in another."""
+
+    @pytest.fixture
+    def make_harness(self, tmp_path: Path) -> Iterator[MakeHarness]:
+        made: list[Harness] = []
+
+        def make() -> Harness:
+            store = SqliteDatabase(f"sqlite:///{tmp_path}/store.db", outbox=True)
+            bus = SqliteDatabase(f"sqlite:///{tmp_path}/bus.db", lease_seconds=0.5)
+            harness = Harness(store, bus)
+            made.append(harness)
+            return harness
+
+        yield make
+        for harness in made:
+            asyncio.run(harness.close())
