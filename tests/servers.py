@@ -18,7 +18,9 @@ from typing import NoReturn
 
 import pytest
 
-POSTGRES_ADMIN_URL = os.environ.get("SAGALINE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SAGALINE_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432"
+)
 RABBITMQ_HOST = os.environ.get("SAGALINE_TEST_RABBITMQ", "guest:guest@127.0.0.1:5672")
 NATS_URL = os.environ.get("SAGALINE_TEST_NATS", "nats://127.0.0.1:4222")
 
@@ -42,7 +44,9 @@ def postgres_database() -> Iterator[str]:
 
     name = unique("sagaline_t_")
     try:
-        admin = psycopg.connect(f"{POSTGRES_ADMIN_URL}/postgres", autocommit=True, connect_timeout=5)
+        admin = psycopg.connect(
+            f"{POSTGRES_ADMIN_URL}/postgres", autocommit=True, connect_timeout=5
+        )
     except psycopg.OperationalError as exc:
         unavailable("PostgreSQL", exc)
     try:

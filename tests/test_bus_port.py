@@ -10,8 +10,9 @@ store, the dead letters with their reason, the replayed log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,8 +33,8 @@ from test_bus import (
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.deploy import open_bus
 from sagaline.handling import Context, Runtime, Service, System
-from sagaline.messages import MAX_MESSAGE_BYTES, Envelope, encode_body
-from sagaline.ports import Backend, BrokerBus, DeadLetter, Outcome, RetryPolicy, StoredEvent
+from sagaline.messages import MAX_MESSAGE_BYTES, Envelope
+from sagaline.ports import Backend, BrokerBus, DeadLetter, RetryPolicy, StoredEvent
 
 
 class Harness:
@@ -43,6 +44,7 @@ class Harness:
         self.store = store
         self.bus = bus
         self.extra_buses: list[BrokerBus] = []
+        _OPEN.append(self)
 
     @property
     def entry(self) -> Any:
@@ -60,10 +62,8 @@ class Harness:
 
     async def close(self) -> None:
         for bus in [*self.extra_buses, *([self.bus] if self.bus is not None else [])]:
-            try:
+            with contextlib.suppress(Exception):
                 await bus.close()
-            except Exception:
-                pass
         await self.store.close()
 
     async def prepare(self, system: System) -> None:
@@ -92,6 +92,24 @@ class Harness:
 
     async def replay(self, after: int = 0) -> list[StoredEvent]:
         return [stored async for stored in cast(BrokerBus, self.port).replay(after)]
+
+
+#: Harnesses made by the running test; closed in the test's event loop when it ends.
+_OPEN: list[Harness] = []
+
+
+def drive(scenario: Callable[[], Any]) -> None:
+    """Run a test's scenario, then close every harness it made, in the same event loop."""
+
+    async def go() -> None:
+        try:
+            await scenario()
+        finally:
+            while _OPEN:
+                with contextlib.suppress(Exception):
+                    await _OPEN.pop().close()
+
+    asyncio.run(go())
 
 
 async def _open(resource: object) -> None:
@@ -160,7 +178,7 @@ class BusPortConformance:
             assert harness.recorded("alpha") == expected
             assert harness.recorded("watcher") == {}
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     def test_events_reach_every_subscriber_of_their_type(self, harness: Harness) -> None:
         async def scenario() -> None:
@@ -191,7 +209,7 @@ class BusPortConformance:
             assert harness.recorded("second") == second
             assert harness.recorded("third") == {"K-0": [100, 101]}
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     @pytest.mark.parametrize("source", ["queue", "subscription"])
     def test_order_per_key_holds_despite_failures(self, harness: Harness, source: str) -> None:
@@ -223,7 +241,7 @@ class BusPortConformance:
             assert all(calls[key, 2] >= 3 for key in keys)
             assert not harness.dead_letters()
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     def test_a_poison_message_is_retried_with_backoff_then_dead_lettered(
         self, harness: Harness
@@ -264,7 +282,7 @@ class BusPortConformance:
             assert poison_calls[-1] - poison_calls[0] >= (policy.delay(1) + policy.delay(2)) * 0.9
             assert harness.recorded("alpha") == expected
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     @pytest.mark.parametrize("source", ["queue", "subscription"])
     def test_invalid_and_foreign_messages_are_dead_lettered_and_the_consumer_goes_on(
@@ -303,7 +321,7 @@ class BusPortConformance:
             assert "invalid" in dead[not_json.message_id].reason
             assert harness.recorded("alpha") == {"K-1": [1], "K-2": [2]}
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     def test_a_message_published_twice_is_handled_once(self, harness: Harness) -> None:
         async def scenario() -> None:
@@ -330,7 +348,7 @@ class BusPortConformance:
             assert harness.recorded("alpha") == {"K-1": [1, 2]}
             assert harness.recorded("watcher") == {"K-1": [1, 2]}
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     def test_messages_up_to_the_size_limit_pass_and_bigger_ones_are_refused(
         self, harness: Harness
@@ -366,7 +384,7 @@ class BusPortConformance:
             ]
             assert not harness.dead_letters()
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     def test_the_event_log_is_replayed_from_any_position(self, harness: Harness) -> None:
         async def scenario() -> None:
@@ -385,7 +403,7 @@ class BusPortConformance:
             assert [e.envelope.message_id for e in tail] == [e.message_id for e in envelopes[10:]]
             assert await harness.replay(positions[-1]) == []
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     def test_what_a_dead_consumer_held_is_delivered_to_another(
         self, make_harness: MakeHarness
@@ -431,16 +449,15 @@ class BusPortConformance:
             )
             await second.close()
 
-        asyncio.run(scenario())
+        drive(scenario)
 
     async def kill(self, harness: Harness) -> None:
-        """End a member without settling what it holds, as a crash does."""
+        """End a member without settling what it holds, as a crash does: its connection goes
+        away (a broker gives the unacknowledged messages back; a database bus's leases expire)."""
         if harness.bus is not None:
-            abort = getattr(harness.bus, "abort", None)
-            if abort is not None:
-                await abort()
-                return
-        # A database bus: the member's leases expire; its connection is simply dropped.
+            await harness.bus.close()
+            harness.bus = None
+            harness.store.outbox = False  # type: ignore[attr-defined]
 
 
 class TestSqliteBusPort(BusPortConformance):
@@ -457,8 +474,6 @@ class TestSqliteBusPort(BusPortConformance):
             return harness
 
         yield make
-        for harness in made:
-            asyncio.run(harness.close())
 
 
 class TestSeparateSqliteBusPort(BusPortConformance):
@@ -476,5 +491,90 @@ class TestSeparateSqliteBusPort(BusPortConformance):
             return harness
 
         yield make
-        for harness in made:
-            asyncio.run(harness.close())
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A database of this test's own on the PostgreSQL server."""
+    yield from servers.postgres_database()
+
+
+class TestPostgresBusPort(BusPortConformance):
+    """Store and bus in one PostgreSQL database (the bus in a schema of its own)."""
+
+    @pytest.fixture
+    def make_harness(self, postgres_url: str) -> Iterator[MakeHarness]:
+        from sagaline.backends.postgres import PostgresDatabase
+
+        made: list[Harness] = []
+
+        def make() -> Harness:
+            db = PostgresDatabase(postgres_url, schema="svc", bus_schema="bus", lease_seconds=0.5)
+            harness = Harness(db, None)
+            made.append(harness)
+            return harness
+
+        yield make
+
+
+class TestSeparatePostgresBusPort(BusPortConformance):
+    """The store in a PostgreSQL schema (outbox mode), the bus in another database's schema."""
+
+    @pytest.fixture
+    def make_harness(self, postgres_url: str) -> Iterator[MakeHarness]:
+        from sagaline.backends.postgres import PostgresDatabase
+
+        made: list[Harness] = []
+
+        def make() -> Harness:
+            store = PostgresDatabase(postgres_url, schema="svc", outbox=True)
+            bus = cast(BrokerBus, open_bus(postgres_url, lease_seconds=0.5))
+            harness = Harness(store, bus)
+            made.append(harness)
+            return harness
+
+        yield make
+
+
+@pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A virtual host of this test's own on the RabbitMQ server."""
+    yield from servers.rabbitmq_vhost()
+
+
+class TestRabbitmqBusPort(BusPortConformance):
+    """RabbitMQ: quorum queues with single active consumers per partition, a stream for replay."""
+
+    @pytest.fixture
+    def make_harness(self, rabbitmq_url: str, tmp_path: Path) -> Iterator[MakeHarness]:
+        made: list[Harness] = []
+
+        def make() -> Harness:
+            store = SqliteDatabase(f"sqlite:///{tmp_path}/store-{len(made)}.db", outbox=True)
+            harness = Harness(store, open_bus(rabbitmq_url))
+            made.append(harness)
+            return harness
+
+        yield make
+
+
+@pytest.fixture
+def nats_url() -> Iterator[str]:
+    """A stream and subject prefix of this test's own on the NATS server."""
+    yield from servers.nats_prefix()
+
+
+class TestNatsBusPort(BusPortConformance):
+    """NATS JetStream: file streams, durable pull consumers per partition."""
+
+    @pytest.fixture
+    def make_harness(self, nats_url: str, tmp_path: Path) -> Iterator[MakeHarness]:
+        made: list[Harness] = []
+
+        def make() -> Harness:
+            store = SqliteDatabase(f"sqlite:///{tmp_path}/store-{len(made)}.db", outbox=True)
+            harness = Harness(store, open_bus(nats_url))
+            made.append(harness)
+            return harness
+
+        yield make

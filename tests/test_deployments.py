@@ -143,7 +143,7 @@ class Cluster:
             code = self.process.wait(60)
         except subprocess.TimeoutExpired:
             pytest.fail(f"sagaline up did not stop:\n{self.output()}")
-        gone, alive = psutil.wait_procs(children, timeout=30)
+        _gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, f"service processes left running: {alive}"
         return code
 
@@ -233,8 +233,10 @@ def test_a_service_killed_under_load_is_restarted_and_nothing_is_lost(
     for pid in victims.values():
         os.kill(pid, signal.SIGKILL)
     cluster.wait_for(
-        lambda: not set(victims.values()) & {p for ps in cluster.services().values() for p in ps}
-        and sum(len(p) for p in cluster.services().values()) == 2 * len(SERVICE_NAMES),
+        lambda: (
+            not set(victims.values()) & {p for ps in cluster.services().values() for p in ps}
+            and sum(len(p) for p in cluster.services().values()) == 2 * len(SERVICE_NAMES)
+        ),
         "restarted services",
     )
     cluster.wait_for(lambda: cluster.run(settled(order_ids)), "settled orders", timeout=240)

@@ -20,9 +20,9 @@ import signal
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any
 
+from sagaline.backends import BUS_SCHEMA, open_bus
 from sagaline.errors import ConfigurationError
 from sagaline.handling import DEFAULT_BATCH, Runtime, System
 from sagaline.ports import Backend, BrokerBus
@@ -61,9 +61,6 @@ def _schema_for(service: str) -> str:
     return f"sagaline_{service}"
 
 
-BUS_SCHEMA = "sagaline_bus"
-
-
 def _open_store(
     url: str, service: str, *, outbox: bool, colocated_bus: bool, **options: Any
 ) -> Any:
@@ -85,49 +82,6 @@ def _open_store(
     raise ConfigurationError(
         f"no store for URL scheme {scheme!r}; stores are sqlite:///path or postgresql://..."
     )
-
-
-def open_bus(url: str, **options: Any) -> BrokerBus:
-    """The bus a URL names, not yet opened (``await bus.open()``)."""
-    scheme = scheme_of(url)
-    if scheme == "sqlite":
-        from sagaline.backends.sqlite import SqliteDatabase
-
-        return SqliteDatabase(url, **options)
-    if scheme in _POSTGRES:
-        from sagaline.backends.postgres import PostgresDatabase
-
-        return cast(BrokerBus, PostgresDatabase(url, schema=BUS_SCHEMA, **options))
-    if scheme in ("amqp", "amqps"):
-        from sagaline.backends.rabbitmq import RabbitBus
-
-        url, prefix = _take_prefix(url)
-        if prefix:
-            options = {"prefix": prefix, **options}
-        return cast(BrokerBus, RabbitBus(url, **options))
-    if scheme == "nats":
-        from sagaline.backends.nats import NatsBus
-
-        url, prefix = _take_prefix(url)
-        if prefix:
-            options = {"prefix": prefix, **options}
-        return cast(BrokerBus, NatsBus(url, **options))
-    raise ConfigurationError(
-        f"no bus for URL scheme {scheme!r}; buses are sqlite, postgresql, amqp and nats"
-    )
-
-
-def _take_prefix(url: str) -> tuple[str, str | None]:
-    """Split a ``prefix=NAME`` query parameter (names of queues, streams) off a broker URL."""
-    parts = urlsplit(url)
-    pairs = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((value for name, value in pairs if name == "prefix"), None)
-    if prefix is None:
-        return url, None
-    if not prefix.replace("_", "").replace("-", "").isalnum():
-        raise ConfigurationError("a bus prefix may hold letters, digits, '_' and '-' only")
-    rest = urlencode([(name, value) for name, value in pairs if name != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
 
 
 @dataclass

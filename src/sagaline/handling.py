@@ -400,7 +400,7 @@ class Worker:
             outgoing.extend(ctx.outgoing)
             return Outcome.ACK, None
         try:
-            with tx.savepoint():
+            async with tx.savepoint():
                 if await tx.record_inbox(spec.name, envelope.message_id):
                     await handler(ctx, message)
         except NonRetryableError as exc:

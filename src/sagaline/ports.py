@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -169,7 +169,7 @@ class StoreTransaction(Protocol):
         """Mark many messages processed; none of them may be marked yet."""
         ...
 
-    def savepoint(self) -> AbstractContextManager[None]:
+    def savepoint(self) -> AbstractAsyncContextManager[None]:
         """A nested unit that rolls back alone when its block raises."""
         ...
 

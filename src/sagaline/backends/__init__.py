@@ -2,23 +2,84 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from sagaline.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from sagaline.ports import Backend
+    from sagaline.ports import Backend, BrokerBus
 
-__all__ = ["open_backend"]
+__all__ = ["BUS_SCHEMA", "open_backend", "open_bus"]
 
 
 def open_backend(url: str) -> Backend:
-    """Open the store-and-bus backend a URL names (``sqlite:///path``)."""
+    """The store-and-bus backend a URL names (``sqlite:///path``, ``postgresql://...``).
+
+    Call ``await backend.open()`` before use: a PostgreSQL backend connects and migrates its
+    schemas there (it would also do so on first use); for SQLite it does nothing more.
+    """
     scheme = url.split(":", 1)[0]
     if scheme == "sqlite":
         from sagaline.backends.sqlite import SqliteDatabase
 
         return SqliteDatabase(url)
+    if scheme in ("postgresql", "postgres"):
+        from sagaline.backends.postgres import PostgresDatabase
+
+        return PostgresDatabase(url)
     raise ConfigurationError(
         f"no backend for URL scheme {scheme!r}; this version supports sqlite:///path"
+        " and postgresql://user@host:port/dbname"
     )
+
+
+#: The schema of a PostgreSQL bus that serves stores in other databases or schemas.
+BUS_SCHEMA = "sagaline_bus"
+
+
+def open_bus(url: str, **options: Any) -> BrokerBus:
+    """The bus a URL names, not yet connected (``await bus.open()``, or on first use).
+
+    ``amqp://user:pass@host:5672/vhost`` (RabbitMQ), ``nats://host:4222`` (NATS JetStream),
+    or a database bus for stores elsewhere: ``sqlite:///bus.db``, ``postgresql://...`` (schema
+    ``sagaline_bus``). A broker URL may carry ``?prefix=NAME`` to name its exchanges, queues and
+    streams apart from other systems on the same server.
+    """
+    scheme = url.split("://", 1)[0].lower()
+    if scheme == "sqlite":
+        from sagaline.backends.sqlite import SqliteDatabase
+
+        return SqliteDatabase(url, **options)
+    if scheme in ("postgresql", "postgres"):
+        from sagaline.backends.postgres import PostgresDatabase
+
+        return PostgresDatabase(url, schema=BUS_SCHEMA, **options)
+    if scheme in ("amqp", "amqps", "nats"):
+        url, prefix = _take_prefix(url)
+        if prefix:
+            options = {"prefix": prefix, **options}
+        if scheme == "nats":
+            from sagaline.backends.nats import NatsBus
+
+            return NatsBus(url, **options)
+        from sagaline.backends.rabbitmq import RabbitBus
+
+        return RabbitBus(url, **options)
+    raise ConfigurationError(
+        f"no bus for URL scheme {scheme!r}; buses are amqp://user:pass@host/vhost,"
+        " nats://host:4222, sqlite:///path and postgresql://user@host:port/dbname"
+    )
+
+
+def _take_prefix(url: str) -> tuple[str, str | None]:
+    """Split a ``prefix=NAME`` query parameter off a broker URL."""
+    parts = urlsplit(url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    prefix = next((value for name, value in pairs if name == "prefix"), None)
+    if prefix is None:
+        return url, None
+    if not prefix or not prefix.replace("_", "").replace("-", "").isalnum():
+        raise ConfigurationError("a bus prefix may hold letters, digits, '_' and '-' only")
+    rest = urlencode([(name, value) for name, value in pairs if name != "prefix"])
+    return urlunsplit(parts._replace(query=rest)), prefix

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from sagaline.backends.sqlite.rows import (
@@ -37,8 +37,8 @@ class SqliteTransaction:
         # when it commits (see flush).
         self._history: list[tuple[str, int, int, str]] = []
 
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[None]:
         """A nested unit that rolls back alone on error."""
         self._conn.execute("SAVEPOINT message")
         history = len(self._history)

@@ -1,0 +1,355 @@
+"""PostgreSQL as store and bus: a service's schema and a bus schema in one database.
+
+Co-located (the default), a unit of work writes outgoing commands into the bus's queues and
+events into its log in the store's own transaction, exactly like the SQLite backend. With
+``outbox=True`` the store keeps outgoing messages in its outbox instead, for a relay to publish to
+another bus; the same class also serves as such a bus for stores elsewhere (:class:`BrokerBus`).
+
+Connections: an asyncio pool for units of work, claims and the log; one autocommit connection
+that LISTENs for wake-ups; one synchronous autocommit connection, opened on first use, for the
+query tools. The pool and the listener belong to the event loop that opened them; used from
+another loop (each ``asyncio.run`` is one), the database opens them again there. The module is
+split by responsibility: :mod:`.schema`, :mod:`.transaction` (the unit of work), :mod:`.bus`
+(queues and subscriptions) and :mod:`.queries` (read-only tools).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import AsyncConnection
+from psycopg_pool import AsyncConnectionPool
+
+from sagaline.backends.postgres.bus import PostgresBus
+from sagaline.backends.postgres.queries import PostgresQueries
+from sagaline.backends.postgres.schema import (
+    LEASE_SECONDS,
+    MIGRATION_LOCK,
+    PARTITIONS,
+    SCHEMA_VERSION,
+    Names,
+    connect_sync,
+    migrate,
+    migrate_connection,
+    redact_url,
+    validate_url,
+)
+from sagaline.backends.postgres.transaction import PostgresTransaction, envelope_arrays
+from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
+from sagaline.errors import ConfigurationError
+from sagaline.ports import OutboxEntry
+
+if TYPE_CHECKING:
+    from sagaline.ports import Backend, BrokerBus, Outbox, StoreTransaction
+
+__all__ = [
+    "LEASE_SECONDS",
+    "PARTITIONS",
+    "SCHEMA_VERSION",
+    "PostgresDatabase",
+    "PostgresTransaction",
+    "envelope_arrays",
+    "migrate",
+    "redact_url",
+]
+
+#: The unit of work open in the current task, for tools called inside it.
+_CURRENT: contextvars.ContextVar[PostgresTransaction | None] = contextvars.ContextVar(
+    "sagaline_postgres_transaction", default=None
+)
+
+
+class PostgresDatabase(PostgresBus, PostgresQueries):
+    """A service's store and (or) a bus in PostgreSQL schemas."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "sagaline",
+        bus_schema: str | None = None,
+        outbox: bool = False,
+        lease_seconds: float = LEASE_SECONDS,
+        max_connections: int = 4,
+    ) -> None:
+        self.url = validate_url(url)
+        self.names = Names(schema, bus_schema)
+        self.outbox = outbox
+        self.lease_seconds = lease_seconds
+        self.max_connections = max_connections
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._opening: asyncio.Task[None] | None = None
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._listener_conn: AsyncConnection[Any] | None = None
+        self._connections: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
+        self._sync_conn: psycopg.Connection[Any] | None = None
+        self._migrated = False
+        self._wakeups = {}
+        self._members = {}
+        self._outbox_ready: asyncio.Event | None = None
+        self._open_transactions = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"PostgresDatabase({redact_url(self.url)!r}, schema={self.names.store_name!r},"
+            f" bus_schema={self.names.bus_name!r}, outbox={self.outbox})"
+        )
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        """Migrate the schemas (once), open the pool and the listening connection."""
+        await self._ready()
+
+    def _sync(self) -> psycopg.Connection[Any]:
+        """The synchronous tools' connection, opened (and the schemas migrated) on first use."""
+        conn = self._sync_conn
+        if conn is None or conn.closed:
+            conn = self._sync_conn = connect_sync(self.url)
+        if not self._migrated:
+            migrate_connection(conn, self.names)
+            self._migrated = True
+        return conn
+
+    async def _ready(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        pool = self._pool
+        loop = asyncio.get_running_loop()
+        if pool is not None and self._loop is loop:
+            return pool
+        if self._loop is not loop or self._opening is None:
+            self._abandon()
+            self._loop = loop
+            self._wakeups = {}
+            self._outbox_ready = None
+            self._opening = loop.create_task(self._start())
+        opening = self._opening
+        try:
+            await asyncio.shield(opening)
+        except BaseException:
+            if opening.done() and self._opening is opening:
+                self._opening = None
+            raise
+        assert self._pool is not None
+        return self._pool
+
+    async def _start(self) -> None:
+        self._sync()
+        pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            self.url,
+            min_size=1,
+            max_size=self.max_connections,
+            open=False,
+            kwargs={"autocommit": True},
+            configure=self._configure,
+            name=f"sagaline-{self.names.store_name}",
+        )
+        try:
+            await pool.open(wait=True, timeout=15.0)
+            listener = await self._connect_listener()
+        except (psycopg.Error, TimeoutError) as exc:
+            await pool.close()
+            raise ConfigurationError(
+                f"cannot connect to {redact_url(self.url)}: {type(exc).__name__}"
+            ) from None
+        self._listener = asyncio.get_running_loop().create_task(self._listen(listener))
+        self._pool = pool
+
+    async def _connect_listener(self) -> AsyncConnection[Any]:
+        """The autocommit connection that LISTENs on the bus's channel."""
+        listener = await AsyncConnection.connect(self.url, autocommit=True)
+        self._connections.add(listener)
+        await listener.execute(f'LISTEN "{self.names.channel}"')
+        self._listener_conn = listener
+        return listener
+
+    async def _configure(self, conn: AsyncConnection[Any]) -> None:
+        self._connections.add(conn)
+
+    def _abandon(self) -> None:
+        """Drop the connections of an event loop that has gone (their tasks went with it)."""
+        for conn in list(self._connections):
+            if not conn.closed:
+                conn.pgconn.finish()
+        self._connections = weakref.WeakSet()
+        self._pool = None
+        self._listener = None
+        self._listener_conn = None
+        self._opening = None
+        self._loop = None
+
+    async def close(self) -> None:
+        """Close the pool, the listener and the tools' connection."""
+        loop = asyncio.get_running_loop()
+        if self._pool is not None and self._loop is loop:
+            if self._listener is not None:
+                self._listener.cancel()
+                with suppress(asyncio.CancelledError):
+                    await self._listener
+            if self._listener_conn is not None:
+                await self._listener_conn.close()
+            await self._pool.close()
+        self._abandon()
+        if self._sync_conn is not None:
+            self._sync_conn.close()
+            self._sync_conn = None
+
+    # ---------------------------------------------------------- unit of work
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTransaction]:
+        """One unit of work on a pooled connection; commits on success, rolls back on error."""
+        pool = await self._ready()
+        self._open_transactions += 1
+        try:
+            async with pool.connection() as conn, conn.transaction():
+                tx = PostgresTransaction(self, conn)
+                token = _CURRENT.set(tx)
+                try:
+                    yield tx
+                finally:
+                    _CURRENT.reset(token)
+                await tx.flush()
+        finally:
+            self._open_transactions -= 1
+        if tx.queues or tx.wrote_events:
+            self._wake(tx.queues, tx.wrote_events)
+        if tx.wrote_outbox and self._outbox_ready is not None:
+            self._outbox_ready.set()
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Set a value of the store schema's metadata table (its own transaction)."""
+        async with self.transaction() as tx:
+            await tx.connection.execute(
+                f"INSERT INTO {self.names.store}.meta (key, value) VALUES (%s, %s)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def rename_namespace(self, source: str, target: str) -> None:
+        """Move every document of ``source`` to ``target``.
+
+        Called inside a unit of work of this task, it runs when that unit commits.
+        """
+        sql = f"UPDATE {self.names.store}.documents SET namespace = %s WHERE namespace = %s"
+        self._run_or_defer(sql, (target, source))
+
+    def reset_subscription(self, subscriber: str, position: int) -> None:
+        """Move every partition cursor of ``subscriber`` to ``position``.
+
+        Called inside a unit of work of this task, it runs when that unit commits.
+        """
+        b = self.names.bus
+        sql = (
+            f"INSERT INTO {b}.subscriptions (subscriber, part, position)"
+            " SELECT %s, g, %s FROM generate_series(0, %s) AS g"
+            " ON CONFLICT (subscriber, part) DO UPDATE SET position = excluded.position,"
+            " attempts = 0, available_at = 0, claimed = 0, last_error = NULL"
+        )
+        self._run_or_defer(sql, (subscriber, position, PARTITIONS - 1))
+
+    def _run_or_defer(self, sql: str, params: tuple[Any, ...]) -> None:
+        tx = _CURRENT.get()
+        if tx is not None and tx._db is self:
+            tx.defer(sql, params)
+        else:
+            self._sync().execute(sql, params)
+
+    # ----------------------------------------------------------------- outbox
+
+    async def outbox_claim(self, owner: str, limit: int) -> list[OutboxEntry]:
+        """The oldest unsent entries, if ``owner`` holds (or now takes) the relay lease."""
+        pool = await self._ready()
+        if self._outbox_ready is None:
+            self._outbox_ready = asyncio.Event()
+        # Armed before looking: a commit from now on wakes the relay's next wait.
+        self._outbox_ready.clear()
+        s = self.names.store
+        now = time.time()
+        async with pool.connection() as conn:
+            cursor = await conn.execute(
+                f"WITH lease AS (INSERT INTO {s}.outbox_relay (id, owner, expires)"
+                " VALUES (true, %(owner)s, %(expires)s) ON CONFLICT (id) DO UPDATE"
+                " SET owner = excluded.owner, expires = excluded.expires"
+                " WHERE outbox_relay.owner = excluded.owner OR outbox_relay.expires < %(now)s"
+                " RETURNING owner)"
+                f" SELECT id, {ENVELOPE_COLUMNS} FROM {s}.outbox"
+                " WHERE sent_at IS NULL AND EXISTS (SELECT 1 FROM lease)"
+                " ORDER BY id LIMIT %(limit)s",
+                {
+                    "owner": owner,
+                    "expires": now + self.lease_seconds,
+                    "now": now,
+                    "limit": limit,
+                },
+            )
+            rows = await cursor.fetchall()
+        return [OutboxEntry(id=row[0], envelope=envelope_from_row(row, 1)) for row in rows]
+
+    async def outbox_sent(self, ids: Sequence[int]) -> None:
+        """Mark entries published; they are not handed out again."""
+        if not ids:
+            return
+        pool = await self._ready()
+        async with pool.connection() as conn:
+            await conn.execute(
+                f"UPDATE {self.names.store}.outbox SET sent_at = %s"
+                " WHERE id = ANY(%s::bigint[]) AND sent_at IS NULL",
+                (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), list(ids)),
+            )
+
+    async def wait_for_outbox(self, timeout: float) -> None:
+        """Return when a unit of work of this process wrote to the outbox, or after ``timeout``."""
+        await self._ready()
+        if self._outbox_ready is None:
+            self._outbox_ready = asyncio.Event()
+        event = self._outbox_ready
+        with suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    def outbox_pending(self) -> int:
+        """How many outbox entries are not published yet."""
+        return int(
+            self._rows(f"SELECT count(*) FROM {self.names.store}.outbox WHERE sent_at IS NULL")[0][
+                0
+            ]
+        )
+
+    # ------------------------------------------------------------------ demo
+
+    async def drop_if_marked(self, key: str) -> bool:
+        """Drop this store's schemas if they carry the metadata mark ``key`` (or do not exist).
+
+        False, leaving everything as it was, when the store schema holds data without the mark.
+        """
+        await self.close()
+        with connect_sync(self.url) as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+            names = self.names
+            exists = conn.execute("SELECT to_regclass(%s)", (f"{names.store}.meta",)).fetchone()
+            if exists is not None and exists[0] is not None:
+                mark = conn.execute(
+                    f"SELECT value FROM {names.store}.meta WHERE key = %s", (key,)
+                ).fetchone()
+                if mark is None or mark[0] != "1":
+                    return False
+            conn.execute(f"DROP SCHEMA IF EXISTS {names.store} CASCADE")
+            if names.bus != names.store:
+                conn.execute(f"DROP SCHEMA IF EXISTS {names.bus} CASCADE")
+        self._migrated = False
+        return True
+
+
+if TYPE_CHECKING:
+
+    def _implements_ports(
+        db: PostgresDatabase, tx: PostgresTransaction
+    ) -> tuple[Backend, StoreTransaction, Outbox, BrokerBus]:
+        return db, tx, db, db

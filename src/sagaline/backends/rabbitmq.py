@@ -1,0 +1,912 @@
+"""The RabbitMQ bus: quorum queues, publisher confirms, single-active-consumer partitions.
+
+A :class:`RabbitBus` is a :class:`~sagaline.ports.BrokerBus`: services keep their state in their
+own store, whose outbox relay publishes here; a worker claims deliveries, handles them in one store
+transaction and completes them after the commit.
+
+Topology (all durable, declared by :meth:`RabbitBus.prepare`, idempotent)::
+
+    <prefix>.commands   direct exchange, routing key "<service>.<partition>"
+    <prefix>.events     fanout exchange -> <prefix>.log (stream) and -> <prefix>.events.route
+    <prefix>.events.route  direct exchange (internal), routing key "<eventType>.<partition>"
+    <prefix>.dead       direct exchange of the broker's dead letters
+    <prefix>.cmd.<service>.<p>     quorum queue p of a service's commands
+    <prefix>.sub.<subscriber>.<p>  quorum queue p of a subscriber, bound for each of its event types
+    <prefix>.cmd.<service>.dead / <prefix>.sub.<subscriber>.dead   the broker's dead letters
+
+Wire format: the body is the message's JSON, byte for byte. The metadata travels beside it: the
+AMQP ``message_id``, ``type`` and ``correlation_id`` properties, and the headers ``causationId``,
+``timestamp`` (ISO-8601 UTC), ``traceparent`` and ``source``. Messages are persistent and published
+with confirms; commands are ``mandatory``, so a command no queue is bound for is an error, never a
+silent loss. A delivery without sagaline's metadata (published by another program) becomes a
+delivery of type ``unknown``, which the worker dead-letters with the reason.
+
+Ordering: a correlation key belongs to partition ``crc32(key) % partitions``. Each partition queue
+has ``x-single-active-consumer``: every instance of a service consumes every partition queue and
+RabbitMQ delivers a queue to one of them at a time, failing over to the next when it goes away
+(its unacknowledged messages return to the queue, ahead of newer ones).
+
+Retry: a delivery to retry stays unacknowledged in this process. Its key is held for the backoff
+delay: the messages of that key behind it (``SKIP``) wait in order in the buffer, while other keys,
+of the same partition too, go on. When the delay is over the same delivery is handed out again with
+``attempt + 1``. Nothing goes back to the broker, so no later message can overtake it, and the
+broker's delivery count keeps counting only real redeliveries (a consumer that died or left).
+``attempt`` is that count (``x-delivery-count``, absent on the first delivery) plus one, plus the
+retries done here. A message delivered before and never completed is handed out alone, so a
+message that kills its consumer cannot take a batch of others down with it. The worker dead-letters
+a delivery in the service's store with its reason and then acknowledges it; as a backstop, the
+partition queues have ``x-delivery-limit = max_attempts + 2`` and a dead-letter exchange, so a
+message that crashes every consumer before its dead letter is recorded ends in the consumer's
+``.dead`` queue (see :meth:`RabbitBus.broker_dead_letters`).
+
+Replay: every event is also routed into the stream ``<prefix>.log``, read back from any offset by
+:meth:`RabbitBus.replay` (positions are stream offsets plus one, so ``after=0`` is the beginning).
+Why a stream rather than replaying the owning services' event logs: with a broker bus the events
+of a system are spread over one store per service, each with its own positions; a projection
+rebuild would have to reach every store (some of which may not even be event-sourced, e.g. a
+saga orchestrator's emitted events live only in its outbox) and merge them in an order that never
+existed on the bus. The stream holds exactly what subscribers received, in the order the broker
+routed it, with one position space, and is read through AMQP 0.9.1 with no plugin. Retention is
+unlimited by default; set ``max-age`` or ``max-length-bytes`` by policy to bound it, knowing that a
+rebuild can only replay what is retained. To know where "the end" is, a replay publishes a small
+marker message into the stream (ignored by every reader) and stops when it reads it back.
+
+Limitations compared with the database buses: events published before a subscriber's queues were
+declared are not delivered to it (a new subscriber catches up through :meth:`RabbitBus.replay`);
+with single-active-consumer, the first instance to subscribe is active on every partition and the
+others are hot standbys (RabbitMQ 3.10 has no consumer priorities for it); retries held in memory
+restart their count from the broker's delivery count if the process dies; messages buffered but not
+handled when a consumer leaves count one delivery each. Changing ``partitions`` or a consumer's
+``max_attempts`` for an existing system changes queue arguments: RabbitMQ refuses the declaration
+(:class:`~sagaline.errors.ConfigurationError`) until the old queues are drained and deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import uuid
+import zlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+
+from sagaline.errors import ConfigurationError, SagalineError
+from sagaline.messages import Envelope, new_message_id, utc_timestamp
+from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, StoredEvent
+
+__all__ = ["BrokerDeadLetter", "BusUnavailable", "RabbitBus", "UnroutableMessage"]
+
+log = logging.getLogger("sagaline.rabbitmq")
+
+#: The type a delivery gets when it lacks sagaline's metadata (the worker dead-letters it).
+UNKNOWN_TYPE = "unknown"
+
+_MARKER_HEADER = "x-sagaline-marker"
+_SHORTSTR = 255
+
+
+class UnroutableMessage(SagalineError):
+    """A command was published that no queue is bound for: it was returned, not lost."""
+
+    code = "unroutable_message"
+
+
+class BusUnavailable(SagalineError):
+    """The broker did not confirm a publication (disconnected, refused or too slow)."""
+
+    code = "bus_unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerDeadLetter:
+    """A message the broker dead-lettered (its delivery limit was reached), as RabbitMQ tells it."""
+
+    queue: str
+    envelope: Envelope
+    reason: str
+    count: int
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition of a correlation key: ``crc32(key) % partitions``, stable everywhere."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+def _text(value: Any) -> str | None:
+    """A header or property as text (pamqp hands out ``bytes`` for non-UTF-8 strings)."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+def _properties(envelope: Envelope) -> Basic.Properties:
+    headers: dict[str, Any] = {"timestamp": envelope.timestamp}
+    if envelope.causation_id is not None:
+        headers["causationId"] = envelope.causation_id
+    if envelope.traceparent is not None:
+        headers["traceparent"] = envelope.traceparent
+    if envelope.source is not None:
+        headers["source"] = envelope.source
+    correlation: str | None = envelope.correlation_id
+    if correlation is not None and len(correlation.encode()) > _SHORTSTR:
+        # A property is a short string; a longer key travels in a header only.
+        headers["correlationId"] = correlation
+        correlation = None
+    return Basic.Properties(
+        content_type="application/json",
+        delivery_mode=2,
+        message_id=envelope.message_id,
+        correlation_id=correlation,
+        message_type=envelope.message_type,
+        headers=headers,
+    )
+
+
+def envelope_of(properties: Basic.Properties, body: bytes) -> Envelope:
+    """The envelope of a received message; never raises.
+
+    A message without a message id or a type was not published by sagaline: it becomes an
+    envelope of type ``unknown`` (with a fresh id), which the worker dead-letters with the reason.
+    """
+    try:
+        headers = properties.headers if isinstance(properties.headers, dict) else {}
+        message_id = _text(properties.message_id)
+        message_type = _text(properties.message_type)
+        if not message_id or not message_type:
+            message_id = message_id or new_message_id()
+            message_type = UNKNOWN_TYPE
+        correlation = _text(headers.get("correlationId")) or _text(properties.correlation_id)
+        timestamp = _text(headers.get("timestamp"))
+        if timestamp is None:
+            sent = properties.timestamp
+            timestamp = utc_timestamp(sent) if isinstance(sent, datetime) else utc_timestamp()
+        return Envelope(
+            message_id=message_id,
+            message_type=message_type,
+            body=bytes(body),
+            correlation_id=correlation or "",
+            causation_id=_text(headers.get("causationId")),
+            timestamp=timestamp,
+            traceparent=_text(headers.get("traceparent")),
+            source=_text(headers.get("source")),
+        )
+    except Exception:
+        log.exception("unreadable message properties; treated as a message of unknown type")
+        return Envelope(
+            message_id=new_message_id(),
+            message_type=UNKNOWN_TYPE,
+            body=bytes(body) if isinstance(body, bytes | bytearray) else b"",
+            correlation_id="",
+            causation_id=None,
+            timestamp=utc_timestamp(),
+        )
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+def _delivery_count(properties: Basic.Properties) -> int:
+    """How many times the broker delivered this message before (quorum queues count them)."""
+    headers = properties.headers if isinstance(properties.headers, dict) else {}
+    return _count(headers.get("x-delivery-count"))
+
+
+class _Received:
+    """A message received by a consumption and not acknowledged yet."""
+
+    __slots__ = ("channel", "delivery", "failures", "redelivered", "seq", "tag")
+
+    def __init__(
+        self,
+        seq: int,
+        tag: int,
+        channel: AbstractChannel,
+        envelope: Envelope,
+        redelivered: int,
+    ) -> None:
+        self.seq = seq
+        self.tag = tag
+        self.channel = channel
+        self.redelivered = redelivered
+        self.failures = 0
+        self.delivery = Delivery(
+            envelope=envelope,
+            attempt=redelivered + 1,
+            ordering_key=envelope.correlation_id,
+            token=self,
+        )
+
+    @property
+    def attempt(self) -> int:
+        """This delivery's number: the broker's earlier deliveries, the retries here, plus one."""
+        return self.redelivered + self.failures + 1
+
+
+class _Consumption:
+    """One member consuming one consumer: a channel with a ``basic.consume`` per partition queue.
+
+    Received messages wait in ``ready`` in arrival order (delivery tag order). A claim hands out
+    the oldest ones whose key is not held; a retried key is held until its backoff delay is over.
+    """
+
+    def __init__(
+        self,
+        spec: ConsumerSpec,
+        member: str,
+        queues: list[str],
+        prefetch: int,
+        wakeup: asyncio.Event,
+    ) -> None:
+        self.spec = spec
+        self.member = member
+        self.queues = queues
+        self.prefetch = prefetch
+        self.wakeup = wakeup
+        self.channel: AbstractRobustChannel | None = None
+        self.raw: AbstractChannel | None = None
+        self.ready: list[_Received] = []
+        self.inflight: dict[int, _Received] = {}
+        self.held: dict[str, float] = {}
+        self.broken = False
+        self.closed = False
+        self._seq = itertools.count()
+        self._attach_lock = asyncio.Lock()
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Open the channel, set the prefetch of each consumer and start consuming."""
+        channel = await connection.channel(publisher_confirms=False)
+        self.channel = channel
+        # Per consumer (not global): a partition held by a retry fills only its own window.
+        await channel.set_qos(prefetch_count=self.prefetch)
+        channel.reopen_callbacks.add(self._on_reopen)
+        await self._attach()
+
+    async def _attach(self) -> None:
+        """Consume every partition queue on the robust channel's current AMQP channel, once."""
+        async with self._attach_lock:
+            if self.channel is None or self.closed:
+                return
+            raw = await self.channel.get_underlay_channel()
+            if raw is self.raw:
+                return
+            self.raw = raw
+            # Whatever came on an earlier channel went back to the queue when that channel died.
+            self.ready = [item for item in self.ready if item.channel is raw]
+            raw.on_consumer_cancel_callbacks.add(self._on_cancel)
+            for queue in self.queues:
+                await raw.basic_consume(queue, self._on_delivery, no_ack=False)
+
+    async def reattach(self) -> None:
+        """Consume again if the channel came back without telling (a safety net for reopen)."""
+        channel = self.channel
+        if self.raw is not None and self.raw.is_closed and channel and not channel.is_closed:
+            await self._on_reopen(channel)
+
+    async def _on_reopen(self, _sender: Any) -> None:
+        """The connection came back: consume again on the new channel (the prefetch is restored)."""
+        try:
+            await self._attach()
+        except Exception:
+            log.warning(
+                "%s/%s: consuming again after a reconnection failed",
+                self.spec.name,
+                self.spec.source,
+                exc_info=True,
+            )
+            self.broken = True
+            self.wakeup.set()
+
+    def _on_cancel(self, _frame: Any) -> None:
+        """The broker cancelled a consumer (its queue was deleted): start over on the next claim."""
+        self.broken = True
+        self.wakeup.set()
+
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
+        if message.channel is not self.raw or self.closed:
+            return
+        deliver = message.delivery
+        tag = getattr(deliver, "delivery_tag", None)
+        if not isinstance(tag, int):
+            return
+        properties = message.header.properties
+        self.ready.append(
+            _Received(
+                next(self._seq),
+                tag,
+                message.channel,
+                envelope_of(properties, message.body),
+                _delivery_count(properties),
+            )
+        )
+        self.wakeup.set()
+
+    def _release_holds(self, now: float) -> None:
+        for key in [key for key, due in self.held.items() if due <= now]:
+            del self.held[key]
+
+    def has_work(self) -> bool:
+        """Whether a claim would hand out something now."""
+        if not self.ready:
+            return False
+        self._release_holds(asyncio.get_running_loop().time())
+        return any(item.delivery.ordering_key not in self.held for item in self.ready)
+
+    def take(self, limit: int) -> list[Delivery]:
+        """Hand out up to ``limit`` of the oldest deliveries whose key is not held."""
+        if self.inflight:
+            # The previous batch was never completed (its transaction failed): hand it out again,
+            # counting the attempt, ahead of what came after it.
+            for item in self.inflight.values():
+                item.failures += 1
+            self.ready = sorted([*self.inflight.values(), *self.ready], key=lambda i: i.seq)
+            self.inflight.clear()
+        raw = self.raw
+        if raw is None or raw.is_closed:
+            return []
+        self._release_holds(asyncio.get_running_loop().time())
+        chosen: list[_Received] = []
+        for item in self.ready:
+            if len(chosen) >= limit:
+                break
+            if item.channel is not raw or item.delivery.ordering_key in self.held:
+                continue
+            if item.attempt > 1:
+                # Delivered before and not completed: it goes alone (it may be what kills us).
+                if not chosen:
+                    chosen.append(item)
+                break
+            chosen.append(item)
+        if not chosen:
+            return []
+        taken = {item.seq for item in chosen}
+        self.ready = [item for item in self.ready if item.seq not in taken]
+        for item in chosen:
+            item.delivery.attempt = item.attempt
+            self.inflight[item.seq] = item
+        return [item.delivery for item in chosen]
+
+    async def settle(
+        self, deliveries: Sequence[Delivery], outcomes: Sequence[tuple[Outcome, str | None]]
+    ) -> None:
+        """Acknowledge ACK and DEAD; hold RETRY's key for its delay; put SKIP back in order."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        raw = self.raw
+        acks: list[int] = []
+        back: list[_Received] = []
+        for delivery, (outcome, _error) in zip(deliveries, outcomes, strict=True):
+            item = delivery.token
+            if not isinstance(item, _Received) or self.inflight.pop(item.seq, None) is None:
+                continue
+            if item.channel is not raw or raw is None or raw.is_closed:
+                continue  # the broker took it back with its channel; it comes again
+            if outcome is Outcome.ACK or outcome is Outcome.DEAD:
+                acks.append(item.tag)
+            elif outcome is Outcome.RETRY:
+                delay = self.spec.retry.delay(delivery.attempt)
+                item.failures += 1
+                key = delivery.ordering_key
+                self.held[key] = max(self.held.get(key, 0.0), now + delay)
+                loop.call_later(delay, self.wakeup.set)
+                back.append(item)
+            else:
+                back.append(item)
+        if back:
+            self.ready = sorted([*back, *self.ready], key=lambda i: i.seq)
+        if acks and raw is not None:
+            await self._acknowledge(raw, acks)
+
+    async def _acknowledge(self, raw: AbstractChannel, tags: list[int]) -> None:
+        """Ack ``tags``: one ``multiple`` ack for those below every tag still outstanding."""
+        tags.sort()
+        pending = [i.tag for i in self.ready if i.channel is raw]
+        pending += [i.tag for i in self.inflight.values() if i.channel is raw]
+        lowest = min(pending, default=None)
+        below = [tag for tag in tags if lowest is None or tag < lowest]
+        try:
+            if below:
+                await raw.basic_ack(below[-1], multiple=len(below) > 1, wait=False)
+            for tag in tags[len(below) :]:
+                await raw.basic_ack(tag, wait=False)
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError):
+            # The channel died: the broker gives the messages out again; inboxes absorb them.
+            log.debug("acknowledgement lost with its channel", exc_info=True)
+
+    async def close(self) -> None:
+        """Stop consuming; every unacknowledged message goes back to its queue, in order."""
+        self.closed = True
+        self.ready.clear()
+        self.inflight.clear()
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reopen_callbacks.discard(self._on_reopen)
+            with suppress(Exception):
+                await channel.close()
+
+
+class RabbitBus:
+    """A :class:`~sagaline.ports.BrokerBus` on RabbitMQ (``amqp://user:pass@host:5672/vhost``).
+
+    One connection per bus object (reconnecting by itself), one confirming channel to publish and
+    one channel per consumer and member to consume. The connection opens on first use, or with
+    :meth:`open`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "sagaline",
+        partitions: int = 8,
+        prefetch: int = 512,
+        publish_timeout: float = 30.0,
+        reconnect_interval: float = 1.0,
+        connection_name: str | None = None,
+    ) -> None:
+        if partitions < 1:
+            raise ConfigurationError("partitions must be at least 1")
+        scheme = urlsplit(url).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ConfigurationError(f"a RabbitMQ URL starts with amqp:// or amqps://, not {url!r}")
+        self.url = url
+        self.prefix = prefix
+        self.partitions = partitions
+        #: Unacknowledged deliveries in flight per consumer, spread over its partition queues.
+        self.prefetch = prefetch
+        self.publish_timeout = publish_timeout
+        self.reconnect_interval = reconnect_interval
+        self.connection_name = connection_name or f"sagaline {prefix}"
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._open_lock = asyncio.Lock()
+        self._prepare_lock = asyncio.Lock()
+        self._declared: set[str] = set()
+        self._consumptions: dict[tuple[str, str, str], _Consumption] = {}
+        self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
+
+    def __repr__(self) -> str:
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" if parts.password else parts.netloc
+        if parts.port:
+            netloc += f":{parts.port}"
+        shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        return f"RabbitBus({shown!r}, prefix={self.prefix!r}, partitions={self.partitions})"
+
+    # Names ----------------------------------------------------------------------------------
+
+    @property
+    def commands_exchange(self) -> str:
+        """The direct exchange commands are published to."""
+        return f"{self.prefix}.commands"
+
+    @property
+    def events_exchange(self) -> str:
+        """The fanout exchange events are published to (it feeds the stream and the routing)."""
+        return f"{self.prefix}.events"
+
+    @property
+    def log_stream(self) -> str:
+        """The stream queue that retains every event for replay."""
+        return f"{self.prefix}.log"
+
+    @property
+    def _events_route(self) -> str:
+        return f"{self.prefix}.events.route"
+
+    @property
+    def _dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    def _base(self, name: str, source: str) -> str:
+        return f"{self.prefix}.{'cmd' if source == 'queue' else 'sub'}.{name}"
+
+    def queue_names(self, consumer: ConsumerSpec) -> list[str]:
+        """The partition queues of a consumer, partition 0 first."""
+        base = self._base(consumer.name, consumer.source)
+        return [f"{base}.{part}" for part in range(self.partitions)]
+
+    def dead_letter_queue(self, consumer: ConsumerSpec) -> str:
+        """The queue where the broker puts a consumer's messages past their delivery limit."""
+        return f"{self._base(consumer.name, consumer.source)}.dead"
+
+    def partition_of(self, key: str) -> int:
+        """The partition of a correlation key."""
+        return partition_of(key, self.partitions)
+
+    # Connection -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (idempotent); later connection losses are repaired in the background."""
+        async with self._open_lock:
+            if self._connection is not None:
+                return
+            connection = await aio_pika.connect_robust(
+                self.url,
+                reconnect_interval=self.reconnect_interval,
+                client_properties={"connection_name": self.connection_name},
+            )
+            try:
+                self._publisher = await connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection = connection
+
+    async def _connected(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            await self.open()
+        assert self._connection is not None
+        return self._connection
+
+    async def close(self) -> None:
+        """Stop every consumption (unacknowledged messages go back) and close the connection."""
+        for state in list(self._consumptions.values()):
+            await state.close()
+        self._consumptions.clear()
+        connection, self._connection = self._connection, None
+        self._publisher = None
+        self._declared.clear()
+        if connection is not None:
+            with suppress(Exception):
+                await connection.close()
+
+    # Topology -------------------------------------------------------------------------------
+
+    def _partition_arguments(self, consumer: ConsumerSpec) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": consumer.retry.max_attempts + 2,
+            "x-dead-letter-exchange": self._dead_exchange,
+            "x-dead-letter-routing-key": self._base(consumer.name, consumer.source),
+        }
+
+    async def prepare(self, consumers: Sequence[ConsumerSpec], routes: Mapping[str, str]) -> None:
+        """Declare the exchanges, the stream, and every consumer's queues and bindings.
+
+        Idempotent, and safe from several processes at once (declarations of equal things agree).
+        ``routes`` is not needed to declare: commands are routed by their service's name.
+        """
+        async with self._prepare_lock:
+            steps = self._declarations(consumers)
+            if not steps:
+                return
+            connection = await self._connected()
+            for attempt in range(1, 4):
+                channel = await connection.channel(publisher_confirms=False)
+                try:
+                    raw = await channel.get_underlay_channel()
+                    for key, declare in steps:
+                        if key not in self._declared:
+                            await declare(raw)
+                            self._declared.add(key)
+                    return
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    raise ConfigurationError(
+                        f"RabbitMQ refused a declaration that differs from what exists: {exc}."
+                        " Queue arguments (partitions, max_attempts) cannot change in place."
+                    ) from exc
+                except aiormq.exceptions.ChannelClosed:
+                    # Two processes declaring the same new quorum queue may collide: try again.
+                    if attempt == 3:
+                        raise
+                    log.debug("declaration failed, trying again", exc_info=True)
+                    await asyncio.sleep(0.1 * attempt)
+                finally:
+                    with suppress(Exception):
+                        await channel.close()
+
+    def _declarations(self, consumers: Sequence[ConsumerSpec]) -> list[tuple[str, Any]]:
+        """What :meth:`prepare` declares, in order, each under a key remembered once done."""
+        steps: list[tuple[str, Any]] = []
+
+        def step(key: str, declare: Any) -> None:
+            if key not in self._declared:
+                steps.append((key, declare))
+
+        step("exchanges", self._declare_exchanges)
+        for consumer in consumers:
+            step(
+                self._declaration_key(consumer),
+                lambda raw, consumer=consumer: self._declare_consumer(raw, consumer),
+            )
+        return steps
+
+    @staticmethod
+    def _declaration_key(consumer: ConsumerSpec) -> str:
+        return f"{consumer.source}:{consumer.name}:{sorted(consumer.message_types)}"
+
+    async def _declare_exchanges(self, raw: AbstractChannel) -> None:
+        await raw.exchange_declare(self.commands_exchange, exchange_type="direct", durable=True)
+        await raw.exchange_declare(self.events_exchange, exchange_type="fanout", durable=True)
+        await raw.exchange_declare(
+            self._events_route, exchange_type="direct", durable=True, internal=True
+        )
+        await raw.exchange_declare(self._dead_exchange, exchange_type="direct", durable=True)
+        await raw.exchange_bind(self._events_route, self.events_exchange, "")
+        await raw.queue_declare(self.log_stream, durable=True, arguments={"x-queue-type": "stream"})
+        await raw.queue_bind(self.log_stream, self.events_exchange, "")
+
+    async def _declare_consumer(self, raw: AbstractChannel, consumer: ConsumerSpec) -> None:
+        base = self._base(consumer.name, consumer.source)
+        dead = self.dead_letter_queue(consumer)
+        await raw.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
+        await raw.queue_bind(dead, self._dead_exchange, base)
+        arguments = self._partition_arguments(consumer)
+        for part, queue in enumerate(self.queue_names(consumer)):
+            await raw.queue_declare(queue, durable=True, arguments=arguments)
+            if consumer.source == "queue":
+                await raw.queue_bind(queue, self.commands_exchange, f"{consumer.name}.{part}")
+            else:
+                for message_type in sorted(consumer.message_types):
+                    await raw.queue_bind(queue, self._events_route, f"{message_type}.{part}")
+
+    # Publishing -----------------------------------------------------------------------------
+
+    async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
+        """Publish persistently; returns once the broker confirmed every message.
+
+        Commands (types in ``routes``) go to their service's partition queue, ``mandatory``;
+        events to every subscriber's partition queue and to the stream. The publications are
+        pipelined in order on one channel and their confirms awaited together. Raises
+        :class:`UnroutableMessage` for a command no queue is bound for, and
+        :class:`BusUnavailable` when the broker does not confirm within ``publish_timeout``
+        (disconnected): the caller keeps the messages and publishes them again.
+        """
+        if not envelopes:
+            return
+        outgoing: list[tuple[Envelope, str, str, bool]] = []
+        for envelope in envelopes:
+            part = self.partition_of(envelope.correlation_id)
+            service = routes.get(envelope.message_type)
+            if service is not None:
+                outgoing.append((envelope, self.commands_exchange, f"{service}.{part}", True))
+            else:
+                key = f"{envelope.message_type}.{part}"
+                outgoing.append((envelope, self.events_exchange, key, False))
+        await self._connected()
+        if "exchanges" not in self._declared:
+            # Publishing to an exchange that does not exist would close the channel.
+            await self.prepare([], routes)
+        publisher = self._publisher
+        if publisher is None:
+            raise BusUnavailable("the bus is closed")
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await publisher.ready()
+                raw = cast(aiormq.Channel, await publisher.get_underlay_channel())
+                results = await asyncio.gather(
+                    *(
+                        raw.basic_publish(
+                            envelope.body,
+                            exchange=exchange,
+                            routing_key=routing_key,
+                            properties=_properties(envelope),
+                            mandatory=mandatory,
+                            wait=False,
+                        )
+                        for envelope, exchange, routing_key, mandatory in outgoing
+                    ),
+                    return_exceptions=True,
+                )
+        except TimeoutError as exc:
+            raise BusUnavailable(
+                f"RabbitMQ did not confirm within {self.publish_timeout} seconds"
+            ) from exc
+        for (envelope, _exchange, routing_key, _mandatory), result in zip(
+            outgoing, results, strict=True
+        ):
+            if isinstance(result, aiormq.exceptions.PublishError):
+                raise UnroutableMessage(
+                    f"{envelope.message_type} {envelope.message_id} was returned: no queue is"
+                    f" bound for {routing_key!r} (declare the topology with prepare())"
+                )
+            if isinstance(result, aiormq.exceptions.DeliveryError):
+                raise BusUnavailable(f"RabbitMQ refused {envelope.message_id}: {result}")
+            if isinstance(result, BaseException):
+                raise BusUnavailable(f"publishing failed: {result!r}") from result
+
+    # Consuming ------------------------------------------------------------------------------
+
+    def _wakeup(self, consumer: ConsumerSpec) -> asyncio.Event:
+        key = (consumer.name, consumer.source)
+        event = self._wakeups.get(key)
+        if event is None:
+            event = self._wakeups[key] = asyncio.Event()
+        return event
+
+    async def _consumption(self, consumer: ConsumerSpec, member: str) -> _Consumption:
+        key = (consumer.name, consumer.source, member)
+        state = self._consumptions.get(key)
+        if state is not None and not state.broken:
+            return state
+        if state is not None:
+            # Its queues may have been deleted: declare them again before consuming.
+            del self._consumptions[key]
+            self._declared.discard(self._declaration_key(consumer))
+            await state.close()
+        connection = await self._connected()
+        # The queues must exist before consuming them (a robust channel would retry forever).
+        await self.prepare([consumer], {})
+        per_queue = max(16, -(-self.prefetch // self.partitions))
+        state = _Consumption(
+            consumer, member, self.queue_names(consumer), per_queue, self._wakeup(consumer)
+        )
+        try:
+            await state.start(connection)
+        except BaseException:
+            self._declared.discard(self._declaration_key(consumer))
+            await state.close()
+            raise
+        self._consumptions[key] = state
+        return state
+
+    async def claim(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
+        """Up to ``limit`` deliveries already received for ``consumer``; empty when none.
+
+        The first claim of a member starts consuming the consumer's partition queues.
+        """
+        self._wakeup(consumer).clear()
+        state = await self._consumption(consumer, member)
+        await state.reattach()
+        deliveries = state.take(limit)
+        if not deliveries:
+            return Batch(consumer=consumer, deliveries=[])
+        return Batch(consumer=consumer, deliveries=deliveries, cursor=state)
+
+    async def complete(self, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]) -> None:
+        """Settle a batch whose handling committed: ACK and DEAD are acknowledged, RETRY comes
+        back after ``retry.delay(attempt)`` ahead of its key's later messages, SKIP after it."""
+        state = batch.cursor
+        if isinstance(state, _Consumption) and not state.closed:
+            await state.settle(batch.deliveries, outcomes)
+
+    async def leave(self, consumer: ConsumerSpec, member: str) -> None:
+        """Stop ``member`` consuming ``consumer``; what it had not acknowledged goes back."""
+        state = self._consumptions.pop((consumer.name, consumer.source, member), None)
+        if state is not None:
+            await state.close()
+
+    async def wait_for_work(self, consumer: ConsumerSpec, timeout: float) -> None:
+        """Return when a delivery can be claimed (or a retry delay ends), or after ``timeout``."""
+        for (name, source, _member), state in list(self._consumptions.items()):
+            if name == consumer.name and source == consumer.source and state.has_work():
+                return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup(consumer).wait(), timeout)
+
+    # Replay and inspection ------------------------------------------------------------------
+
+    async def replay(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Every event retained in the stream at position > ``after``, up to the end as of now.
+
+        Positions are stream offsets plus one. The stream's end is found by publishing a marker
+        into it and reading up to that marker.
+        """
+        connection = await self._connected()
+        await self.prepare([], {})
+        channel = await connection.channel(publisher_confirms=False)
+        received: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        marker = uuid.uuid4().hex
+        try:
+            raw = await channel.get_underlay_channel()
+            await raw.basic_qos(prefetch_count=1000)
+
+            async def on_message(message: DeliveredMessage) -> None:
+                received.put_nowait(message)
+
+            offset: int | str = after if after > 0 else "first"
+            await raw.basic_consume(
+                self.log_stream,
+                on_message,
+                no_ack=False,
+                arguments={"x-stream-offset": offset},
+            )
+            await self._publish_marker(marker)
+            closing = raw.closing
+            while True:
+                message = await self._next_message(received, closing)
+                tag = getattr(message.delivery, "delivery_tag", None)
+                if isinstance(tag, int):
+                    await raw.basic_ack(tag, wait=False)
+                properties = message.header.properties
+                headers = properties.headers if isinstance(properties.headers, dict) else {}
+                seen = headers.get(_MARKER_HEADER)
+                if seen is not None:
+                    if _text(seen) == marker:
+                        return
+                    continue
+                stream_offset = headers.get("x-stream-offset")
+                if not isinstance(stream_offset, int) or stream_offset < after:
+                    continue
+                yield StoredEvent(
+                    position=stream_offset + 1,
+                    stream=None,
+                    version=None,
+                    envelope=envelope_of(properties, message.body),
+                )
+        finally:
+            with suppress(Exception):
+                await channel.close()
+
+    @staticmethod
+    async def _next_message(
+        received: asyncio.Queue[DeliveredMessage], closing: asyncio.Future[Any]
+    ) -> DeliveredMessage:
+        if not received.empty():
+            return received.get_nowait()
+        getter = asyncio.ensure_future(received.get())
+        await asyncio.wait({getter, closing}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        raise BusUnavailable("the channel closed during a replay")
+
+    async def _publish_marker(self, marker: str) -> None:
+        await self._connected()
+        publisher = self._publisher
+        if publisher is None:
+            raise BusUnavailable("the bus is closed")
+        async with asyncio.timeout(self.publish_timeout):
+            await publisher.ready()
+            raw = await publisher.get_underlay_channel()
+            await raw.basic_publish(
+                b"",
+                exchange="",
+                routing_key=self.log_stream,
+                properties=Basic.Properties(
+                    delivery_mode=2, message_id=marker, headers={_MARKER_HEADER: marker}
+                ),
+                mandatory=True,
+            )
+
+    async def broker_dead_letters(self, consumer: ConsumerSpec) -> list[BrokerDeadLetter]:
+        """The messages the broker dead-lettered for ``consumer`` (looked at, left in place)."""
+        connection = await self._connected()
+        await self.prepare([consumer], {})
+        channel = await connection.channel(publisher_confirms=False)
+        queue = self.dead_letter_queue(consumer)
+        found: list[BrokerDeadLetter] = []
+        try:
+            raw = await channel.get_underlay_channel()
+            while True:
+                message = await raw.basic_get(queue, no_ack=False)
+                if not isinstance(message.delivery, Basic.GetOk):
+                    break
+                properties = message.header.properties
+                headers = properties.headers if isinstance(properties.headers, dict) else {}
+                deaths = headers.get("x-death")
+                death = deaths[0] if isinstance(deaths, list) and deaths else {}
+                death = death if isinstance(death, dict) else {}
+                found.append(
+                    BrokerDeadLetter(
+                        queue=_text(death.get("queue")) or "",
+                        envelope=envelope_of(properties, message.body),
+                        reason=_text(headers.get("x-first-death-reason"))
+                        or _text(death.get("reason"))
+                        or "",
+                        count=_count(death.get("count")),
+                    )
+                )
+        finally:
+            # Closing the channel puts every message it got back into the queue.
+            with suppress(Exception):
+                await channel.close()
+        return found

@@ -1,0 +1,548 @@
+"""PostgreSQL as store and bus: the conformance suites, and what only a server shows.
+
+Each test run gets a database of its own on the server (dropped at the end) and each test its own
+schemas in it. Without a reachable server the tests are skipped, unless
+``SAGALINE_REQUIRE_SERVICES=1``: then they fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+import servers
+from test_bus import (
+    BusConformance,
+    BusTestCommand,
+    BusTestEvent,
+    queue_service,
+    subscriber,
+)
+from test_store import StoreConformance, events
+
+from sagaline.backends import open_backend
+from sagaline.backends.postgres import PostgresDatabase, migrate
+from sagaline.errors import ConfigurationError
+from sagaline.handling import Runtime, System
+from sagaline.messages import Envelope
+from sagaline.orders.demo import DEMO_ORDER_IDS, run_demo
+from sagaline.orders.read import ORDER_VIEW
+from sagaline.ports import Backend, BrokerBus, Outbox, Outcome
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A database of this test run's own on the PostgreSQL server."""
+    yield from servers.postgres_database()
+
+
+def schema_name(prefix: str = "t") -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def open_pg(pg_url: str) -> Iterator[Callable[..., PostgresDatabase]]:
+    """Opens PostgresDatabase objects on the run's database; all are closed afterwards."""
+    opened: list[PostgresDatabase] = []
+
+    def make(**options: Any) -> PostgresDatabase:
+        db = PostgresDatabase(pg_url, **options)
+        opened.append(db)
+        return db
+
+    yield make
+    for db in opened:
+        asyncio.run(db.close())
+
+
+class TestPostgresStore(StoreConformance):
+    """The store conformance suite on a schema of the test's own."""
+
+    @pytest.fixture
+    def make_store(  # type: ignore[override]
+        self, open_pg: Callable[..., PostgresDatabase]
+    ) -> Iterator[Callable[[], PostgresDatabase]]:
+        schema = schema_name("store")
+        yield lambda: open_pg(schema=schema)
+
+
+class TestPostgresBus(BusConformance):
+    """The bus conformance suite, store and bus in separate schemas of one database."""
+
+    @pytest.fixture
+    def make_backend(  # type: ignore[override]
+        self, open_pg: Callable[..., PostgresDatabase]
+    ) -> Iterator[Callable[..., PostgresDatabase]]:
+        schema, bus_schema = schema_name("svc"), schema_name("bus")
+
+        def make(*, lease_seconds: float | None = None) -> PostgresDatabase:
+            options: dict[str, Any] = {"schema": schema, "bus_schema": bus_schema}
+            if lease_seconds is not None:
+                options["lease_seconds"] = lease_seconds
+            return open_pg(**options)
+
+        yield make
+
+
+# ------------------------------------------------------------------------------ configuration
+
+
+def test_the_url_scheme_opens_a_postgres_backend(pg_url: str) -> None:
+    for scheme in ("postgresql", "postgres"):
+        backend = open_backend(pg_url.replace("postgresql", scheme, 1))
+        assert isinstance(backend, PostgresDatabase)
+        assert isinstance(backend, Backend)
+        assert isinstance(backend, BrokerBus)
+        assert isinstance(backend, Outbox)
+
+
+def test_schema_names_are_checked_and_passwords_never_shown() -> None:
+    for bad in ('x"; DROP TABLE y; --', "1abc", "a b", ""):
+        with pytest.raises(ConfigurationError):
+            PostgresDatabase("postgresql://u@h/db", schema=bad)
+    with pytest.raises(ConfigurationError):
+        PostgresDatabase("postgresql://u@h/db", bus_schema="a-b")
+    with pytest.raises(ConfigurationError) as refused:
+        PostgresDatabase("mysql://user:s3cret@h/db")
+    assert "s3cret" not in str(refused.value)
+    db = PostgresDatabase("postgresql://user:s3cret@127.0.0.1:1/db")
+    assert "s3cret" not in repr(db)
+
+    async def connect() -> None:
+        await db.open()
+
+    with pytest.raises(ConfigurationError) as failed:
+        asyncio.run(connect())
+    assert "s3cret" not in str(failed.value)
+    assert "127.0.0.1" in str(failed.value)
+
+
+def test_migration_is_idempotent_and_safe_from_several_processes_at_once(pg_url: str) -> None:
+    schema, bus_schema = schema_name("mig"), schema_name("migbus")
+
+    async def race() -> None:
+        await asyncio.gather(
+            *(asyncio.to_thread(migrate, pg_url, schema, bus_schema) for _ in range(6))
+        )
+
+    asyncio.run(race())
+    migrate(pg_url, schema, bus_schema)
+    db = PostgresDatabase(pg_url, schema=schema, bus_schema=bus_schema)
+    try:
+        assert db.get_meta("schema_version") == "1"
+        with psycopg.connect(pg_url) as conn:
+            tables = {
+                (row[0], row[1])
+                for row in conn.execute(
+                    "SELECT table_schema, table_name FROM information_schema.tables"
+                    " WHERE table_schema = ANY(%s)",
+                    ([schema, bus_schema],),
+                )
+            }
+    finally:
+        asyncio.run(db.close())
+    assert {(schema, t) for t in ("inbox", "documents", "sagas", "outbox", "streams")} <= tables
+    assert {(bus_schema, t) for t in ("commands", "events", "subscriptions", "members")} <= tables
+    assert not {(schema, t) for t in ("commands", "events", "subscriptions")} & tables
+    assert not {(bus_schema, t) for t in ("inbox", "documents", "sagas", "outbox")} & tables
+
+
+def test_a_newer_schema_version_is_refused(open_pg: Callable[..., PostgresDatabase]) -> None:
+    schema = schema_name("newer")
+    db = open_pg(schema=schema)
+    db.execute("SELECT 1")  # migrates
+    db._sync().execute(f"UPDATE \"{schema}\".meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(ConfigurationError, match="upgrade sagaline"):
+        migrate(db.url, schema)
+
+
+# ------------------------------------------------------------------------------ the log
+
+
+def test_the_log_never_skips_a_position_that_commits_late(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    """A unit of work that appended first and commits last is read, in commit order."""
+    schema = schema_name("gap")
+    first_db, second_db, reader = (
+        open_pg(schema=schema),
+        open_pg(schema=schema),
+        open_pg(schema=schema),
+    )
+
+    async def scenario() -> None:
+        await reader.open()
+        first_open, release_first = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with first_db.transaction() as tx:
+                await tx.append("Early-1", 0, events("K-1", 1))
+                first_open.set()
+                await release_first.wait()
+
+        task = asyncio.create_task(first())
+        await first_open.wait()
+        async with second_db.transaction() as tx:
+            await tx.append("Late-1", 0, events("K-2", 1))
+        seen = await reader.read_log(0)
+        assert [e.stream for e in seen] == ["Late-1"]
+        cursor = seen[-1].position
+        release_first.set()
+        await task
+        after = await reader.read_log(cursor)
+        assert [e.stream for e in after] == ["Early-1"]
+        everything = await reader.read_log(0)
+        assert [e.stream for e in everything] == ["Late-1", "Early-1"]
+        assert [e.position for e in everything] == [cursor, cursor + 1]
+
+    asyncio.run(scenario())
+
+
+def test_a_reader_does_not_pass_a_position_held_by_a_committing_appender(
+    pg_url: str, open_pg: Callable[..., PostgresDatabase]
+) -> None:
+    """While an appender holds the log's head, a later appender waits, and readers see neither;
+    then both, in order, with nothing skipped."""
+    schema = schema_name("gap")
+    db, reader = open_pg(schema=schema), open_pg(schema=schema)
+    reader.execute("SELECT 1")  # migrates
+    quoted = f'"{schema}"'
+
+    async def scenario() -> None:
+        await db.open()
+        holder = await psycopg.AsyncConnection.connect(pg_url)
+        try:
+            # Take the head as a committing appender does, and write one event at it.
+            await holder.execute(f"SELECT position FROM {quoted}.log_head FOR UPDATE")
+            await holder.execute(
+                f"INSERT INTO {quoted}.events (position, message_id, type, body,"
+                " correlation_id, timestamp, part) VALUES (1, 'held-1', 'StoreTestEvent',"
+                " '{}', 'K-1', '2020-01-01T00:00:00Z', 0)"
+            )
+            await holder.execute(f"UPDATE {quoted}.log_head SET position = 1")
+
+            async def later() -> None:
+                async with db.transaction() as tx:
+                    await tx.emit(events("K-2", 1), {})
+
+            task = asyncio.create_task(later())
+            while not reader.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ):
+                await asyncio.sleep(0.01)
+            assert await reader.read_log(0) == []
+            await holder.commit()
+            await task
+        finally:
+            await holder.close()
+        log = await reader.read_log(0)
+        assert [e.envelope.message_id for e in log[:1]] == ["held-1"]
+        assert [e.position for e in log] == [1, 2]
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------ wake-ups
+
+
+def test_a_waiting_consumer_is_woken_by_a_commit_in_another_process(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    schema = schema_name("wake")
+    waiter, sender = open_pg(schema=schema), open_pg(schema=schema)
+    system = System([queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)])
+    [queue] = system.services["alpha"].consumers()
+    [subscription] = system.services["watcher"].consumers()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        for spec, message in (
+            (queue, BusTestCommand(key="K-1", seq=1)),
+            (subscription, BusTestEvent(key="K-1", seq=2)),
+        ):
+            assert (await waiter.claim(spec, "m-1", 10)).deliveries == []
+            started = loop.time()
+            waiting = asyncio.create_task(waiter.wait_for_work(spec, 30.0))
+            await asyncio.sleep(0)
+            await system.submit(sender, message)
+            await asyncio.wait_for(waiting, 10.0)
+            assert loop.time() - started < 10.0
+            assert waiter._wakeup(spec).is_set()
+            batch = await waiter.claim(spec, "m-1", 10)
+            assert [d.envelope.decode() for d in batch.deliveries] == [message]
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------ competing members
+
+
+def test_two_members_compete_for_a_queue_and_none_is_handled_twice(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    schema = schema_name("compete")
+    handled: Counter[str] = Counter()
+    order: dict[str, list[int]] = {}
+
+    async def handler(ctx: Any, command: BusTestCommand) -> None:
+        handled[ctx.envelope.message_id] += 1
+        order.setdefault(command.key, []).append(command.seq)
+        await asyncio.sleep(0.001)
+
+    service = queue_service("alpha", BusTestCommand)
+    service.command_handlers["BusTestCommand"] = handler
+    system = System([service])
+    first, second = open_pg(schema=schema), open_pg(schema=schema)
+
+    async def scenario() -> None:
+        sent = await system.submit_many(
+            first, [BusTestCommand(key=f"K-{i % 60}", seq=i) for i in range(600)]
+        )
+        runtimes = [
+            Runtime(db, system, member=f"member-{n}", batch_size=20, poll_interval=0.05)
+            for n, db in enumerate((first, second))
+        ]
+        tasks = [
+            asyncio.create_task(r.run_until(lambda: not first.pending_counts(), timeout=60))
+            for r in runtimes
+        ]
+        await asyncio.gather(*tasks)
+        assert set(handled) == {e.message_id for e in sent}
+        assert max(handled.values()) == 1
+        assert all(r.handled > 0 for r in runtimes)
+        for seqs in order.values():
+            assert seqs == sorted(seqs)
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------ outbox and broker
+
+
+def test_an_outbox_store_keeps_its_messages_for_one_relay_in_order(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    schema = schema_name("outbox")
+    store = open_pg(schema=schema, outbox=True, lease_seconds=0.5)
+    system = System([queue_service("alpha", BusTestCommand)])
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        waiting = asyncio.create_task(store.wait_for_outbox(30.0))
+        await asyncio.sleep(0)
+        async with store.transaction() as tx:
+            await tx.append("Stream-1", 0, events("K-1", 1, 2))
+            await tx.emit([Envelope.wrap(BusTestCommand(key="K-1", seq=3))], system.routes)
+            await tx.emit([Envelope.wrap(BusTestEvent(key="K-1", seq=4))], system.routes)
+        started = loop.time()
+        await asyncio.wait_for(waiting, 10.0)
+        assert loop.time() - started < 10.0
+        # Nothing reached the bus tables: everything waits in the outbox.
+        assert store.pending_counts() == {}
+        assert [e.stream for e in await store.read_log()] == ["Stream-1", "Stream-1"]
+        assert store.outbox_pending() == 4
+
+        owner, other = "relay-1", "relay-2"
+        entries = await store.outbox_claim(owner, 10)
+        assert [e.id for e in entries] == sorted(e.id for e in entries)
+        assert [e.envelope.message_type for e in entries] == [
+            "StoreTestEvent",
+            "StoreTestEvent",
+            "BusTestCommand",
+            "BusTestEvent",
+        ]
+        # The other relay gets nothing while the lease holds.
+        assert await store.outbox_claim(other, 10) == []
+        await store.outbox_sent([e.id for e in entries[:2]])
+        again = await store.outbox_claim(owner, 10)
+        assert [e.id for e in again] == [e.id for e in entries[2:]]
+        await store.outbox_sent([e.id for e in again])
+        assert store.outbox_pending() == 0
+        assert await store.outbox_claim(owner, 10) == []
+        # A dead relay's lease expires and another takes over.
+        async with store.transaction() as tx:
+            await tx.emit([Envelope.wrap(BusTestEvent(key="K-2", seq=5))], system.routes)
+        await asyncio.sleep(0.6)
+        taken = await store.outbox_claim(other, 10)
+        assert [e.envelope.correlation_id for e in taken] == ["K-2"]
+
+    asyncio.run(scenario())
+
+
+def test_publish_is_idempotent_on_message_id_and_replay_streams_the_log(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    bus = open_pg(schema=schema_name("broker"))
+    system = System([queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)])
+    commands = [Envelope.wrap(BusTestCommand(key="K-1", seq=i)) for i in range(3)]
+    published = [Envelope.wrap(BusTestEvent(key=f"K-{i}", seq=i)) for i in range(5)]
+
+    async def scenario() -> None:
+        await bus.prepare([], system.routes)
+        await bus.publish(commands + published[:3], system.routes)
+        await bus.publish(commands + published, system.routes)  # a relay publishing again
+        assert bus.pending_counts() == {"alpha": 3}
+        replayed = [e async for e in bus.replay(0)]
+        assert [e.envelope.message_id for e in replayed] == [e.message_id for e in published]
+        assert [e.position for e in replayed] == [1, 2, 3, 4, 5]
+        assert [e.envelope.message_id async for e in bus.replay(3)] == [
+            e.message_id for e in published[3:]
+        ]
+        [spec] = system.services["alpha"].consumers()
+        batch = await bus.claim(spec, "m-1", 10)
+        assert [d.envelope.message_id for d in batch.deliveries] == [commands[0].message_id]
+        await bus.complete(batch, [(Outcome.ACK, None)])
+        assert bus.pending_counts() == {"alpha": 2}
+
+    asyncio.run(scenario())
+
+
+def test_a_service_schema_and_the_bus_schema_are_kept_apart(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    bus_schema = schema_name("bus")
+    order = open_pg(schema=schema_name("order"), bus_schema=bus_schema)
+    payment = open_pg(schema=schema_name("payment"), bus_schema=bus_schema)
+    system = System([queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)])
+
+    async def scenario() -> None:
+        async with order.transaction() as tx:
+            await tx.append("Order-1", 0, events("K-1", 1))
+            await tx.put_document("ns", "k", {"amount": Decimal("75.50")}, 0)
+        await system.submit(order, BusTestCommand(key="K-1", seq=1))
+        # The bus is shared: the other service sees the log and the queue ...
+        assert [e.stream for e in await payment.read_log()] == ["Order-1"]
+        assert payment.pending_counts() == {"alpha": 1}
+        # ... but not the order service's own state.
+        assert payment.get_document_sync("ns", "k") is None
+        async with payment.transaction() as tx:
+            assert await tx.read_stream("Order-1") == []
+        document = order.get_document_sync("ns", "k")
+        assert document is not None and str(document.data["amount"]) == "75.50"
+        async with order.transaction() as tx:
+            stored = await tx.read_stream("Order-1")
+        assert [(e.stream, e.version, e.position) for e in stored] == [("Order-1", 1, 1)]
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------ the order flow
+
+
+def test_the_demo_orders_settle_on_postgres(open_pg: Callable[..., PostgresDatabase]) -> None:
+    db = open_pg(schema=schema_name("demo"))
+
+    async def scenario() -> None:
+        await db.open()
+        run = await run_demo(db, timeout=60)  # type: ignore[arg-type]
+        assert run.order_ids == list(DEMO_ORDER_IDS)
+
+    asyncio.run(scenario())
+    statuses = {}
+    for order_id in DEMO_ORDER_IDS:
+        view = db.get_document_sync(ORDER_VIEW, order_id)
+        assert view is not None
+        statuses[order_id] = view.data["status"]
+    assert statuses == {
+        "ORD-12345": "CONFIRMED",
+        "ORD-12346": "CANCELLED",
+        "ORD-12347": "CANCELLED",
+    }
+    assert db.saga_counts() == {"COMPLETED": 1, "COMPENSATED": 2}
+    assert db.dead_letters() == []
+    assert db.is_idle()
+
+
+def test_tools_called_inside_a_unit_of_work_commit_with_it(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    """A projection rebuild swaps namespaces and moves the cursor inside its transaction."""
+    db = open_pg(schema=schema_name("swap"))
+
+    async def scenario() -> None:
+        async with db.transaction() as tx:
+            await tx.put_document("view", "a", {"old": True}, 0)
+            await tx.put_document("view.rebuild", "a", {"old": False}, 0)
+        with pytest.raises(RuntimeError):
+            async with db.transaction() as tx:
+                await tx.delete_namespace("view")
+                db.rename_namespace("view.rebuild", "view")
+                db.reset_subscription("projection", 7)
+                raise RuntimeError("rolled back")
+        assert db.query_documents("view") == [{"old": True}]
+        async with db.transaction() as tx:
+            await tx.delete_namespace("view")
+            db.rename_namespace("view.rebuild", "view")
+            db.reset_subscription("projection", 7)
+            assert db.query_documents("view") == [{"old": True}]
+        assert db.query_documents("view") == [{"old": False}]
+        assert db.query_documents("view.rebuild") == []
+        assert db.execute(
+            f'SELECT DISTINCT position FROM "{db.names.bus_name}".subscriptions'
+            " WHERE subscriber = %s",
+            ("projection",),
+        ) == [(7,)]
+
+    asyncio.run(scenario())
+
+
+def test_demo_schemas_are_dropped_only_when_marked(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    schema, bus_schema = schema_name("demo"), schema_name("demobus")
+    db = open_pg(schema=schema, bus_schema=bus_schema)
+
+    async def scenario() -> None:
+        assert await db.drop_if_marked("demo")  # nothing there yet
+        async with db.transaction() as tx:
+            await tx.put_document("ns", "k", {"n": 1}, 0)
+        assert not await db.drop_if_marked("demo")
+        assert db.get_document_sync("ns", "k") is not None
+        await db.set_meta("demo", "1")
+        assert db.get_meta("demo") == "1"
+        assert await db.drop_if_marked("demo")
+        await db.open()
+        assert db.get_document_sync("ns", "k") is None
+        assert db.get_meta("demo") is None
+
+    asyncio.run(scenario())
+
+
+def test_the_listener_comes_back_after_its_connection_is_killed(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    schema = schema_name("relisten")
+    waiter, sender = open_pg(schema=schema), open_pg(schema=schema)
+    system = System([queue_service("alpha", BusTestCommand)])
+    [spec] = system.services["alpha"].consumers()
+
+    async def scenario() -> None:
+        await waiter.open()
+        listener = waiter._listener_conn
+        assert listener is not None
+        killed = listener.info.backend_pid
+        sender.execute("SELECT pg_terminate_backend(%s)", (killed,))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while (
+            waiter._listener_conn is None
+            or waiter._listener_conn.closed
+            or waiter._listener_conn.info.backend_pid == killed
+        ):
+            assert loop.time() < deadline, "the listener did not reconnect"
+            await asyncio.sleep(0.05)
+        assert (await waiter.claim(spec, "m-1", 10)).deliveries == []
+        waiting = asyncio.create_task(waiter.wait_for_work(spec, 30.0))
+        await asyncio.sleep(0)
+        await system.submit(sender, BusTestCommand(key="K-1", seq=1))
+        await asyncio.wait_for(waiting, 10.0)
+        assert waiter._wakeup(spec).is_set()
+
+    asyncio.run(scenario())

@@ -1,0 +1,783 @@
+"""The RabbitMQ bus against a real broker: each service with its own SQLite store in outbox mode.
+
+The session gets a virtual host of its own (deleted at the end) and each test a topology prefix of
+its own. Without a reachable broker the tests are skipped, unless ``SAGALINE_REQUIRE_SERVICES=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, NoReturn
+
+import aio_pika
+import pytest
+from test_bus import (
+    FAST_RETRY,
+    BusTestCommand,
+    BusTestEvent,
+    BusTestOtherCommand,
+    BusTestOtherEvent,
+    hand_made,
+    padded,
+    queue_service,
+    record,
+    recorded,
+    subscriber,
+)
+
+from sagaline.backends import open_bus
+from sagaline.backends.rabbitmq import RabbitBus, UnroutableMessage
+from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.handling import Context, Runtime, Service, System
+from sagaline.messages import MAX_MESSAGE_BYTES, Envelope, new_message_id
+from sagaline.orders import build_system
+from sagaline.orders.demo import DEMO_STOCK, demo_orders
+from sagaline.orders.inventory import set_stock
+from sagaline.ports import BrokerBus, ConsumerSpec, Outcome, RetryPolicy
+
+RABBITMQ_HOST = os.environ.get("SAGALINE_TEST_RABBITMQ", "guest:guest@127.0.0.1:5672")
+
+
+def unavailable(error: object) -> NoReturn:
+    """Skip, or fail when the environment requires the servers."""
+    message = f"RabbitMQ is not reachable: {error}"
+    if os.environ.get("SAGALINE_REQUIRE_SERVICES") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def rabbit_url() -> Iterator[str]:
+    """A virtual host of this session's own on the shared broker, deleted afterwards."""
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        unavailable("rabbitmqctl is not installed")
+    host_port = RABBITMQ_HOST.rpartition("@")[2]
+    host, _, port = host_port.partition(":")
+    try:
+        socket.create_connection((host, int(port or 5672)), timeout=3).close()
+    except OSError as exc:
+        unavailable(exc)
+    vhost = f"sagaline-t-{uuid.uuid4().hex[:12]}"
+    created = subprocess.run(
+        [rabbitmqctl, "add_vhost", vhost], capture_output=True, text=True, timeout=60
+    )
+    if created.returncode != 0:
+        unavailable(created.stderr.strip() or created.stdout.strip())
+    try:
+        subprocess.run(
+            [rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        yield f"amqp://{RABBITMQ_HOST}/{vhost}"
+    finally:
+        subprocess.run(
+            [rabbitmqctl, "delete_vhost", vhost], capture_output=True, timeout=60, check=False
+        )
+
+
+class Rig:
+    """One test's buses (one topology prefix) and stores (one SQLite file per service)."""
+
+    def __init__(self, url: str, directory: Path) -> None:
+        self.url = url
+        self.prefix = f"t{uuid.uuid4().hex[:10]}"
+        self.directory = directory
+        self.buses: list[RabbitBus] = []
+        self.stores: dict[str, SqliteDatabase] = {}
+
+    def bus(self, **options: Any) -> RabbitBus:
+        """A bus (its own connection) on this test's topology."""
+        bus = RabbitBus(self.url, prefix=self.prefix, **options)
+        self.buses.append(bus)
+        return bus
+
+    def store(self, name: str) -> SqliteDatabase:
+        """The outbox-mode store of a service (or of one instance of it)."""
+        if name not in self.stores:
+            self.stores[name] = SqliteDatabase(f"sqlite:///{self.directory}/{name}.db", outbox=True)
+        return self.stores[name]
+
+    def run(self, scenario: Callable[[], Awaitable[None]]) -> None:
+        """Run ``scenario`` in a fresh event loop; close every bus and store afterwards."""
+
+        async def main() -> None:
+            try:
+                await scenario()
+            finally:
+                for bus in self.buses:
+                    await bus.close()
+                for store in self.stores.values():
+                    await store.close()
+
+        asyncio.run(main())
+
+
+@pytest.fixture
+def rig(rabbit_url: str, tmp_path: Path) -> Rig:
+    return Rig(rabbit_url, tmp_path)
+
+
+def consumers_of(system: System) -> list[ConsumerSpec]:
+    return [spec for service in system.services.values() for spec in service.consumers()]
+
+
+async def run_services(
+    bus: BrokerBus,
+    system: System,
+    stores: Mapping[str, SqliteDatabase],
+    done: Callable[[], bool],
+    *,
+    member: str = "member-1",
+    timeout: float = 30.0,
+) -> list[Runtime]:
+    """Run each named service in its own runtime on its own store, until ``done()``."""
+    runtimes = [
+        Runtime(store, system, [name], bus=bus, member=member, poll_interval=0.05)
+        for name, store in stores.items()
+    ]
+    first, *others = runtimes
+    tasks = [asyncio.create_task(runtime.run()) for runtime in others]
+    try:
+        await first.run_until(done, timeout=timeout)
+    finally:
+        for runtime in others:
+            runtime.stop()
+        await asyncio.gather(*tasks)
+    return runtimes
+
+
+def handled(store: SqliteDatabase, service: str) -> int:
+    return sum(len(seqs) for seqs in recorded(store, service).values())
+
+
+# -------------------------------------------------------------------------------- the port
+
+
+def test_it_implements_the_broker_bus_port(rig: Rig) -> None:
+    bus = rig.bus()
+    assert isinstance(bus, BrokerBus)
+    assert isinstance(open_bus(rig.url), RabbitBus)
+    assert "guest:***@" in repr(bus) and ":guest@" not in repr(bus)
+
+
+def test_publish_returns_once_confirmed_and_an_unroutable_command_is_an_error(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        [spec] = consumers_of(system)
+        await bus.prepare([spec], system.routes)
+        await system.submit_many(bus, [BusTestCommand(key=f"K-{i}", seq=i) for i in range(40)])
+        # No consumer yet: once publish returned, the broker holds every message.
+        connection = await aio_pika.connect(rig.url)
+        async with connection:
+            channel = await connection.channel()
+            counts = [
+                (await channel.declare_queue(name, passive=True)).declaration_result.message_count
+                for name in bus.queue_names(spec)
+            ]
+        assert sum(counts) == 40
+        stray = hand_made("BusTestOtherCommand", "K-1", b"{}")
+        with pytest.raises(UnroutableMessage):
+            await bus.publish([stray], {"BusTestOtherCommand": "nobody"})
+
+    rig.run(scenario)
+
+
+# -------------------------------------------------------------------------------- commands
+
+
+def test_commands_are_delivered_to_the_queue_they_are_routed_to(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System(
+            [queue_service("alpha", BusTestCommand), queue_service("beta", BusTestOtherCommand)]
+        )
+        alpha, beta = rig.store("alpha"), rig.store("beta")
+        await bus.prepare(consumers_of(system), system.routes)
+        await system.submit_many(
+            bus,
+            [BusTestCommand(key="K-1", seq=i) for i in range(3)]
+            + [BusTestOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
+        )
+        await run_services(bus, system, {"alpha": alpha}, lambda: handled(alpha, "alpha") == 3)
+        assert recorded(alpha, "alpha") == {"K-1": [0, 1, 2]}
+        assert recorded(beta, "beta") == {}
+        await run_services(bus, system, {"beta": beta}, lambda: handled(beta, "beta") == 2)
+        assert recorded(beta, "beta") == {"K-1": [10, 11]}
+        assert recorded(alpha, "alpha") == {"K-1": [0, 1, 2]}
+
+    rig.run(scenario)
+
+
+def test_commands_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> None:
+    calls: Counter[tuple[str, int]] = Counter()
+
+    async def flaky(ctx: Context, command: BusTestCommand) -> None:
+        calls[command.key, command.seq] += 1
+        # Every fourth message fails its first two tries, and its whole unit rolls back.
+        await record(ctx, command)
+        if command.seq % 4 == 1 and calls[command.key, command.seq] <= 2:
+            raise RuntimeError(f"transient failure of {command.key}/{command.seq}")
+
+    async def scenario() -> None:
+        bus = rig.bus()
+        service = Service("alpha", retry=FAST_RETRY)
+        service.handles(BusTestCommand)(flaky)
+        system = System([service])
+        store = rig.store("alpha")
+        await bus.prepare(consumers_of(system), system.routes)
+        keys = [f"K-{k}" for k in range(6)]
+        await system.submit_many(
+            bus, [BusTestCommand(key=key, seq=seq) for seq in range(15) for key in keys]
+        )
+        await run_services(
+            bus, system, {"alpha": store}, lambda: handled(store, "alpha") == 15 * len(keys)
+        )
+        assert recorded(store, "alpha") == {key: list(range(15)) for key in keys}
+        assert all(calls[key, seq] == 3 for key in keys for seq in range(1, 15, 4))
+        assert not store.dead_letters()
+
+    rig.run(scenario)
+
+
+def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(rig: Rig) -> None:
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.05, multiplier=2.0, max_delay=1.0)
+    poison_calls: list[float] = []
+    progress_when_handled: dict[tuple[str, int], int] = {}
+
+    async def handler(ctx: Context, command: BusTestCommand) -> None:
+        if command.key == "K-poison" and command.seq == 0:
+            poison_calls.append(asyncio.get_running_loop().time())
+            raise RuntimeError("poison-boom: cannot handle this one")
+        progress_when_handled[command.key, command.seq] = len(poison_calls)
+        await record(ctx, command)
+
+    async def scenario() -> None:
+        bus = rig.bus()
+        service = Service("alpha", retry=policy)
+        service.handles(BusTestCommand)(handler)
+        system = System([service])
+        store = rig.store("alpha")
+        await bus.prepare(consumers_of(system), system.routes)
+        poison = await system.submit(bus, BusTestCommand(key="K-poison", seq=0))
+        await system.submit(bus, BusTestCommand(key="K-poison", seq=1))
+        await system.submit_many(
+            bus, [BusTestCommand(key=f"K-{k}", seq=s) for s in range(5) for k in range(3)]
+        )
+        await run_services(
+            bus,
+            system,
+            {"alpha": store},
+            lambda: bool(store.dead_letters()) and handled(store, "alpha") == 16,
+        )
+        [dead] = store.dead_letters()
+        assert dead.consumer == "alpha"
+        assert dead.envelope.message_id == poison.message_id
+        assert dead.envelope.body == poison.body
+        assert dead.attempts == policy.max_attempts
+        assert "poison-boom: cannot handle this one" in dead.reason
+        assert "RuntimeError" in dead.reason
+        waited = policy.delay(1) + policy.delay(2)
+        assert poison_calls[-1] - poison_calls[0] >= waited * 0.9
+        assert recorded(store, "alpha") == {
+            **{f"K-{k}": list(range(5)) for k in range(3)},
+            "K-poison": [1],
+        }
+        # Other keys were not held up behind it; the poison's own key went on after it.
+        others = [n for (key, _), n in progress_when_handled.items() if key != "K-poison"]
+        assert max(others) < len(poison_calls)
+        assert progress_when_handled["K-poison", 1] == len(poison_calls)
+        # The worker dead-lettered it in the store: nothing reached the broker's dead letters.
+        assert await bus.broker_dead_letters(service.consumers()[0]) == []
+
+    rig.run(scenario)
+
+
+def test_an_invalid_body_is_dead_lettered_and_the_queue_goes_on(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        store = rig.store("alpha")
+        await bus.prepare(consumers_of(system), system.routes)
+        bad = hand_made(
+            "BusTestCommand", "K-1", b'{"commandType":"BusTestCommand","key":"K-1","seq":"one"}'
+        )
+        await bus.publish([bad], system.routes)
+        await system.submit_many(
+            bus, [BusTestCommand(key="K-1", seq=1), BusTestCommand(key="K-2", seq=2)]
+        )
+        await run_services(
+            bus,
+            system,
+            {"alpha": store},
+            lambda: bool(store.dead_letters()) and handled(store, "alpha") == 2,
+        )
+        [dead] = store.dead_letters()
+        assert dead.consumer == "alpha"
+        assert dead.envelope.message_id == bad.message_id
+        assert dead.envelope.body == bad.body
+        assert "invalid" in dead.reason and "$.seq" in dead.reason
+        assert recorded(store, "alpha") == {"K-1": [1], "K-2": [2]}
+
+    rig.run(scenario)
+
+
+def test_a_message_without_sagaline_metadata_is_dead_lettered(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        [spec] = consumers_of(system)
+        store = rig.store("alpha")
+        await bus.prepare([spec], system.routes)
+        body = b'{"commandType":"BusTestCommand","key":"K-1","seq":0}'
+        connection = await aio_pika.connect(rig.url)
+        async with connection:
+            channel = await connection.channel()
+            # Published by another program: no message id, no type, no headers.
+            await channel.default_exchange.publish(
+                aio_pika.Message(body), routing_key=bus.queue_names(spec)[3]
+            )
+            await channel.default_exchange.publish(
+                aio_pika.Message(b"\xff\xfe not even text", headers={"x-odd": [1, 2]}),
+                routing_key=bus.queue_names(spec)[5],
+            )
+        await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+        await run_services(
+            bus,
+            system,
+            {"alpha": store},
+            lambda: len(store.dead_letters()) == 2 and handled(store, "alpha") == 1,
+        )
+        dead = store.dead_letters()
+        assert {d.envelope.message_type for d in dead} == {"unknown"}
+        assert body in {d.envelope.body for d in dead}
+        assert all("unknown" in d.reason for d in dead)
+        assert recorded(store, "alpha") == {"K-1": [1]}
+
+    rig.run(scenario)
+
+
+def test_a_message_published_twice_is_handled_once(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        store = rig.store("alpha")
+        await bus.prepare(consumers_of(system), system.routes)
+        message_id = new_message_id()
+        first = await system.submit(bus, BusTestCommand(key="K-1", seq=1), message_id=message_id)
+        await bus.publish([first], system.routes)  # the relay's retry after a lost confirm
+        await system.submit(bus, BusTestCommand(key="K-1", seq=2))
+        await run_services(
+            bus, system, {"alpha": store}, lambda: 2 in recorded(store, "alpha").get("K-1", [])
+        )
+        assert recorded(store, "alpha") == {"K-1": [1, 2]}
+
+    rig.run(scenario)
+
+
+def test_an_unsettled_delivery_comes_back_when_its_consumer_dies(rig: Rig) -> None:
+    async def scenario() -> None:
+        first_bus, second_bus = rig.bus(), rig.bus()
+        service = queue_service("alpha", BusTestCommand)
+        [spec] = service.consumers()
+        system = System([service])
+        await first_bus.prepare([spec], system.routes)
+        sent = await system.submit(first_bus, BusTestCommand(key="K-1", seq=1))
+
+        async def claim_one(bus: RabbitBus, member: str) -> Any:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while loop.time() < deadline:
+                batch = await bus.claim(spec, member, 10)
+                if batch.deliveries:
+                    return batch
+                await bus.wait_for_work(spec, 0.5)
+            pytest.fail(f"{member} received nothing")
+
+        first = await claim_one(first_bus, "member-1")
+        [delivery] = first.deliveries
+        assert (delivery.envelope.message_id, delivery.attempt) == (sent.message_id, 1)
+        assert delivery.ordering_key == "K-1"
+        # A standby member gets nothing while the active one holds the partition.
+        assert (await second_bus.claim(spec, "member-2", 10)).deliveries == []
+        await first_bus.close()  # dies without settling: its connection goes, unacknowledged
+
+        again = await claim_one(second_bus, "member-2")
+        [redelivery] = again.deliveries
+        assert redelivery.envelope.message_id == sent.message_id
+        assert redelivery.envelope.body == sent.body
+        assert redelivery.envelope.timestamp == sent.timestamp
+        assert redelivery.attempt == 2
+        await second_bus.complete(again, [(Outcome.ACK, None)])
+        await second_bus.leave(spec, "member-2")
+        third = rig.bus()
+        assert (await third.claim(spec, "member-3", 10)).deliveries == []
+
+    rig.run(scenario)
+
+
+async def claim_some(bus: RabbitBus, spec: ConsumerSpec, member: str, count: int = 1) -> Any:
+    """Claim until a batch of ``count`` or more deliveries comes (waiting on the bus's wake-ups)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while loop.time() < deadline:
+        batch = await bus.claim(spec, member, 100)
+        if len(batch.deliveries) >= count:
+            return batch
+        if batch.deliveries:
+            await bus.complete(batch, [(Outcome.SKIP, None)] * len(batch.deliveries))
+        await bus.wait_for_work(spec, 0.5)
+    pytest.fail(f"{member} did not receive {count} deliveries")
+
+
+def test_a_batch_never_completed_is_handed_out_again(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        service = queue_service("alpha", BusTestCommand)
+        [spec] = service.consumers()
+        system = System([service])
+        await bus.prepare([spec], system.routes)
+        sent = await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(3)])
+        first = await claim_some(bus, spec, "member-1", 3)
+        assert [d.attempt for d in first.deliveries] == [1, 1, 1]
+        # The worker's transaction failed: it claims again without completing the batch.
+        again = await bus.claim(spec, "member-1", 100)
+        ids = [d.envelope.message_id for d in again.deliveries]
+        assert ids == [sent[0].message_id]  # delivered before: it goes alone, first
+        assert again.deliveries[0].attempt == 2
+        await bus.complete(again, [(Outcome.ACK, None)])
+        rest = await claim_some(bus, spec, "member-1", 1)
+        assert [d.envelope.message_id for d in rest.deliveries][:1] == [sent[1].message_id]
+
+    rig.run(scenario)
+
+
+def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_letters(
+    rig: Rig,
+) -> None:
+    async def scenario() -> None:
+        policy = RetryPolicy(max_attempts=1, initial_delay=0.01)
+        service = queue_service("alpha", BusTestCommand, retry=policy)
+        [spec] = service.consumers()
+        system = System([service])
+        setup = rig.bus()
+        await setup.prepare([spec], system.routes)
+        poison = await system.submit(setup, BusTestCommand(key="K-1", seq=1))
+        attempts = []
+        # Each consumer takes it and dies before settling; the limit is max_attempts + 2.
+        while not await setup.broker_dead_letters(spec):
+            assert len(attempts) <= policy.max_attempts + 3
+            dying = rig.bus()
+            batch = await claim_some(dying, spec, f"member-{len(attempts)}")
+            attempts.append(batch.deliveries[0].attempt)
+            await dying.close()
+        assert attempts == list(range(1, policy.max_attempts + 4))
+        [dead] = await setup.broker_dead_letters(spec)
+        assert dead.envelope.message_id == poison.message_id
+        assert dead.envelope.body == poison.body
+        assert dead.reason == "delivery_limit"
+        assert dead.queue in setup.queue_names(spec)
+        # Looking does not take them away.
+        assert len(await setup.broker_dead_letters(spec)) == 1
+
+    rig.run(scenario)
+
+
+def test_two_members_compete_without_handling_twice_or_reordering(rig: Rig) -> None:
+    async def slow_record(ctx: Context, command: BusTestCommand) -> None:
+        await asyncio.sleep(0.002)
+        await record(ctx, command)
+
+    async def scenario() -> None:
+        service = Service("alpha", retry=FAST_RETRY)
+        service.handles(BusTestCommand)(slow_record)
+        system = System([service])
+        first_bus, second_bus = rig.bus(), rig.bus()
+        # Each instance has a store of its own: nothing a duplicate did could be hidden.
+        first_store, second_store = rig.store("alpha-1"), rig.store("alpha-2")
+        await first_bus.prepare(consumers_of(system), system.routes)
+        keys = [f"K-{k}" for k in range(20)]
+        total = 20 * len(keys)
+        await system.submit_many(
+            first_bus, [BusTestCommand(key=key, seq=seq) for seq in range(20) for key in keys]
+        )
+        first = Runtime(first_store, system, bus=first_bus, member="m1", poll_interval=0.05)
+        second = Runtime(second_store, system, bus=second_bus, member="m2", poll_interval=0.05)
+        first_run = asyncio.create_task(first.run())
+        second_run = asyncio.create_task(
+            second.run_until(
+                lambda: handled(first_store, "alpha") + handled(second_store, "alpha") >= total,
+                timeout=60,
+            )
+        )
+        # The first instance goes away mid-way; the standby takes its partitions over.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while handled(first_store, "alpha") < total // 4 and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        first.stop()
+        await first_run
+        await second_run
+        mine, theirs = recorded(first_store, "alpha"), recorded(second_store, "alpha")
+        assert mine and theirs
+        for key in keys:
+            assert mine.get(key, []) + theirs.get(key, []) == list(range(20))
+
+    rig.run(scenario)
+
+
+# ---------------------------------------------------------------------------------- events
+
+
+def test_events_reach_every_subscriber_of_their_type(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System(
+            [
+                subscriber("first", BusTestEvent),
+                subscriber("second", BusTestEvent, BusTestOtherEvent),
+                subscriber("third", BusTestOtherEvent),
+            ]
+        )
+        stores = {name: rig.store(name) for name in ("first", "second", "third")}
+        await bus.prepare(consumers_of(system), system.routes)
+        events: list[Any] = [BusTestEvent(key=f"K-{i % 3}", seq=i) for i in range(12)]
+        events += [BusTestOtherEvent(key="K-0", seq=100 + i) for i in range(2)]
+        await system.submit_many(bus, events)
+
+        def done() -> bool:
+            counts = {name: handled(store, name) for name, store in stores.items()}
+            return counts == {"first": 12, "second": 14, "third": 2}
+
+        await run_services(bus, system, stores, done)
+        expected = {f"K-{k}": list(range(k, 12, 3)) for k in range(3)}
+        assert recorded(stores["first"], "first") == expected
+        assert recorded(stores["second"], "second") == {**expected, "K-0": [0, 3, 6, 9, 100, 101]}
+        assert recorded(stores["third"], "third") == {"K-0": [100, 101]}
+
+    rig.run(scenario)
+
+
+def test_events_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> None:
+    calls: Counter[tuple[str, int]] = Counter()
+
+    async def flaky(ctx: Context, event: BusTestEvent) -> None:
+        calls[event.key, event.seq] += 1
+        await record(ctx, event)
+        if event.seq % 5 == 2 and calls[event.key, event.seq] <= 2:
+            raise RuntimeError("transient")
+
+    async def scenario() -> None:
+        bus = rig.bus()
+        service = Service("watcher", retry=FAST_RETRY)
+        service.subscribes(BusTestEvent)(flaky)
+        system = System([service])
+        store = rig.store("watcher")
+        await bus.prepare(consumers_of(system), system.routes)
+        keys = [f"K-{k}" for k in range(6)]
+        await system.submit_many(
+            bus, [BusTestEvent(key=key, seq=seq) for seq in range(12) for key in keys]
+        )
+        await run_services(bus, system, {"watcher": store}, lambda: handled(store, "watcher") == 72)
+        assert recorded(store, "watcher") == {key: list(range(12)) for key in keys}
+        assert all(calls[key, 2] == 3 for key in keys)
+        assert not store.dead_letters()
+
+    rig.run(scenario)
+
+
+def test_the_event_log_can_be_replayed_from_any_position(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System([subscriber("early", BusTestEvent)])
+        await bus.prepare(consumers_of(system), system.routes)
+        envelopes = await system.submit_many(
+            bus, [BusTestEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
+        )
+        log = [stored async for stored in bus.replay(0)]
+        assert [e.envelope.message_id for e in log] == [e.message_id for e in envelopes]
+        assert [e.envelope.body for e in log] == [e.body for e in envelopes]
+        assert [e.envelope.correlation_id for e in log] == [e.correlation_id for e in envelopes]
+        positions = [e.position for e in log]
+        assert positions == sorted(set(positions)) and positions[0] >= 1
+        middle = positions[9]
+        tail = [stored async for stored in bus.replay(middle)]
+        assert [e.envelope.message_id for e in tail] == [e.message_id for e in envelopes[10:]]
+        assert [e.position for e in tail] == positions[10:]
+        assert [stored async for stored in bus.replay(positions[-1])] == []
+        # Commands are not events: they never enter the log.
+        assert all(e.envelope.message_type == "BusTestEvent" for e in log)
+
+    rig.run(scenario)
+
+
+# ------------------------------------------------------------------------------------ sizes
+
+
+def test_messages_up_to_the_size_limit_pass(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System(
+            [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+        )
+        stores = {"alpha": rig.store("alpha"), "watcher": rig.store("watcher")}
+        await bus.prepare(consumers_of(system), system.routes)
+        command = padded(BusTestCommand, "K-big", MAX_MESSAGE_BYTES)
+        event = padded(BusTestEvent, "K-big", MAX_MESSAGE_BYTES - 10)
+        await system.submit(bus, command)
+        sent = await system.submit(bus, event)
+        await run_services(
+            bus,
+            system,
+            stores,
+            lambda: handled(stores["alpha"], "alpha") + handled(stores["watcher"], "watcher") == 2,
+        )
+        for name, message in (("alpha", command), ("watcher", event)):
+            assert not stores[name].dead_letters()
+            document = stores[name].get_document_sync(f"bus.{name}", "K-big")
+            assert document is not None and document.data["sizes"] == [len(message.payload)]
+        [stored] = [e async for e in bus.replay(0)]
+        assert stored.envelope.body == sent.body
+
+    rig.run(scenario)
+
+
+# ---------------------------------------------------------------------------- connection
+
+
+def cut_connections(name: str) -> int:
+    """Close, from the broker's side, every connection whose client calls itself ``name``."""
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    assert rabbitmqctl is not None
+    listed = subprocess.run(
+        [rabbitmqctl, "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    pids = [line.split()[0] for line in listed.splitlines() if name in line]
+    for pid in pids:
+        subprocess.run(
+            [rabbitmqctl, "close_connection", pid, "test cut"],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+    return len(pids)
+
+
+def test_consuming_and_publishing_resume_after_the_connection_is_cut(rig: Rig) -> None:
+    async def scenario() -> None:
+        name = f"cut-{uuid.uuid4().hex[:8]}"
+        bus = rig.bus(connection_name=name, reconnect_interval=0.2)
+        system = System([queue_service("alpha", BusTestCommand)])
+        store = rig.store("alpha")
+        await bus.prepare(consumers_of(system), system.routes)
+        await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(5)])
+        await run_services(bus, system, {"alpha": store}, lambda: handled(store, "alpha") == 5)
+        runtime = Runtime(store, system, bus=bus, member="member-1", poll_interval=0.05)
+        running = asyncio.create_task(
+            runtime.run_until(lambda: handled(store, "alpha") == 10, timeout=60)
+        )
+        assert await asyncio.to_thread(cut_connections, name) == 1
+        envelopes = [BusTestCommand(key="K-1", seq=i) for i in range(5, 10)]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:  # publishing fails while disconnected, then works again
+            try:
+                await system.submit_many(bus, envelopes)
+                break
+            except Exception:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        await running
+        assert recorded(store, "alpha") == {"K-1": list(range(10))}
+
+    rig.run(scenario)
+
+
+def test_deliveries_in_hand_when_the_connection_is_cut_come_again(rig: Rig) -> None:
+    async def scenario() -> None:
+        name = f"cut-{uuid.uuid4().hex[:8]}"
+        bus = rig.bus(connection_name=name, reconnect_interval=0.2)
+        service = queue_service("alpha", BusTestCommand)
+        [spec] = service.consumers()
+        system = System([service])
+        await bus.prepare([spec], system.routes)
+        sent = await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(3)])
+        batch = await claim_some(bus, spec, "member-1", 3)
+        assert await asyncio.to_thread(cut_connections, name) == 1
+        # Completing after the cut acknowledges nothing (the broker took them back), quietly.
+        await bus.complete(batch, [(Outcome.ACK, None)] * 3)
+        again = await claim_some(bus, spec, "member-1", 1)
+        assert again.deliveries[0].envelope.message_id == sent[0].message_id
+        assert again.deliveries[0].attempt == 2
+        await bus.complete(again, [(Outcome.ACK, None)])
+        for envelope in sent[1:]:  # each was delivered before: each goes alone, in order
+            batch = await claim_some(bus, spec, "member-1")
+            [delivery] = batch.deliveries
+            assert (delivery.envelope.message_id, delivery.attempt) == (envelope.message_id, 2)
+            await bus.complete(batch, [(Outcome.ACK, None)])
+
+    rig.run(scenario)
+
+
+# -------------------------------------------------------------------------------- the flow
+
+
+def test_the_order_flow_runs_on_rabbitmq_with_a_store_per_service(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = build_system()
+        stores = {name: rig.store(name) for name in system.services}
+        await bus.prepare(consumers_of(system), system.routes)
+        async with stores["inventory"].transaction() as tx:
+            for product_id, quantity in DEMO_STOCK.items():
+                await set_stock(tx, product_id, quantity)
+        submitted: list[Envelope] = [await system.submit(bus, o) for o in demo_orders()]
+        assert [e.correlation_id for e in submitted] == ["ORD-12345", "ORD-12346", "ORD-12347"]
+
+        def statuses() -> dict[str, str]:
+            return {
+                row["orderId"]: row["status"]
+                for row in stores["read"].query_documents("read.order")
+            }
+
+        def settled() -> bool:
+            sagas = stores["orchestrator"].list_sagas()
+            return (
+                len(sagas) == 3
+                and all(s.status in ("COMPLETED", "COMPENSATED") for s in sagas)
+                and set(statuses().values()) <= {"CONFIRMED", "CANCELLED"}
+                and len(statuses()) == 3
+            )
+
+        await run_services(bus, system, stores, settled, timeout=60)
+        assert statuses() == {
+            "ORD-12345": "CONFIRMED",
+            "ORD-12346": "CANCELLED",
+            "ORD-12347": "CANCELLED",
+        }
+        sagas = {s.saga_id: s.status for s in stores["orchestrator"].list_sagas()}
+        assert sorted(sagas.values()) == ["COMPENSATED", "COMPENSATED", "COMPLETED"]
+        for store in stores.values():
+            assert not store.dead_letters()
+        replayed = Counter([e.envelope.message_type async for e in bus.replay(0)])
+        assert replayed["OrderCreatedEvent"] == 3
+        assert replayed["OrderConfirmedEvent"] == 1
+        assert replayed["OrderCancelledEvent"] == 2
+
+    rig.run(scenario)
