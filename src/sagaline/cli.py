@@ -31,7 +31,12 @@ from rich.tree import Tree
 
 from sagaline.backends.sqlite import LEASE_SECONDS, path_from_url
 from sagaline.deploy import Deployment, Supervisor, serve_argv, service_url
-from sagaline.errors import InvalidMessage, SagalineError, UnknownMessageType
+from sagaline.errors import (
+    ConfigurationError,
+    InvalidMessage,
+    SagalineError,
+    UnknownMessageType,
+)
 from sagaline.handling import DEFAULT_BATCH, Runtime
 from sagaline.messages import (
     MAX_MESSAGE_BYTES,
@@ -227,6 +232,24 @@ def _open_deployment(
         _fail(f"cannot open the store {shown}: {_inert(exc)}", 1)
 
 
+async def _open_with_retry(deployment: Deployment, max_delay: float = 5.0) -> None:
+    """Open the deployment, retrying with backoff while its servers are unreachable."""
+    delay = 0.25
+    while True:
+        try:
+            await deployment.open()
+            return
+        except Exception as exc:
+            if not isinstance(exc, (SagalineError, *_database_errors())) or isinstance(
+                exc, ConfigurationError
+            ):
+                raise
+            # Opening is idempotent: what did connect stays, the rest is tried again.
+            log.warning("cannot connect yet (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(max_delay, delay * 2)
+
+
 def _database_errors() -> tuple[type[Exception], ...]:
     """Errors of the databases and brokers in use, shown as one line rather than a traceback."""
     errors: list[type[Exception]] = [sqlite3.Error, OSError]
@@ -250,15 +273,20 @@ def _with(
     must_exist: str | None = "read",
     services: Sequence[str] = SERVICE_NAMES,
     lease_seconds: float | None = None,
+    wait_for_servers: bool = False,
 ) -> T:
-    """Open the deployment, do ``work`` with it and close it, all in one event loop."""
+    """Open the deployment, do ``work`` with it and close it, all in one event loop.
+
+    With ``wait_for_servers`` (a long-running service), a database or broker that is not
+    reachable yet is waited for with backoff instead of failing.
+    """
     deployment = _open_deployment(
         store, bus, must_exist=must_exist, services=services, lease_seconds=lease_seconds
     )
 
     async def go() -> T:
         try:
-            await deployment.open()
+            await _open_with_retry(deployment) if wait_for_servers else await deployment.open()
             return await work(deployment)
         finally:
             await deployment.close()
@@ -612,7 +640,15 @@ def _serve_in_process(
                 loop.remove_signal_handler(signum)
         return sum(runtime.handled for runtime in runtimes)
 
-    handled = _with(store, bus, serve, must_exist=None, services=names, lease_seconds=lease_seconds)
+    handled = _with(
+        store,
+        bus,
+        serve,
+        must_exist=None,
+        services=names,
+        lease_seconds=lease_seconds,
+        wait_for_servers=True,
+    )
     log.info("stopped after handling %d deliveries", handled)
 
 

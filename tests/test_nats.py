@@ -1,0 +1,810 @@
+"""The NATS JetStream bus against a real server: each test on its own streams, removed afterwards.
+
+The server is shared and outlives runs, so every test uses a random prefix (its streams, consumers
+and lease bucket are named with it). Without a reachable server the tests are skipped, unless
+``SAGALINE_REQUIRE_SERVICES=1``, where they fail. Services keep their state in SQLite stores in
+outbox mode, one file per service, as a broker bus requires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import nats
+import pytest
+from nats.js.errors import NotFoundError
+from test_bus import (
+    FAST_RETRY,
+    BusTestCommand,
+    BusTestEvent,
+    BusTestOtherCommand,
+    BusTestOtherEvent,
+    hand_made,
+    padded,
+    queue_service,
+    record,
+    recorded,
+    subscriber,
+)
+
+from sagaline.backends.nats import UNKNOWN_TYPE, BusUnavailable, MessageTooLarge, NatsBus
+from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.handling import Context, Runtime, Service, System
+from sagaline.messages import MAX_MESSAGE_BYTES
+from sagaline.orders import SERVICE_NAMES, build_system
+from sagaline.orders.demo import DEMO_STOCK, demo_orders
+from sagaline.orders.inventory import set_stock
+from sagaline.orders.read import ORDER_VIEW
+from sagaline.ports import Batch, BrokerBus, ConsumerSpec, Outcome, RetryPolicy
+
+NATS_URL = os.environ.get("SAGALINE_NATS_URL", "nats://127.0.0.1:4222")
+
+
+def _reachable(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), 1.0):
+            return True
+    except OSError:
+        return False
+
+
+class NatsKit:
+    """One test's buses and stores: its own prefix on the shared server, its own files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.prefix = f"t{uuid.uuid4().hex[:12]}"
+        self.buses: list[NatsBus] = []
+        self.stores: dict[str, SqliteDatabase] = {}
+
+    async def bus(
+        self, *, lease_seconds: float = 2.0, ack_wait: float = 2.0, url: str = NATS_URL
+    ) -> NatsBus:
+        """An open bus on this test's prefix (short leases, so that take-overs are quick)."""
+        bus = NatsBus(url, prefix=self.prefix, lease_seconds=lease_seconds, ack_wait=ack_wait)
+        await bus.open()
+        self.buses.append(bus)
+        return bus
+
+    def store(self, name: str) -> SqliteDatabase:
+        """The outbox-mode store of service ``name``."""
+        if name not in self.stores:
+            url = f"sqlite:///{self.directory}/{name}.db"
+            self.stores[name] = SqliteDatabase(url, outbox=True)
+        return self.stores[name]
+
+    def run(self, scenario: Callable[[], Awaitable[None]]) -> None:
+        """Run ``scenario`` in its own event loop; close the buses and stores it opened."""
+
+        async def main() -> None:
+            try:
+                await scenario()
+            finally:
+                for bus in self.buses:
+                    if not bus.connection.is_closed:
+                        await bus.close()
+                for store in self.stores.values():
+                    await store.close()
+
+        asyncio.run(main())
+
+    async def remove(self) -> None:
+        """Delete this test's streams and lease bucket from the server."""
+        nc = await nats.connect(NATS_URL)
+        js = nc.jetstream()
+        for stream in (f"{self.prefix}_commands", f"{self.prefix}_events"):
+            with suppress(NotFoundError):
+                await js.delete_stream(stream)
+        with suppress(NotFoundError):
+            await js.delete_key_value(self.prefix)
+        await nc.close()
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> Iterator[NatsKit]:
+    if not _reachable(NATS_URL):
+        message = f"no NATS server at {NATS_URL}"
+        if os.environ.get("SAGALINE_REQUIRE_SERVICES") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    kit = NatsKit(tmp_path)
+    try:
+        yield kit
+    finally:
+        asyncio.run(kit.remove())
+
+
+async def run(
+    bus: NatsBus,
+    system: System,
+    stores: Mapping[str, SqliteDatabase],
+    done: Callable[[], bool],
+    *,
+    member: str = "nats-test",
+    timeout: float = 30.0,
+) -> list[Runtime]:
+    """Run each named service on its store with ``bus`` until ``done()``."""
+    runtimes = [
+        Runtime(store, system, [name], bus=bus, member=f"{member}-{name}", poll_interval=0.05)
+        for name, store in stores.items()
+    ]
+    await asyncio.gather(*(runtime.run_until(done, timeout=timeout) for runtime in runtimes))
+    return runtimes
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds (fails the test after ``timeout`` seconds)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def unsettled(bus: NatsBus, spec: ConsumerSpec) -> int:
+    """Messages of a consumer not yet delivered, or delivered and not settled."""
+    kind = "q" if spec.source == "queue" else "s"
+    stream = bus.command_stream if spec.source == "queue" else bus.event_stream
+    total = 0
+    for partition in range(bus.partitions):
+        info = await bus.jetstream.consumer_info(stream, f"{kind}-{spec.name}-{partition}")
+        total += info.num_pending + info.num_ack_pending
+    return total
+
+
+async def claim_all(
+    bus: NatsBus, spec: ConsumerSpec, member: str, count: int, *, settle: bool, timeout: float = 20
+) -> list[Batch]:
+    """Claim until ``count`` deliveries came; acknowledge them when ``settle``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    batches: list[Batch] = []
+    while sum(len(batch.deliveries) for batch in batches) < count:
+        assert loop.time() < deadline, "the deliveries did not come"
+        batch = await bus.claim(spec, member, 100)
+        if not batch.deliveries:
+            await asyncio.sleep(0.05)
+            continue
+        if settle:
+            await bus.complete(batch, [(Outcome.ACK, None)] * len(batch.deliveries))
+        batches.append(batch)
+    return batches
+
+
+# ---------------------------------------------------------------------------------- the port
+
+
+def test_it_implements_the_broker_bus_port(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        assert isinstance(bus, BrokerBus)
+
+    kit.run(scenario)
+
+
+def test_prepare_is_idempotent_and_safe_from_several_processes(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        first, second = await kit.bus(), await kit.bus()
+        system = System(
+            [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+        )
+        specs = [spec for service in system.services.values() for spec in service.consumers()]
+        await asyncio.gather(
+            first.prepare(specs, system.routes), second.prepare(specs, system.routes)
+        )
+        await first.prepare(specs, system.routes)
+        names = [info.name async for info in _consumers(first, first.command_stream)]
+        assert sorted(names) == sorted(f"q-alpha-{p}" for p in range(first.partitions))
+        info = await first.jetstream.consumer_info(first.event_stream, "s-watcher-0")
+        assert info.config.max_deliver == FAST_RETRY.max_attempts + 2
+
+    kit.run(scenario)
+
+
+async def _consumers(bus: NatsBus, stream: str) -> Any:
+    for info in await bus.jetstream.consumers_info(stream):
+        yield info
+
+
+# ------------------------------------------------------------------------------------ queues
+
+
+def test_commands_are_delivered_to_the_queue_they_are_routed_to(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = System(
+            [queue_service("alpha", BusTestCommand), queue_service("beta", BusTestOtherCommand)]
+        )
+        alpha, beta = kit.store("alpha"), kit.store("beta")
+        await system.submit_many(
+            bus,
+            [BusTestCommand(key="K-1", seq=i) for i in range(3)]
+            + [BusTestOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
+        )
+        await run(bus, system, {"alpha": alpha}, lambda: recorded(alpha, "alpha") != {})
+        assert recorded(alpha, "alpha") == {"K-1": [0, 1, 2]}
+        assert recorded(beta, "beta") == {}
+        [alpha_queue] = system.services["alpha"].consumers()
+        [beta_queue] = system.services["beta"].consumers()
+        assert await unsettled(bus, alpha_queue) == 0
+        assert await unsettled(bus, beta_queue) == 2
+
+        await run(bus, system, {"beta": beta}, lambda: recorded(beta, "beta") != {})
+        assert recorded(beta, "beta") == {"K-1": [10, 11]}
+        assert await unsettled(bus, beta_queue) == 0
+        # A work queue: what was acknowledged is gone from the stream.
+        assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
+
+    kit.run(scenario)
+
+
+def test_a_command_without_a_route_is_refused(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        envelope = System([queue_service("alpha", BusTestCommand)])._accept(
+            BusTestCommand(key="K-1", seq=1)
+        )
+        with pytest.raises(Exception, match="no service handles BusTestCommand"):
+            await bus.publish([envelope], {})
+
+    kit.run(scenario)
+
+
+def test_commands_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -> None:
+    calls: Counter[tuple[str, int]] = Counter()
+
+    async def flaky(ctx: Context, command: BusTestCommand) -> None:
+        calls[command.key, command.seq] += 1
+        await record(ctx, command)
+        if command.seq % 4 == 1 and calls[command.key, command.seq] <= 2:
+            raise RuntimeError(f"transient failure of {command.key}/{command.seq}")
+
+    async def scenario() -> None:
+        bus = await kit.bus()
+        service = Service("alpha", retry=FAST_RETRY)
+        service.handles(BusTestCommand)(flaky)
+        system = System([service])
+        store = kit.store("alpha")
+        keys = [f"K-{k}" for k in range(4)]
+        await system.submit_many(
+            bus, [BusTestCommand(key=key, seq=seq) for seq in range(15) for key in keys]
+        )
+        expected = {key: list(range(15)) for key in keys}
+        await run(bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == expected)
+        assert all(calls[key, seq] >= 3 for key in keys for seq in range(1, 15, 4))
+        assert not store.dead_letters()
+
+    kit.run(scenario)
+
+
+def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(kit: NatsKit) -> None:
+    policy = RetryPolicy(max_attempts=3, initial_delay=0.05, multiplier=2.0, max_delay=1.0)
+    poison_calls: list[float] = []
+    progress_when_handled: dict[tuple[str, int], int] = {}
+
+    async def handler(ctx: Context, command: BusTestCommand) -> None:
+        if command.key == "K-poison" and command.seq == 0:
+            poison_calls.append(asyncio.get_running_loop().time())
+            raise RuntimeError("poison-boom: cannot handle this one")
+        progress_when_handled[command.key, command.seq] = len(poison_calls)
+        await record(ctx, command)
+
+    async def scenario() -> None:
+        bus = await kit.bus()
+        service = Service("alpha", retry=policy)
+        service.handles(BusTestCommand)(handler)
+        system = System([service])
+        store = kit.store("alpha")
+        poison = await system.submit(bus, BusTestCommand(key="K-poison", seq=0))
+        await system.submit(bus, BusTestCommand(key="K-poison", seq=1))
+        await system.submit_many(
+            bus, [BusTestCommand(key=f"K-{k}", seq=s) for s in range(5) for k in range(3)]
+        )
+        expected = {**{f"K-{k}": list(range(5)) for k in range(3)}, "K-poison": [1]}
+        await run(bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == expected)
+
+        [dead] = store.dead_letters()
+        assert dead.consumer == "alpha"
+        assert dead.envelope.message_id == poison.message_id
+        assert dead.envelope.body == poison.body
+        assert dead.attempts == policy.max_attempts
+        assert "poison-boom: cannot handle this one" in dead.reason
+        assert "RuntimeError" in dead.reason
+        assert poison_calls[-1] - poison_calls[0] >= (policy.delay(1) + policy.delay(2)) * 0.9
+        others = [n for (key, _), n in progress_when_handled.items() if key != "K-poison"]
+        assert max(others) < len(poison_calls)
+        # The poison's own key went on only after it was dead-lettered.
+        assert progress_when_handled["K-poison", 1] == len(poison_calls)
+        [queue] = service.consumers()
+        assert await unsettled(bus, queue) == 0
+
+    kit.run(scenario)
+
+
+def test_an_invalid_command_body_is_dead_lettered_and_the_queue_goes_on(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        store = kit.store("alpha")
+        bad = hand_made(
+            "BusTestCommand", "K-1", b'{"commandType":"BusTestCommand","key":"K-1","seq":"one"}'
+        )
+        await bus.publish([bad], system.routes)
+        await system.submit_many(
+            bus, [BusTestCommand(key="K-1", seq=1), BusTestCommand(key="K-2", seq=2)]
+        )
+        expected = {"K-1": [1], "K-2": [2]}
+        await run(
+            bus,
+            system,
+            {"alpha": store},
+            lambda: recorded(store, "alpha") == expected and bool(store.dead_letters()),
+        )
+        [dead] = store.dead_letters()
+        assert dead.envelope.message_id == bad.message_id
+        assert dead.envelope.body == bad.body
+        assert "invalid" in dead.reason and "$.seq" in dead.reason
+
+    kit.run(scenario)
+
+
+def test_a_message_without_sagaline_headers_is_dead_lettered(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = System(
+            [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+        )
+        alpha, watcher = kit.store("alpha"), kit.store("watcher")
+        specs = [spec for service in system.services.values() for spec in service.consumers()]
+        await bus.prepare(specs, system.routes)
+        part = bus.partition_of("K-1")
+        command = b'{"commandType":"BusTestCommand","key":"K-1","seq":5}'
+        event = b'{"eventType":"BusTestEvent","key":"K-1","seq":6}'
+        await bus.jetstream.publish(f"{bus.prefix}.cmd.alpha.{part}", command)
+        await bus.jetstream.publish(f"{bus.prefix}.evt.BusTestEvent.{part}", event)
+        await system.submit(bus, BusTestCommand(key="K-1", seq=7))
+        await system.submit(bus, BusTestEvent(key="K-1", seq=8))
+
+        def done() -> bool:
+            return (
+                recorded(alpha, "alpha") == {"K-1": [7]}
+                and recorded(watcher, "watcher") == {"K-1": [8]}
+                and len(alpha.dead_letters()) == 1
+                and len(watcher.dead_letters()) == 1
+            )
+
+        await run(bus, system, {"alpha": alpha, "watcher": watcher}, done)
+        for store, body in ((alpha, command), (watcher, event)):
+            [dead] = store.dead_letters()
+            assert dead.envelope.message_type == UNKNOWN_TYPE
+            assert dead.envelope.body == body
+            assert "unknown" in dead.reason
+
+    kit.run(scenario)
+
+
+def test_a_message_published_twice_is_stored_once(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        store = kit.store("alpha")
+        first = await system.submit(bus, BusTestCommand(key="K-1", seq=1), message_id="order-1")
+        again = await system.submit(bus, BusTestCommand(key="K-1", seq=1), message_id="order-1")
+        await bus.publish([first], system.routes)  # the relay publishing after a crash
+        assert first.message_id == again.message_id == "order-1"
+        assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 1
+        await system.submit(bus, BusTestCommand(key="K-1", seq=2))
+        await run(
+            bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == {"K-1": [1, 2]}
+        )
+
+    kit.run(scenario)
+
+
+def test_a_publish_without_a_connection_raises_and_publishes_nothing(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        await bus.prepare([], system.routes)
+        await bus.connection.close()
+        with pytest.raises(BusUnavailable):
+            await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+        other = await kit.bus()
+        assert (await other.jetstream.stream_info(other.command_stream)).state.messages == 0
+
+    kit.run(scenario)
+
+
+class TcpProxy:
+    """A TCP relay to the NATS server that a test can cut, refuse and let through again."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 4222)
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Refuse new connections and cut the open ones."""
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        self.writers.clear()
+        await self.server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, upstream_writer]
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with suppress(Exception):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+
+def test_consumers_go_on_after_a_reconnect_and_a_publish_while_disconnected_raises(
+    kit: NatsKit,
+) -> None:
+    async def scenario() -> None:
+        proxy = TcpProxy(NATS_URL)
+        await proxy.start()
+        bus = await kit.bus(url=proxy.url)
+        direct = await kit.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        store = kit.store("alpha")
+        runtime = Runtime(store, system, bus=bus, member="m1", poll_interval=0.05)
+
+        def handled(count: int) -> Callable[[], bool]:
+            return lambda: len(recorded(store, "alpha").get("K-1", [])) >= count
+
+        running = asyncio.create_task(runtime.run_until(handled(20), timeout=60))
+        await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(10)])
+        await wait_until(handled(10))
+
+        await proxy.stop()
+        await wait_until(lambda: not bus.connection.is_connected)
+        with pytest.raises(BusUnavailable):
+            await system.submit(bus, BusTestCommand(key="K-1", seq=99))
+        # Meanwhile other processes go on publishing.
+        await system.submit_many(direct, [BusTestCommand(key="K-1", seq=i) for i in range(10, 20)])
+        await proxy.start()
+        await running
+        assert recorded(store, "alpha") == {"K-1": list(range(20))}
+
+    kit.run(scenario)
+
+
+# ---------------------------------------------------------------------------- members
+
+
+def test_a_dead_members_messages_are_delivered_to_another_member(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        dying, survivor = await kit.bus(), await kit.bus()
+        service = queue_service("alpha", BusTestCommand)
+        [spec] = service.consumers()
+        system = System([service])
+        await dying.prepare([spec], system.routes)
+        sent = await system.submit_many(
+            dying, [BusTestCommand(key=f"K-{i % 3}", seq=i) for i in range(9)]
+        )
+        loop = asyncio.get_running_loop()
+        taken = await claim_all(dying, spec, "m1", 9, settle=False)
+        assert {d.envelope.message_id for b in taken for d in b.deliveries} == {
+            e.message_id for e in sent
+        }
+        died_at = loop.time()
+        await dying.connection.close()  # no ack, no leave: the process died
+
+        again = await claim_all(survivor, spec, "m2", 9, settle=True)
+        deliveries = [d for batch in again for d in batch.deliveries]
+        assert loop.time() - died_at >= survivor.ack_wait * 0.9
+        assert sorted(d.envelope.message_id for d in deliveries) == sorted(
+            e.message_id for e in sent
+        )
+        assert all(d.attempt == 2 for d in deliveries)
+        # Delivered again, each alone (it might be what killed the first one), in key order.
+        assert all(len(batch.deliveries) == 1 for batch in again)
+        seqs: dict[str, list[int]] = {}
+        for delivery in deliveries:
+            message = delivery.envelope.decode()
+            seqs.setdefault(delivery.ordering_key, []).append(message.seq)  # type: ignore[attr-defined]
+        assert seqs == {f"K-{k}": list(range(k, 9, 3)) for k in range(3)}
+        assert await unsettled(survivor, spec) == 0
+
+    kit.run(scenario)
+
+
+def test_two_members_compete_without_handling_anything_twice(kit: NatsKit) -> None:
+    calls: Counter[str] = Counter()
+
+    async def counting(ctx: Context, command: BusTestCommand) -> None:
+        calls[ctx.envelope.message_id] += 1
+        await record(ctx, command)
+
+    async def scenario() -> None:
+        first, second = await kit.bus(), await kit.bus()
+        service = Service("alpha", retry=FAST_RETRY)
+        service.handles(BusTestCommand)(counting)
+        [spec] = service.consumers()
+        system = System([service])
+        store = kit.store("alpha")
+        keys = [f"K-{k}" for k in range(24)]
+        expected = {key: list(range(20)) for key in keys}
+
+        def done() -> bool:
+            return recorded(store, "alpha") == expected
+
+        runtimes = [
+            Runtime(store, system, bus=bus, member=member, poll_interval=0.05)
+            for bus, member in ((first, "m1"), (second, "m2"))
+        ]
+        running = asyncio.gather(*(r.run_until(done, timeout=60) for r in runtimes))
+
+        def shared() -> bool:
+            mine, theirs = first.partitions_held(spec, "m1"), second.partitions_held(spec, "m2")
+            return bool(mine) and bool(theirs) and not set(mine) & set(theirs)
+
+        await wait_until(shared)
+        for seq in range(20):
+            await system.submit_many(first, [BusTestCommand(key=key, seq=seq) for key in keys])
+        await running
+        assert recorded(store, "alpha") == expected
+        assert set(calls.values()) == {1}
+        assert all(runtime.handled > 0 for runtime in runtimes)
+
+    kit.run(scenario)
+
+
+def test_a_stopped_member_hands_its_partitions_over_at_once(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus(lease_seconds=30.0)
+        system = System([subscriber("watcher", BusTestEvent)])
+        store = kit.store("watcher")
+        await system.submit(bus, BusTestEvent(key="K-1", seq=0))
+        await run(
+            bus, system, {"watcher": store}, lambda: bool(recorded(store, "watcher")), member="a"
+        )
+        await system.submit(bus, BusTestEvent(key="K-1", seq=1))
+        # A new member id; with 30-second leases it must not wait for the old ones to expire.
+        await run(
+            bus,
+            system,
+            {"watcher": store},
+            lambda: recorded(store, "watcher") == {"K-1": [0, 1]},
+            member="b",
+            timeout=5,
+        )
+
+    kit.run(scenario)
+
+
+# ------------------------------------------------------------------------------------ events
+
+
+def test_events_reach_every_subscriber_of_their_type(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = System(
+            [
+                subscriber("first", BusTestEvent),
+                subscriber("second", BusTestEvent, BusTestOtherEvent),
+                subscriber("third", BusTestOtherEvent),
+            ]
+        )
+        stores = {name: kit.store(name) for name in ("first", "second", "third")}
+        events: list[Any] = [BusTestEvent(key=f"K-{i % 3}", seq=i) for i in range(12)]
+        events += [BusTestOtherEvent(key="K-0", seq=100 + i) for i in range(2)]
+        await system.submit_many(bus, events)
+        expected = {f"K-{k}": list(range(k, 12, 3)) for k in range(3)}
+        wanted = {
+            "first": expected,
+            "second": {**expected, "K-0": [0, 3, 6, 9, 100, 101]},
+            "third": {"K-0": [100, 101]},
+        }
+        await run(
+            bus,
+            system,
+            stores,
+            lambda: all(recorded(stores[n], n) == wanted[n] for n in stores),
+        )
+        for name in stores:
+            assert not stores[name].dead_letters()
+
+    kit.run(scenario)
+
+
+def test_events_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -> None:
+    calls: Counter[tuple[str, int]] = Counter()
+
+    async def flaky(ctx: Context, event: BusTestEvent) -> None:
+        calls[event.key, event.seq] += 1
+        await record(ctx, event)
+        if event.seq % 5 == 2 and calls[event.key, event.seq] <= 2:
+            raise RuntimeError("transient")
+
+    async def scenario() -> None:
+        bus = await kit.bus()
+        service = Service("watcher", retry=FAST_RETRY)
+        service.subscribes(BusTestEvent)(flaky)
+        system = System([service])
+        store = kit.store("watcher")
+        keys = [f"K-{k}" for k in range(6)]
+        await system.submit_many(
+            bus, [BusTestEvent(key=key, seq=seq) for seq in range(12) for key in keys]
+        )
+        expected = {key: list(range(12)) for key in keys}
+        await run(bus, system, {"watcher": store}, lambda: recorded(store, "watcher") == expected)
+        assert all(calls[key, 2] >= 3 for key in keys)
+        assert not store.dead_letters()
+
+    kit.run(scenario)
+
+
+def test_the_log_can_be_replayed_from_any_position(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = System([subscriber("early", BusTestEvent)])
+        envelopes = await system.submit_many(
+            bus, [BusTestEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
+        )
+        log = [e async for e in bus.replay(0)]
+        assert [e.envelope.message_id for e in log] == [e.message_id for e in envelopes]
+        assert [e.envelope.body for e in log] == [e.body for e in envelopes]
+        assert [e.envelope.correlation_id for e in log] == [e.correlation_id for e in envelopes]
+        positions = [e.position for e in log]
+        assert positions == sorted(set(positions))
+        middle = positions[9]
+        tail = [e async for e in bus.replay(middle)]
+        assert [e.envelope.message_id for e in tail] == [e.message_id for e in envelopes[10:]]
+        assert [e async for e in bus.replay(positions[-1])] == []
+
+        # The replay ends where the log ended when it began.
+        replay = bus.replay(0)
+        head = await anext(replay)
+        await system.submit_many(bus, [BusTestEvent(key="K-late", seq=i) for i in range(3)])
+        rest = [e async for e in replay]
+        assert [head.position] + [e.position for e in rest] == positions
+
+        # A subscriber that joins late still receives the retained events from the start.
+        store = kit.store("early")
+        await run(
+            bus,
+            system,
+            {"early": store},
+            lambda: sum(len(v) for v in recorded(store, "early").values()) == 28,
+        )
+
+    kit.run(scenario)
+
+
+# ------------------------------------------------------------------------------------- sizes
+
+
+def test_the_size_limit_is_the_servers_max_payload(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = System(
+            [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+        )
+        alpha, watcher = kit.store("alpha"), kit.store("watcher")
+        limit = bus.max_payload
+        biggest = padded(BusTestCommand, "K-big", MAX_MESSAGE_BYTES)
+        if limit < MAX_MESSAGE_BYTES + 4096:
+            # A default server (max_payload 1 MiB): sagaline's largest body does not fit next to
+            # its headers. Refused before anything is sent, with both sizes named.
+            with pytest.raises(MessageTooLarge) as refused:
+                await system.submit(bus, biggest)
+            assert str(limit) in str(refused.value) and "max_payload" in str(refused.value)
+            assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
+            size = limit - 4096
+        else:
+            size = MAX_MESSAGE_BYTES
+        command = padded(BusTestCommand, "K-big", size)
+        event = padded(BusTestEvent, "K-big", size - 10)
+        await system.submit(bus, command)
+        await system.submit(bus, event)
+
+        def done() -> bool:
+            return bool(recorded(alpha, "alpha")) and bool(recorded(watcher, "watcher"))
+
+        await run(bus, system, {"alpha": alpha, "watcher": watcher}, done)
+        alpha_doc = alpha.get_document_sync("bus.alpha", "K-big")
+        watcher_doc = watcher.get_document_sync("bus.watcher", "K-big")
+        assert alpha_doc is not None and alpha_doc.data["sizes"] == [len(command.payload)]
+        assert watcher_doc is not None and watcher_doc.data["sizes"] == [len(event.payload)]
+
+    kit.run(scenario)
+
+
+# ------------------------------------------------------------------------------- backstop
+
+
+def test_a_message_the_server_gives_up_on_is_handed_over_for_the_dead_letters(
+    kit: NatsKit,
+) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus(ack_wait=1.0)
+        policy = RetryPolicy(max_attempts=1, initial_delay=0.01)
+        service = queue_service("alpha", BusTestCommand, retry=policy)
+        [spec] = service.consumers()
+        system = System([service])
+        await bus.prepare([spec], system.routes)
+        sent = await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+        # Three deliveries (max_deliver = max_attempts + 2), none settled: a consumer that
+        # dies every time, even while recording the dead letter.
+        attempts = []
+        while True:
+            [batch] = await claim_all(bus, spec, "m1", 1, settle=False)
+            [delivery] = batch.deliveries
+            assert delivery.envelope.message_id == sent.message_id
+            attempts.append(delivery.attempt)
+            if delivery.attempt > policy.max_attempts + 2:
+                break
+        assert attempts == [1, 2, 3, 4]
+        await bus.complete(batch, [(Outcome.DEAD, "given up")])
+        assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
+
+    kit.run(scenario)
+
+
+# ------------------------------------------------------------------------------ order flow
+
+
+def test_the_order_flow_runs_on_nats(kit: NatsKit) -> None:
+    async def scenario() -> None:
+        bus = await kit.bus()
+        system = build_system()
+        stores = {name: kit.store(name) for name in SERVICE_NAMES}
+        async with stores["inventory"].transaction() as tx:
+            for product_id, quantity in DEMO_STOCK.items():
+                await set_stock(tx, product_id, quantity)
+        for order in demo_orders():
+            await system.submit(bus, order)
+        wanted = {"ORD-12345": "CONFIRMED", "ORD-12346": "CANCELLED", "ORD-12347": "CANCELLED"}
+
+        def statuses() -> dict[str, str]:
+            rows = stores["read"].query_documents(ORDER_VIEW)
+            return {row["orderId"]: row["status"] for row in rows}
+
+        def done() -> bool:
+            sagas = stores["orchestrator"].list_sagas()
+            return (
+                statuses() == wanted
+                and len(sagas) == 3
+                and all(saga.status in ("COMPLETED", "COMPENSATED") for saga in sagas)
+            )
+
+        await run(bus, system, stores, done, timeout=60)
+        sagas = {
+            saga.data.get("orderId", saga.saga_id): saga.status
+            for saga in stores["orchestrator"].list_sagas()
+        }
+        assert sorted(sagas.values()) == ["COMPENSATED", "COMPENSATED", "COMPLETED"]
+        for store in stores.values():
+            assert not store.dead_letters()
+
+    kit.run(scenario)
