@@ -10,6 +10,7 @@ RELIABILITY.md hold over the services' stores.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -243,3 +244,54 @@ def test_a_service_killed_under_load_is_restarted_and_nothing_is_lost(
     found = cluster.run(statuses(order_ids))
     assert set(found.values()) <= {"CONFIRMED", "CANCELLED"}
     assert cluster.stop() == 0
+
+
+def sagaline_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sagaline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_demo_and_the_queries_run_on_each_combination(
+    urls: tuple[str, str], tmp_path: Path
+) -> None:
+    store, bus = urls
+    where = ["--store", store, "--bus", bus]
+    migrated = sagaline_cli("migrate", *where, cwd=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    for _ in range(2):  # the second run replaces the first run's demo data
+        demo = sagaline_cli("demo", *where, cwd=tmp_path)
+        assert demo.returncode == 0, demo.stderr
+        for expected in ("ORD-12345", "CONFIRMED", "Insufficient stock for PROD-A", "declined"):
+            assert expected in demo.stdout
+        assert "stock ledger balanced" in demo.stdout
+    orders = sagaline_cli("orders", "--json", *where, cwd=tmp_path)
+    assert orders.returncode == 0, orders.stderr
+    found = {row["orderId"]: row["status"] for row in json.loads(orders.stdout)}
+    assert found == {"ORD-12345": "CONFIRMED", "ORD-12346": "CANCELLED", "ORD-12347": "CANCELLED"}
+    trace = sagaline_cli("trace", "ORD-12345", "--json", *where, cwd=tmp_path)
+    assert trace.returncode == 0, trace.stderr
+    story = json.loads(trace.stdout)
+    assert story["saga"]["status"] == "COMPLETED"
+    types = [message["type"] for message in story["messages"]]
+    for expected in (
+        "OrderCreatedEvent",
+        "ReserveInventoryCommand",
+        "InventoryReservedEvent",
+        "ProcessPaymentCommand",
+        "PaymentProcessedEvent",
+        "OrderConfirmedEvent",
+    ):
+        assert expected in types
+    handled = {
+        message["type"]: {entry["consumer"] for entry in message["handledBy"]}
+        for message in story["messages"]
+    }
+    assert handled["ReserveInventoryCommand"] == {"inventory"}
+    assert handled["OrderConfirmedEvent"] >= {"order", "inventory", "read"}
+    letters = sagaline_cli("dead-letters", "--json", *where, cwd=tmp_path)
+    assert letters.returncode == 0 and json.loads(letters.stdout) == []

@@ -37,6 +37,7 @@ __all__ = [
     "demo_orders",
     "is_demo_store",
     "is_deployment_settled",
+    "is_empty_store",
     "is_settled",
     "open_demo_deployment",
     "open_demo_store",
@@ -129,6 +130,28 @@ def is_demo_store(path: str | Path) -> bool:
     return row is not None and row[0] == "1"
 
 
+_DATA_TABLES = ("events", "commands", "documents", "sagas", "inbox", "outbox", "dead_letters")
+
+
+def is_empty_store(path: str | Path) -> bool:
+    """Whether the SQLite file at ``path`` is a sagaline store holding no data yet (migrated
+    only). Opened read-only, like :func:`is_demo_store`."""
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    try:
+        connection = sqlite3.connect(uri, uri=True)
+    except sqlite3.Error:
+        return False
+    try:
+        return not any(
+            connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+            for table in _DATA_TABLES
+        )
+    except sqlite3.Error:
+        return False
+    finally:
+        connection.close()
+
+
 async def open_demo_store(url: str) -> SqliteDatabase:
     """A fresh, empty demo store at ``url``, replacing an earlier demo store there.
 
@@ -152,7 +175,7 @@ def _clear_demo_file(url: str) -> None:
     path = path_from_url(url)
     if path == ":memory:" or not Path(path).exists():
         return
-    if not is_demo_store(path):
+    if not is_demo_store(path) and not is_empty_store(path):
         raise NotADemoStore(f"{path} exists and is not a demo store; the demo will not replace it")
     for name in (path, *(path + suffix for suffix in _SIDE_FILES)):
         Path(name).unlink(missing_ok=True)

@@ -325,7 +325,8 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
     # ------------------------------------------------------------------ demo
 
     async def drop_if_marked(self, key: str) -> bool:
-        """Drop this store's schemas if they carry the metadata mark ``key`` (or do not exist).
+        """Drop this store's schemas if they carry the metadata mark ``key``, hold no data yet
+        (only migrated), or do not exist.
 
         False, leaving everything as it was, when the store schema holds data without the mark.
         """
@@ -338,7 +339,10 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
                 mark = conn.execute(
                     f"SELECT value FROM {names.store}.meta WHERE key = %s", (key,)
                 ).fetchone()
-                if mark is None or mark[0] != "1":
+                if (mark is None or mark[0] != "1") and any(
+                    conn.execute(f"SELECT 1 FROM {names.store}.{table} LIMIT 1").fetchone()
+                    for table in _DATA_TABLES
+                ):
                     return False
             conn.execute(f"DROP SCHEMA IF EXISTS {names.store} CASCADE")
             if names.bus != names.store:
@@ -346,6 +350,9 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         self._migrated = False
         return True
 
+
+#: The tables of a service's schema that hold its data (a store without rows in any is empty).
+_DATA_TABLES = ("streams", "documents", "sagas", "inbox", "outbox", "dead_letters")
 
 if TYPE_CHECKING:
 
