@@ -589,3 +589,40 @@ class TestNatsBusPort(BusPortConformance):
             return harness
 
         yield make
+
+    def test_a_message_the_broker_refuses_is_set_aside_and_the_outbox_goes_on(
+        self, harness: Harness
+    ) -> None:
+        """NATS refuses a body that passes sagaline's 1 MiB limit but not the server's
+        max_payload: the relay dead-letters it (consumer ``outbox``) instead of blocking."""
+
+        async def relay(ctx: Context, command: BusTestCommand) -> None:
+            size = MAX_MESSAGE_BYTES - 100 if command.seq == 0 else 100
+            ctx.publish(padded(BusTestEvent, command.key, size))
+            await record(ctx, command)
+
+        async def scenario() -> None:
+            await harness.open()
+            service = Service("alpha", retry=FAST_RETRY)
+            service.handles(BusTestCommand)(relay)
+            system = System([service, subscriber("watcher", BusTestEvent)])
+            await harness.prepare(system)
+            await system.submit_many(
+                harness.entry, [BusTestCommand(key="K-1", seq=0), BusTestCommand(key="K-2", seq=1)]
+            )
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "watcher", {"K-2": [0]}),
+                    lambda: bool(harness.dead_letters()),
+                ),
+            )
+            [dead] = harness.dead_letters()
+            assert dead.consumer == "outbox"
+            assert dead.envelope.message_type == "BusTestEvent"
+            assert "max_payload" in dead.reason
+            assert harness.recorded("alpha") == {"K-1": [0], "K-2": [1]}
+            assert cast(Any, harness.store).outbox_pending() == 0
+
+        drive(scenario)

@@ -296,6 +296,11 @@ class Outbox(Protocol):
         """Mark entries published; they are not handed out again."""
         ...
 
+    async def outbox_refused(self, entry: OutboxEntry, reason: str) -> None:
+        """Set aside an entry the bus refuses for good (too large for it, say): it is recorded
+        as a dead letter of the consumer ``outbox`` with ``reason`` and not published again."""
+        ...
+
     async def wait_for_outbox(self, timeout: float) -> None:
         """Return when a unit of work of this process emitted something, or after ``timeout``."""
         ...

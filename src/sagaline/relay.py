@@ -16,6 +16,7 @@ import logging
 from collections.abc import Mapping
 from contextlib import suppress
 
+from sagaline.errors import InvalidMessage
 from sagaline.ports import BrokerBus, Outbox
 
 __all__ = ["Relay"]
@@ -74,7 +75,23 @@ class Relay:
         entries = await self.store.outbox_claim(self.owner, self.batch_size)
         if not entries:
             return 0
-        await self.bus.publish([entry.envelope for entry in entries], self.routes)
+        try:
+            await self.bus.publish([entry.envelope for entry in entries], self.routes)
+        except InvalidMessage:
+            # The bus refuses one of them for good (it would never pass): publish one by one,
+            # in order, and set the refused ones aside as dead letters instead of blocking.
+            for entry in entries:
+                try:
+                    await self.bus.publish([entry.envelope], self.routes)
+                except InvalidMessage as exc:
+                    envelope = entry.envelope
+                    log.error(
+                        "outbox relay: %s %s refused by the bus: %s",
+                        envelope.message_type,
+                        envelope.message_id,
+                        exc,
+                    )
+                    await self.store.outbox_refused(entry, f"refused by the bus: {exc}")
         await self.store.outbox_sent([entry.id for entry in entries])
         self.published += len(entries)
         return len(entries)

@@ -305,6 +305,15 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
                 (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), list(ids)),
             )
 
+    async def outbox_refused(self, entry: OutboxEntry, reason: str) -> None:
+        """Set aside an entry the bus refuses for good: a dead letter of ``outbox``, marked sent."""
+        async with self.transaction() as tx:
+            await tx.dead_letter(OUTBOX_CONSUMER, entry.envelope, reason, 1)
+            await tx.connection.execute(
+                f"UPDATE {self.names.store}.outbox SET sent_at = %s WHERE id = %s",
+                (tx.now, entry.id),
+            )
+
     async def wait_for_outbox(self, timeout: float) -> None:
         """Return when a unit of work of this process wrote to the outbox, or after ``timeout``."""
         await self._ready()
@@ -350,6 +359,9 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         self._migrated = False
         return True
 
+
+#: The consumer name under which entries the bus refused for good are dead-lettered.
+OUTBOX_CONSUMER = "outbox"
 
 #: The tables of a service's schema that hold its data (a store without rows in any is empty).
 _DATA_TABLES = ("streams", "documents", "sagas", "inbox", "outbox", "dead_letters")

@@ -148,6 +148,12 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
                 conn.execute("ROLLBACK")
                 raise
 
+    async def outbox_refused(self, entry: OutboxEntry, reason: str) -> None:
+        """Set aside an entry the bus refuses for good: a dead letter of ``outbox``, marked sent."""
+        async with self.transaction() as tx:
+            await tx.dead_letter("outbox", entry.envelope, reason, 1)
+            self.connection.execute("UPDATE outbox SET sent = 1 WHERE id = ?", (entry.id,))
+
     async def wait_for_outbox(self, timeout: float) -> None:
         """Wait for a commit of this process that emitted, or ``timeout`` seconds."""
         with suppress(TimeoutError):
