@@ -51,10 +51,16 @@ def postgres_database() -> Iterator[str]:
         unavailable("PostgreSQL", exc)
     try:
         admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        admin.close()
+    try:
         yield f"{POSTGRES_ADMIN_URL}/{name}"
     finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+        # A new connection: the server may have restarted meanwhile.
+        with psycopg.connect(
+            f"{POSTGRES_ADMIN_URL}/postgres", autocommit=True, connect_timeout=30
+        ) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def rabbitmq_vhost() -> Iterator[str]:
