@@ -30,6 +30,7 @@ from sagaline.orders import SERVICE_NAMES, build_system
 from sagaline.orders.demo import DEMO_STOCK, demo_orders, is_deployment_settled
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.read import ORDER_VIEW
+from sagaline.testing.invariants import check_deployment_async, format_violations
 
 COMBINATIONS = ("sqlite+sqlite", "postgresql+postgresql", "postgresql+rabbitmq", "postgresql+nats")
 
@@ -244,6 +245,13 @@ def test_a_service_killed_under_load_is_restarted_and_nothing_is_lost(
     found = cluster.run(statuses(order_ids))
     assert set(found.values()) <= {"CONFIRMED", "CANCELLED"}
     assert cluster.stop() == 0
+    # RELIABILITY.md I1-I9 over the services' stores (and the bus, when it is a database).
+    violations = cluster.run(
+        lambda deployment: check_deployment_async(
+            deployment, initial_stock={"PROD-A": 200, "PROD-B": 10}
+        )
+    )
+    assert not violations, format_violations(violations)
 
 
 def sagaline_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -8,6 +8,7 @@ schemas in it. Without a reachable server the tests are skipped, unless
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,16 +25,16 @@ from test_bus import (
     queue_service,
     subscriber,
 )
-from test_store import StoreConformance, events
+from test_store import Boom, StoreConformance, StoreTestEvent, events, saga
 
 from sagaline.backends import open_backend
 from sagaline.backends.postgres import PostgresDatabase, migrate
-from sagaline.errors import ConfigurationError
-from sagaline.handling import Runtime, System
+from sagaline.errors import ConcurrencyError, ConfigurationError
+from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import Envelope
 from sagaline.orders.demo import DEMO_ORDER_IDS, run_demo
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.ports import Backend, BrokerBus, Outbox, Outcome
+from sagaline.ports import Backend, BrokerBus, Outbox, Outcome, RetryPolicy
 
 
 @pytest.fixture(scope="session")
@@ -544,5 +545,350 @@ def test_the_listener_comes_back_after_its_connection_is_killed(
         await system.submit(sender, BusTestCommand(key="K-1", seq=1))
         await asyncio.wait_for(waiting, 10.0)
         assert waiter._wakeup(spec).is_set()
+
+    asyncio.run(scenario())
+
+
+# ------------------------------------------------------------------------------ the unit of work
+
+
+def _sagas_of(db: PostgresDatabase) -> list[tuple[Any, ...]]:
+    return db.execute(f"SELECT saga_id, version FROM {db.names.store}.sagas ORDER BY saga_id")
+
+
+def test_a_read_after_a_write_in_one_unit_of_work_sees_the_write(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    """The identity map answers repeated reads: with this unit's writes, as copies."""
+    db = open_pg(schema=schema_name("uow"))
+
+    async def scenario() -> None:
+        async with db.transaction() as tx:
+            assert await tx.put_document("ns", "k", {"n": 1, "items": [1]}, 0) == 1
+            first = await tx.get_document("ns", "k")
+            assert first is not None and (first.data, first.version) == ({"n": 1, "items": [1]}, 1)
+            first.data["items"].append(2)  # a reader's copy: the unit's state is not touched
+            assert await tx.put_document("ns", "k", {"n": 2, "items": [1]}, 1) == 2
+            again = await tx.get_document("ns", "k")
+            assert again is not None and (again.data, again.version) == ({"n": 2, "items": [1]}, 2)
+            with pytest.raises(ConcurrencyError):
+                await tx.put_document("ns", "k", {"n": 9}, 1)  # checked against the map at once
+
+            record = saga("order:ORD-1")
+            await tx.put_saga(record)
+            loaded = await tx.get_saga("order:ORD-1")
+            assert loaded is not None and (loaded.version, loaded.status) == (1, "RUNNING")
+            loaded.status = "COMPLETED"
+            await tx.put_saga(loaded)
+            stale = await tx.get_saga("order:ORD-1")
+            assert stale is not None and (stale.version, stale.status) == (2, "COMPLETED")
+            with pytest.raises(ConcurrencyError):
+                await tx.put_saga(record)  # still at version 1 in the caller's hands
+
+            assert await tx.read_stream("Stream-1") == []
+            await tx.append("Stream-1", 0, events("K-1", 1, 2))
+            assert [e.version for e in await tx.read_stream("Stream-1")] == [1, 2]
+            with pytest.raises(ConcurrencyError):
+                await tx.append("Stream-1", 1, events("K-1", 3))
+            await tx.append("Blind-1", 0, events("K-2", 1))  # appended without reading first
+            assert [e.version for e in await tx.read_stream("Blind-1")] == [1]
+
+            await tx.record_inbox_many("consumer", ["m-1", "m-2"])
+            assert await tx.seen("consumer", ["m-1", "m-3"]) == {"m-1"}
+            assert await tx.record_inbox("consumer", "m-2") is False
+        document = db.get_document_sync("ns", "k")
+        assert document is not None and (document.data, document.version) == (
+            {"n": 2, "items": [1]},
+            2,
+        )
+        assert _sagas_of(db) == [("order:ORD-1", 2)]
+        assert [e.version for e in db.read_stream_sync("Stream-1")] == [1, 2]
+        assert [e.stream for e in await db.read_log()] == ["Stream-1", "Stream-1", "Blind-1"]
+        async with db.transaction() as tx:
+            assert await tx.seen("consumer", ["m-1", "m-2", "m-3"]) == {"m-1", "m-2"}
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("conflict", ["document", "saga", "stream", "new-document"])
+def test_a_conflict_found_at_the_flush_raises_and_commits_nothing_of_the_unit(
+    open_pg: Callable[..., PostgresDatabase], conflict: str
+) -> None:
+    """Another unit of work changes a row between this unit's read and its commit."""
+    schema = schema_name("flush")
+    db, other = open_pg(schema=schema), open_pg(schema=schema)
+
+    async def scenario() -> None:
+        async with db.transaction() as tx:
+            await tx.put_document("ns", "k", {"n": 1}, 0)
+            await tx.put_saga(saga("order:ORD-1"))
+            await tx.append("Stream-1", 0, events("K-1", 1))
+        log_before = await db.read_log()
+        system = System([queue_service("alpha", BusTestCommand)])
+        with pytest.raises(ConcurrencyError) as raised:
+            async with db.transaction() as tx:
+                document = await tx.get_document("ns", "k")
+                record = await tx.get_saga("order:ORD-1")
+                stored = await tx.read_stream("Stream-1")
+                assert document is not None and record is not None
+                # Everything else this unit does must be lost with it.
+                await tx.put_document("ns", "other", {"n": 1}, 0)
+                await tx.record_inbox_many("consumer", ["m-1"])
+                await tx.emit([Envelope.wrap(BusTestCommand(key="K-1", seq=1))], system.routes)
+                await tx.emit(events("K-1", 2), {})
+                await tx.dead_letter("consumer", events("K-1", 3)[0], "no reason", 1)
+                # The other unit commits in between: this one read before it.
+                async with other.transaction() as racer:
+                    if conflict == "document":
+                        await racer.put_document("ns", "k", {"n": 2}, 1)
+                    elif conflict == "saga":
+                        winner = await racer.get_saga("order:ORD-1")
+                        assert winner is not None
+                        await racer.put_saga(winner)
+                    elif conflict == "stream":
+                        await racer.append("Stream-1", 1, events("K-1", 4))
+                    else:
+                        await racer.put_document("ns", "new", {"n": 2}, 0)
+                await tx.put_document("ns", "k", {"n": 3}, document.version)
+                await tx.put_saga(record)
+                await tx.append("Stream-1", len(stored), events("K-1", 5))
+                await tx.put_document("ns", "new", {"n": 3}, 0)
+        expected = {
+            "document": "document ns/k is not at version 1",
+            "saga": "saga 'order:ORD-1' is not at version 1",
+            "stream": "stream 'Stream-1' has moved past version 1",
+            "new-document": "document ns/new already exists",
+        }[conflict]
+        assert str(raised.value) == expected
+        assert db.get_document_sync("ns", "other") is None
+        assert db.dead_letters() == []
+        assert db.pending_counts() == {}
+        kept = await db.read_log()
+        assert [e.envelope.message_id for e in kept][: len(log_before)] == [
+            e.envelope.message_id for e in log_before
+        ]
+        assert all(e.envelope.correlation_id == "K-1" for e in kept)
+        assert len(kept) == len(log_before) + (1 if conflict == "stream" else 0)
+        async with db.transaction() as tx:
+            assert await tx.seen("consumer", ["m-1"]) == set()
+
+    asyncio.run(scenario())
+
+
+def test_a_savepoint_rollback_discards_its_pending_writes_and_restores_the_identity_map(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    db = open_pg(schema=schema_name("savepoint"))
+
+    async def scenario() -> None:
+        async with db.transaction() as tx:
+            await tx.put_document("ns", "a", {"n": 1}, 0)
+            await tx.put_saga(saga("order:ORD-1"))
+            await tx.append("Stream-1", 0, events("K-1", 1))
+            with pytest.raises(Boom):
+                async with tx.savepoint():
+                    assert await tx.put_document("ns", "a", {"n": 2}, 1) == 2
+                    await tx.put_document("ns", "b", {"n": 1}, 0)
+                    record = await tx.get_saga("order:ORD-1")
+                    assert record is not None
+                    record.status = "COMPENSATING"
+                    await tx.put_saga(record)
+                    await tx.append("Stream-1", 1, events("K-1", 2))
+                    await tx.record_inbox_many("consumer", ["m-1"])
+                    await tx.emit(events("K-1", 3), {})
+                    await tx.dead_letter("consumer", events("K-1", 4)[0], "no reason", 1)
+                    raise Boom
+            document = await tx.get_document("ns", "a")
+            assert document is not None and (document.data, document.version) == ({"n": 1}, 1)
+            assert await tx.get_document("ns", "b") is None
+            record = await tx.get_saga("order:ORD-1")
+            assert record is not None and (record.status, record.version) == ("RUNNING", 1)
+            assert [e.version for e in await tx.read_stream("Stream-1")] == [1]
+            assert await tx.seen("consumer", ["m-1"]) == set()
+            # The unit goes on from the state before the savepoint.
+            async with tx.savepoint():
+                assert await tx.put_document("ns", "a", {"n": 3}, 1) == 2
+                assert await tx.append("Stream-1", 1, events("K-1", 5)) == 2
+        document = db.get_document_sync("ns", "a")
+        assert document is not None and (document.data, document.version) == ({"n": 3}, 2)
+        assert db.get_document_sync("ns", "b") is None
+        assert _sagas_of(db) == [("order:ORD-1", 1)]
+        assert db.execute(f"SELECT count(*) FROM {db.names.store}.saga_history") == [(0,)]
+        kept = [StoreTestEvent(key="K-1", seq=seq) for seq in (1, 5)]
+        assert [e.envelope.decode() for e in db.read_stream_sync("Stream-1")] == kept
+        assert [e.envelope.decode() for e in await db.read_log()] == kept
+        assert db.dead_letters() == []
+
+    asyncio.run(scenario())
+
+
+def test_a_conflict_inside_a_savepoint_is_raised_there_and_the_rest_commits(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    """The careful pass handles each message under a savepoint: a write that conflicts in the
+    database must fail that message's savepoint, not the commit of the whole batch."""
+    schema = schema_name("careful")
+    db, other = open_pg(schema=schema), open_pg(schema=schema)
+
+    async def scenario() -> None:
+        async with other.transaction() as tx:
+            await tx.put_document("ns", "taken", {"by": "other"}, 0)
+        async with db.transaction() as tx:
+            with pytest.raises(ConcurrencyError, match="already exists"):
+                async with tx.savepoint():
+                    await tx.put_document("ns", "mine", {"n": 1}, 0)
+                    await tx.put_document("ns", "taken", {"by": "me"}, 0)  # a blind write
+            async with tx.savepoint():
+                await tx.put_document("ns", "kept", {"n": 1}, 0)
+            assert await tx.get_document("ns", "mine") is None
+        assert db.get_document_sync("ns", "mine") is None
+        kept = db.get_document_sync("ns", "kept")
+        taken = db.get_document_sync("ns", "taken")
+        assert kept is not None and taken is not None and taken.data == {"by": "other"}
+
+    asyncio.run(scenario())
+
+
+def test_units_of_work_that_update_one_hot_document_queue_on_its_lock(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    """Once a namespace is updated, reads take the row lock: a second unit of work waits for
+    the first to commit and reads its version, instead of failing at its own commit."""
+    schema = schema_name("hot")
+    first_db, second_db = open_pg(schema=schema), open_pg(schema=schema)
+
+    async def scenario() -> None:
+        async with first_db.transaction() as tx:
+            await tx.put_document("stock", "P-1", {"n": 0}, 0)
+        for db in (first_db, second_db):
+            async with db.transaction() as tx:
+                current = await tx.get_document("stock", "P-1")
+                assert current is not None
+                await tx.put_document("stock", "P-1", {"n": current.data["n"] + 1}, current.version)
+            assert "stock" in db.locked_namespaces
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def first() -> None:
+            async with first_db.transaction() as tx:
+                current = await tx.get_document("stock", "P-1")
+                assert current is not None
+                holding.set()
+                await release.wait()
+                await tx.put_document("stock", "P-1", {"n": current.data["n"] + 1}, current.version)
+
+        async def second() -> None:
+            await holding.wait()
+            async with second_db.transaction() as tx:
+                current = await tx.get_document("stock", "P-1")  # waits for the first's commit
+                assert current is not None and current.version == 4
+                await tx.put_document("stock", "P-1", {"n": current.data["n"] + 1}, current.version)
+
+        tasks = [asyncio.create_task(first()), asyncio.create_task(second())]
+        await holding.wait()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not second_db.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock'"
+        ):
+            assert loop.time() < deadline, "the second unit of work did not wait for the lock"
+            await asyncio.sleep(0.01)
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+
+    asyncio.run(scenario())
+    document = first_db.get_document_sync("stock", "P-1")
+    assert document is not None and (document.data, document.version) == ({"n": 4}, 5)
+
+
+def test_a_queue_and_a_subscription_that_update_one_document_do_not_fail_their_batches(
+    open_pg: Callable[..., PostgresDatabase], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The inventory's case: its command consumer and its event subscription, two concurrent
+    transactions, both update one stock document. They queue on its row lock: every message is
+    counted once, and no batch fails or is redone."""
+    db = open_pg(schema=schema_name("hotflow"))
+    service = Service("counter", retry=RetryPolicy(max_attempts=50, initial_delay=0.01))
+
+    async def bump(ctx: Context) -> None:
+        current = await ctx.tx.get_document("counter.total", "all")
+        data = {"n": 0} if current is None else current.data
+        version = 0 if current is None else current.version
+        await ctx.tx.put_document("counter.total", "all", {"n": data["n"] + 1}, version)
+
+    @service.handles(BusTestCommand)
+    async def on_command(ctx: Context, command: BusTestCommand) -> None:
+        await bump(ctx)
+        ctx.publish(BusTestEvent(key=command.key, seq=command.seq))
+
+    @service.subscribes(BusTestEvent)
+    async def on_event(ctx: Context, event: BusTestEvent) -> None:
+        await bump(ctx)
+
+    system = System([service])
+    count = 400
+
+    def total() -> int:
+        document = db.get_document_sync("counter.total", "all")
+        return 0 if document is None else int(document.data["n"])
+
+    async def scenario() -> None:
+        async with db.transaction() as tx:
+            await tx.put_document("counter.total", "all", {"n": 0}, 0)
+        await system.submit_many(
+            db, [BusTestCommand(key=f"K-{i % 40}", seq=i) for i in range(count)]
+        )
+        runtime = Runtime(db, system, batch_size=25, poll_interval=0.02)
+        await runtime.run_until(lambda: total() >= 2 * count, timeout=60)
+
+    with caplog.at_level(logging.WARNING, logger="sagaline"):
+        asyncio.run(scenario())
+    assert total() == 2 * count
+    assert "counter.total" in db.locked_namespaces
+    assert db.dead_letters() == []
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert failures == []
+
+
+def test_prefetch_loads_a_batch_of_rows_into_the_identity_map_in_one_query(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    schema = schema_name("prefetch")
+    db, other = open_pg(schema=schema), open_pg(schema=schema)
+
+    async def scenario() -> None:
+        async with db.transaction() as tx:
+            await tx.put_document("ns", "a", {"n": 1}, 0)
+            await tx.put_saga(saga("order:ORD-1"))
+            await tx.append("Order-1", 0, events("K-1", 1, 2))
+        with pytest.raises(ConcurrencyError):
+            async with db.transaction() as tx:
+                await tx.prefetch_documents("ns", ["a", "missing"])
+                await tx.prefetch_sagas(["order:ORD-1", "order:ORD-2"])
+                await tx.prefetch_streams(["Order-1", "Order-2"])
+                async with other.transaction() as racer:  # after the prefetch: not seen
+                    await racer.put_document("ns", "a", {"n": 2}, 1)
+                    await racer.put_document("ns", "missing", {"n": 2}, 0)
+                document = await tx.get_document("ns", "a")
+                assert document is not None and (document.data, document.version) == ({"n": 1}, 1)
+                assert await tx.get_document("ns", "missing") is None
+                record = await tx.get_saga("order:ORD-1")
+                assert record is not None and record.version == 1
+                assert await tx.get_saga("order:ORD-2") is None
+                assert [e.version for e in await tx.read_stream("Order-1")] == [1, 2]
+                assert await tx.read_stream("Order-2") == []
+                assert await tx.append("Order-1", 2, events("K-1", 3)) == 3
+                await tx.put_document("ns", "a", {"n": 3}, 1)  # stale: fails at the commit
+        assert [e.version for e in db.read_stream_sync("Order-1")] == [1, 2]
+        # In a locked namespace the prefetch takes the row locks.
+        db.locked_namespaces.add("ns")
+        async with db.transaction() as tx:
+            await tx.prefetch_documents("ns", ["missing", "a"])
+            free = other.execute(
+                f"SELECT key FROM {db.names.store}.documents WHERE namespace = 'ns'"
+                " FOR UPDATE SKIP LOCKED"
+            )
+            assert free == []
+        assert len(other.execute(f"SELECT key FROM {db.names.store}.documents FOR UPDATE")) == 2
 
     asyncio.run(scenario())

@@ -19,7 +19,7 @@ import asyncio
 import contextvars
 import time
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
@@ -78,8 +78,14 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         outbox: bool = False,
         lease_seconds: float = LEASE_SECONDS,
         max_connections: int = 4,
+        locked_namespaces: Iterable[str] = (),
     ) -> None:
         self.url = validate_url(url)
+        #: Document namespaces read with ``FOR UPDATE`` in a unit of work, so that units of work
+        #: that update one document queue on its row lock instead of failing at commit. A
+        #: namespace joins by itself once a unit of work updates a document in it (or meets a
+        #: conflict there); pass those known to be updated to start with them.
+        self.locked_namespaces: set[str] = set(locked_namespaces)
         self.names = Names(schema, bus_schema)
         self.outbox = outbox
         self.lease_seconds = lease_seconds

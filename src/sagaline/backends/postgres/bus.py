@@ -328,8 +328,11 @@ class PostgresBus:
         batch: Batch,
         outcomes: Sequence[tuple[Outcome, str | None]],
     ) -> None:
-        """Acknowledge, schedule retries and dead-letter inside the handling transaction."""
-        conn: AsyncConnection[Any] = tx.connection
+        """Acknowledge, schedule retries and dead-letter inside the handling transaction.
+
+        The statements are written with the unit of work's other writes, at its commit.
+        """
+        unit: PostgresTransaction = tx
         b = self.names.bus
         wall = time.time()
         policy = batch.consumer.retry
@@ -347,25 +350,25 @@ class PostgresBus:
                 else:
                     release.append(delivery.token)
             if done:
-                await conn.execute(
+                unit.defer(
                     f"UPDATE {b}.commands c SET done = true, outcome = u.outcome,"
                     " last_error = u.error, lease_owner = NULL, lease_expires = NULL"
-                    " FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS u(id, outcome, error)"
+                    " FROM unnest(%b::bigint[], %b::text[], %b::text[]) AS u(id, outcome, error)"
                     " WHERE c.id = u.id",
                     ([d[0] for d in done], [d[1] for d in done], [d[2] for d in done]),
                 )
             if retry:
-                await conn.execute(
+                unit.defer(
                     f"UPDATE {b}.commands c SET available_at = u.due, last_error = u.error,"
                     " lease_owner = NULL, lease_expires = NULL"
-                    " FROM unnest(%s::bigint[], %s::float8[], %s::text[]) AS u(id, due, error)"
+                    " FROM unnest(%b::bigint[], %s::float8[], %b::text[]) AS u(id, due, error)"
                     " WHERE c.id = u.id",
                     ([r[0] for r in retry], [r[1] for r in retry], [r[2] for r in retry]),
                 )
             if release:
-                await conn.execute(
+                unit.defer(
                     f"UPDATE {b}.commands SET lease_owner = NULL, lease_expires = NULL,"
-                    " attempts = attempts - 1 WHERE id = ANY(%s::bigint[])",
+                    " attempts = attempts - 1 WHERE id = ANY(%b::bigint[])",
                     (release,),
                 )
             return
@@ -388,10 +391,10 @@ class PostgresBus:
                     updates.append((part, position, attempt, wall + policy.delay(attempt), error))
             else:
                 updates.append((part, state.scanned_to, 0, 0.0, None))
-        await conn.execute(
+        unit.defer(
             f"UPDATE {b}.subscriptions s SET position = GREATEST(s.position, u.position),"
             " attempts = u.attempts, available_at = u.due, last_error = u.error, claimed = 0"
-            " FROM unnest(%s::int[], %s::bigint[], %s::int[], %s::float8[], %s::text[])"
+            " FROM unnest(%b::int[], %b::bigint[], %b::int[], %s::float8[], %b::text[])"
             " AS u(part, position, attempts, due, error)"
             " WHERE s.subscriber = %s AND s.part = u.part",
             (

@@ -42,6 +42,55 @@ class PostgresQueries:
     async def _ready(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
         raise NotImplementedError
 
+    def audit_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row the invariant checker reads, in one snapshot; the same keys and column
+        orders as the SQLite backend's ``audit_rows`` (see there). With its bus co-located,
+        ``events``, ``commands`` and ``subscriptions`` are the bus's; in outbox mode ``events``
+        are this store's streams and the outbox is listed."""
+        s, b = self.names.store, self.names.bus
+        outbox = bool(getattr(self, "outbox", False))
+        queries: dict[str, str] = {
+            "outbox": f"SELECT id, message_id, type, body, correlation_id, causation_id, timestamp,"
+            f" traceparent, source, (sent_at IS NOT NULL)::int FROM {s}.outbox ORDER BY id",
+            "inbox": f"SELECT consumer, message_id FROM {s}.inbox ORDER BY consumer, message_id",
+            "dead_letters": f"SELECT id, consumer, message_id, type, correlation_id, causation_id,"
+            f" source, reason, attempts, failed_at FROM {s}.dead_letters ORDER BY id",
+            "documents": f"SELECT namespace, key, data, version FROM {s}.documents"
+            " ORDER BY namespace, key",
+            "sagas": f"SELECT {SAGA_COLUMNS} FROM {s}.sagas ORDER BY saga_id",
+            "saga_history": f"SELECT saga_id, version, entry, data FROM {s}.saga_history"
+            " ORDER BY saga_id, version, entry",
+        }
+        if outbox:
+            queries["events"] = (
+                "SELECT COALESCE(position, 0), stream, version, 0, message_id, type, body,"
+                " correlation_id, causation_id, timestamp, traceparent, source"
+                f" FROM {s}.streams ORDER BY position, stream, version"
+            )
+        else:
+            queries["events"] = (
+                "SELECT position, stream, version, part, message_id, type, body, correlation_id,"
+                f" causation_id, timestamp, traceparent, source FROM {b}.events ORDER BY position"
+            )
+            queries["commands"] = (
+                "SELECT id, queue, message_id, type, correlation_id, causation_id, timestamp,"
+                " source, done::int, outcome, attempts, last_error"
+                f" FROM {b}.commands ORDER BY id"
+            )
+            queries["subscriptions"] = (
+                f"SELECT subscriber, part, position FROM {b}.subscriptions"
+                " ORDER BY subscriber, part"
+            )
+        conn = self._sync()
+        result: dict[str, list[tuple[Any, ...]]] = {}
+        with conn.transaction():
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            for key, sql in queries.items():
+                result[key] = [tuple(row) for row in conn.execute(sql).fetchall()]
+        result.setdefault("commands", [])
+        result.setdefault("subscriptions", [])
+        return result
+
     def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
         return self._sync().execute(sql, params).fetchall()
 
