@@ -87,7 +87,8 @@ class Cluster:
             finally:
                 await deployment.close()
 
-        return asyncio.run(go())
+        # Bounded: a server that accepts connections but never answers fails the test.
+        return asyncio.run(asyncio.wait_for(go(), 180))
 
     def up(self, *options: str) -> None:
         """Start ``sagaline up`` with short leases, so a restarted service resumes quickly."""
