@@ -62,6 +62,12 @@ class Harness:
             await _open(self.bus)
 
     async def close(self) -> None:
+        if self.bus is not None and hasattr(self.bus, "delete_topology"):
+            # What the test declared on a broker goes with it (it holds the broker's resources).
+            with contextlib.suppress(Exception):
+                await self.bus.delete_topology(
+                    [c for b in self.extra_buses for c in getattr(b, "prepared_consumers", [])]
+                )
         for bus in [*self.extra_buses, *([self.bus] if self.bus is not None else [])]:
             with contextlib.suppress(Exception):
                 await bus.close()

@@ -1,24 +1,22 @@
 """The RabbitMQ bus against a real broker: each service with its own SQLite store in outbox mode.
 
-The session gets a virtual host of its own (deleted at the end) and each test a topology prefix of
-its own. Without a reachable broker the tests are skipped, unless ``SAGALINE_REQUIRE_SERVICES=1``.
+The test run gets a virtual host of its own (deleted at the end) and each test a topology prefix
+of its own. Without a reachable broker the tests are skipped, unless
+``SAGALINE_REQUIRE_SERVICES=1``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aio_pika
 import pytest
+import servers
 from test_bus import (
     FAST_RETRY,
     BusTestCommand,
@@ -43,47 +41,11 @@ from sagaline.orders.demo import DEMO_STOCK, demo_orders
 from sagaline.orders.inventory import set_stock
 from sagaline.ports import BrokerBus, ConsumerSpec, Outcome, RetryPolicy
 
-RABBITMQ_HOST = os.environ.get("SAGALINE_TEST_RABBITMQ", "guest:guest@127.0.0.1:5672")
-
-
-def unavailable(error: object) -> NoReturn:
-    """Skip, or fail when the environment requires the servers."""
-    message = f"RabbitMQ is not reachable: {error}"
-    if os.environ.get("SAGALINE_REQUIRE_SERVICES") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
-
 
 @pytest.fixture(scope="session")
-def rabbit_url() -> Iterator[str]:
-    """A virtual host of this session's own on the shared broker, deleted afterwards."""
-    rabbitmqctl = shutil.which("rabbitmqctl")
-    if rabbitmqctl is None:
-        unavailable("rabbitmqctl is not installed")
-    host_port = RABBITMQ_HOST.rpartition("@")[2]
-    host, _, port = host_port.partition(":")
-    try:
-        socket.create_connection((host, int(port or 5672)), timeout=3).close()
-    except OSError as exc:
-        unavailable(exc)
-    vhost = f"sagaline-t-{uuid.uuid4().hex[:12]}"
-    created = subprocess.run(
-        [rabbitmqctl, "add_vhost", vhost], capture_output=True, text=True, timeout=60
-    )
-    if created.returncode != 0:
-        unavailable(created.stderr.strip() or created.stdout.strip())
-    try:
-        subprocess.run(
-            [rabbitmqctl, "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        yield f"amqp://{RABBITMQ_HOST}/{vhost}"
-    finally:
-        subprocess.run(
-            [rabbitmqctl, "delete_vhost", vhost], capture_output=True, timeout=60, check=False
-        )
+def rabbit_url() -> str:
+    """The test run's own virtual host on the shared broker (each test adds a prefix of its own)."""
+    return f"amqp://{servers.RABBITMQ_HOST}/{servers.session_vhost()}"
 
 
 class Rig:
@@ -115,8 +77,15 @@ class Rig:
             try:
                 await scenario()
             finally:
+                consumers = [c for bus in self.buses for c in bus.prepared_consumers]
                 for bus in self.buses:
                     await bus.close()
+                # The test's queues go with it: each holds file handles in the broker.
+                cleaner = RabbitBus(self.url, prefix=self.prefix)
+                try:
+                    await cleaner.delete_topology(consumers)
+                finally:
+                    await cleaner.close()
                 for store in self.stores.values():
                     await store.close()
 
@@ -658,23 +627,12 @@ def test_messages_up_to_the_size_limit_pass(rig: Rig) -> None:
 
 def cut_connections(name: str) -> int:
     """Close, from the broker's side, every connection whose client calls itself ``name``."""
-    rabbitmqctl = shutil.which("rabbitmqctl")
-    assert rabbitmqctl is not None
-    listed = subprocess.run(
-        [rabbitmqctl, "list_connections", "-q", "--no-table-headers", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    listed = servers.rabbitmqctl(
+        "list_connections", "-q", "--no-table-headers", "pid", "client_properties", check=True
+    )
     pids = [line.split()[0] for line in listed.splitlines() if name in line]
     for pid in pids:
-        subprocess.run(
-            [rabbitmqctl, "close_connection", pid, "test cut"],
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
+        servers.rabbitmqctl("close_connection", pid, "test cut", check=True)
     return len(pids)
 
 

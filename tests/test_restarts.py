@@ -62,13 +62,10 @@ def restart_postgresql() -> None:
 
 def restart_rabbitmq() -> None:
     """Restart the RabbitMQ broker application: every connection drops, queues recover."""
-    rabbitmqctl = shutil.which("rabbitmqctl")
-    if rabbitmqctl is None:
-        servers.unavailable("RabbitMQ restart (rabbitmqctl)", "not on this machine")
-    subprocess.run([rabbitmqctl, "stop_app"], check=True, capture_output=True, timeout=120)
+    servers.rabbitmqctl("stop_app", check=True)
     time.sleep(1.0)  # the broker stays down a moment, as in a real restart
-    subprocess.run([rabbitmqctl, "start_app"], check=True, capture_output=True, timeout=180)
-    subprocess.run([rabbitmqctl, "await_startup"], check=True, capture_output=True, timeout=180)
+    servers.rabbitmqctl("start_app", timeout=180, check=True)
+    servers.rabbitmqctl("await_startup", timeout=180, check=True)
     _wait_port(5672)
 
 

@@ -475,6 +475,7 @@ class RabbitBus:
         self._open_lock = asyncio.Lock()
         self._prepare_lock = asyncio.Lock()
         self._declared: set[str] = set()
+        self._prepared: dict[str, ConsumerSpec] = {}
         self._consumptions: dict[tuple[str, str, str], _Consumption] = {}
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
 
@@ -585,6 +586,8 @@ class RabbitBus:
         ``routes`` is not needed to declare: commands are routed by their service's name.
         """
         async with self._prepare_lock:
+            for consumer in consumers:
+                self._prepared.setdefault(self._declaration_key(consumer), consumer)
             steps = self._declarations(consumers)
             if not steps:
                 return
@@ -612,6 +615,46 @@ class RabbitBus:
                 finally:
                     with suppress(Exception):
                         await channel.close()
+
+    @property
+    def prepared_consumers(self) -> list[ConsumerSpec]:
+        """The consumers this bus object has declared queues for."""
+        return list(self._prepared.values())
+
+    async def delete_topology(self, consumers: Sequence[ConsumerSpec] = ()) -> None:
+        """Delete this prefix's queues (with the messages in them), its stream and exchanges.
+
+        For tearing down a deployment or a test: the queues of ``consumers`` and of every consumer
+        this bus object declared go, with the event stream and the exchanges. A queue or exchange
+        that does not exist is passed over. Consumers still attached elsewhere are cancelled.
+        """
+        for state in list(self._consumptions.values()):
+            await state.close()
+        self._consumptions.clear()
+        wanted = {self._declaration_key(c): c for c in [*self._prepared.values(), *consumers]}
+        queues = [self.log_stream]
+        for consumer in wanted.values():
+            queues.extend(self.queue_names(consumer))
+            queues.append(self.dead_letter_queue(consumer))
+        exchanges = [
+            self._events_route,
+            self.events_exchange,
+            self.commands_exchange,
+            self._dead_exchange,
+        ]
+        connection = await self._connected()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            raw = await channel.get_underlay_channel()
+            for queue in queues:
+                await raw.queue_delete(queue)
+            for exchange in exchanges:
+                await raw.exchange_delete(exchange)
+        finally:
+            with suppress(Exception):
+                await channel.close()
+        self._declared.clear()
+        self._prepared.clear()
 
     def _declarations(self, consumers: Sequence[ConsumerSpec]) -> list[tuple[str, Any]]:
         """What :meth:`prepare` declares, in order, each under a key remembered once done."""
