@@ -34,7 +34,7 @@ from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import Envelope
 from sagaline.orders.demo import DEMO_ORDER_IDS, run_demo
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.ports import Backend, BrokerBus, Outbox, Outcome, RetryPolicy
+from sagaline.ports import Backend, BrokerBus, Outbox, Outcome, Reads, RetryPolicy
 
 
 @pytest.fixture(scope="session")
@@ -850,7 +850,7 @@ def test_a_queue_and_a_subscription_that_update_one_document_do_not_fail_their_b
     assert failures == []
 
 
-def test_prefetch_loads_a_batch_of_rows_into_the_identity_map_in_one_query(
+def test_prefetch_loads_a_batch_of_rows_into_the_identity_map_in_one_round_trip(
     open_pg: Callable[..., PostgresDatabase],
 ) -> None:
     schema = schema_name("prefetch")
@@ -863,9 +863,13 @@ def test_prefetch_loads_a_batch_of_rows_into_the_identity_map_in_one_query(
             await tx.append("Order-1", 0, events("K-1", 1, 2))
         with pytest.raises(ConcurrencyError):
             async with db.transaction() as tx:
-                await tx.prefetch_documents("ns", ["a", "missing"])
-                await tx.prefetch_sagas(["order:ORD-1", "order:ORD-2"])
-                await tx.prefetch_streams(["Order-1", "Order-2"])
+                await tx.prefetch(
+                    Reads(
+                        documents={"ns": {"a", "missing"}},
+                        sagas={"order:ORD-1", "order:ORD-2"},
+                        streams={"Order-1", "Order-2"},
+                    )
+                )
                 async with other.transaction() as racer:  # after the prefetch: not seen
                     await racer.put_document("ns", "a", {"n": 2}, 1)
                     await racer.put_document("ns", "missing", {"n": 2}, 0)
@@ -883,7 +887,7 @@ def test_prefetch_loads_a_batch_of_rows_into_the_identity_map_in_one_query(
         # In a locked namespace the prefetch takes the row locks.
         db.locked_namespaces.add("ns")
         async with db.transaction() as tx:
-            await tx.prefetch_documents("ns", ["missing", "a"])
+            await tx.prefetch(Reads(documents={"ns": {"missing", "a"}}))
             free = other.execute(
                 f"SELECT key FROM {db.names.store}.documents WHERE namespace = 'ns'"
                 " FOR UPDATE SKIP LOCKED"
@@ -892,3 +896,95 @@ def test_prefetch_loads_a_batch_of_rows_into_the_identity_map_in_one_query(
         assert len(other.execute(f"SELECT key FROM {db.names.store}.documents FOR UPDATE")) == 2
 
     asyncio.run(scenario())
+
+
+def test_what_a_batch_declares_it_reads_is_loaded_before_its_first_handler_runs(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    """A handler registered with ``reads=`` gets the rows of its whole batch loaded up front: in
+    a locked namespace, every declared row is already locked when the first message is handled."""
+    schema = schema_name("reads")
+    db = open_pg(schema=schema)
+    db.locked_namespaces.add("ns")
+    other = open_pg(schema=schema)
+    service = Service("reader")
+    free_at_first: list[list[str]] = []
+    handled: list[str] = []
+
+    def declare(command: BusTestCommand, reads: Reads) -> None:
+        reads.document("ns", command.key)
+
+    @service.handles(BusTestCommand, reads=declare)
+    async def handle(ctx: Context, command: BusTestCommand) -> None:
+        if not handled:
+            rows = other.execute(
+                f"SELECT key FROM {db.names.store}.documents WHERE namespace = 'ns'"
+                " ORDER BY key FOR UPDATE SKIP LOCKED"
+            )
+            free_at_first.append([row[0] for row in rows])
+        document = await ctx.tx.get_document("ns", command.key)
+        assert document is not None
+        await ctx.tx.put_document("ns", command.key, {"n": 1}, document.version)
+        handled.append(command.key)
+
+    system = System([service])
+    keys = [f"K-{i}" for i in range(5)]
+
+    async def scenario() -> None:
+        async with db.transaction() as tx:
+            for key in keys:
+                await tx.put_document("ns", key, {"n": 0}, 0)
+        await system.submit_many(db, [BusTestCommand(key=key, seq=0) for key in keys])
+        runtime = Runtime(db, system, batch_size=50, poll_interval=0.02)
+        await runtime.run_until(lambda: len(handled) == len(keys), timeout=60)
+
+    asyncio.run(scenario())
+    assert free_at_first == [[]], "the batch's rows were not loaded (and locked) up front"
+    assert sorted(handled) == keys
+
+
+def test_a_batch_that_loses_a_race_at_commit_is_redone_without_failing(
+    open_pg: Callable[..., PostgresDatabase], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two instances handle commands that append to the same streams: one of them finds, at
+    commit, that a stream moved on. Its batch is redone message by message on fresh reads (no
+    batch failure is logged), and every command is applied exactly once."""
+    schema = schema_name("race")
+    service = Service("appender", retry=RetryPolicy(max_attempts=50, initial_delay=0.01))
+
+    @service.handles(BusTestCommand)
+    async def append(ctx: Context, command: BusTestCommand) -> None:
+        stream = f"S-{command.seq % 3}"
+        existing = await ctx.tx.read_stream(stream)
+        event = Envelope.wrap(BusTestEvent(key=command.key, seq=command.seq), source="t")
+        await ctx.tx.append(stream, len(existing), [event])
+
+    system = System([service])
+    dbs = [open_pg(schema=schema) for _ in range(2)]
+    count = 300
+
+    def appended() -> int:
+        return sum(len(dbs[0].read_stream_sync(f"S-{n}")) for n in range(3))
+
+    async def scenario() -> None:
+        # Every command has its own key: the two instances take batches side by side.
+        await system.submit_many(
+            dbs[0], [BusTestCommand(key=f"K-{i}", seq=i) for i in range(count)]
+        )
+        runtimes = [
+            Runtime(db, system, member=f"m{n}", batch_size=10, poll_interval=0.01)
+            for n, db in enumerate(dbs)
+        ]
+        await asyncio.gather(
+            *(r.run_until(lambda: appended() >= count, timeout=120) for r in runtimes)
+        )
+
+    with caplog.at_level(logging.WARNING, logger="sagaline"):
+        asyncio.run(scenario())
+    seqs = sorted(
+        stored.envelope.decode().seq  # type: ignore[attr-defined]
+        for n in range(3)
+        for stored in dbs[0].read_stream_sync(f"S-{n}")
+    )
+    assert seqs == list(range(count))
+    assert not [r for r in caplog.records if "batch failed" in r.getMessage()]

@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from sagaline.aggregate import Aggregate
-from sagaline.errors import ConfigurationError, InvalidMessage, NonRetryableError
+from sagaline.errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    InvalidMessage,
+    NonRetryableError,
+)
 from sagaline.messages import Command, Envelope, Event, Message, decode_body
 from sagaline.ports import (
     Backend,
@@ -32,6 +37,7 @@ from sagaline.ports import (
     Delivery,
     Outbox,
     Outcome,
+    Reads,
     RetryPolicy,
     StoreTransaction,
 )
@@ -41,6 +47,7 @@ __all__ = [
     "DEFAULT_BATCH",
     "Context",
     "Handler",
+    "ReadsOf",
     "Runtime",
     "Service",
     "System",
@@ -56,6 +63,8 @@ DEFAULT_BATCH = 500
 
 A = TypeVar("A", bound=Aggregate)
 Handler = Callable[["Context", Any], Awaitable[None]]
+#: Declares what handling one message will read: called with the message and the batch's Reads.
+ReadsOf = Callable[[Any, Reads], None]
 
 
 def crash_point(name: str) -> None:
@@ -138,26 +147,52 @@ class Service:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     command_handlers: dict[str, Handler] = field(default_factory=dict)
     event_handlers: dict[str, Handler] = field(default_factory=dict)
+    #: Per message type, what its handler reads (see :class:`~sagaline.ports.Reads`).
+    reads: dict[str, ReadsOf] = field(default_factory=dict)
 
-    def handles(self, *types: type[Command]) -> Callable[[Handler], Handler]:
-        """Register a handler for one or more command types (one service owns a command)."""
+    def handles(
+        self, *types: type[Command], reads: ReadsOf | None = None
+    ) -> Callable[[Handler], Handler]:
+        """Register a handler for one or more command types (one service owns a command).
+
+        ``reads(command, reads)`` may declare the documents, sagas and streams the handler will
+        read, so that a networked store loads them for the whole batch in one round trip.
+        """
 
         def register(handler: Handler) -> Handler:
             for cls in types:
                 self.command_handlers[cls.type_name()] = handler
+                self._declare_reads(cls.type_name(), reads)
             return handler
 
         return register
 
-    def subscribes(self, *types: type[Event]) -> Callable[[Handler], Handler]:
-        """Register a handler for one or more event types."""
+    def subscribes(
+        self, *types: type[Event], reads: ReadsOf | None = None
+    ) -> Callable[[Handler], Handler]:
+        """Register a handler for one or more event types (``reads`` as in :meth:`handles`)."""
 
         def register(handler: Handler) -> Handler:
             for cls in types:
                 self.event_handlers[cls.type_name()] = handler
+                self._declare_reads(cls.type_name(), reads)
             return handler
 
         return register
+
+    def _declare_reads(self, type_name: str, reads: ReadsOf | None) -> None:
+        if reads is None:
+            return
+        earlier = self.reads.get(type_name)
+        if earlier is None:
+            self.reads[type_name] = reads
+            return
+
+        def both(message: Any, batch: Reads) -> None:
+            earlier(message, batch)
+            reads(message, batch)
+
+        self.reads[type_name] = both
 
     def consumers(self) -> list[ConsumerSpec]:
         """The bus consumers this service needs: its command queue and its subscription."""
@@ -308,7 +343,10 @@ class Worker:
             return False
         try:
             await self._handle(batch, careful=False)
-        except _RetryBatch:
+        except (_RetryBatch, ConcurrencyError):
+            # A handler failed, or the batch lost a race for a row at commit (another instance
+            # changed it first): all of it rolled back. Again, message by message under
+            # savepoints, on fresh reads; a message that conflicts again is retried later.
             await self._handle(batch, careful=True)
         self.handled += len(batch.deliveries)
         return True
@@ -326,6 +364,9 @@ class Worker:
                 duplicates = await tx.seen(
                     spec.name, [d.envelope.message_id for d in batch.deliveries]
                 )
+                reads = self._reads(batch, duplicates)
+                if reads:
+                    await tx.prefetch(reads)
             for delivery in batch.deliveries:
                 if delivery.ordering_key in blocked:
                     outcomes.append((Outcome.SKIP, None))
@@ -357,6 +398,23 @@ class Worker:
                         delivery.attempt,
                         error,
                     )
+
+    def _reads(self, batch: Batch, duplicates: set[str]) -> Reads:
+        """What the batch's handlers declared they will read."""
+        reads = Reads()
+        declared = self.service.reads
+        if not declared:
+            return reads
+        for delivery in batch.deliveries:
+            envelope = delivery.envelope
+            declare = declared.get(envelope.message_type)
+            if declare is None or envelope.message_id in duplicates:
+                continue
+            try:
+                declare(envelope.decode(), reads)
+            except InvalidMessage:
+                continue  # dead-lettered when its turn comes
+        return reads
 
     async def _handle_one(
         self,

@@ -28,6 +28,7 @@ __all__ = [
     "Outbox",
     "OutboxEntry",
     "Outcome",
+    "Reads",
     "RetryPolicy",
     "SagaRecord",
     "Store",
@@ -151,6 +152,35 @@ class DeadLetter:
     failed_at: str
 
 
+@dataclass(slots=True)
+class Reads:
+    """What handling a batch is about to read, declared ahead so a store can load it at once.
+
+    A store across a network (PostgreSQL) loads every declared document, saga and stream of a
+    batch in one round trip instead of one per read; an embedded one (SQLite) has nothing to gain
+    and ignores it. Declaring is an optimization only: what is not declared is read as usual.
+    """
+
+    documents: dict[str, set[str]] = field(default_factory=dict)
+    sagas: set[str] = field(default_factory=set)
+    streams: set[str] = field(default_factory=set)
+
+    def document(self, namespace: str, key: str) -> None:
+        """The document ``key`` of ``namespace`` will be read."""
+        self.documents.setdefault(namespace, set()).add(key)
+
+    def saga(self, saga_id: str) -> None:
+        """The saga instance ``saga_id`` will be read."""
+        self.sagas.add(saga_id)
+
+    def stream(self, stream: str) -> None:
+        """The event stream ``stream`` will be read."""
+        self.streams.add(stream)
+
+    def __bool__(self) -> bool:
+        return bool(self.documents or self.sagas or self.streams)
+
+
 class StoreTransaction(Protocol):
     """One local transaction on a service's store: inbox, state and outgoing messages."""
 
@@ -163,6 +193,10 @@ class StoreTransaction(Protocol):
 
     async def seen(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
         """Which of ``message_ids`` ``consumer`` has processed already (one query per batch)."""
+        ...
+
+    async def prefetch(self, reads: Reads) -> None:
+        """Load what a batch declared it will read (see :class:`Reads`); may do nothing."""
         ...
 
     async def record_inbox_many(self, consumer: str, message_ids: Sequence[str]) -> None:

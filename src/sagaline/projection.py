@@ -10,12 +10,12 @@ replayed event leaves the view as it was.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from sagaline.handling import Context, Service
 from sagaline.messages import Envelope, Event
-from sagaline.ports import Backend, BrokerBus, StoredEvent, StoreQueries, StoreTransaction
+from sagaline.ports import Backend, BrokerBus, Reads, StoredEvent, StoreQueries, StoreTransaction
 
 __all__ = ["Projection", "Views", "rebuild"]
 
@@ -55,13 +55,22 @@ class Projection:
         self.name = name
         self.namespace = namespace
         self.handlers: dict[str, ProjectionHandler] = {}
+        self.keys: dict[str, Callable[[Any], Iterable[str]]] = {}
 
-    def on(self, *types: type[Event]) -> Callable[[ProjectionHandler], ProjectionHandler]:
-        """Register a handler for one or more event types."""
+    def on(
+        self, *types: type[Event], keys: Callable[[Any], Iterable[str]] | None = None
+    ) -> Callable[[ProjectionHandler], ProjectionHandler]:
+        """Register a handler for one or more event types.
+
+        ``keys(event)`` may name the view rows the handler reads, so that a networked store loads
+        them for a whole batch of events in one round trip.
+        """
 
         def register(handler: ProjectionHandler) -> ProjectionHandler:
             for cls in types:
                 self.handlers[cls.type_name()] = handler
+                if keys is not None:
+                    self.keys[cls.type_name()] = keys
             return handler
 
         return register
@@ -75,8 +84,14 @@ class Projection:
                 Views(ctx.tx, self.namespace), event, ctx.envelope
             )
 
+        def reads(event: Any, batch: Reads) -> None:
+            for key in self.keys[event.wire_name](event):
+                batch.document(self.namespace, key)
+
         for type_name in self.handlers:
             service.event_handlers[type_name] = handle
+            if type_name in self.keys:
+                service.reads[type_name] = reads
         return service
 
     async def apply(self, views: Views, envelope: Envelope) -> bool:

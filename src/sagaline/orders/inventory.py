@@ -19,7 +19,7 @@ from sagaline.orders.messages import (
     ReleaseInventoryCommand,
     ReserveInventoryCommand,
 )
-from sagaline.ports import StoreTransaction
+from sagaline.ports import Reads, StoreTransaction
 
 __all__ = ["RESERVATIONS", "STOCK", "build_inventory_service", "set_stock"]
 
@@ -51,11 +51,23 @@ async def set_stock(tx: StoreTransaction, product_id: str, quantity: int) -> dic
     return stock
 
 
+def _reservation(message: OrderConfirmedEvent, reads: Reads) -> None:
+    reads.document(RESERVATIONS, message.order_id)
+
+
+def _reservation_and_stock(
+    command: ReserveInventoryCommand | ReleaseInventoryCommand, reads: Reads
+) -> None:
+    reads.document(RESERVATIONS, command.order_id)
+    for item in command.items:
+        reads.document(STOCK, item.product_id)
+
+
 def build_inventory_service() -> Service:
     """Reserve, release, and turn a confirmed order's reservation into a sale."""
     service = Service("inventory")
 
-    @service.handles(ReserveInventoryCommand)
+    @service.handles(ReserveInventoryCommand, reads=_reservation_and_stock)
     async def reserve(ctx: Context, command: ReserveInventoryCommand) -> None:
         tx = ctx.tx
         existing = await tx.get_document(RESERVATIONS, command.order_id)
@@ -92,7 +104,7 @@ def build_inventory_service() -> Service:
         await tx.put_document(RESERVATIONS, command.order_id, reservation, 0)
         ctx.publish(InventoryReservedEvent(order_id=command.order_id))
 
-    @service.handles(ReleaseInventoryCommand)
+    @service.handles(ReleaseInventoryCommand, reads=_reservation_and_stock)
     async def release(ctx: Context, command: ReleaseInventoryCommand) -> None:
         tx = ctx.tx
         existing = await tx.get_document(RESERVATIONS, command.order_id)
@@ -113,7 +125,7 @@ def build_inventory_service() -> Service:
             await tx.put_document(RESERVATIONS, command.order_id, failed, existing.version)
         ctx.publish(InventoryReleasedEvent(order_id=command.order_id))
 
-    @service.subscribes(OrderConfirmedEvent)
+    @service.subscribes(OrderConfirmedEvent, reads=_reservation)
     async def order_confirmed(ctx: Context, event: OrderConfirmedEvent) -> None:
         tx = ctx.tx
         existing = await tx.get_document(RESERVATIONS, event.order_id)

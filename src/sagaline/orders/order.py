@@ -18,6 +18,7 @@ from sagaline.orders.messages import (
     OrderItem,
     OrderRejectedEvent,
 )
+from sagaline.ports import Reads
 
 __all__ = ["Order", "OrderStatus", "build_order_service"]
 
@@ -100,11 +101,17 @@ class Order(Aggregate):
         return None
 
 
+def _order_stream(
+    message: CreateOrderCommand | CancelOrderCommand | OrderConfirmedEvent, reads: Reads
+) -> None:
+    reads.stream(Order.stream_name(message.order_id))
+
+
 def build_order_service() -> Service:
     """The order write service: CreateOrder, CancelOrder and the saga's confirmation."""
     service = Service("order")
 
-    @service.handles(CreateOrderCommand)
+    @service.handles(CreateOrderCommand, reads=_order_stream)
     async def create_order(ctx: Context, command: CreateOrderCommand) -> None:
         order = await ctx.load(Order, command.order_id)
         problem = order.validate(command)
@@ -114,7 +121,7 @@ def build_order_service() -> Service:
         order.create(command)
         await ctx.save(order)
 
-    @service.handles(CancelOrderCommand)
+    @service.handles(CancelOrderCommand, reads=_order_stream)
     async def cancel_order(ctx: Context, command: CancelOrderCommand) -> None:
         order = await ctx.load(Order, command.order_id)
         if order.cancel(command.reason) is not None:
@@ -125,7 +132,7 @@ def build_order_service() -> Service:
         else:
             log.error("cannot cancel %s: it is %s", order.id, order.status)
 
-    @service.subscribes(OrderConfirmedEvent)
+    @service.subscribes(OrderConfirmedEvent, reads=_order_stream)
     async def order_confirmed(ctx: Context, event: OrderConfirmedEvent) -> None:
         order = await ctx.load(Order, event.order_id)
         if not order.confirm():

@@ -13,6 +13,7 @@ from sagaline.orders.messages import (
     PaymentProcessedEvent,
     ProcessPaymentCommand,
 )
+from sagaline.ports import Reads
 
 __all__ = ["PAYMENTS", "PaymentRules", "build_payment_service"]
 
@@ -34,12 +35,16 @@ class PaymentRules:
         return None
 
 
+def _payment(command: ProcessPaymentCommand, reads: Reads) -> None:
+    reads.document(PAYMENTS, command.order_id)
+
+
 def build_payment_service(rules: PaymentRules | None = None) -> Service:
     """ProcessPayment answered by PaymentProcessed (with a transactionId) or PaymentFailed."""
     rules = rules or PaymentRules()
     service = Service("payment")
 
-    @service.handles(ProcessPaymentCommand)
+    @service.handles(ProcessPaymentCommand, reads=_payment)
     async def process(ctx: Context, command: ProcessPaymentCommand) -> None:
         existing = await ctx.tx.get_document(PAYMENTS, command.order_id)
         if existing is not None:

@@ -21,11 +21,15 @@ def _iso(moment: datetime) -> str:
     return utc_timestamp(moment)
 
 
+def _order_key(event: OrderCreatedEvent | OrderConfirmedEvent | OrderCancelledEvent) -> list[str]:
+    return [event.order_id]
+
+
 def build_order_projection() -> Projection:
     """The projection behind ``sagaline order`` and ``sagaline orders``."""
     projection = Projection("read", ORDER_VIEW)
 
-    @projection.on(OrderCreatedEvent)
+    @projection.on(OrderCreatedEvent, keys=_order_key)
     async def created(views: Views, event: OrderCreatedEvent, envelope: Envelope) -> None:
         row = await views.get(event.order_id) or {}
         at = _iso(event.timestamp)
@@ -42,7 +46,7 @@ def build_order_projection() -> Projection:
         row.setdefault("updatedAt", at)
         await views.put(event.order_id, row)
 
-    @projection.on(OrderConfirmedEvent, OrderCancelledEvent)
+    @projection.on(OrderConfirmedEvent, OrderCancelledEvent, keys=_order_key)
     async def ended(
         views: Views, event: OrderConfirmedEvent | OrderCancelledEvent, envelope: Envelope
     ) -> None:

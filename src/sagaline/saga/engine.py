@@ -17,7 +17,7 @@ import msgspec
 from sagaline.errors import ConfigurationError
 from sagaline.handling import Context, Service
 from sagaline.messages import Event, Message
-from sagaline.ports import RetryPolicy, SagaRecord
+from sagaline.ports import Reads, RetryPolicy, SagaRecord
 from sagaline.saga.definition import SagaDefinition, SagaStatus
 
 __all__ = ["Orchestrator", "saga_id"]
@@ -48,11 +48,21 @@ class Orchestrator:
         self.definitions = {d.name: d for d in definitions}
         self.service = Service(name, retry=retry or RetryPolicy())
         by_type: dict[str, list[SagaDefinition]] = {}
+        event_types: dict[str, type[Event]] = {}
         for definition in self.definitions.values():
             for event_type in definition.event_types():
                 by_type.setdefault(event_type.type_name(), []).append(definition)
-                self.service.subscribes(event_type)(self._on_event)
+                event_types[event_type.type_name()] = event_type
         self._by_type = by_type
+        for event_type in event_types.values():
+            self.service.subscribes(event_type, reads=self._reads)(self._on_event)
+
+    def _reads(self, event: Any, reads: Reads) -> None:
+        """An event reads the saga instance of each definition it correlates with."""
+        for definition in self._by_type.get(event.wire_name, ()):
+            key = getattr(event, definition.correlation_attribute, None)
+            if isinstance(key, str):
+                reads.saga(saga_id(definition, key))
 
     async def _on_event(self, ctx: Context, event: Any) -> None:
         for definition in self._by_type.get(event.wire_name, ()):

@@ -27,7 +27,7 @@ with no hole.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -43,7 +43,7 @@ from sagaline.backends.sqlite.rows import (
 )
 from sagaline.errors import ConcurrencyError
 from sagaline.messages import Envelope, utc_timestamp
-from sagaline.ports import Document, SagaRecord, StoredEvent
+from sagaline.ports import Document, Reads, SagaRecord, StoredEvent
 
 if TYPE_CHECKING:
     from sagaline.backends.postgres import PostgresDatabase
@@ -226,12 +226,17 @@ class PostgresTransaction:
             return
         conn = self.connection
         cursors = []
-        if len(statements) == 1:
-            cursors.append(await conn.execute(statements[0].sql, statements[0].params))
-        else:
-            async with conn.pipeline():
-                for statement in statements:
-                    cursors.append(await conn.execute(statement.sql, statement.params))
+        try:
+            if len(statements) == 1:
+                cursors.append(await conn.execute(statements[0].sql, statements[0].params))
+            else:
+                async with conn.pipeline():
+                    for statement in statements:
+                        cursors.append(await conn.execute(statement.sql, statement.params))
+        except psycopg.errors.DeadlockDetected as exc:
+            # Two units of work wrote the same rows in different orders; PostgreSQL chose this
+            # one to roll back. A conflict like any other: the caller redoes its work.
+            raise ConcurrencyError(f"deadlock with another unit of work: {exc}") from exc
         for statement, cursor in zip(statements, cursors, strict=True):
             if statement.conflict is not None and cursor.rowcount != statement.expected:
                 raise await statement.conflict()
@@ -431,7 +436,9 @@ class PostgresTransaction:
         return _saga_error(saga_id, found[saga_id].base)
 
     def _append_statement(self) -> _Statement:
-        appends = self._appends
+        # In key order: two units of work inserting into the same streams take the index locks
+        # in the same order, so one waits for the other instead of deadlocking.
+        appends = sorted(self._appends, key=lambda a: (a[0], a[1]))
         # A stale expected version collides with an existing (stream, version): the primary key
         # is the concurrency check. DO NOTHING keeps the transaction usable after it.
         return _Statement(
@@ -541,64 +548,100 @@ class PostgresTransaction:
 
     # --------------------------------------------------------------- prefetch
 
-    async def prefetch_documents(self, namespace: str, keys: Sequence[str]) -> None:
-        """Load documents a batch is about to read into the identity map, in one query.
+    async def prefetch(self, reads: Reads) -> None:
+        """Load what a batch declared it will read into the identity map, in one round trip.
 
-        In a namespace of :attr:`PostgresDatabase.locked_namespaces` their rows are locked, in
-        key order (two batches that lock the same rows cannot deadlock on each other).
+        One query per kind (documents of each namespace, sagas, streams), sent in one pipeline.
+        Documents of a namespace in :attr:`PostgresDatabase.locked_namespaces` are locked, in key
+        order, so two batches that lock the same rows queue instead of deadlocking.
         """
+        queries: list[tuple[str, tuple[Any, ...], Callable[[list[Any]], None]]] = []
+        for namespace, keys in sorted(reads.documents.items()):
+            query = self._documents_query(namespace, keys)
+            if query is not None:
+                queries.append(query)
+        for query in (self._sagas_query(reads.sagas), self._streams_query(reads.streams)):
+            if query is not None:
+                queries.append(query)
+        if not queries:
+            return
+        conn = self.connection
+        try:
+            if len(queries) == 1:
+                cursors = [await conn.execute(queries[0][0], queries[0][1])]
+            else:
+                async with conn.pipeline():
+                    cursors = [await conn.execute(sql, params) for sql, params, _ in queries]
+            for cursor, (_, _, load) in zip(cursors, queries, strict=True):
+                load(await cursor.fetchall())
+        except psycopg.errors.DeadlockDetected as exc:
+            raise ConcurrencyError(f"prefetch: {exc}") from exc
+
+    def _documents_query(
+        self, namespace: str, keys: Iterable[str]
+    ) -> tuple[str, tuple[Any, ...], Callable[[list[Any]], None]] | None:
         wanted = sorted({k for k in keys if (namespace, k) not in self._docs})
         if not wanted:
-            return
-        lock = namespace in self._db.locked_namespaces
-        try:
-            cursor = await self.connection.execute(
-                f"SELECT key, data, version FROM {self._s}.documents"
-                " WHERE namespace = %s AND key = ANY(%b::text[]) ORDER BY key"
-                + (" FOR UPDATE" if lock else ""),
-                (namespace, wanted),
-            )
-        except psycopg.errors.DeadlockDetected as exc:
-            raise ConcurrencyError(f"documents of {namespace}: {exc}") from exc
-        found = {row[0]: _Doc(row[1], row[2]) for row in await cursor.fetchall()}
-        for key in wanted:
-            self._docs[namespace, key] = found.get(key)
+            return None
+        lock = " FOR UPDATE" if namespace in self._db.locked_namespaces else ""
 
-    async def prefetch_sagas(self, saga_ids: Sequence[str]) -> None:
-        """Load saga records a batch is about to read into the identity map, in one query."""
+        def load(rows: list[Any]) -> None:
+            found = {row[0]: _Doc(row[1], row[2]) for row in rows}
+            for key in wanted:
+                self._docs.setdefault((namespace, key), found.get(key))
+
+        return (
+            f"SELECT key, data, version FROM {self._s}.documents"
+            f" WHERE namespace = %s AND key = ANY(%b::text[]) ORDER BY key{lock}",
+            (namespace, wanted),
+            load,
+        )
+
+    def _sagas_query(
+        self, saga_ids: Iterable[str]
+    ) -> tuple[str, tuple[Any, ...], Callable[[list[Any]], None]] | None:
         wanted = sorted({i for i in saga_ids if i not in self._sagas})
         if not wanted:
-            return
-        cursor = await self.connection.execute(
+            return None
+
+        def load(rows: list[Any]) -> None:
+            found = {row[0]: _Saga(*row[1:]) for row in rows}
+            for saga_id in wanted:
+                self._sagas.setdefault(saga_id, found.get(saga_id))
+
+        return (
             f"SELECT {SAGA_COLUMNS} FROM {self._s}.sagas WHERE saga_id = ANY(%b::text[])",
             (wanted,),
+            load,
         )
-        found = {row[0]: _Saga(*row[1:]) for row in await cursor.fetchall()}
-        for saga_id in wanted:
-            self._sagas[saga_id] = found.get(saga_id)
 
-    async def prefetch_streams(self, streams: Sequence[str]) -> None:
-        """Load streams a batch is about to read into the identity map, in one query."""
+    def _streams_query(
+        self, streams: Iterable[str]
+    ) -> tuple[str, tuple[Any, ...], Callable[[list[Any]], None]] | None:
         pending = {s for s, _, _ in self._appends}
         wanted = sorted({s for s in streams if s not in self._streams and s not in pending})
         if not wanted:
-            return
-        cursor = await self.connection.execute(
+            return None
+
+        def load(rows: list[Any]) -> None:
+            found: dict[str, list[StoredEvent]] = {}
+            for row in rows:
+                found.setdefault(row[1], []).append(
+                    StoredEvent(row[0], row[1], row[2], envelope_from_row(row, 3))
+                )
+            for stream in wanted:
+                if stream in self._streams:
+                    continue
+                stored = found.get(stream, [])
+                self._streams[stream] = tuple(stored)
+                self._heads.setdefault(stream, (stored[-1].version or 0) if stored else 0)
+
+        return (
             f"SELECT COALESCE(position, 0), stream, version, {ENVELOPE_COLUMNS}"
             f" FROM {self._s}.streams WHERE stream = ANY(%b::text[]) ORDER BY stream, version",
             (wanted,),
+            load,
         )
-        found: dict[str, list[StoredEvent]] = {}
-        for row in await cursor.fetchall():
-            found.setdefault(row[1], []).append(
-                StoredEvent(row[0], row[1], row[2], envelope_from_row(row, 3))
-            )
-        for stream in wanted:
-            stored = found.get(stream, [])
-            self._streams[stream] = tuple(stored)
-            self._heads.setdefault(stream, (stored[-1].version or 0) if stored else 0)
-
-    # ------------------------------------------------------------------ inbox
 
     async def seen(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
         """Which of ``message_ids`` ``consumer`` has processed already (one query)."""

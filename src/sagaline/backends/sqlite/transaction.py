@@ -16,7 +16,7 @@ from sagaline.backends.sqlite.rows import (
 )
 from sagaline.errors import ConcurrencyError
 from sagaline.messages import Envelope, utc_timestamp
-from sagaline.ports import Document, SagaRecord, StoredEvent
+from sagaline.ports import Document, Reads, SagaRecord, StoredEvent
 
 if TYPE_CHECKING:
     from sagaline.backends.sqlite import SqliteDatabase
@@ -59,6 +59,9 @@ class SqliteTransaction:
                 self._history,
             )
             self._history.clear()
+
+    async def prefetch(self, reads: Reads) -> None:
+        """Nothing to do: every read is a local page lookup, as cheap as a batched one."""
 
     async def seen(self, consumer: str, message_ids: Sequence[str]) -> set[str]:
         """Which of ``message_ids`` ``consumer`` has processed already."""
