@@ -25,9 +25,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.deploy import Deployment, open_bus
@@ -35,6 +37,7 @@ from sagaline.handling import DEFAULT_BATCH, Runtime
 from sagaline.orders import SERVICE_NAMES, PaymentRules, build_system
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
+from sagaline.ports import ConsumerSpec
 
 
 def _orders(count: int) -> list[CreateOrderCommand]:
@@ -118,6 +121,10 @@ async def run(sagas: int, batch_size: int, path: str) -> None:
     await db.close()
 
 
+#: The consumer of the raw transport measurement.
+RAW_CONSUMER = ConsumerSpec("rawbench", "queue", frozenset({"ProcessPaymentCommand"}))
+
+
 async def raw_rate(bus_url: str, count: int, batch: int = 500) -> float:
     """Durable messages/s of the bare transport: publish and consume ``count`` at once.
 
@@ -126,13 +133,13 @@ async def raw_rate(bus_url: str, count: int, batch: int = 500) -> float:
     """
     from sagaline.messages import Envelope
     from sagaline.orders.messages import ProcessPaymentCommand
-    from sagaline.ports import ConsumerSpec, Outcome
+    from sagaline.ports import Outcome
 
     bus = open_bus(bus_url)
     opener = getattr(bus, "open", None)
     if opener is not None:
         await opener()
-    spec = ConsumerSpec("rawbench", "queue", frozenset({"ProcessPaymentCommand"}))
+    spec = RAW_CONSUMER
     routes = {"ProcessPaymentCommand": "rawbench"}
     await bus.prepare([spec], routes)
     envelopes = [
@@ -259,6 +266,23 @@ async def run_deployment(
 MESSAGES_PER_SAGA = 8
 
 
+def _own_prefix(bus: str | None) -> str | None:
+    """A broker URL with a topology prefix of this run's own, unless one was given."""
+    if bus is None or urlsplit(bus).scheme not in ("amqp", "amqps", "nats") or "prefix=" in bus:
+        return bus
+    return f"{bus}{'&' if '?' in bus else '?'}prefix=bench{uuid.uuid4().hex[:8]}"
+
+
+async def _delete_topology(bus_url: str) -> None:
+    """Delete the queues and streams the run made under its own prefix."""
+    system = build_system()
+    consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
+    consumers.append(RAW_CONSUMER)
+    bus = open_bus(bus_url)
+    await bus.delete_topology(consumers)  # type: ignore[attr-defined]
+    await bus.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sagas", type=int, default=10_000)
@@ -282,12 +306,18 @@ def main() -> None:
             asyncio.run(run(args.sagas, args.batch_size, path))
         else:
             store = args.store or f"sqlite:///{tmp}/{{service}}.db"
-            bus = args.bus
+            bus = _own_prefix(args.bus)
             if bus is None and "{service}" in store:
                 bus = f"sqlite:///{tmp}/bus.db"
-            asyncio.run(
-                run_deployment(args.sagas, args.batch_size, store, bus, args.instances, args.raw)
-            )
+            try:
+                asyncio.run(
+                    run_deployment(
+                        args.sagas, args.batch_size, store, bus, args.instances, args.raw
+                    )
+                )
+            finally:
+                if bus is not None and bus != args.bus:
+                    asyncio.run(_delete_topology(bus))
     sys.stdout.flush()
 
 

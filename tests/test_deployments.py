@@ -30,7 +30,7 @@ from sagaline.orders import SERVICE_NAMES, build_system
 from sagaline.orders.demo import DEMO_STOCK, demo_orders, is_deployment_settled
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.testing.invariants import check_deployment_async, format_violations
+from sagaline.testing import check_deployment_async, format_violations
 
 COMBINATIONS = ("sqlite+sqlite", "postgresql+postgresql", "postgresql+rabbitmq", "postgresql+nats")
 

@@ -22,6 +22,7 @@ PUBLIC = [
     "NonRetryableError",
     "Orchestrator",
     "Projection",
+    "Reads",
     "RetryPolicy",
     "Runtime",
     "SagaDefinition",

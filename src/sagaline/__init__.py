@@ -14,7 +14,7 @@ from sagaline.errors import (
 )
 from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import Command, Envelope, Event, parse_document, registry
-from sagaline.ports import RetryPolicy
+from sagaline.ports import Reads, RetryPolicy
 from sagaline.projection import Projection, Views, rebuild
 from sagaline.saga import Orchestrator, SagaDefinition, SagaStatus, Step, StepKind
 
@@ -30,6 +30,7 @@ __all__ = [
     "NonRetryableError",
     "Orchestrator",
     "Projection",
+    "Reads",
     "RetryPolicy",
     "Runtime",
     "SagaDefinition",

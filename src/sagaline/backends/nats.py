@@ -92,7 +92,13 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.client import JetStreamContext
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    APIError,
+    BucketNotFoundError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+)
 from nats.js.kv import KeyValue
 
 from sagaline.errors import ConfigurationError, InvalidMessage, SagalineError, UnknownMessageType
@@ -522,6 +528,27 @@ class NatsBus:
         else:
             config.filter_subject = f"{self.prefix}.evt.*.{partition}"
         return config
+
+    async def delete_topology(self, consumers: Sequence[ConsumerSpec] = ()) -> None:
+        """Delete this prefix's streams (with their messages and consumers) and its lease bucket.
+
+        For tearing down a deployment or a test; ``consumers`` is accepted for symmetry with the
+        other buses (their consumers live in the streams). What does not exist is passed over.
+        """
+        for group in list(self._groups.values()):
+            with suppress(Exception):
+                await self.leave(group.spec, group.member)
+        if self._nc is None:
+            await self.open()
+        js = self.jetstream
+        for stream in (self.command_stream, self.event_stream):
+            with suppress(NotFoundError):
+                await js.delete_stream(stream)
+        with suppress(NotFoundError, BucketNotFoundError):
+            await js.delete_key_value(self.lease_bucket)
+        self._streams_ready = False
+        self._kv = None
+        self._prepared.clear()
 
     async def prepare(self, consumers: Sequence[ConsumerSpec], routes: Mapping[str, str]) -> None:
         """Create the streams, the lease bucket and every consumer's durable pull consumers.
