@@ -609,6 +609,14 @@ def test_stock_set_refuses_bad_input(
     assert not (tmp_path / "sagaline.db").exists()
 
 
+@pytest.mark.parametrize("instance", ["3/2", "0/2", "two", "1/"])
+def test_serve_refuses_a_bad_instance(tmp_path: Path, instance: str) -> None:
+    result = sagaline("serve", "order", "--instance", instance, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--instance" in result.stderr and "I/N" in result.stderr
+    assert not (tmp_path / "sagaline.db").exists()
+
+
 def test_stock_set_and_list(tmp_path: Path) -> None:
     row = parse_json(sagaline("stock", "set", "PROD-A", "4", "--json", cwd=tmp_path).stdout)
     assert row == {"productId": "PROD-A", "available": 4, "reserved": 0, "sold": 0, "stocked": 4}

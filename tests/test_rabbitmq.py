@@ -506,6 +506,66 @@ def test_two_members_compete_without_handling_twice_or_reordering(rig: Rig) -> N
     rig.run(scenario)
 
 
+def test_instances_started_together_split_the_partitions_and_take_over_each_others(
+    rig: Rig,
+) -> None:
+    """Instance 1 of 2 and instance 2 of 2 each consume their own half of the partitions first:
+    each handles exactly the keys of its half. When one goes away the other, standing by on
+    those partitions, takes them over; per-key order holds throughout."""
+
+    async def scenario() -> None:
+        service = Service("alpha", retry=FAST_RETRY)
+        service.handles(BusTestCommand)(record)
+        system = System([service])
+        buses = [rig.bus(instance=(n, 2), share_delay=3.0) for n in (1, 2)]
+        stores = [rig.store("alpha-1"), rig.store("alpha-2")]
+        await buses[0].prepare(consumers_of(system), system.routes)
+        keys = [f"K-{k}" for k in range(24)]
+        homes = [buses[n].home_partitions() or frozenset() for n in (0, 1)]
+        assert homes[0] | homes[1] == set(range(buses[0].partitions)) and not homes[0] & homes[1]
+        runtimes = [
+            Runtime(store, system, bus=bus, member=f"m{n}", poll_interval=0.05)
+            for n, (store, bus) in enumerate(zip(stores, buses, strict=True))
+        ]
+        runs = [asyncio.create_task(runtime.run()) for runtime in runtimes]
+
+        def total() -> int:
+            return sum(handled(store, "alpha") for store in stores)
+
+        async def until(done: Callable[[], bool]) -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while not done():
+                assert loop.time() < deadline, "not handled in time"
+                await asyncio.sleep(0.02)
+
+        await system.submit_many(
+            buses[0], [BusTestCommand(key=key, seq=seq) for seq in range(5) for key in keys]
+        )
+        await until(lambda: total() == 5 * len(keys))
+        for n in (0, 1):
+            mine = recorded(stores[n], "alpha")
+            assert {buses[n].partition_of(key) for key in mine} <= homes[n]
+            assert all(seqs == list(range(5)) for seqs in mine.values())
+        # Instance 2 goes away: instance 1 takes its partitions over.
+        runtimes[1].stop()
+        await runs[1]
+        await system.submit_many(
+            buses[0], [BusTestCommand(key=key, seq=seq) for seq in range(5, 8) for key in keys]
+        )
+        await until(lambda: total() == 8 * len(keys))
+        runtimes[0].stop()
+        await runs[0]
+        first, second = recorded(stores[0], "alpha"), recorded(stores[1], "alpha")
+        for key in keys:
+            if buses[0].partition_of(key) in homes[0]:
+                assert (first.get(key), second.get(key)) == (list(range(8)), None)
+            else:
+                assert (second.get(key), first.get(key)) == (list(range(5)), [5, 6, 7])
+
+    rig.run(scenario)
+
+
 # ---------------------------------------------------------------------------------- events
 
 

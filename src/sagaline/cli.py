@@ -213,6 +213,7 @@ def _open_deployment(
     must_exist: str | None = "read",
     services: Sequence[str] = SERVICE_NAMES,
     lease_seconds: float | None = None,
+    instance: tuple[int, int] | None = None,
 ) -> Deployment:
     """The services' stores and bus; queries refuse to create an empty SQLite store."""
     _check_urls(store, bus)
@@ -225,7 +226,13 @@ def _open_deployment(
     if lease_seconds is not None:
         options["lease_seconds"] = lease_seconds
     try:
-        return Deployment(store, bus, services, store_options=options)
+        return Deployment(
+            store,
+            bus,
+            services,
+            store_options=options,
+            bus_options={"instance": instance} if instance is not None else {},
+        )
     except Exception as exc:
         if not isinstance(exc, (SagalineError, *_database_errors())):
             raise
@@ -274,6 +281,7 @@ def _with(
     services: Sequence[str] = SERVICE_NAMES,
     lease_seconds: float | None = None,
     wait_for_servers: bool = False,
+    instance: tuple[int, int] | None = None,
 ) -> T:
     """Open the deployment, do ``work`` with it and close it, all in one event loop.
 
@@ -281,7 +289,12 @@ def _with(
     reachable yet is waited for with backoff instead of failing.
     """
     deployment = _open_deployment(
-        store, bus, must_exist=must_exist, services=services, lease_seconds=lease_seconds
+        store,
+        bus,
+        must_exist=must_exist,
+        services=services,
+        lease_seconds=lease_seconds,
+        instance=instance,
     )
 
     async def go() -> T:
@@ -608,6 +621,7 @@ def _serve_in_process(
     batch_size: int,
     lease_seconds: float | None,
     title: str,
+    instance: tuple[int, int] | None = None,
 ) -> None:
     """Run ``names`` in this process until SIGINT or SIGTERM; in-flight batches finish first."""
     limit = _parse_amount(payment_limit, "--payment-limit")
@@ -648,6 +662,7 @@ def _serve_in_process(
         services=names,
         lease_seconds=lease_seconds,
         wait_for_servers=True,
+        instance=instance,
     )
     log.info("stopped after handling %d deliveries", handled)
 
@@ -701,6 +716,16 @@ def _supervise(commands: dict[str, list[str]], title: str) -> None:
     asyncio.run(go())
 
 
+def _parse_instance(value: str | None) -> tuple[int, int] | None:
+    """``I/N`` as a pair, with a clear error naming the option."""
+    if value is None:
+        return None
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit() and 1 <= int(index) <= int(count)):
+        _fail(f"--instance: {_inert(value)!r} is not I/N with 1 <= I <= N (e.g. 2/3)", 2)
+    return int(index), int(count)
+
+
 def _child_options(payment_limit: str, batch_size: int, lease_seconds: float | None) -> list[str]:
     extra = ["--payment-limit", payment_limit, "--batch-size", str(batch_size)]
     if lease_seconds is not None:
@@ -724,6 +749,15 @@ def serve(
     payment_limit: PaymentLimitOption = "1000.00",
     batch_size: BatchOption = DEFAULT_BATCH,
     lease_seconds: LeaseOption = None,
+    instance: Annotated[
+        str | None,
+        typer.Option(
+            "--instance",
+            metavar="I/N",
+            help="This process is instance I of N of the service (set by --instances): on"
+            " RabbitMQ each instance takes its share of the partitions first.",
+        ),
+    ] = None,
 ) -> None:
     """Run one service; with --instances N, N supervised processes of it share its work."""
     names = _service_names(service)
@@ -740,12 +774,13 @@ def serve(
             batch_size=batch_size,
             lease_seconds=lease_seconds,
             title="serve",
+            instance=_parse_instance(instance),
         )
         return
     extra = _child_options(payment_limit, batch_size, lease_seconds)
     _supervise(
         {
-            f"{names[0]}-{n}": serve_argv(names[0], store, bus, extra)
+            f"{names[0]}-{n}": serve_argv(names[0], store, bus, extra, (n, instances))
             for n in range(1, instances + 1)
         },
         f"serve {names[0]}",
@@ -771,7 +806,7 @@ def up(
     extra = _child_options(payment_limit, batch_size, lease_seconds)
     _supervise(
         {
-            f"{service}-{n}": serve_argv(service, store, bus, extra)
+            f"{service}-{n}": serve_argv(service, store, bus, extra, (n, instances))
             for service in SERVICE_NAMES
             for n in range(1, instances + 1)
         },

@@ -310,9 +310,15 @@ def serve_argv(
     store_url: str,
     bus_url: str | None,
     extra: Sequence[str] = (),
+    instance: tuple[int, int] | None = None,
 ) -> list[str]:
-    """The command line of one ``sagaline serve`` process for ``service``."""
+    """The command line of one ``sagaline serve`` process for ``service``.
+
+    ``instance=(i, n)``: the process is instance i of n of the service (``--instance i/n``).
+    """
     argv = [sys.executable, "-m", "sagaline", "serve", service, "--store", store_url]
     if bus_url is not None:
         argv += ["--bus", bus_url]
+    if instance is not None and instance[1] > 1:
+        argv += ["--instance", f"{instance[0]}/{instance[1]}"]
     return [*argv, *extra]

@@ -44,9 +44,14 @@ def open_bus(url: str, **options: Any) -> BrokerBus:
     ``amqp://user:pass@host:5672/vhost`` (RabbitMQ), ``nats://host:4222`` (NATS JetStream),
     or a database bus for stores elsewhere: ``sqlite:///bus.db``, ``postgresql://...`` (schema
     ``sagaline_bus``). A broker URL may carry ``?prefix=NAME`` to name its exchanges, queues and
-    streams apart from other systems on the same server.
+    streams apart from other systems on the same server. ``instance=(i, n)`` tells a RabbitMQ bus
+    that this process is instance i of n of its services (see :class:`RabbitBus`); other buses
+    ignore it.
     """
     scheme = url.split("://", 1)[0].lower()
+    if scheme != "amqp" and scheme != "amqps":
+        # Only RabbitMQ needs to know its instance (the others share partitions by themselves).
+        options = {k: v for k, v in options.items() if k != "instance"}
     if scheme == "sqlite":
         from sagaline.backends.sqlite import SqliteDatabase
 

@@ -250,12 +250,18 @@ class _Consumption:
         queues: list[str],
         prefetch: int,
         wakeup: asyncio.Event,
+        home: frozenset[int] | None = None,
+        share_delay: float = 0.0,
     ) -> None:
         self.spec = spec
         self.member = member
         self.queues = queues
         self.prefetch = prefetch
         self.wakeup = wakeup
+        #: The partitions this member consumes at once; the others only after ``share_delay``.
+        self.home = home
+        self.share_delay = share_delay
+        self._later: asyncio.Task[None] | None = None
         self.channel: AbstractRobustChannel | None = None
         self.raw: AbstractChannel | None = None
         self.ready: list[_Received] = []
@@ -287,8 +293,40 @@ class _Consumption:
             # Whatever came on an earlier channel went back to the queue when that channel died.
             self.ready = [item for item in self.ready if item.channel is raw]
             raw.on_consumer_cancel_callbacks.add(self._on_cancel)
-            for queue in self.queues:
+            home = self.home
+            first = [q for n, q in enumerate(self.queues) if home is None or n in home]
+            rest = [q for q in self.queues if q not in first]
+            for queue in first:
                 await raw.basic_consume(queue, self._on_delivery, no_ack=False)
+            if self._later is not None:
+                self._later.cancel()
+                self._later = None
+            if rest:
+                self._later = asyncio.create_task(self._consume_later(raw, rest))
+
+    async def _consume_later(self, raw: AbstractChannel, queues: list[str]) -> None:
+        """Consume the partitions of other members, after theirs had the time to come first.
+
+        With single active consumer the broker gives a queue to the first consumer registered on
+        it: instances started together each become active on their own partitions, and stand by
+        on the others (taking them over when their owner goes away).
+        """
+        await asyncio.sleep(self.share_delay)
+        async with self._attach_lock:
+            if raw is not self.raw or raw.is_closed or self.closed:
+                return
+            try:
+                for queue in queues:
+                    await raw.basic_consume(queue, self._on_delivery, no_ack=False)
+            except Exception:
+                log.warning(
+                    "%s/%s: standing by on other partitions failed",
+                    self.spec.name,
+                    self.spec.source,
+                    exc_info=True,
+                )
+                self.broken = True
+                self.wakeup.set()
 
     async def reattach(self) -> None:
         """Consume again if the channel came back without telling (a safety net for reopen)."""
@@ -429,6 +467,9 @@ class _Consumption:
     async def close(self) -> None:
         """Stop consuming; every unacknowledged message goes back to its queue, in order."""
         self.closed = True
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         self.ready.clear()
         self.inflight.clear()
         channel, self.channel = self.channel, None
@@ -456,9 +497,15 @@ class RabbitBus:
         publish_timeout: float = 30.0,
         reconnect_interval: float = 1.0,
         connection_name: str | None = None,
+        instance: tuple[int, int] | None = None,
+        share_delay: float = 5.0,
     ) -> None:
         if partitions < 1:
             raise ConfigurationError("partitions must be at least 1")
+        if instance is not None and not 1 <= instance[0] <= instance[1]:
+            raise ConfigurationError(
+                f"instance {instance[0]}/{instance[1]}: not I/N with 1 <= I <= N"
+            )
         scheme = urlsplit(url).scheme
         if scheme not in ("amqp", "amqps"):
             raise ConfigurationError(f"a RabbitMQ URL starts with amqp:// or amqps://, not {url!r}")
@@ -470,6 +517,11 @@ class RabbitBus:
         self.publish_timeout = publish_timeout
         self.reconnect_interval = reconnect_interval
         self.connection_name = connection_name or f"sagaline {prefix}"
+        #: ``(i, n)``: this process is instance i of n of its services. Each consumes its own
+        #: share of the partitions at once and the others ``share_delay`` seconds later, so that
+        #: instances started together split the work instead of one taking every partition.
+        self.instance = instance
+        self.share_delay = share_delay
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._open_lock = asyncio.Lock()
@@ -528,6 +580,13 @@ class RabbitBus:
     def partition_of(self, key: str) -> int:
         """The partition of a correlation key."""
         return partition_of(key, self.partitions)
+
+    def home_partitions(self) -> frozenset[int] | None:
+        """The partitions this instance consumes first (None: all of them at once)."""
+        if self.instance is None or self.instance[1] == 1:
+            return None
+        index, count = self.instance
+        return frozenset(p for p in range(self.partitions) if p % count == (index - 1) % count)
 
     # Connection -----------------------------------------------------------------------------
 
@@ -790,7 +849,13 @@ class RabbitBus:
         await self.prepare([consumer], {})
         per_queue = max(16, -(-self.prefetch // self.partitions))
         state = _Consumption(
-            consumer, member, self.queue_names(consumer), per_queue, self._wakeup(consumer)
+            consumer,
+            member,
+            self.queue_names(consumer),
+            per_queue,
+            self._wakeup(consumer),
+            self.home_partitions(),
+            self.share_delay,
         )
         try:
             await state.start(connection)
