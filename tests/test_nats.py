@@ -181,6 +181,18 @@ async def claim_all(
     return batches
 
 
+async def expect_unsettled(
+    bus: NatsBus, spec: ConsumerSpec, expected: int, timeout: float = 10.0
+) -> None:
+    """Wait until the server counts ``expected`` unsettled messages of a consumer: an ack is
+    sent without waiting, and the server applies it to the consumer a moment later."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while (found := await unsettled(bus, spec)) != expected:
+        assert loop.time() < deadline, f"{found} unsettled, expected {expected}"
+        await asyncio.sleep(0.02)
+
+
 # ---------------------------------------------------------------------------------- the port
 
 
@@ -236,12 +248,12 @@ def test_commands_are_delivered_to_the_queue_they_are_routed_to(kit: NatsKit) ->
         assert recorded(beta, "beta") == {}
         [alpha_queue] = system.services["alpha"].consumers()
         [beta_queue] = system.services["beta"].consumers()
-        assert await unsettled(bus, alpha_queue) == 0
-        assert await unsettled(bus, beta_queue) == 2
+        await expect_unsettled(bus, alpha_queue, 0)
+        await expect_unsettled(bus, beta_queue, 2)
 
         await run(bus, system, {"beta": beta}, lambda: recorded(beta, "beta") != {})
         assert recorded(beta, "beta") == {"K-1": [10, 11]}
-        assert await unsettled(bus, beta_queue) == 0
+        await expect_unsettled(bus, beta_queue, 0)
         # A work queue: what was acknowledged is gone from the stream.
         assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
 
@@ -326,7 +338,7 @@ def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(kit: NatsKi
         # The poison's own key went on only after it was dead-lettered.
         assert progress_when_handled["K-poison", 1] == len(poison_calls)
         [queue] = service.consumers()
-        assert await unsettled(bus, queue) == 0
+        await expect_unsettled(bus, queue, 0)
 
     kit.run(scenario)
 
@@ -533,7 +545,7 @@ def test_a_dead_members_messages_are_delivered_to_another_member(kit: NatsKit) -
             message = delivery.envelope.decode()
             seqs.setdefault(delivery.ordering_key, []).append(message.seq)  # type: ignore[attr-defined]
         assert seqs == {f"K-{k}": list(range(k, 9, 3)) for k in range(3)}
-        assert await unsettled(survivor, spec) == 0
+        await expect_unsettled(survivor, spec, 0)
 
     kit.run(scenario)
 

@@ -136,7 +136,7 @@ def test_migration_is_idempotent_and_safe_from_several_processes_at_once(pg_url:
     migrate(pg_url, schema, bus_schema)
     db = PostgresDatabase(pg_url, schema=schema, bus_schema=bus_schema)
     try:
-        assert db.get_meta("schema_version") == "1"
+        assert db.get_meta("schema_version") == "2"
         with psycopg.connect(pg_url) as conn:
             tables = {
                 (row[0], row[1])
@@ -148,10 +148,29 @@ def test_migration_is_idempotent_and_safe_from_several_processes_at_once(pg_url:
             }
     finally:
         asyncio.run(db.close())
-    assert {(schema, t) for t in ("inbox", "documents", "sagas", "outbox", "streams")} <= tables
+    assert {
+        (schema, t) for t in ("inbox", "documents", "sagas", "outbox", "streams", "received")
+    } <= tables
     assert {(bus_schema, t) for t in ("commands", "events", "subscriptions", "members")} <= tables
     assert not {(schema, t) for t in ("commands", "events", "subscriptions")} & tables
     assert not {(bus_schema, t) for t in ("inbox", "documents", "sagas", "outbox")} & tables
+
+
+def test_a_version_1_schema_is_upgraded_in_place(pg_url: str) -> None:
+    """Version 2 added the table of messages received from clients through a broker."""
+    schema, bus_schema = schema_name("old"), schema_name("oldbus")
+    migrate(pg_url, schema, bus_schema)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute(f'DROP TABLE "{schema}".received')
+        conn.execute(f"UPDATE \"{schema}\".meta SET value = '1' WHERE key = 'schema_version'")
+    migrate(pg_url, schema, bus_schema)
+    with psycopg.connect(pg_url) as conn:
+        version = conn.execute(
+            f"SELECT value FROM \"{schema}\".meta WHERE key = 'schema_version'"
+        ).fetchone()
+        found = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".received',)).fetchone()
+    assert version == ("2",)
+    assert found is not None and found[0] is not None
 
 
 def test_a_newer_schema_version_is_refused(open_pg: Callable[..., PostgresDatabase]) -> None:

@@ -238,7 +238,7 @@ class System:
         """Envelope a message from outside, checked as a consumer will check it."""
         if isinstance(message, Command):
             self.route(message.type_name())
-        envelope = Envelope.wrap(message, source="client", message_id=message_id)
+        envelope = Envelope.wrap(message, source=CLIENT, message_id=message_id)
         # Constructing a struct in Python skips its constraints; decoding applies them.
         decode_body(envelope.message_type, envelope.body)
         return envelope
@@ -269,6 +269,10 @@ class System:
             async with cast(Backend, bus).transaction() as tx:
                 await tx.emit(envelopes, self.routes)
         return envelopes
+
+
+#: The source of messages submitted from outside the system (:meth:`System.submit`).
+CLIENT = "client"
 
 
 class _RetryBatch(Exception):
@@ -379,6 +383,16 @@ class Worker:
                 outcomes.append(result)
             if processed:
                 await tx.record_inbox_many(spec.name, processed)
+            if self.broker is not None:
+                # A client's message came straight through the broker: no store emitted it, so
+                # the store that handled it keeps it for the audit trail.
+                received = [
+                    d.envelope
+                    for d, (outcome, _) in zip(batch.deliveries, outcomes, strict=True)
+                    if outcome is Outcome.ACK and d.envelope.source == CLIENT
+                ]
+                if received:
+                    await tx.record_received(spec.name, received)
             crash_point("before-emit")
             await tx.emit(outgoing, self.system.routes)
             if self.broker is None:

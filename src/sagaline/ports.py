@@ -247,6 +247,14 @@ class StoreTransaction(Protocol):
         """Record a message that could not be processed."""
         ...
 
+    async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
+        """Keep messages submitted from outside (a client) that arrived through a broker.
+
+        No store emitted them, so without this the audit trail of a deployment with a broker bus
+        would start at their effects. A message already kept is passed over.
+        """
+        ...
+
 
 @runtime_checkable
 class Store(Protocol):

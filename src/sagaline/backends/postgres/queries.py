@@ -209,7 +209,11 @@ class PostgresQueries:
             " AND %(outbox)s"
             " UNION ALL"
             " SELECT 'outbox', id, message_id, type, body, causation_id, timestamp, source,"
-            f" NULL, NULL, NULL FROM {s}.outbox WHERE correlation_id = %(key)s",
+            f" NULL, NULL, NULL FROM {s}.outbox WHERE correlation_id = %(key)s"
+            # Submitted by a client through another bus: kept by the store that handled it.
+            " UNION ALL"
+            " SELECT 'received', 0, message_id, type, body, causation_id, timestamp, source,"
+            f" consumer, NULL, NULL FROM {s}.received WHERE correlation_id = %(key)s",
             {"key": correlation_id, "outbox": self.outbox},
         )
         seen: set[str] = set()
@@ -233,7 +237,7 @@ class PostgresQueries:
                 "source": source,
                 "handledBy": [{"consumer": c, "at": at} for c, at in handled.get(message_id, [])],
             }
-            if kind == "outbox":
+            if kind in ("outbox", "received"):
                 entry["kind"] = kind = _kind_of(type_)
             if kind == "command":
                 entry.update(

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: The version of both schemas this code writes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The key of the advisory lock that serializes migrations across processes.
 MIGRATION_LOCK = 0x5A6A11E
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -166,6 +166,18 @@ def _store_ddl(s: str) -> list[str]:
             created_at text NOT NULL,
             sent_at text)""",
         f"CREATE INDEX IF NOT EXISTS outbox_unsent ON {s}.outbox (id) WHERE sent_at IS NULL",
+        f"""CREATE TABLE IF NOT EXISTS {s}.received (
+            message_id text PRIMARY KEY,
+            type text NOT NULL,
+            body text NOT NULL,
+            correlation_id text NOT NULL,
+            causation_id text,
+            timestamp text NOT NULL,
+            traceparent text,
+            source text,
+            consumer text NOT NULL,
+            received_at text NOT NULL)""",
+        f"CREATE INDEX IF NOT EXISTS received_correlation ON {s}.received (correlation_id)",
         # One row: the relay that holds it publishes this store's outbox, and no other.
         f"""CREATE TABLE IF NOT EXISTS {s}.outbox_relay (
             id boolean PRIMARY KEY DEFAULT true CHECK (id),

@@ -890,6 +890,14 @@ class PostgresTransaction:
         self._outbox.extend(envelopes)
         self.wrote_outbox = True
 
+    async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
+        if envelopes:
+            self.defer(
+                f"INSERT INTO {self._s}.received ({ENVELOPE_COLUMNS}, consumer, received_at)"
+                f" SELECT *, %s, %s FROM unnest({ENVELOPE_ARRAYS}) ON CONFLICT DO NOTHING",
+                (consumer, self.now, *envelope_arrays(envelopes)),
+            )
+
     async def dead_letter(
         self, consumer: str, envelope: Envelope, reason: str, attempts: int
     ) -> None:

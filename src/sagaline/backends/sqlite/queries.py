@@ -134,8 +134,12 @@ class SqliteQueries:
             # Sent through another bus: the outbox is this store's record of what it emitted.
             " UNION ALL"
             " SELECT 'outbox', id, message_id, type, body, causation_id, timestamp, source,"
-            " NULL, NULL, NULL FROM outbox WHERE correlation_id = ?",
-            (correlation_id, correlation_id, correlation_id),
+            " NULL, NULL, NULL FROM outbox WHERE correlation_id = ?"
+            # Submitted by a client through another bus: kept by the store that handled it.
+            " UNION ALL"
+            " SELECT 'received', 0, message_id, type, body, causation_id, timestamp, source,"
+            " consumer, NULL, NULL FROM received WHERE correlation_id = ?",
+            (correlation_id, correlation_id, correlation_id, correlation_id),
         ).fetchall()
         seen: set[str] = set()
         unique = []
@@ -171,7 +175,7 @@ class SqliteQueries:
                 "source": source,
                 "handledBy": [{"consumer": c, "at": at} for c, at in handled.get(message_id, [])],
             }
-            if kind == "outbox":
+            if kind in ("outbox", "received"):
                 entry["kind"] = kind = _kind_of(type_)
             if kind == "command":
                 entry.update({"queue": queue, "outcome": extra1, "deliveries": extra2})

@@ -154,6 +154,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (id) WHERE sent = 0;
 CREATE INDEX IF NOT EXISTS outbox_correlation ON outbox (correlation_id);
+CREATE TABLE IF NOT EXISTS received (
+    message_id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    causation_id TEXT,
+    timestamp TEXT NOT NULL,
+    traceparent TEXT,
+    source TEXT,
+    consumer TEXT NOT NULL,
+    received_at TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS received_correlation ON received (correlation_id);
 CREATE TABLE IF NOT EXISTS relay_lease (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     owner TEXT,

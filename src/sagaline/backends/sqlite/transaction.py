@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from sagaline.backends.sqlite.rows import (
+    ENVELOPE_COLUMNS,
     JSON,
     decode_json,
     envelope_params,
@@ -257,6 +258,13 @@ class SqliteTransaction:
             )
         if envelopes:
             self.wrote_messages = True
+
+    async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
+        self._conn.executemany(
+            f"INSERT OR IGNORE INTO received ({ENVELOPE_COLUMNS}, consumer, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(*envelope_params(e), consumer, self.now) for e in envelopes],
+        )
 
     async def dead_letter(
         self, consumer: str, envelope: Envelope, reason: str, attempts: int
