@@ -8,6 +8,7 @@ optional lease duration.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from sagaline.messages import (
     new_message_id,
     utc_timestamp,
 )
-from sagaline.ports import Batch, Bus, ConsumerSpec, Outcome, RetryPolicy
+from sagaline.ports import Batch, Bus, ConsumerSpec, Outcome, Reads, RetryPolicy
 
 
 class BusTestCommand(Command, kw_only=True, frozen=True):
@@ -616,3 +617,29 @@ def test_consumer_specs_follow_the_service_definition() -> None:
             "alpha", "subscription", frozenset({"BusTestEvent", "BusTestOtherEvent"}), FAST_RETRY
         ),
     ]
+
+
+def test_a_faulty_reads_declaration_costs_no_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Declaring reads is an optimization: one that raises is logged, and every message is
+    still handled once, in order."""
+
+    def broken(command: BusTestCommand, reads: Reads) -> None:
+        raise KeyError(command.key)
+
+    service = Service("alpha", retry=FAST_RETRY)
+    service.handles(BusTestCommand, reads=broken)(record)
+    system = System([service])
+    db = SqliteDatabase(f"sqlite:///{tmp_path}/reads.db")
+
+    async def scenario() -> None:
+        await system.submit_many(db, [BusTestCommand(key="K-1", seq=n) for n in range(5)])
+        await run(db, system, idle(db))
+        assert recorded(db, "alpha") == {"K-1": [0, 1, 2, 3, 4]}
+        assert db.dead_letters() == []
+        await db.close()
+
+    with caplog.at_level(logging.WARNING, logger="sagaline"):
+        asyncio.run(scenario())
+    assert any("declaring the reads" in r.getMessage() for r in caplog.records)

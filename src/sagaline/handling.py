@@ -428,6 +428,15 @@ class Worker:
                 declare(envelope.decode(), reads)
             except InvalidMessage:
                 continue  # dead-lettered when its turn comes
+            except Exception:
+                # Declaring is an optimization: a faulty declaration costs its reads one round
+                # trip each, never the message.
+                log.warning(
+                    "%s: declaring the reads of %s failed",
+                    self.spec.name,
+                    envelope.message_type,
+                    exc_info=True,
+                )
         return reads
 
     async def _handle_one(
