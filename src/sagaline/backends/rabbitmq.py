@@ -319,14 +319,7 @@ class _Consumption:
                 for queue in queues:
                     await raw.basic_consume(queue, self._on_delivery, no_ack=False)
             except Exception:
-                log.warning(
-                    "%s/%s: standing by on other partitions failed",
-                    self.spec.name,
-                    self.spec.source,
-                    exc_info=True,
-                )
-                self.broken = True
-                self.wakeup.set()
+                self._start_over("standing by on other partitions failed")
 
     async def reattach(self) -> None:
         """Consume again if the channel came back without telling (a safety net for reopen)."""
@@ -339,17 +332,16 @@ class _Consumption:
         try:
             await self._attach()
         except Exception:
-            log.warning(
-                "%s/%s: consuming again after a reconnection failed",
-                self.spec.name,
-                self.spec.source,
-                exc_info=True,
-            )
-            self.broken = True
-            self.wakeup.set()
+            self._start_over("consuming again after a reconnection failed")
 
     def _on_cancel(self, _frame: Any) -> None:
         """The broker cancelled a consumer (its queue was deleted): start over on the next claim."""
+        self._start_over()
+
+    def _start_over(self, problem: str | None = None) -> None:
+        """Mark the consumption broken (the next claim makes a new one), logging ``problem``."""
+        if problem is not None:
+            log.warning("%s/%s: %s", self.spec.name, self.spec.source, problem, exc_info=True)
         self.broken = True
         self.wakeup.set()
 

@@ -131,6 +131,9 @@ class _Statement(NamedTuple):
     conflict: Callable[[], Awaitable[ConcurrencyError]] | None = None
 
 
+#: A read sent with others: its SQL, its parameters, and what loads its rows into the map.
+_Query = tuple[str, tuple[Any, ...], Callable[[list[Any]], None]]
+
 _MISSING: Any = object()
 
 
@@ -222,24 +225,25 @@ class PostgresTransaction:
 
     async def _run(self, statements: list[_Statement]) -> None:
         """Run statements in one pipeline (one round trip), then check the conditional ones."""
-        if not statements:
-            return
-        conn = self.connection
-        cursors = []
-        try:
-            if len(statements) == 1:
-                cursors.append(await conn.execute(statements[0].sql, statements[0].params))
-            else:
-                async with conn.pipeline():
-                    for statement in statements:
-                        cursors.append(await conn.execute(statement.sql, statement.params))
-        except psycopg.errors.DeadlockDetected as exc:
-            # Two units of work wrote the same rows in different orders; PostgreSQL chose this
-            # one to roll back. A conflict like any other: the caller redoes its work.
-            raise ConcurrencyError(f"deadlock with another unit of work: {exc}") from exc
+        cursors = await self._send([(st.sql, st.params) for st in statements])
         for statement, cursor in zip(statements, cursors, strict=True):
             if statement.conflict is not None and cursor.rowcount != statement.expected:
                 raise await statement.conflict()
+
+    async def _send(
+        self, statements: Sequence[tuple[str, Sequence[Any]]]
+    ) -> list[psycopg.AsyncCursor[Any]]:
+        """Send statements in one round trip (a pipeline when there are several); their cursors."""
+        conn = self.connection
+        try:
+            if len(statements) <= 1:
+                return [await conn.execute(sql, params) for sql, params in statements]
+            async with conn.pipeline():
+                return [await conn.execute(sql, params) for sql, params in statements]
+        except psycopg.errors.DeadlockDetected as exc:
+            # Two units of work took the same rows in different orders; PostgreSQL chose this
+            # one to roll back. A conflict like any other: the caller redoes its work.
+            raise ConcurrencyError(f"deadlock with another unit of work: {exc}") from exc
 
     def _pending_statements(self) -> list[_Statement]:
         """The statements that write the pending writes (which are then no longer pending)."""
@@ -555,7 +559,7 @@ class PostgresTransaction:
         Documents of a namespace in :attr:`PostgresDatabase.locked_namespaces` are locked, in key
         order, so two batches that lock the same rows queue instead of deadlocking.
         """
-        queries: list[tuple[str, tuple[Any, ...], Callable[[list[Any]], None]]] = []
+        queries: list[_Query] = []
         for namespace, keys in sorted(reads.documents.items()):
             query = self._documents_query(namespace, keys)
             if query is not None:
@@ -563,23 +567,11 @@ class PostgresTransaction:
         for query in (self._sagas_query(reads.sagas), self._streams_query(reads.streams)):
             if query is not None:
                 queries.append(query)
-        if not queries:
-            return
-        conn = self.connection
-        try:
-            if len(queries) == 1:
-                cursors = [await conn.execute(queries[0][0], queries[0][1])]
-            else:
-                async with conn.pipeline():
-                    cursors = [await conn.execute(sql, params) for sql, params, _ in queries]
-            for cursor, (_, _, load) in zip(cursors, queries, strict=True):
-                load(await cursor.fetchall())
-        except psycopg.errors.DeadlockDetected as exc:
-            raise ConcurrencyError(f"prefetch: {exc}") from exc
+        cursors = await self._send([(sql, params) for sql, params, _ in queries])
+        for cursor, (_, _, load) in zip(cursors, queries, strict=True):
+            load(await cursor.fetchall())
 
-    def _documents_query(
-        self, namespace: str, keys: Iterable[str]
-    ) -> tuple[str, tuple[Any, ...], Callable[[list[Any]], None]] | None:
+    def _documents_query(self, namespace: str, keys: Iterable[str]) -> _Query | None:
         wanted = sorted({k for k in keys if (namespace, k) not in self._docs})
         if not wanted:
             return None
@@ -597,9 +589,7 @@ class PostgresTransaction:
             load,
         )
 
-    def _sagas_query(
-        self, saga_ids: Iterable[str]
-    ) -> tuple[str, tuple[Any, ...], Callable[[list[Any]], None]] | None:
+    def _sagas_query(self, saga_ids: Iterable[str]) -> _Query | None:
         wanted = sorted({i for i in saga_ids if i not in self._sagas})
         if not wanted:
             return None
@@ -615,9 +605,7 @@ class PostgresTransaction:
             load,
         )
 
-    def _streams_query(
-        self, streams: Iterable[str]
-    ) -> tuple[str, tuple[Any, ...], Callable[[list[Any]], None]] | None:
+    def _streams_query(self, streams: Iterable[str]) -> _Query | None:
         pending = {s for s, _, _ in self._appends}
         wanted = sorted({s for s in streams if s not in self._streams and s not in pending})
         if not wanted:
