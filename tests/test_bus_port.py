@@ -412,12 +412,21 @@ class BusPortConformance:
                 harness.entry, [BusTestEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
             )
             log = [e for e in await harness.replay(0) if e.envelope.message_type == "BusTestEvent"]
-            assert [e.envelope.message_id for e in log] == [e.message_id for e in envelopes]
-            assert [e.envelope.body for e in log] == [e.body for e in envelopes]
+            # Every event once, each key's in the order published (the order across keys is the
+            # bus's: RabbitMQ's log holds bundles of a partition's events).
+            assert sorted(e.envelope.message_id for e in log) == sorted(
+                e.message_id for e in envelopes
+            )
+            for key in {e.correlation_id for e in envelopes}:
+                assert [e.envelope.body for e in log if e.envelope.correlation_id == key] == [
+                    e.body for e in envelopes if e.correlation_id == key
+                ]
             positions = [e.position for e in log]
             assert positions == sorted(set(positions))
             tail = await harness.replay(positions[9])
-            assert [e.envelope.message_id for e in tail] == [e.message_id for e in envelopes[10:]]
+            assert [e.envelope.message_id for e in tail] == [
+                e.envelope.message_id for e in log[10:]
+            ]
             assert await harness.replay(positions[-1]) == []
 
         drive(scenario)

@@ -8,11 +8,12 @@ of its own. Without a reachable broker the tests are skipped, unless
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import pytest
@@ -32,8 +33,18 @@ from test_bus import (
 )
 
 from sagaline.backends import open_bus
-from sagaline.backends.rabbitmq import RabbitBus, UnroutableMessage
+from sagaline.backends.rabbitmq import (
+    BUNDLE_BYTES,
+    BUNDLE_CONTENT_TYPE,
+    POSITIONS_PER_OFFSET,
+    RabbitBus,
+    UnroutableMessage,
+    bundled,
+    decode_bundle,
+    encode_bundle,
+)
 from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.errors import ConfigurationError
 from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import MAX_MESSAGE_BYTES, Envelope, new_message_id
 from sagaline.orders import build_system
@@ -137,12 +148,26 @@ def test_it_implements_the_broker_bus_port(rig: Rig) -> None:
     bus = rig.bus()
     assert isinstance(bus, BrokerBus)
     assert isinstance(open_bus(rig.url), RabbitBus)
+
+
+def test_the_url_sets_the_prefix_and_the_bundle_size() -> None:
+    bus = open_bus("amqp://guest:guest@127.0.0.1/vh?prefix=shop&bundle=1&heartbeat=30")
+    assert isinstance(bus, RabbitBus)
+    assert (bus.prefix, bus.bundle) == ("shop", 1)
+    assert bus.url == "amqp://guest:guest@127.0.0.1/vh?heartbeat=30"  # the rest is the driver's
+    assert cast(RabbitBus, open_bus("amqp://127.0.0.1/")).bundle == 100
+    with pytest.raises(ConfigurationError, match="bundle='many'"):
+        open_bus("amqp://127.0.0.1/?bundle=many")
+    with pytest.raises(ConfigurationError, match="bundle 0"):
+        open_bus("amqp://127.0.0.1/?bundle=0")
+    with pytest.raises(ConfigurationError, match="bundle 1024"):
+        RabbitBus("amqp://127.0.0.1/", bundle=1024)
     assert "guest:***@" in repr(bus) and ":guest@" not in repr(bus)
 
 
 def test_publish_returns_once_confirmed_and_an_unroutable_command_is_an_error(rig: Rig) -> None:
     async def scenario() -> None:
-        bus = rig.bus()
+        bus = rig.bus(bundle=1)  # every message an AMQP message of its own, to count them
         system = System([queue_service("alpha", BusTestCommand)])
         [spec] = consumers_of(system)
         await bus.prepare([spec], system.routes)
@@ -330,7 +355,8 @@ def test_a_message_without_sagaline_metadata_is_dead_lettered(rig: Rig) -> None:
         )
         dead = store.dead_letters()
         assert {d.envelope.message_type for d in dead} == {"unknown"}
-        assert body in {d.envelope.body for d in dead}
+        # Kept byte for byte, text or not.
+        assert {d.envelope.body for d in dead} == {body, b"\xff\xfe not even text"}
         assert all("unknown" in d.reason for d in dead)
         assert recorded(store, "alpha") == {"K-1": [1]}
 
@@ -410,6 +436,12 @@ async def claim_some(bus: RabbitBus, spec: ConsumerSpec, member: str, count: int
     pytest.fail(f"{member} did not receive {count} deliveries")
 
 
+def same_partition_keys(bus: RabbitBus, count: int) -> list[str]:
+    """``count`` keys that all fall in partition 0."""
+    keys = (f"K-{n}" for n in itertools.count())
+    return list(itertools.islice((k for k in keys if bus.partition_of(k) == 0), count))
+
+
 def test_a_batch_never_completed_is_handed_out_again(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus()
@@ -432,8 +464,9 @@ def test_a_batch_never_completed_is_handed_out_again(rig: Rig) -> None:
     rig.run(scenario)
 
 
+@pytest.mark.parametrize("messages", [1, 3], ids=["alone", "bundled"])
 def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_letters(
-    rig: Rig,
+    rig: Rig, messages: int
 ) -> None:
     async def scenario() -> None:
         policy = RetryPolicy(max_attempts=1, initial_delay=0.01)
@@ -442,7 +475,9 @@ def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_lette
         system = System([service])
         setup = rig.bus()
         await setup.prepare([spec], system.routes)
-        poison = await system.submit(setup, BusTestCommand(key="K-1", seq=1))
+        # Keys of one partition, published at once: one AMQP message.
+        keys = same_partition_keys(setup, messages)
+        sent = await system.submit_many(setup, [BusTestCommand(key=k, seq=1) for k in keys])
         attempts = []
         # Each consumer takes it and dies before settling; the limit is max_attempts + 2.
         while not await setup.broker_dead_letters(spec):
@@ -452,13 +487,14 @@ def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_lette
             attempts.append(batch.deliveries[0].attempt)
             await dying.close()
         assert attempts == list(range(1, policy.max_attempts + 4))
-        [dead] = await setup.broker_dead_letters(spec)
-        assert dead.envelope.message_id == poison.message_id
-        assert dead.envelope.body == poison.body
-        assert dead.reason == "delivery_limit"
-        assert dead.queue in setup.queue_names(spec)
+        dead = await setup.broker_dead_letters(spec)
+        # A bundle is dead-lettered whole, each of its messages listed.
+        assert [d.envelope.message_id for d in dead] == [e.message_id for e in sent]
+        assert [d.envelope.body for d in dead] == [e.body for e in sent]
+        assert {d.reason for d in dead} == {"delivery_limit"}
+        assert {d.queue for d in dead} <= set(setup.queue_names(spec))
         # Looking does not take them away.
-        assert len(await setup.broker_dead_letters(spec)) == 1
+        assert len(await setup.broker_dead_letters(spec)) == messages
 
     rig.run(scenario)
 
@@ -481,8 +517,14 @@ def test_two_members_compete_without_handling_twice_or_reordering(rig: Rig) -> N
         await system.submit_many(
             first_bus, [BusTestCommand(key=key, seq=seq) for seq in range(20) for key in keys]
         )
-        first = Runtime(first_store, system, bus=first_bus, member="m1", poll_interval=0.05)
-        second = Runtime(second_store, system, bus=second_bus, member="m2", poll_interval=0.05)
+        # Small batches, so that the first instance is stopped with work left (the messages of a
+        # partition travel in bundles; a batch takes whole bundles).
+        first = Runtime(
+            first_store, system, bus=first_bus, member="m1", poll_interval=0.05, batch_size=10
+        )
+        second = Runtime(
+            second_store, system, bus=second_bus, member="m2", poll_interval=0.05, batch_size=10
+        )
         first_run = asyncio.create_task(first.run())
         second_run = asyncio.create_task(
             second.run_until(
@@ -635,18 +677,198 @@ def test_the_event_log_can_be_replayed_from_any_position(rig: Rig) -> None:
             bus, [BusTestEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
         )
         log = [stored async for stored in bus.replay(0)]
-        assert [e.envelope.message_id for e in log] == [e.message_id for e in envelopes]
-        assert [e.envelope.body for e in log] == [e.body for e in envelopes]
-        assert [e.envelope.correlation_id for e in log] == [e.correlation_id for e in envelopes]
+        # Every event, each key's in the order published (keys of one partition travel bundled).
+        assert sorted(e.envelope.message_id for e in log) == sorted(e.message_id for e in envelopes)
+        for key in {e.correlation_id for e in envelopes}:
+            assert [e.envelope.body for e in log if e.envelope.correlation_id == key] == [
+                e.body for e in envelopes if e.correlation_id == key
+            ]
         positions = [e.position for e in log]
         assert positions == sorted(set(positions)) and positions[0] >= 1
-        middle = positions[9]
-        tail = [stored async for stored in bus.replay(middle)]
-        assert [e.envelope.message_id for e in tail] == [e.message_id for e in envelopes[10:]]
-        assert [e.position for e in tail] == positions[10:]
+        assert len(set(p // POSITIONS_PER_OFFSET for p in positions)) < len(positions)  # bundled
+        for cut in range(len(log)):  # from any position, bundles' middles included
+            tail = [stored async for stored in bus.replay(positions[cut])]
+            assert [e.envelope.message_id for e in tail] == [
+                e.envelope.message_id for e in log[cut + 1 :]
+            ]
+            assert [e.position for e in tail] == positions[cut + 1 :]
         assert [stored async for stored in bus.replay(positions[-1])] == []
         # Commands are not events: they never enter the log.
         assert all(e.envelope.message_type == "BusTestEvent" for e in log)
+
+    rig.run(scenario)
+
+
+# ---------------------------------------------------------------------------------- bundles
+
+
+def routed(*pairs: tuple[str, str]) -> list[tuple[Envelope, str, str, bool]]:
+    """Messages ``(route, key)`` as :func:`bundled` takes them (route = routing key)."""
+    return [(hand_made("T", key, b"{}"), "x", route, False) for route, key in pairs]
+
+
+def test_bundles_keep_every_keys_order_across_routes() -> None:
+    messages = routed(("a", "k1"), ("b", "k1"), ("a", "k2"), ("a", "k1"), ("b", "k2"), ("a", "k3"))
+    publications = bundled(messages, limit=100)
+    order = {e.message_id: n for n, (e, *_rest) in enumerate(messages)}
+    sent = [
+        (p.routing_key, e.correlation_id, order[e.message_id])
+        for p in publications
+        for e in p.envelopes
+    ]
+    # k1's second "a" may not join the first "a" bundle: that one goes before k1's "b".
+    assert [[order[e.message_id] for e in p.envelopes] for p in publications] == [
+        [0, 2],
+        [1, 4],
+        [3, 5],
+    ]
+    for key in ("k1", "k2", "k3"):
+        seen = [n for _route, k, n in sent if k == key]
+        assert seen == sorted(seen)
+    # The limits: messages per bundle, and bytes (a large message travels alone).
+    assert [len(p.envelopes) for p in bundled(routed(*[("a", "k")] * 7), limit=3)] == [3, 3, 1]
+    big = hand_made("T", "k", b"x" * (BUNDLE_BYTES + 1))
+    small = hand_made("T", "k", b"{}")
+    publications = bundled([(e, "x", "a", False) for e in (small, big, small)], limit=100)
+    assert [len(p.envelopes) for p in publications] == [1, 1, 1]
+
+
+def test_a_bundle_round_trips_every_field_and_garbage_is_refused() -> None:
+    full = hand_made("T", "K-1", b'{"a":1}')
+    bare = Envelope(
+        message_id="m-2",
+        message_type="U",
+        body=b"\xff not json",
+        correlation_id="",
+        causation_id=None,
+        timestamp="2026-01-01T00:00:00.000000Z",
+    )
+    full = Envelope(
+        message_id=full.message_id,
+        message_type=full.message_type,
+        body=full.body,
+        correlation_id=full.correlation_id,
+        causation_id="c-1",
+        timestamp=full.timestamp,
+        traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        source="order",
+    )
+    decoded = decode_bundle(encode_bundle([full, bare]))
+    fields = ("message_id", "message_type", "body", "correlation_id", "causation_id")
+    fields += ("timestamp", "traceparent", "source")
+    for got, want in zip(decoded, [full, bare], strict=True):
+        assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]
+    for garbage in (b"", b"\x90", b"not msgpack", encode_bundle([full])[:-3]):
+        with pytest.raises(ValueError, match="not a sagaline bundle"):
+            decode_bundle(garbage)
+
+
+async def queue_depths(url: str, queues: list[str]) -> list[int]:
+    """How many AMQP messages each queue holds ready (not counting unacknowledged ones)."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        return [
+            (await channel.declare_queue(name, passive=True)).declaration_result.message_count
+            for name in queues
+        ]
+
+
+def test_messages_of_one_route_travel_as_one_amqp_message(rig: Rig) -> None:
+    async def scenario() -> None:
+        bus = rig.bus(bundle=25)
+        service = queue_service("alpha", BusTestCommand, BusTestOtherCommand)
+        [spec] = service.consumers()
+        system = System([service])
+        store = rig.store("alpha")
+        await bus.prepare([spec], system.routes)
+        keys = same_partition_keys(bus, 5)
+        # Two command types of one service share a route; each key's messages alternate.
+        messages: list[Any] = [
+            (BusTestCommand if seq % 2 else BusTestOtherCommand)(key=key, seq=seq)
+            for seq in range(10)
+            for key in keys
+        ]
+        await system.submit_many(bus, messages)
+        assert await queue_depths(rig.url, bus.queue_names(spec)) == [2] + [0] * 7  # 25 + 25
+        await run_services(bus, system, {"alpha": store}, lambda: handled(store, "alpha") == 50)
+        assert recorded(store, "alpha") == {key: list(range(10)) for key in keys}
+        assert not store.dead_letters()
+        await bus.close()
+        # Both bundles were acknowledged: a new consumer gets nothing.
+        assert await queue_depths(rig.url, bus.queue_names(spec)) == [0] * 8
+
+    rig.run(scenario)
+
+
+def test_a_bundle_is_acknowledged_only_once_every_message_of_it_is_settled(rig: Rig) -> None:
+    async def scenario() -> None:
+        first_bus = rig.bus()
+        service = queue_service("alpha", BusTestCommand)
+        [spec] = service.consumers()
+        system = System([service])
+        await first_bus.prepare([spec], system.routes)
+        keys = same_partition_keys(first_bus, 3)
+        sent = await system.submit_many(first_bus, [BusTestCommand(key=key, seq=1) for key in keys])
+        batch = await claim_some(first_bus, spec, "member-1", 3)
+        assert [d.envelope.message_id for d in batch.deliveries] == [e.message_id for e in sent]
+        # The middle one is retried later: the others are settled, the AMQP message is not.
+        await first_bus.complete(
+            batch, [(Outcome.ACK, None), (Outcome.RETRY, "later"), (Outcome.ACK, None)]
+        )
+        await first_bus.close()  # dies before the retry: the whole bundle comes back
+        second_bus = rig.bus()
+        again = await claim_some(second_bus, spec, "member-2", 1)
+        assert [d.envelope.message_id for d in again.deliveries] == [sent[0].message_id]
+        assert again.deliveries[0].attempt == 2  # delivered before: one at a time
+        received = [again]
+        while len(received) < 3:
+            await second_bus.complete(received[-1], [(Outcome.ACK, None)])
+            received.append(await claim_some(second_bus, spec, "member-2", 1))
+        await second_bus.complete(received[-1], [(Outcome.ACK, None)])
+        assert [b.deliveries[0].envelope.message_id for b in received] == [
+            e.message_id for e in sent
+        ]
+        await second_bus.close()
+        third = rig.bus()
+        assert (await third.claim(spec, "member-3", 10)).deliveries == []
+        assert await queue_depths(rig.url, third.queue_names(spec)) == [0] * 8
+
+    rig.run(scenario)
+
+
+def test_a_bundle_that_cannot_be_unpacked_is_dead_lettered_and_the_queue_goes_on(
+    rig: Rig,
+) -> None:
+    async def scenario() -> None:
+        bus = rig.bus()
+        system = System([queue_service("alpha", BusTestCommand)])
+        [spec] = consumers_of(system)
+        store = rig.store("alpha")
+        await bus.prepare([spec], system.routes)
+        connection = await aio_pika.connect(rig.url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    b"\x92 truncated", content_type=BUNDLE_CONTENT_TYPE, message_id="odd-1"
+                ),
+                routing_key=bus.queue_names(spec)[0],
+            )
+        keys = same_partition_keys(bus, 2)
+        await system.submit_many(bus, [BusTestCommand(key=key, seq=1) for key in keys])
+        await run_services(
+            bus,
+            system,
+            {"alpha": store},
+            lambda: bool(store.dead_letters()) and handled(store, "alpha") == 2,
+        )
+        [dead] = store.dead_letters()
+        assert dead.envelope.message_type == "unknown"
+        assert dead.envelope.message_id == "odd-1"
+        assert dead.envelope.body == b"\x92 truncated"
+        assert "unknown" in dead.reason
+        assert recorded(store, "alpha") == {key: [1] for key in keys}
 
     rig.run(scenario)
 

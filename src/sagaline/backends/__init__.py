@@ -44,9 +44,10 @@ def open_bus(url: str, **options: Any) -> BrokerBus:
     ``amqp://user:pass@host:5672/vhost`` (RabbitMQ), ``nats://host:4222`` (NATS JetStream),
     or a database bus for stores elsewhere: ``sqlite:///bus.db``, ``postgresql://...`` (schema
     ``sagaline_bus``). A broker URL may carry ``?prefix=NAME`` to name its exchanges, queues and
-    streams apart from other systems on the same server. ``instance=(i, n)`` tells a RabbitMQ bus
-    that this process is instance i of n of its services (see :class:`RabbitBus`); other buses
-    ignore it.
+    streams apart from other systems on the same server, and a RabbitMQ URL ``?bundle=N``, the
+    most messages one AMQP message carries (``bundle=1``: one each; see :class:`RabbitBus`).
+    ``instance=(i, n)`` tells a RabbitMQ bus that this process is instance i of n of its
+    services (see :class:`RabbitBus`); other buses ignore it.
     """
     scheme = url.split("://", 1)[0].lower()
     if scheme != "amqp" and scheme != "amqps":
@@ -64,6 +65,12 @@ def open_bus(url: str, **options: Any) -> BrokerBus:
         url, prefix = _take_prefix(url)
         if prefix:
             options = {"prefix": prefix, **options}
+        if scheme != "nats":
+            url, bundle = _take_query(url, "bundle")
+            if bundle is not None:
+                if not bundle.isdigit():
+                    raise ConfigurationError(f"bundle={bundle!r}: a whole number is expected")
+                options = {"bundle": int(bundle), **options}
         if scheme == "nats":
             from sagaline.backends.nats import NatsBus
 
@@ -77,14 +84,22 @@ def open_bus(url: str, **options: Any) -> BrokerBus:
     )
 
 
-def _take_prefix(url: str) -> tuple[str, str | None]:
-    """Split a ``prefix=NAME`` query parameter off a broker URL."""
+def _take_query(url: str, parameter: str) -> tuple[str, str | None]:
+    """Split the query parameter ``parameter`` off a URL: the rest of the URL, and its value."""
     parts = urlsplit(url)
     pairs = parse_qsl(parts.query, keep_blank_values=True)
-    prefix = next((value for name, value in pairs if name == "prefix"), None)
-    if prefix is None:
+    value = next((value for name, value in pairs if name == parameter), None)
+    if value is None:
         return url, None
-    if not prefix or not prefix.replace("_", "").replace("-", "").isalnum():
+    rest = urlencode([(name, value) for name, value in pairs if name != parameter])
+    return urlunsplit(parts._replace(query=rest)), value
+
+
+def _take_prefix(url: str) -> tuple[str, str | None]:
+    """Split a ``prefix=NAME`` query parameter off a broker URL."""
+    url, prefix = _take_query(url, "prefix")
+    if prefix is not None and (
+        not prefix or not prefix.replace("_", "").replace("-", "").isalnum()
+    ):
         raise ConfigurationError("a bus prefix may hold letters, digits, '_' and '-' only")
-    rest = urlencode([(name, value) for name, value in pairs if name != "prefix"])
-    return urlunsplit(parts._replace(query=rest)), prefix
+    return url, prefix

@@ -21,6 +21,23 @@ with confirms; commands are ``mandatory``, so a command no queue is bound for is
 silent loss. A delivery without sagaline's metadata (published by another program) becomes a
 delivery of type ``unknown``, which the worker dead-letters with the reason.
 
+Bundles: what one publication holds for the same route (a service's partition for commands, an
+event type's partition for events) travels as one AMQP message, up to ``bundle`` messages
+(default 100) and :data:`BUNDLE_BYTES` of bodies: content type :data:`BUNDLE_CONTENT_TYPE`, header
+``x-sagaline-bundle`` (the count), body a MessagePack array of ``[messageId, type, correlationId,
+causationId, timestamp, traceparent, source, body]``. A quorum queue's cost is per AMQP message,
+and so are a client's frames, confirms and acks: the outbox relay publishes hundreds of messages
+at a time, so under load a saga step costs the broker a fraction of a message (see the README's
+figures). Order is kept: a message never joins a bundle published before the last one holding a
+message of its correlation key, and a consumer hands a bundle's messages out in order. A bundle is
+acknowledged once every message of it is settled, so a redelivery (its consumer died, or let go
+of it with one of its messages waiting for a retry) brings back the whole bundle, and the inbox
+absorbs the messages already handled; a batch takes whole bundles, so that a member stopping
+between batches leaves none half done. The broker counts deliveries and applies its delivery limit
+per AMQP message: a bundle redelivered past the limit is dead-lettered whole, each message of it
+listed by :meth:`RabbitBus.broker_dead_letters`. With ``bundle=1`` every message is an AMQP
+message of its own (for consumers that are not sagaline).
+
 Ordering: a correlation key belongs to partition ``crc32(key) % partitions``. Each partition queue
 has ``x-single-active-consumer``: every instance of a service consumes every partition queue and
 RabbitMQ delivers a queue to one of them at a time, failing over to the next when it goes away
@@ -39,8 +56,10 @@ partition queues have ``x-delivery-limit = max_attempts + 2`` and a dead-letter 
 message that crashes every consumer before its dead letter is recorded ends in the consumer's
 ``.dead`` queue (see :meth:`RabbitBus.broker_dead_letters`).
 
-Replay: every event is also routed into the stream ``<prefix>.log``, read back from any offset by
-:meth:`RabbitBus.replay` (positions are stream offsets plus one, so ``after=0`` is the beginning).
+Replay: every event is also routed into the stream ``<prefix>.log``, read back from any position
+by :meth:`RabbitBus.replay` (a position is the stream offset x :data:`POSITIONS_PER_OFFSET` + the
+index in its bundle + 1, so ``after=0`` is the beginning; the log keeps each key's order, and
+events of different keys in the order their bundles were routed).
 Why a stream rather than replaying the owning services' event logs: with a broker bus the events
 of a system are spread over one store per service, each with its own positions; a projection
 rebuild would have to reach every store (some of which may not even be event-sourced, e.g. a
@@ -77,6 +96,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
+import msgspec
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
@@ -85,7 +105,17 @@ from sagaline.errors import ConfigurationError, SagalineError
 from sagaline.messages import Envelope, new_message_id, utc_timestamp
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, StoredEvent
 
-__all__ = ["BrokerDeadLetter", "BusUnavailable", "RabbitBus", "UnroutableMessage"]
+__all__ = [
+    "BUNDLE_BYTES",
+    "BUNDLE_CONTENT_TYPE",
+    "POSITIONS_PER_OFFSET",
+    "BrokerDeadLetter",
+    "BusUnavailable",
+    "RabbitBus",
+    "UnroutableMessage",
+    "decode_bundle",
+    "encode_bundle",
+]
 
 log = logging.getLogger("sagaline.rabbitmq")
 
@@ -94,6 +124,74 @@ UNKNOWN_TYPE = "unknown"
 
 _MARKER_HEADER = "x-sagaline-marker"
 _SHORTSTR = 255
+
+#: The content type of a bundle: several messages of one route carried by one AMQP message.
+BUNDLE_CONTENT_TYPE = "application/vnd.sagaline.bundle+msgpack"
+#: The header giving how many messages a bundle holds.
+_BUNDLE_HEADER = "x-sagaline-bundle"
+#: The type a bundle has as an AMQP message (a reader that does not unpack it sees this).
+_BUNDLE_TYPE = "sagaline.bundle"
+#: Replay positions: stream offset x this + the message's index in its bundle + 1.
+POSITIONS_PER_OFFSET = 1024
+#: The most bytes of bodies one bundle carries (a larger message travels alone).
+BUNDLE_BYTES = 256 * 1024
+
+# One bundled message: id, type, correlation id, causation id, timestamp, traceparent, source, body.
+_Entry = tuple[str, str, str, str | None, str, str | None, str | None, bytes]
+_bundle_encoder = msgspec.msgpack.Encoder()
+_bundle_decoder = msgspec.msgpack.Decoder(list[_Entry])
+
+
+def encode_bundle(envelopes: Sequence[Envelope]) -> bytes:
+    """The body of a bundle: a MessagePack array of ``[id, type, correlationId, causationId,
+    timestamp, traceparent, source, body]``, each body the message's JSON, byte for byte."""
+    return _bundle_encoder.encode(
+        [
+            (
+                e.message_id,
+                e.message_type,
+                e.correlation_id,
+                e.causation_id,
+                e.timestamp,
+                e.traceparent,
+                e.source,
+                e.body,
+            )
+            for e in envelopes
+        ]
+    )
+
+
+def decode_bundle(body: bytes) -> list[Envelope]:
+    """The messages of a bundle, in order; raises ``ValueError`` when ``body`` is not one."""
+    try:
+        entries = _bundle_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not a sagaline bundle: {exc}") from None
+    if not entries:
+        raise ValueError("not a sagaline bundle: it holds no message")
+    return [
+        Envelope(
+            message_id=message_id,
+            message_type=message_type,
+            body=payload,
+            correlation_id=correlation,
+            causation_id=causation,
+            timestamp=timestamp,
+            traceparent=traceparent,
+            source=source,
+        )
+        for (
+            message_id,
+            message_type,
+            correlation,
+            causation,
+            timestamp,
+            traceparent,
+            source,
+            payload,
+        ) in entries
+    ]
 
 
 class UnroutableMessage(SagalineError):
@@ -195,6 +293,100 @@ def envelope_of(properties: Basic.Properties, body: bytes) -> Envelope:
         )
 
 
+def _bundle_properties(envelopes: Sequence[Envelope]) -> Basic.Properties:
+    return Basic.Properties(
+        content_type=BUNDLE_CONTENT_TYPE,
+        delivery_mode=2,
+        message_id=new_message_id(),
+        message_type=_BUNDLE_TYPE,
+        headers={_BUNDLE_HEADER: len(envelopes)},
+    )
+
+
+def messages_of(properties: Basic.Properties, body: bytes) -> list[Envelope]:
+    """The envelopes one received AMQP message carries: one, or a bundle's; never raises.
+
+    A bundle that cannot be unpacked becomes one envelope of type ``unknown`` holding its body,
+    which the worker dead-letters with the reason.
+    """
+    headers = properties.headers if isinstance(properties.headers, dict) else {}
+    if _BUNDLE_HEADER not in headers and _text(properties.content_type) != BUNDLE_CONTENT_TYPE:
+        return [envelope_of(properties, body)]
+    try:
+        return decode_bundle(bytes(body))
+    except ValueError:
+        log.warning("a bundle that cannot be unpacked is treated as a message of unknown type")
+        return [
+            Envelope(
+                message_id=_text(properties.message_id) or new_message_id(),
+                message_type=UNKNOWN_TYPE,
+                body=bytes(body),
+                correlation_id="",
+                causation_id=None,
+                timestamp=utc_timestamp(),
+            )
+        ]
+
+
+@dataclass(slots=True)
+class _Publication:
+    """One AMQP message to publish: a single message, or a bundle of messages of one route."""
+
+    exchange: str
+    routing_key: str
+    mandatory: bool
+    envelopes: list[Envelope]
+    size: int
+
+    def body_and_properties(self) -> tuple[bytes, Basic.Properties]:
+        if len(self.envelopes) == 1:
+            [envelope] = self.envelopes
+            return envelope.body, _properties(envelope)
+        return encode_bundle(self.envelopes), _bundle_properties(self.envelopes)
+
+    def describe(self) -> str:
+        first = self.envelopes[0]
+        if len(self.envelopes) == 1:
+            return f"{first.message_type} {first.message_id}"
+        return (
+            f"a bundle of {len(self.envelopes)} messages"
+            f" (the first {first.message_type} {first.message_id})"
+        )
+
+
+def bundled(routed: Sequence[tuple[Envelope, str, str, bool]], limit: int) -> list[_Publication]:
+    """Group messages ``(envelope, exchange, routing key, mandatory)`` into publications.
+
+    Messages of one route share a bundle, up to ``limit`` messages and :data:`BUNDLE_BYTES`.
+    Published in the returned order, every correlation key's messages keep their order: a
+    message never joins a bundle older than the last one holding a message of its key.
+    """
+    publications: list[_Publication] = []
+    open_: dict[tuple[str, str], int] = {}
+    last: dict[str, int] = {}
+    for envelope, exchange, routing_key, mandatory in routed:
+        size = len(envelope.body)
+        key = envelope.correlation_id
+        index = open_.get((exchange, routing_key))
+        if (
+            index is None
+            or index < last.get(key, -1)
+            or len(publications[index].envelopes) >= limit
+            or publications[index].size + size > BUNDLE_BYTES
+        ):
+            index = len(publications)
+            publications.append(_Publication(exchange, routing_key, mandatory, [], 0))
+            if size <= BUNDLE_BYTES:
+                open_[(exchange, routing_key)] = index
+            else:
+                open_.pop((exchange, routing_key), None)
+        publication = publications[index]
+        publication.envelopes.append(envelope)
+        publication.size += size
+        last[key] = index
+    return publications
+
+
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and value >= 0 else 0
 
@@ -205,10 +397,19 @@ def _delivery_count(properties: Basic.Properties) -> int:
     return _count(headers.get("x-delivery-count"))
 
 
+class _Unsettled:
+    """How many messages of one received bundle are not settled yet (it is acked at zero)."""
+
+    __slots__ = ("count",)
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+
 class _Received:
     """A message received by a consumption and not acknowledged yet."""
 
-    __slots__ = ("channel", "delivery", "failures", "redelivered", "seq", "tag")
+    __slots__ = ("bundle", "channel", "delivery", "failures", "redelivered", "seq", "tag")
 
     def __init__(
         self,
@@ -217,11 +418,14 @@ class _Received:
         channel: AbstractChannel,
         envelope: Envelope,
         redelivered: int,
+        bundle: _Unsettled | None = None,
     ) -> None:
         self.seq = seq
         self.tag = tag
         self.channel = channel
         self.redelivered = redelivered
+        #: Shared by the messages of one bundle: its AMQP message is acked once all are settled.
+        self.bundle = bundle
         self.failures = 0
         self.delivery = Delivery(
             envelope=envelope,
@@ -353,15 +557,13 @@ class _Consumption:
         if not isinstance(tag, int):
             return
         properties = message.header.properties
-        self.ready.append(
-            _Received(
-                next(self._seq),
-                tag,
-                message.channel,
-                envelope_of(properties, message.body),
-                _delivery_count(properties),
+        envelopes = messages_of(properties, message.body)
+        redelivered = _delivery_count(properties)
+        bundle = _Unsettled(len(envelopes)) if len(envelopes) > 1 else None
+        for envelope in envelopes:
+            self.ready.append(
+                _Received(next(self._seq), tag, message.channel, envelope, redelivered, bundle)
             )
-        )
         self.wakeup.set()
 
     def _release_holds(self, now: float) -> None:
@@ -376,7 +578,8 @@ class _Consumption:
         return any(item.delivery.ordering_key not in self.held for item in self.ready)
 
     def take(self, limit: int) -> list[Delivery]:
-        """Hand out up to ``limit`` of the oldest deliveries whose key is not held."""
+        """Hand out up to ``limit`` of the oldest deliveries whose key is not held (and the rest
+        of the last one's bundle)."""
         if self.inflight:
             # The previous batch was never completed (its transaction failed): hand it out again,
             # counting the attempt, ahead of what came after it.
@@ -390,7 +593,11 @@ class _Consumption:
         self._release_holds(asyncio.get_running_loop().time())
         chosen: list[_Received] = []
         for item in self.ready:
-            if len(chosen) >= limit:
+            if len(chosen) >= limit and (
+                item.bundle is None or item.bundle is not chosen[-1].bundle
+            ):
+                # A bundle is handed out whole (limit or not), so that a member that stops
+                # between batches leaves no bundle half settled, to be delivered again whole.
                 break
             if item.channel is not raw or item.delivery.ordering_key in self.held:
                 continue
@@ -425,6 +632,11 @@ class _Consumption:
             if item.channel is not raw or raw is None or raw.is_closed:
                 continue  # the broker took it back with its channel; it comes again
             if outcome is Outcome.ACK or outcome is Outcome.DEAD:
+                bundle = item.bundle
+                if bundle is not None:
+                    bundle.count -= 1
+                    if bundle.count:
+                        continue  # acked with the last of its bundle
                 acks.append(item.tag)
             elif outcome is Outcome.RETRY:
                 delay = self.spec.retry.delay(delivery.attempt)
@@ -491,9 +703,14 @@ class RabbitBus:
         connection_name: str | None = None,
         instance: tuple[int, int] | None = None,
         share_delay: float = 5.0,
+        bundle: int = 100,
     ) -> None:
         if partitions < 1:
             raise ConfigurationError("partitions must be at least 1")
+        if not 1 <= bundle < POSITIONS_PER_OFFSET:
+            raise ConfigurationError(
+                f"bundle {bundle}: from 1 (every message alone) to {POSITIONS_PER_OFFSET - 1}"
+            )
         if instance is not None and not 1 <= instance[0] <= instance[1]:
             raise ConfigurationError(
                 f"instance {instance[0]}/{instance[1]}: not I/N with 1 <= I <= N"
@@ -514,6 +731,9 @@ class RabbitBus:
         #: instances started together split the work instead of one taking every partition.
         self.instance = instance
         self.share_delay = share_delay
+        #: The most messages of one route (and ``BUNDLE_BYTES`` of bodies) published as one AMQP
+        #: message; 1 publishes every message as an AMQP message of its own.
+        self.bundle = bundle
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._open_lock = asyncio.Lock()
@@ -766,15 +986,16 @@ class RabbitBus:
         """
         if not envelopes:
             return
-        outgoing: list[tuple[Envelope, str, str, bool]] = []
+        routed: list[tuple[Envelope, str, str, bool]] = []
         for envelope in envelopes:
             part = self.partition_of(envelope.correlation_id)
             service = routes.get(envelope.message_type)
             if service is not None:
-                outgoing.append((envelope, self.commands_exchange, f"{service}.{part}", True))
+                routed.append((envelope, self.commands_exchange, f"{service}.{part}", True))
             else:
                 key = f"{envelope.message_type}.{part}"
-                outgoing.append((envelope, self.events_exchange, key, False))
+                routed.append((envelope, self.events_exchange, key, False))
+        outgoing = bundled(routed, self.bundle)
         await self._connected()
         if "exchanges" not in self._declared:
             # Publishing to an exchange that does not exist would close the channel.
@@ -789,14 +1010,15 @@ class RabbitBus:
                 results = await asyncio.gather(
                     *(
                         raw.basic_publish(
-                            envelope.body,
-                            exchange=exchange,
-                            routing_key=routing_key,
-                            properties=_properties(envelope),
-                            mandatory=mandatory,
+                            body,
+                            exchange=publication.exchange,
+                            routing_key=publication.routing_key,
+                            properties=properties,
+                            mandatory=publication.mandatory,
                             wait=False,
                         )
-                        for envelope, exchange, routing_key, mandatory in outgoing
+                        for publication in outgoing
+                        for body, properties in [publication.body_and_properties()]
                     ),
                     return_exceptions=True,
                 )
@@ -804,16 +1026,14 @@ class RabbitBus:
             raise BusUnavailable(
                 f"RabbitMQ did not confirm within {self.publish_timeout} seconds"
             ) from exc
-        for (envelope, _exchange, routing_key, _mandatory), result in zip(
-            outgoing, results, strict=True
-        ):
+        for publication, result in zip(outgoing, results, strict=True):
             if isinstance(result, aiormq.exceptions.PublishError):
                 raise UnroutableMessage(
-                    f"{envelope.message_type} {envelope.message_id} was returned: no queue is"
-                    f" bound for {routing_key!r} (declare the topology with prepare())"
+                    f"{publication.describe()} was returned: no queue is bound for"
+                    f" {publication.routing_key!r} (declare the topology with prepare())"
                 )
             if isinstance(result, aiormq.exceptions.DeliveryError):
-                raise BusUnavailable(f"RabbitMQ refused {envelope.message_id}: {result}")
+                raise BusUnavailable(f"RabbitMQ refused {publication.describe()}: {result}")
             if isinstance(result, BaseException):
                 raise BusUnavailable(f"publishing failed: {result!r}") from result
 
@@ -897,7 +1117,8 @@ class RabbitBus:
     async def replay(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """Every event retained in the stream at position > ``after``, up to the end as of now.
 
-        Positions are stream offsets plus one. The stream's end is found by publishing a marker
+        An event's position is its stream offset x :data:`POSITIONS_PER_OFFSET` + its index in
+        its bundle + 1: increasing, not dense. The stream's end is found by publishing a marker
         into it and reading up to that marker.
         """
         connection = await self._connected()
@@ -912,7 +1133,8 @@ class RabbitBus:
             async def on_message(message: DeliveredMessage) -> None:
                 received.put_nowait(message)
 
-            offset: int | str = after if after > 0 else "first"
+            start = max(0, after) // POSITIONS_PER_OFFSET
+            offset: int | str = start if start > 0 else "first"
             await raw.basic_consume(
                 self.log_stream,
                 on_message,
@@ -934,14 +1156,14 @@ class RabbitBus:
                         return
                     continue
                 stream_offset = headers.get("x-stream-offset")
-                if not isinstance(stream_offset, int) or stream_offset < after:
+                if not isinstance(stream_offset, int) or stream_offset < start:
                     continue
-                yield StoredEvent(
-                    position=stream_offset + 1,
-                    stream=None,
-                    version=None,
-                    envelope=envelope_of(properties, message.body),
-                )
+                first = stream_offset * POSITIONS_PER_OFFSET + 1
+                for index, envelope in enumerate(messages_of(properties, message.body)):
+                    if first + index > after:
+                        yield StoredEvent(
+                            position=first + index, stream=None, version=None, envelope=envelope
+                        )
         finally:
             with suppress(Exception):
                 await channel.close()
@@ -995,15 +1217,16 @@ class RabbitBus:
                 deaths = headers.get("x-death")
                 death = deaths[0] if isinstance(deaths, list) and deaths else {}
                 death = death if isinstance(death, dict) else {}
-                found.append(
+                found.extend(
                     BrokerDeadLetter(
                         queue=_text(death.get("queue")) or "",
-                        envelope=envelope_of(properties, message.body),
+                        envelope=envelope,
                         reason=_text(headers.get("x-first-death-reason"))
                         or _text(death.get("reason"))
                         or "",
                         count=_count(death.get("count")),
                     )
+                    for envelope in messages_of(properties, message.body)
                 )
         finally:
             # Closing the channel puts every message it got back into the queue.

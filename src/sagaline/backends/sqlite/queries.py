@@ -211,7 +211,7 @@ class SqliteQueries:
                 envelope=Envelope(
                     message_id=row[2],
                     message_type=row[3],
-                    body=row[4].encode(),
+                    body=row[4].encode() if isinstance(row[4], str) else row[4],
                     correlation_id=row[5],
                     causation_id=row[6],
                     timestamp=row[7],

@@ -70,13 +70,18 @@ def envelope_from_row(row: Sequence[Any], offset: int = 0) -> Envelope:
     )
 
 
+def body_value(body: bytes) -> str | bytes:
+    """A body as stored: text, or a blob when it is not text (a foreign producer's bytes), so
+    that it is kept, and dead-lettered, exactly as it came."""
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        return body
+
+
 def envelope_params(envelope: Envelope) -> tuple[Any, ...]:
     """An envelope as the parameters of :data:`ENVELOPE_COLUMNS`."""
-    try:
-        body: str | bytes = envelope.body.decode()
-    except UnicodeDecodeError:
-        # Not text (a foreign producer's bytes): kept as a blob, so it can be dead-lettered as is.
-        body = envelope.body
+    body = body_value(envelope.body)
     return (
         envelope.message_id,
         envelope.message_type,

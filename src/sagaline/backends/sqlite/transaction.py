@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from sagaline.backends.sqlite.rows import (
     ENVELOPE_COLUMNS,
     JSON,
+    body_value,
     decode_json,
     envelope_params,
     partition_of,
@@ -277,7 +278,7 @@ class SqliteTransaction:
                 consumer,
                 envelope.message_id,
                 envelope.message_type,
-                envelope.body.decode(errors="replace"),
+                body_value(envelope.body),
                 envelope.correlation_id,
                 envelope.causation_id,
                 envelope.timestamp,
