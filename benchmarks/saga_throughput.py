@@ -177,8 +177,27 @@ async def raw_rate(bus_url: str, count: int, batch: int = 500, **options: Any) -
     return count / elapsed
 
 
+async def _settled_check(deployment: Deployment, sagas: int, patience: float = 60.0) -> list[Any]:
+    """The invariants over every store once the read side caught up (the services still run)."""
+    from sagaline.testing import check_deployment_async
+
+    stock = {"PROD-A": sagas * 2, "PROD-X": 0}
+    deadline = time.perf_counter() + patience
+    while True:
+        violations = await check_deployment_async(deployment, initial_stock=stock)
+        if not violations or time.perf_counter() > deadline:
+            return violations
+        await asyncio.sleep(1.0)
+
+
 async def run_deployment(
-    sagas: int, batch_size: int, store: str, bus: str | None, instances: int, raw: int
+    sagas: int,
+    batch_size: int,
+    store: str,
+    bus: str | None,
+    instances: int,
+    raw: int,
+    check: bool = False,
 ) -> None:
     """N sagas through a deployment: services in this process, or ``instances`` processes each."""
     system = build_system(PaymentRules(default_limit=Decimal("1000.00")))
@@ -221,6 +240,7 @@ async def run_deployment(
         await asyncio.sleep(0.1)
     finished = time.perf_counter()
     cpu = time.process_time() - cpu_before
+    violations = await _settled_check(deployment, sagas) if check else None
     for runtime in runtimes:
         runtime.stop()
     if runner is not None:
@@ -246,6 +266,9 @@ async def run_deployment(
     print(
         f"latency p50 / p99     {quantiles[49]:.2f} s / {quantiles[98]:.2f} s (submit to terminal)"
     )
+    if violations is not None:
+        shown = "hold" if not violations else f"{len(violations)} violations: {violations[:5]}"
+        print(f"invariants I1-I9      {shown}")
     if runtimes:
         print(f"messages handled      {handled:,} ({handled / sagas:.1f} per saga)")
         print(f"CPU per saga          {cpu / sagas * 1e6:,.0f} us (this process)")
@@ -310,6 +333,11 @@ def main() -> None:
     parser.add_argument(
         "--raw", type=int, default=20_000, help="messages for the raw transport rate (0: skip)"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="after the run, check the invariants of RELIABILITY.md over every store",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="sagaline-bench-") as tmp:
         if args.store is None and args.bus is None and not args.instances:
@@ -323,7 +351,13 @@ def main() -> None:
             try:
                 asyncio.run(
                     run_deployment(
-                        args.sagas, args.batch_size, store, bus, args.instances, args.raw
+                        args.sagas,
+                        args.batch_size,
+                        store,
+                        bus,
+                        args.instances,
+                        args.raw,
+                        args.check,
                     )
                 )
             finally:

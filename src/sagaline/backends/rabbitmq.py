@@ -697,7 +697,7 @@ class RabbitBus:
         *,
         prefix: str = "sagaline",
         partitions: int = 8,
-        prefetch: int = 512,
+        prefetch: int = 128,
         publish_timeout: float = 30.0,
         reconnect_interval: float = 1.0,
         connection_name: str | None = None,
@@ -721,7 +721,9 @@ class RabbitBus:
         self.url = url
         self.prefix = prefix
         self.partitions = partitions
-        #: Unacknowledged deliveries in flight per consumer, spread over its partition queues.
+        #: Unacknowledged AMQP messages in flight per consumer, spread over its partition queues
+        #: (at least 4 each). A bundle is one of them: 128 lets a consumer hold up to 12,800
+        #: messages when bundles are full, and keeps a single-message consumer busy too.
         self.prefetch = prefetch
         self.publish_timeout = publish_timeout
         self.reconnect_interval = reconnect_interval
@@ -1059,7 +1061,7 @@ class RabbitBus:
         connection = await self._connected()
         # The queues must exist before consuming them (a robust channel would retry forever).
         await self.prepare([consumer], {})
-        per_queue = max(16, -(-self.prefetch // self.partitions))
+        per_queue = max(4, -(-self.prefetch // self.partitions))
         state = _Consumption(
             consumer,
             member,
