@@ -11,17 +11,23 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
+import servers
 
 from sagaline.backends.sqlite import SqliteDatabase
 
 MAX_ATTEMPTS = 3
 
-WORKER = textwrap.dedent(
+#: The service of both tests: its handlers SIGKILL their own process on the key POISON.
+VICTIM = textwrap.dedent(
     f"""
     import asyncio, os, signal, sys
 
     from sagaline import Command, Event, RetryPolicy, Runtime, Service, System
+    from sagaline.backends import open_bus
     from sagaline.backends.sqlite import SqliteDatabase
 
 
@@ -46,18 +52,21 @@ WORKER = textwrap.dedent(
     async def on_command(ctx, command):
         if command.key == "POISON":
             os.kill(os.getpid(), signal.SIGKILL)
-        await ctx.tx.put_document("victim.commands", command.key, {{"ok": True}}, 0)
+        await ctx.tx.put_document("victim.commands", command.key, {{"key": command.key}}, 0)
 
 
     @victim.subscribes(PoisonTestEvent)
     async def on_event(ctx, event):
         if event.key == "POISON":
             os.kill(os.getpid(), signal.SIGKILL)
-        await ctx.tx.put_document("victim.events", event.key, {{"ok": True}}, 0)
+        await ctx.tx.put_document("victim.events", event.key, {{"key": event.key}}, 0)
+    """
+)
 
-
+WORKER = VICTIM + textwrap.dedent(
+    """
     async def main(path, mode):
-        db = SqliteDatabase(f"sqlite:///{{path}}", lease_seconds=0.2)
+        db = SqliteDatabase(f"sqlite:///{path}", lease_seconds=0.2)
         system = System([victim])
         if mode == "submit":
             for key in ("A", "B", "POISON", "C", "D"):
@@ -78,6 +87,21 @@ WORKER = textwrap.dedent(
 )
 
 
+def run_until_it_lives(run: Callable[[], subprocess.CompletedProcess[bytes]]) -> int:
+    """Start the worker again each time the poison kills it, as a supervisor would, until it
+    settles everything; how many times it was killed (two poisons: at most 2 x (MAX + 1))."""
+    kills = 0
+    deadline = time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline, "the worker never settled"
+        finished = run()
+        if finished.returncode == 0:
+            return kills
+        assert finished.returncode == -signal.SIGKILL, finished.stderr
+        kills += 1
+        assert kills <= 2 * (MAX_ATTEMPTS + 1), "the poison was never set aside"
+
+
 def test_a_message_that_kills_its_consumer_is_dead_lettered_alone(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -86,18 +110,11 @@ def test_a_message_that_kills_its_consumer_is_dead_lettered_alone(tmp_path: Path
         [sys.executable, str(script), str(store), "submit"], capture_output=True, timeout=60
     )
     assert submit.returncode == 0, submit.stderr
-    kills = 0
-    deadline = time.monotonic() + 120
-    while True:
-        assert time.monotonic() < deadline, "the worker never settled"
-        run = subprocess.run(
+    kills = run_until_it_lives(
+        lambda: subprocess.run(
             [sys.executable, str(script), str(store), "run"], capture_output=True, timeout=60
         )
-        if run.returncode == 0:
-            break
-        assert run.returncode == -signal.SIGKILL, run.stderr
-        kills += 1
-        assert kills <= 2 * (MAX_ATTEMPTS + 1), "the poison was never set aside"
+    )
 
     db = SqliteDatabase(f"sqlite:///{store}")
     try:
@@ -113,8 +130,95 @@ def test_a_message_that_kills_its_consumer_is_dead_lettered_alone(tmp_path: Path
         # Each poison killed the worker on every delivery but the last, which set it aside.
         assert kills >= 2 * MAX_ATTEMPTS
         for namespace in ("victim.commands", "victim.events"):
-            handled = {row["ok"] for row in db.query_documents(namespace)}
-            assert handled == {True}
-            assert len(db.query_documents(namespace)) == 4
+            handled = {row["key"] for row in db.query_documents(namespace)}
+            assert handled == {"A", "B", "C", "D"}
     finally:
         db.connection.close()
+
+
+# ------------------------------------------------------------------------------ on a broker
+
+#: Messages of the broker test: the poison among others of its partition, published at once.
+BROKER_KEYS = [f"K-{n}" for n in range(40)]
+
+WORKER_ON_BUS = VICTIM + textwrap.dedent(
+    f"""
+    async def main(path, bus_url, mode):
+        system = System([victim])
+        consumers = victim.consumers()
+        # NATS gives a dead consumer's messages out again after ack_wait: short, for the test.
+        options = dict(ack_wait=1.0, lease_seconds=2.0) if bus_url.startswith("nats") else {{}}
+        bus = open_bus(bus_url, **options)
+        try:
+            if mode == "submit":
+                await bus.prepare(consumers, system.routes)
+                keys = {BROKER_KEYS[:20]!r} + ["POISON"] + {BROKER_KEYS[20:]!r}
+                await system.submit_many(bus, [PoisonTestCommand(key=k) for k in keys])
+                await system.submit_many(bus, [PoisonTestEvent(key=k) for k in keys])
+                return
+            if mode == "clean":
+                delete = getattr(bus, "delete_topology", None)
+                if delete is not None:
+                    await (delete(consumers) if "amqp" in bus_url else delete())
+                return
+            db = SqliteDatabase(f"sqlite:///{{path}}", outbox=True)
+
+            def settled():
+                handled = sum(
+                    len(db.query_documents(f"victim.{{kind}}")) for kind in ("commands", "events")
+                )
+                return handled == 2 * {len(BROKER_KEYS)} and len(db.dead_letters()) == 2
+
+            await Runtime(db, system, bus=bus, poll_interval=0.05).run_until(settled, timeout=60)
+            await db.close()
+        finally:
+            await bus.close()
+
+
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3]))
+    """
+)
+
+
+@pytest.fixture(params=["rabbitmq", "nats"])
+def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param == "rabbitmq":
+        yield from servers.rabbitmq_vhost()
+    else:
+        yield from servers.nats_prefix()
+
+
+def test_on_a_broker_only_the_message_that_kills_its_consumer_is_dead_lettered(
+    tmp_path: Path, broker_url: str
+) -> None:
+    """A dying consumer gives back every message it held, and the broker counts a delivery for
+    each: only the one that was handed to its handler each time is set aside."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_ON_BUS)
+    store = tmp_path / "victim.db"
+
+    def worker(mode: str) -> subprocess.CompletedProcess[bytes]:
+        argv = [sys.executable, str(script), str(store), broker_url, mode]
+        return subprocess.run(argv, capture_output=True, timeout=120)
+
+    try:
+        submit = worker("submit")
+        assert submit.returncode == 0, submit.stderr
+        run_until_it_lives(lambda: worker("run"))
+        db = SqliteDatabase(f"sqlite:///{store}")
+        try:
+            dead = db.dead_letters()
+            assert {(d.envelope.message_type, d.envelope.correlation_id) for d in dead} == {
+                ("PoisonTestCommand", "POISON"),
+                ("PoisonTestEvent", "POISON"),
+            }
+            assert all("without completing" in d.reason for d in dead)
+            for namespace in ("victim.commands", "victim.events"):
+                keys = {row["key"] for row in db.query_documents(namespace)}
+                assert keys == set(BROKER_KEYS)
+            # Counts of handlings are kept only until their message settles.
+            assert db.connection.execute("SELECT count(*) FROM handling_starts").fetchone() == (0,)
+        finally:
+            db.connection.close()
+    finally:
+        worker("clean")

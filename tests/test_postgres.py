@@ -29,6 +29,7 @@ from test_store import Boom, StoreConformance, StoreTestEvent, events, saga
 
 from sagaline.backends import open_backend
 from sagaline.backends.postgres import PostgresDatabase, migrate
+from sagaline.backends.postgres.schema import SCHEMA_VERSION
 from sagaline.errors import ConcurrencyError, ConfigurationError
 from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import Envelope
@@ -136,7 +137,7 @@ def test_migration_is_idempotent_and_safe_from_several_processes_at_once(pg_url:
     migrate(pg_url, schema, bus_schema)
     db = PostgresDatabase(pg_url, schema=schema, bus_schema=bus_schema)
     try:
-        assert db.get_meta("schema_version") == "2"
+        assert db.get_meta("schema_version") == str(SCHEMA_VERSION)
         with psycopg.connect(pg_url) as conn:
             tables = {
                 (row[0], row[1])
@@ -149,28 +150,40 @@ def test_migration_is_idempotent_and_safe_from_several_processes_at_once(pg_url:
     finally:
         asyncio.run(db.close())
     assert {
-        (schema, t) for t in ("inbox", "documents", "sagas", "outbox", "streams", "received")
+        (schema, t)
+        for t in ("inbox", "documents", "sagas", "outbox", "streams", "received", "handling_starts")
     } <= tables
     assert {(bus_schema, t) for t in ("commands", "events", "subscriptions", "members")} <= tables
     assert not {(schema, t) for t in ("commands", "events", "subscriptions")} & tables
     assert not {(bus_schema, t) for t in ("inbox", "documents", "sagas", "outbox")} & tables
 
 
-def test_a_version_1_schema_is_upgraded_in_place(pg_url: str) -> None:
-    """Version 2 added the table of messages received from clients through a broker."""
+@pytest.mark.parametrize(
+    ("old", "missing"),
+    [(1, ["received", "handling_starts"]), (2, ["handling_starts"])],
+)
+def test_an_older_schema_is_upgraded_in_place(pg_url: str, old: int, missing: list[str]) -> None:
+    """Version 2 added the table of messages received from clients through a broker, version 3
+    the count of handlings of messages received again."""
     schema, bus_schema = schema_name("old"), schema_name("oldbus")
     migrate(pg_url, schema, bus_schema)
     with psycopg.connect(pg_url, autocommit=True) as conn:
-        conn.execute(f'DROP TABLE "{schema}".received')
-        conn.execute(f"UPDATE \"{schema}\".meta SET value = '1' WHERE key = 'schema_version'")
+        for table in missing:
+            conn.execute(f'DROP TABLE "{schema}".{table}')
+        conn.execute(
+            f"UPDATE \"{schema}\".meta SET value = %s WHERE key = 'schema_version'", (str(old),)
+        )
     migrate(pg_url, schema, bus_schema)
     with psycopg.connect(pg_url) as conn:
         version = conn.execute(
             f"SELECT value FROM \"{schema}\".meta WHERE key = 'schema_version'"
         ).fetchone()
-        found = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".received',)).fetchone()
-    assert version == ("2",)
-    assert found is not None and found[0] is not None
+        found = [
+            conn.execute("SELECT to_regclass(%s)", (f'"{schema}".{table}',)).fetchone()
+            for table in missing
+        ]
+    assert version == (str(SCHEMA_VERSION),) == ("3",)
+    assert all(row is not None and row[0] is not None for row in found)
 
 
 def test_a_newer_schema_version_is_refused(open_pg: Callable[..., PostgresDatabase]) -> None:

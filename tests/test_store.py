@@ -269,6 +269,28 @@ class StoreConformance:
 
         asyncio.run(scenario())
 
+    def test_handlings_of_a_message_received_again_are_counted_until_it_settles(
+        self, store: SqliteDatabase
+    ) -> None:
+        async def scenario() -> None:
+            async with store.transaction() as tx:
+                assert await tx.handling_started("inventory", "m-1") == 1
+            async with store.transaction() as tx:
+                assert await tx.handling_started("inventory", "m-1") == 2
+                assert await tx.handling_started("payment", "m-1") == 1
+            with pytest.raises(Boom):  # a count rolled back does not count
+                async with store.transaction() as tx:
+                    assert await tx.handling_started("inventory", "m-1") == 3
+                    raise Boom
+            async with store.transaction() as tx:
+                assert await tx.handling_started("inventory", "m-1") == 3
+                await tx.handling_ended("inventory", "m-1")
+            async with store.transaction() as tx:
+                assert await tx.handling_started("inventory", "m-1") == 1
+                assert await tx.handling_started("payment", "m-1") == 2
+
+        asyncio.run(scenario())
+
     # ------------------------------------------------------------ atomicity
 
     def test_a_transaction_that_raises_leaves_nothing_behind(self, store: SqliteDatabase) -> None:

@@ -345,17 +345,36 @@ class Worker:
         batch = await self.bus.claim(self.spec, self.member, self.batch_size)
         if not batch.deliveries and batch.cursor is None:
             return False
+        suspect = None
+        if self.broker is not None and len(batch.deliveries) == 1:
+            [delivery] = batch.deliveries
+            if delivery.attempt > 1:
+                suspect = await self._count_handling(delivery)
         try:
-            await self._handle(batch, careful=False)
+            await self._handle(batch, careful=False, suspect=suspect)
         except (_RetryBatch, ConcurrencyError):
             # A handler failed, or the batch lost a race for a row at commit (another instance
             # changed it first): all of it rolled back. Again, message by message under
             # savepoints, on fresh reads; a message that conflicts again is retried later.
-            await self._handle(batch, careful=True)
+            await self._handle(batch, careful=True, suspect=suspect)
         self.handled += len(batch.deliveries)
         return True
 
-    async def _handle(self, batch: Batch, *, careful: bool) -> None:
+    async def _count_handling(self, delivery: Delivery) -> str:
+        """Count, durably, that a message a broker delivered again goes to its handler now.
+
+        A broker counts a delivery for every message a consumer held when it died (a prefetch
+        window, bundles), so its count cannot tell the message that killed the process from its
+        innocent neighbours. The bus hands such a message out alone; its attempt becomes the
+        number of times it was handed out so, and only a message that keeps dying in its
+        handler reaches the dead letters as one that never completes.
+        """
+        message_id = delivery.envelope.message_id
+        async with self.db.transaction() as tx:
+            delivery.attempt = await tx.handling_started(self.spec.name, message_id)
+        return message_id
+
+    async def _handle(self, batch: Batch, *, careful: bool, suspect: str | None = None) -> None:
         spec = self.spec
         async with self.db.transaction() as tx:
             outcomes: list[tuple[Outcome, str | None]] = []
@@ -383,6 +402,8 @@ class Worker:
                 outcomes.append(result)
             if processed:
                 await tx.record_inbox_many(spec.name, processed)
+            if suspect is not None and outcomes[0][0] in (Outcome.ACK, Outcome.DEAD):
+                await tx.handling_ended(spec.name, suspect)
             if self.broker is not None:
                 # A client's message came straight through the broker: no store emitted it, so
                 # the store that handled it keeps it for the audit trail.
@@ -452,7 +473,7 @@ class Worker:
         envelope = delivery.envelope
         if delivery.attempt > spec.retry.max_attempts:
             reason = (
-                f"delivered {delivery.attempt - 1} times without completing"
+                f"handed to its handler {delivery.attempt - 1} times without completing"
                 " (the consumer died while handling it)"
             )
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt - 1)

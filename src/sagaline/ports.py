@@ -47,6 +47,16 @@ class RetryPolicy:
     multiplier: float = 2.0
     max_delay: float = 30.0
 
+    @property
+    def delivery_limit(self) -> int:
+        """How many times a broker delivers a message before its own dead letters take it.
+
+        A backstop, far above ``max_attempts``: the worker dead-letters a message that keeps
+        failing or killing its consumer, counting the times it really handed it to its handler,
+        while a broker counts a delivery for every message a dying consumer held.
+        """
+        return 5 * (self.max_attempts + 2)
+
     def delay(self, attempt: int) -> float:
         """Seconds to wait before delivery number ``attempt + 1``."""
         return float(
@@ -201,6 +211,19 @@ class StoreTransaction(Protocol):
 
     async def record_inbox_many(self, consumer: str, message_ids: Sequence[str]) -> None:
         """Mark many messages processed; none of them may be marked yet."""
+        ...
+
+    async def handling_started(self, consumer: str, message_id: str) -> int:
+        """Count one more handling of a message ``consumer`` received again; the new count.
+
+        Committed before its handler runs, so that a message that kills its process is known by
+        how many times it was handed to its handler, not by how many times a broker delivered it
+        (a broker counts a delivery for every message a dying consumer held).
+        """
+        ...
+
+    async def handling_ended(self, consumer: str, message_id: str) -> None:
+        """Forget the count of a message ``consumer`` settled for good."""
         ...
 
     def savepoint(self) -> AbstractAsyncContextManager[None]:

@@ -19,13 +19,16 @@ Streams, both with file storage:
 The partition of a message is ``zlib.crc32(correlation_id) % partitions``, as in the SQLite bus.
 
 Consumers. Every consumer (a service's command queue, a service's subscription) has one durable
-pull consumer per partition, with explicit acks, ``max_deliver = retry.max_attempts + 2`` as a
-backstop and ``ack_wait`` as the time after which a delivery that nobody settled is delivered
-again. A subscription's consumers see only the event types it subscribes to (``filter_subjects``
-from NATS 2.10 on; before 2.10, which has a single filter, the bus acknowledges the other types
-itself when they arrive). A message that reaches ``max_deliver`` is announced by the server with a
-``MAX_DELIVERIES`` advisory: the member owning its partition reads it back from the stream and
-hands it to the worker once more, which records it as a dead letter.
+pull consumer per partition, with explicit acks, ``max_deliver`` = the retry policy's
+``delivery_limit`` as a backstop and ``ack_wait`` as the time after which a delivery that nobody
+settled is delivered again. A subscription's consumers see only the event types it subscribes to
+(``filter_subjects`` from NATS 2.10 on; before 2.10, which has a single filter, the bus
+acknowledges the other types itself when they arrive). The worker counts in its store the times it
+handed a redelivered message to its handler and dead-letters the one that keeps killing its
+consumer long before ``max_deliver``. A message that reaches ``max_deliver`` anyway is announced
+by the server with a ``MAX_DELIVERIES`` advisory: the member owning its partition reads it back
+from the stream and hands it to the worker once more, which handles it or records it as a dead
+letter.
 
 Partition ownership. The members of a consumer share its partitions through one lease document per
 consumer in the KV bucket named ``{prefix}`` (compare-and-set on its revision): each live member
@@ -514,7 +517,7 @@ class NatsBus:
             ack_policy=AckPolicy.EXPLICIT,
             deliver_policy=DeliverPolicy.ALL,
             ack_wait=self.ack_wait,
-            max_deliver=spec.retry.max_attempts + 2,
+            max_deliver=spec.retry.delivery_limit,
             max_ack_pending=self.max_ack_pending,
             description=f"sagaline {spec.source} {spec.name}, partition {partition}",
         )
@@ -875,8 +878,13 @@ class NatsBus:
                     for waiting in lane.held.pop(item.key, []):
                         insort(lane.ready, waiting, key=lambda i: i.sequence)
             elif outcome is Outcome.RETRY:
+                delay = policy.delay(delivery.attempt)
                 if item.msg is not None:
-                    await item.msg.nak(delay=policy.delay(delivery.attempt))
+                    await item.msg.nak(delay=delay)
+                else:
+                    # Given up on by the server (max deliveries): it comes back from here.
+                    item.delivered += 1
+                    asyncio.get_running_loop().call_later(delay, self._take_back, lane, item)
                 lane.blocked[item.key] = item.sequence
             else:
                 self._take_back(lane, item)

@@ -50,11 +50,14 @@ of the same partition too, go on. When the delay is over the same delivery is ha
 broker's delivery count keeps counting only real redeliveries (a consumer that died or left).
 ``attempt`` is that count (``x-delivery-count``, absent on the first delivery) plus one, plus the
 retries done here. A message delivered before and never completed is handed out alone, so a
-message that kills its consumer cannot take a batch of others down with it. The worker dead-letters
-a delivery in the service's store with its reason and then acknowledges it; as a backstop, the
-partition queues have ``x-delivery-limit = max_attempts + 2`` and a dead-letter exchange, so a
-message that crashes every consumer before its dead letter is recorded ends in the consumer's
-``.dead`` queue (see :meth:`RabbitBus.broker_dead_letters`).
+message that kills its consumer cannot take a batch of others down with it; the worker then counts
+in its store how many times it handed it out so (the broker's count also grows for every message a
+dying consumer merely held), and dead-letters in the store the one that keeps dying, with its
+reason, then acknowledges it. As a backstop, the partition queues have a dead-letter exchange and
+``x-delivery-limit`` = the retry policy's ``delivery_limit``, so a message that crashes every
+consumer before its dead letter is recorded ends in the consumer's ``.dead`` queue (see
+:meth:`RabbitBus.broker_dead_letters`); it is that generous so that the messages held by a
+process that a poison message kills again and again do not get there first.
 
 Replay: every event is also routed into the stream ``<prefix>.log``, read back from any position
 by :meth:`RabbitBus.replay` (a position is the stream offset x :data:`POSITIONS_PER_OFFSET` + the
@@ -847,7 +850,7 @@ class RabbitBus:
         return {
             "x-queue-type": "quorum",
             "x-single-active-consumer": True,
-            "x-delivery-limit": consumer.retry.max_attempts + 2,
+            "x-delivery-limit": consumer.retry.delivery_limit,
             "x-dead-letter-exchange": self._dead_exchange,
             "x-dead-letter-routing-key": self._base(consumer.name, consumer.source),
         }

@@ -29,8 +29,9 @@ __all__ = [
     "validate_url",
 ]
 
-#: The version of both schemas this code writes.
-SCHEMA_VERSION = 2
+#: The version of both schemas this code writes (2 added ``received``, 3 ``handling_starts``;
+#: an older schema is upgraded in place by creating what it lacks).
+SCHEMA_VERSION = 3
 #: The key of the advisory lock that serializes migrations across processes.
 MIGRATION_LOCK = 0x5A6A11E
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -115,6 +116,11 @@ def _store_ddl(s: str) -> list[str]:
             message_id text NOT NULL,
             consumer text NOT NULL,
             processed_at text NOT NULL,
+            PRIMARY KEY (message_id, consumer))""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.handling_starts (
+            message_id text NOT NULL,
+            consumer text NOT NULL,
+            starts integer NOT NULL,
             PRIMARY KEY (message_id, consumer))""",
         # JSON kept as text: jsonb would drop the scale of 75.50.
         f"""CREATE TABLE IF NOT EXISTS {s}.documents (

@@ -667,6 +667,23 @@ class PostgresTransaction:
         )
         return cursor.rowcount == 1
 
+    async def handling_started(self, consumer: str, message_id: str) -> int:
+        cursor = await self.connection.execute(
+            f"INSERT INTO {self._s}.handling_starts (message_id, consumer, starts)"
+            " VALUES (%s, %s, 1) ON CONFLICT (message_id, consumer)"
+            " DO UPDATE SET starts = handling_starts.starts + 1 RETURNING starts",
+            (message_id, consumer),
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def handling_ended(self, consumer: str, message_id: str) -> None:
+        self.defer(
+            f"DELETE FROM {self._s}.handling_starts WHERE message_id = %s AND consumer = %s",
+            (message_id, consumer),
+        )
+
     # ---------------------------------------------------------------- streams
 
     async def append(self, stream: str, expected_version: int, events: Sequence[Envelope]) -> int:

@@ -100,6 +100,12 @@ CREATE TABLE IF NOT EXISTS inbox (
     processed_at TEXT NOT NULL,
     PRIMARY KEY (message_id, consumer)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS handling_starts (
+    message_id TEXT NOT NULL,
+    consumer TEXT NOT NULL,
+    starts INTEGER NOT NULL,
+    PRIMARY KEY (message_id, consumer)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS documents (
     namespace TEXT NOT NULL,
     key TEXT NOT NULL,

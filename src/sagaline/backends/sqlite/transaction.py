@@ -94,6 +94,24 @@ class SqliteTransaction:
         )
         return cursor.rowcount == 1
 
+    async def handling_started(self, consumer: str, message_id: str) -> int:
+        self._conn.execute(
+            "INSERT INTO handling_starts (message_id, consumer, starts) VALUES (?, ?, 1)"
+            " ON CONFLICT (message_id, consumer) DO UPDATE SET starts = starts + 1",
+            (message_id, consumer),
+        )
+        row = self._conn.execute(
+            "SELECT starts FROM handling_starts WHERE message_id = ? AND consumer = ?",
+            (message_id, consumer),
+        ).fetchone()
+        return int(row[0])
+
+    async def handling_ended(self, consumer: str, message_id: str) -> None:
+        self._conn.execute(
+            "DELETE FROM handling_starts WHERE message_id = ? AND consumer = ?",
+            (message_id, consumer),
+        )
+
     async def append(self, stream: str, expected_version: int, events: Sequence[Envelope]) -> int:
         # A stale expected version collides with an existing (stream, version): the unique
         # constraint is the concurrency check.
