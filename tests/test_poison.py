@@ -208,16 +208,19 @@ def test_on_a_broker_only_the_message_that_kills_its_consumer_is_dead_lettered(
         db = SqliteDatabase(f"sqlite:///{store}")
         try:
             dead = db.dead_letters()
-            assert {(d.envelope.message_type, d.envelope.correlation_id) for d in dead} == {
+            # Each once, though a process that dies may not have acked its dead letter.
+            assert sorted((d.envelope.message_type, d.envelope.correlation_id) for d in dead) == [
                 ("PoisonTestCommand", "POISON"),
                 ("PoisonTestEvent", "POISON"),
-            }
+            ]
             assert all("without completing" in d.reason for d in dead)
             for namespace in ("victim.commands", "victim.events"):
                 keys = {row["key"] for row in db.query_documents(namespace)}
                 assert keys == set(BROKER_KEYS)
-            # Counts of handlings are kept only until their message settles.
-            assert db.connection.execute("SELECT count(*) FROM handling_starts").fetchone() == (0,)
+            # Counts of handlings are kept until their message is handled; a dead letter keeps its
+            # own, so that a delivery of it again (its ack lost) goes back to the dead letters.
+            counted = db.connection.execute("SELECT message_id FROM handling_starts").fetchall()
+            assert {row[0] for row in counted} == {d.envelope.message_id for d in dead}
         finally:
             db.connection.close()
     finally:

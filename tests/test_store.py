@@ -18,7 +18,7 @@ from sagaline.backends import open_backend
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.errors import ConcurrencyError, ConfigurationError
 from sagaline.messages import Envelope, Event
-from sagaline.ports import SagaRecord, Store
+from sagaline.ports import DEAD_LETTERED, SagaRecord, Store
 
 OpenStore = Callable[[], SqliteDatabase]
 
@@ -288,6 +288,9 @@ class StoreConformance:
             async with store.transaction() as tx:
                 assert await tx.handling_started("inventory", "m-1") == 1
                 assert await tx.handling_started("payment", "m-1") == 2
+                await tx.handling_ended("payment", "m-1", dead_lettered=True)
+            async with store.transaction() as tx:  # a dead letter stays known as one
+                assert await tx.handling_started("payment", "m-1") > DEAD_LETTERED
 
         asyncio.run(scenario())
 

@@ -30,6 +30,7 @@ from sagaline.errors import (
 )
 from sagaline.messages import Command, Envelope, Event, Message, decode_body
 from sagaline.ports import (
+    DEAD_LETTERED,
     Backend,
     Batch,
     BrokerBus,
@@ -402,8 +403,14 @@ class Worker:
                 outcomes.append(result)
             if processed:
                 await tx.record_inbox_many(spec.name, processed)
-            if suspect is not None and outcomes[0][0] in (Outcome.ACK, Outcome.DEAD):
-                await tx.handling_ended(spec.name, suspect)
+            if suspect is not None and batch.deliveries[0].attempt <= DEAD_LETTERED:
+                # A dead letter is marked as one: should the broker not have had its ack and
+                # deliver it again, it is acknowledged, not handled or dead-lettered twice.
+                outcome = outcomes[0][0]
+                if outcome is Outcome.ACK or outcome is Outcome.DEAD:
+                    await tx.handling_ended(
+                        spec.name, suspect, dead_lettered=outcome is Outcome.DEAD
+                    )
             if self.broker is not None:
                 # A client's message came straight through the broker: no store emitted it, so
                 # the store that handled it keeps it for the audit trail.
@@ -471,6 +478,8 @@ class Worker:
     ) -> tuple[Outcome, str | None]:
         spec = self.spec
         envelope = delivery.envelope
+        if delivery.attempt > DEAD_LETTERED:
+            return Outcome.ACK, None  # in the dead letters already (see _count_handling)
         if delivery.attempt > spec.retry.max_attempts:
             reason = (
                 f"handed to its handler {delivery.attempt - 1} times without completing"

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 from sagaline.messages import Envelope
 
 __all__ = [
+    "DEAD_LETTERED",
     "Backend",
     "Batch",
     "BrokerBus",
@@ -36,6 +37,10 @@ __all__ = [
     "StoreTransaction",
     "StoredEvent",
 ]
+
+
+#: The handling count of a message in the dead letters (see ``handling_ended``).
+DEAD_LETTERED = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,8 +227,11 @@ class StoreTransaction(Protocol):
         """
         ...
 
-    async def handling_ended(self, consumer: str, message_id: str) -> None:
-        """Forget the count of a message ``consumer`` settled for good."""
+    async def handling_ended(
+        self, consumer: str, message_id: str, *, dead_lettered: bool = False
+    ) -> None:
+        """Forget the count of a message ``consumer`` handled; or, ``dead_lettered``, set it to
+        :data:`DEAD_LETTERED`, so that a delivery of it again (its ack lost) is known as one."""
         ...
 
     def savepoint(self) -> AbstractAsyncContextManager[None]:

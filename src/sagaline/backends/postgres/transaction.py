@@ -43,7 +43,7 @@ from sagaline.backends.sqlite.rows import (
 )
 from sagaline.errors import ConcurrencyError
 from sagaline.messages import Envelope, utc_timestamp
-from sagaline.ports import Document, Reads, SagaRecord, StoredEvent
+from sagaline.ports import DEAD_LETTERED, Document, Reads, SagaRecord, StoredEvent
 
 if TYPE_CHECKING:
     from sagaline.backends.postgres import PostgresDatabase
@@ -678,11 +678,20 @@ class PostgresTransaction:
         assert row is not None
         return int(row[0])
 
-    async def handling_ended(self, consumer: str, message_id: str) -> None:
-        self.defer(
-            f"DELETE FROM {self._s}.handling_starts WHERE message_id = %s AND consumer = %s",
-            (message_id, consumer),
-        )
+    async def handling_ended(
+        self, consumer: str, message_id: str, *, dead_lettered: bool = False
+    ) -> None:
+        if dead_lettered:
+            self.defer(
+                f"UPDATE {self._s}.handling_starts SET starts = %s"
+                " WHERE message_id = %s AND consumer = %s",
+                (DEAD_LETTERED, message_id, consumer),
+            )
+        else:
+            self.defer(
+                f"DELETE FROM {self._s}.handling_starts WHERE message_id = %s AND consumer = %s",
+                (message_id, consumer),
+            )
 
     # ---------------------------------------------------------------- streams
 

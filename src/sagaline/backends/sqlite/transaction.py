@@ -18,7 +18,7 @@ from sagaline.backends.sqlite.rows import (
 )
 from sagaline.errors import ConcurrencyError
 from sagaline.messages import Envelope, utc_timestamp
-from sagaline.ports import Document, Reads, SagaRecord, StoredEvent
+from sagaline.ports import DEAD_LETTERED, Document, Reads, SagaRecord, StoredEvent
 
 if TYPE_CHECKING:
     from sagaline.backends.sqlite import SqliteDatabase
@@ -106,11 +106,19 @@ class SqliteTransaction:
         ).fetchone()
         return int(row[0])
 
-    async def handling_ended(self, consumer: str, message_id: str) -> None:
-        self._conn.execute(
-            "DELETE FROM handling_starts WHERE message_id = ? AND consumer = ?",
-            (message_id, consumer),
-        )
+    async def handling_ended(
+        self, consumer: str, message_id: str, *, dead_lettered: bool = False
+    ) -> None:
+        if dead_lettered:
+            self._conn.execute(
+                "UPDATE handling_starts SET starts = ? WHERE message_id = ? AND consumer = ?",
+                (DEAD_LETTERED, message_id, consumer),
+            )
+        else:
+            self._conn.execute(
+                "DELETE FROM handling_starts WHERE message_id = ? AND consumer = ?",
+                (message_id, consumer),
+            )
 
     async def append(self, stream: str, expected_version: int, events: Sequence[Envelope]) -> int:
         # A stale expected version collides with an existing (stream, version): the unique
