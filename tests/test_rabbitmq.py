@@ -239,7 +239,8 @@ def test_commands_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> 
             bus, system, {"alpha": store}, lambda: handled(store, "alpha") == 15 * len(keys)
         )
         assert recorded(store, "alpha") == {key: list(range(15)) for key in keys}
-        assert all(calls[key, seq] == 3 for key in keys for seq in range(1, 15, 4))
+        # Two failures, then success (a failing batch-mate can roll a try back once more).
+        assert all(calls[key, seq] >= 3 for key in keys for seq in range(1, 15, 4))
         assert not store.dead_letters()
 
     rig.run(scenario)
@@ -452,14 +453,13 @@ def test_a_batch_never_completed_is_handed_out_again(rig: Rig) -> None:
         sent = await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(3)])
         first = await claim_some(bus, spec, "member-1", 3)
         assert [d.attempt for d in first.deliveries] == [1, 1, 1]
-        # The worker's transaction failed: it claims again without completing the batch.
-        again = await bus.claim(spec, "member-1", 100)
+        # The worker's transaction failed: it claims again without completing the batch, and
+        # gets it again, in order, each attempt counted, before anything else.
+        await system.submit(bus, BusTestCommand(key="K-1", seq=3))
+        again = await claim_some(bus, spec, "member-1", 4)
         ids = [d.envelope.message_id for d in again.deliveries]
-        assert ids == [sent[0].message_id]  # delivered before: it goes alone, first
-        assert again.deliveries[0].attempt == 2
-        await bus.complete(again, [(Outcome.ACK, None)])
-        rest = await claim_some(bus, spec, "member-1", 1)
-        assert [d.envelope.message_id for d in rest.deliveries][:1] == [sent[1].message_id]
+        assert ids[:3] == [e.message_id for e in sent]
+        assert [d.attempt for d in again.deliveries] == [2, 2, 2, 1]
 
     rig.run(scenario)
 
@@ -663,7 +663,7 @@ def test_events_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> No
         )
         await run_services(bus, system, {"watcher": store}, lambda: handled(store, "watcher") == 72)
         assert recorded(store, "watcher") == {key: list(range(12)) for key in keys}
-        assert all(calls[key, 2] == 3 for key in keys)
+        assert all(calls[key, 2] >= 3 for key in keys)
         assert not store.dead_letters()
 
     rig.run(scenario)
@@ -819,17 +819,10 @@ def test_a_bundle_is_acknowledged_only_once_every_message_of_it_is_settled(rig: 
         )
         await first_bus.close()  # dies before the retry: the whole bundle comes back
         second_bus = rig.bus()
-        again = await claim_some(second_bus, spec, "member-2", 1)
-        assert [d.envelope.message_id for d in again.deliveries] == [sent[0].message_id]
-        assert again.deliveries[0].attempt == 2  # delivered before: one at a time
-        received = [again]
-        while len(received) < 3:
-            await second_bus.complete(received[-1], [(Outcome.ACK, None)])
-            received.append(await claim_some(second_bus, spec, "member-2", 1))
-        await second_bus.complete(received[-1], [(Outcome.ACK, None)])
-        assert [b.deliveries[0].envelope.message_id for b in received] == [
-            e.message_id for e in sent
-        ]
+        again = await claim_some(second_bus, spec, "member-2", 3)
+        assert [d.envelope.message_id for d in again.deliveries] == [e.message_id for e in sent]
+        assert [d.attempt for d in again.deliveries] == [2, 2, 2]
+        await second_bus.complete(again, [(Outcome.ACK, None)] * 3)
         await second_bus.close()
         third = rig.bus()
         assert (await third.claim(spec, "member-3", 10)).deliveries == []
@@ -963,15 +956,11 @@ def test_deliveries_in_hand_when_the_connection_is_cut_come_again(rig: Rig) -> N
         assert await asyncio.to_thread(cut_connections, name) == 1
         # Completing after the cut acknowledges nothing (the broker took them back), quietly.
         await bus.complete(batch, [(Outcome.ACK, None)] * 3)
-        again = await claim_some(bus, spec, "member-1", 1)
-        assert again.deliveries[0].envelope.message_id == sent[0].message_id
-        assert again.deliveries[0].attempt == 2
-        await bus.complete(again, [(Outcome.ACK, None)])
-        for envelope in sent[1:]:  # each was delivered before: each goes alone, in order
-            batch = await claim_some(bus, spec, "member-1")
-            [delivery] = batch.deliveries
-            assert (delivery.envelope.message_id, delivery.attempt) == (envelope.message_id, 2)
-            await bus.complete(batch, [(Outcome.ACK, None)])
+        again = await claim_some(bus, spec, "member-1", 3)
+        assert [(d.envelope.message_id, d.attempt) for d in again.deliveries] == [
+            (e.message_id, 2) for e in sent
+        ]
+        await bus.complete(again, [(Outcome.ACK, None)] * 3)
 
     rig.run(scenario)
 

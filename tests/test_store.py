@@ -274,23 +274,25 @@ class StoreConformance:
     ) -> None:
         async def scenario() -> None:
             async with store.transaction() as tx:
-                assert await tx.handling_started("inventory", "m-1") == 1
+                assert await tx.handling_started("inventory", ["m-1", "m-2", "m-1"]) == [1, 1, 1]
             async with store.transaction() as tx:
-                assert await tx.handling_started("inventory", "m-1") == 2
-                assert await tx.handling_started("payment", "m-1") == 1
+                assert await tx.handling_started("inventory", ["m-1"]) == [2]
+                assert await tx.handling_started("payment", ["m-1"]) == [1]
             with pytest.raises(Boom):  # a count rolled back does not count
                 async with store.transaction() as tx:
-                    assert await tx.handling_started("inventory", "m-1") == 3
+                    assert await tx.handling_started("inventory", ["m-1"]) == [3]
                     raise Boom
             async with store.transaction() as tx:
-                assert await tx.handling_started("inventory", "m-1") == 3
+                assert await tx.handling_counts("inventory", ["m-2", "m-1", "m-9"]) == [1, 2, 0]
+                assert await tx.handling_started("inventory", ["m-1"]) == [3]
                 await tx.handling_ended("inventory", "m-1")
             async with store.transaction() as tx:
-                assert await tx.handling_started("inventory", "m-1") == 1
-                assert await tx.handling_started("payment", "m-1") == 2
+                assert await tx.handling_started("inventory", ["m-1"]) == [1]
+                assert await tx.handling_started("payment", ["m-1"]) == [2]
                 await tx.handling_ended("payment", "m-1", dead_lettered=True)
             async with store.transaction() as tx:  # a dead letter stays known as one
-                assert await tx.handling_started("payment", "m-1") > DEAD_LETTERED
+                [count] = await tx.handling_started("payment", ["m-1"])
+                assert count > DEAD_LETTERED
 
         asyncio.run(scenario())
 

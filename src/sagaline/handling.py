@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -280,6 +280,23 @@ class _RetryBatch(Exception):
     """A handler failed in the fast pass: handle the batch again under savepoints."""
 
 
+def _isolated(batch: Batch, suspects: Set[str]) -> list[Batch]:
+    """``batch`` in parts, in order: each of ``suspects`` (handed out before since a broker
+    delivered it again, and not completed) alone, as it may be what killed a consumer; the
+    others together, as few parts as that allows."""
+    parts: list[list[Delivery]] = [[]]
+    for delivery in batch.deliveries:
+        if delivery.envelope.message_id in suspects:
+            parts += [[delivery], []]
+        else:
+            parts[-1].append(delivery)
+    return [
+        Batch(consumer=batch.consumer, deliveries=part, cursor=batch.cursor)
+        for part in parts
+        if part
+    ]
+
+
 class Worker:
     """One consumer loop: claim a batch, handle it in one transaction, repeat.
 
@@ -346,41 +363,66 @@ class Worker:
         batch = await self.bus.claim(self.spec, self.member, self.batch_size)
         if not batch.deliveries and batch.cursor is None:
             return False
-        suspect = None
-        if self.broker is not None and len(batch.deliveries) == 1:
-            [delivery] = batch.deliveries
-            if delivery.attempt > 1:
-                suspect = await self._count_handling(delivery)
+        again = [d for d in batch.deliveries if d.attempt > 1]
+        if self.broker is None or not again:
+            await self._run(batch)
+        else:
+            counted = {d.envelope.message_id for d in again}
+            async with self.db.transaction() as tx:
+                earlier = await tx.handling_counts(self.spec.name, list(counted))
+            suspects = {m for m, n in zip(counted, earlier, strict=True) if n > 0}
+            blocked: set[Any] = set()
+            for part in _isolated(batch, suspects):
+                await self._count_handlings([d for d in part.deliveries if d.attempt > 1])
+                await self._run(part, counted, blocked)
+        self.handled += len(batch.deliveries)
+        return True
+
+    async def _run(
+        self, batch: Batch, counted: Set[str] = frozenset(), blocked: set[Any] | None = None
+    ) -> None:
+        """Handle ``batch`` in one transaction; if that fails, message by message."""
         try:
-            await self._handle(batch, careful=False, suspect=suspect)
+            await self._handle(batch, careful=False, counted=counted, blocked=blocked)
         except (_RetryBatch, ConcurrencyError):
             # A handler failed, or the batch lost a race for a row at commit (another instance
             # changed it first): all of it rolled back. Again, message by message under
             # savepoints, on fresh reads; a message that conflicts again is retried later.
-            await self._handle(batch, careful=True, suspect=suspect)
-        self.handled += len(batch.deliveries)
-        return True
+            await self._handle(batch, careful=True, counted=counted, blocked=blocked)
 
-    async def _count_handling(self, delivery: Delivery) -> str:
-        """Count, durably, that a message a broker delivered again goes to its handler now.
+    async def _count_handlings(self, deliveries: Sequence[Delivery]) -> None:
+        """Count, durably and before any handler runs, that messages a broker delivered again go
+        to their handlers now; each one's attempt becomes that count.
 
         A broker counts a delivery for every message a consumer held when it died (a prefetch
         window, bundles), so its count cannot tell the message that killed the process from its
-        innocent neighbours. The bus hands such a message out alone; its attempt becomes the
-        number of times it was handed out so, and only a message that keeps dying in its
-        handler reaches the dead letters as one that never completes.
+        innocent neighbours. Counted here just before its part of the batch runs, a message
+        handed out again after a batch of it never completed goes alone (see :func:`_isolated`),
+        and only one that keeps dying in its handler reaches the dead letters as one that never
+        completes.
         """
-        message_id = delivery.envelope.message_id
+        if not deliveries:
+            return
+        ids = [d.envelope.message_id for d in deliveries]
         async with self.db.transaction() as tx:
-            delivery.attempt = await tx.handling_started(self.spec.name, message_id)
-        return message_id
+            counts = await tx.handling_started(self.spec.name, ids)
+        for delivery, count in zip(deliveries, counts, strict=True):
+            delivery.attempt = count
 
-    async def _handle(self, batch: Batch, *, careful: bool, suspect: str | None = None) -> None:
+    async def _handle(
+        self,
+        batch: Batch,
+        *,
+        careful: bool,
+        counted: Set[str] = frozenset(),
+        blocked: set[Any] | None = None,
+    ) -> None:
         spec = self.spec
         async with self.db.transaction() as tx:
             outcomes: list[tuple[Outcome, str | None]] = []
             outgoing: list[Envelope] = []
-            blocked: set[Any] = set()
+            # Keys held back by a retry, from the earlier parts of the claimed batch too.
+            held: set[Any] = set() if blocked is None else set(blocked)
             # Fast pass: one inbox lookup and one inbox insert for the whole batch.
             duplicates: set[str] = set()
             processed: list[str] = []
@@ -392,24 +434,27 @@ class Worker:
                 if reads:
                     await tx.prefetch(reads)
             for delivery in batch.deliveries:
-                if delivery.ordering_key in blocked:
+                if delivery.ordering_key in held:
                     outcomes.append((Outcome.SKIP, None))
                     continue
                 result = await self._handle_one(
                     tx, delivery, outgoing, careful, duplicates, processed
                 )
                 if result[0] is Outcome.RETRY:
-                    blocked.add(delivery.ordering_key)
+                    held.add(delivery.ordering_key)
                 outcomes.append(result)
             if processed:
                 await tx.record_inbox_many(spec.name, processed)
-            if suspect is not None and batch.deliveries[0].attempt <= DEAD_LETTERED:
-                # A dead letter is marked as one: should the broker not have had its ack and
-                # deliver it again, it is acknowledged, not handled or dead-lettered twice.
-                outcome = outcomes[0][0]
+            for delivery, (outcome, _) in zip(batch.deliveries, outcomes, strict=True):
+                message_id = delivery.envelope.message_id
+                if message_id not in counted or delivery.attempt > DEAD_LETTERED:
+                    continue
                 if outcome is Outcome.ACK or outcome is Outcome.DEAD:
+                    # A dead letter is marked as one: should the broker not have had its ack
+                    # and deliver it again, it is acknowledged, not handled or dead-lettered
+                    # twice.
                     await tx.handling_ended(
-                        spec.name, suspect, dead_lettered=outcome is Outcome.DEAD
+                        spec.name, message_id, dead_lettered=outcome is Outcome.DEAD
                     )
             if self.broker is not None:
                 # A client's message came straight through the broker: no store emitted it, so
@@ -427,6 +472,8 @@ class Worker:
                 await self.db.settle(tx, batch, outcomes)
             crash_point("before-commit")
         crash_point("after-commit")
+        if blocked is not None:
+            blocked |= held
         if self.broker is not None:
             await self.broker.complete(batch, outcomes)
         if careful:

@@ -218,12 +218,16 @@ class StoreTransaction(Protocol):
         """Mark many messages processed; none of them may be marked yet."""
         ...
 
-    async def handling_started(self, consumer: str, message_id: str) -> int:
-        """Count one more handling of a message ``consumer`` received again; the new count.
+    async def handling_counts(self, consumer: str, message_ids: Sequence[str]) -> list[int]:
+        """How many handlings of each message :meth:`handling_started` counted (0: none)."""
+        ...
 
-        Committed before its handler runs, so that a message that kills its process is known by
-        how many times it was handed to its handler, not by how many times a broker delivered it
-        (a broker counts a delivery for every message a dying consumer held).
+    async def handling_started(self, consumer: str, message_ids: Sequence[str]) -> list[int]:
+        """Count one more handling of each message ``consumer`` received again; the new counts.
+
+        Committed before their handlers run, so that a message that kills its process is known
+        by how many times it was handed to its handler, not by how many times a broker delivered
+        it (a broker counts a delivery for every message a dying consumer held).
         """
         ...
 

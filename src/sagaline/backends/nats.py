@@ -43,8 +43,9 @@ pulls meanwhile are held in the member's hands (unacknowledged, kept alive with 
 the retried message has come back and been settled. A member that takes over a partition first
 waits until every message its predecessor left unacknowledged has been delivered to it again
 (``num_ack_pending`` of the partition's consumer equals what it holds), then goes on in stream
-order. A message delivered before without being settled goes to the worker alone, so that a
-message that kills its consumer never takes a batch of others with it.
+order. The worker counts in its store the times it handed out a message delivered before, and
+one handed out before without being settled goes to its handler alone, so that a message that
+kills its consumer never takes a batch of others with it.
 
 Durability. JetStream acknowledges a publish once the message is in the stream's file, but by
 default the server fsyncs only every two minutes (``sync_interval``, configurable since NATS 2.10):
@@ -805,7 +806,8 @@ class NatsBus:
                 lane.fenced = False
 
     async def _form(self, group: _Group, lanes: Sequence[_Lane], limit: int) -> list[Delivery]:
-        """The next batch: a suspect alone, else up to ``limit`` in stream order per lane."""
+        """The next batch: up to ``limit`` in stream order per lane (the worker sets apart a
+        message delivered again that may be what killed a consumer)."""
         open_lanes = [lane for lane in lanes if not lane.fenced]
         if not open_lanes:
             return []
@@ -813,14 +815,11 @@ class NatsBus:
         open_lanes = open_lanes[group.rotation :] + open_lanes[: group.rotation]
         for lane in open_lanes:
             self._hold_blocked(lane)
-            if lane.ready and lane.ready[0].delivered > 1:
-                # Delivered before and never settled: it may be what killed a consumer.
-                return [self._hand_out(lane, lane.ready.pop(0))]
         deliveries: list[Delivery] = []
         for lane in open_lanes:
             taken = 0
             for item in lane.ready:
-                if len(deliveries) >= limit or item.delivered > 1:
+                if len(deliveries) >= limit:
                     break
                 deliveries.append(self._hand_out(lane, item))
                 taken += 1

@@ -49,15 +49,16 @@ of the same partition too, go on. When the delay is over the same delivery is ha
 ``attempt + 1``. Nothing goes back to the broker, so no later message can overtake it, and the
 broker's delivery count keeps counting only real redeliveries (a consumer that died or left).
 ``attempt`` is that count (``x-delivery-count``, absent on the first delivery) plus one, plus the
-retries done here. A message delivered before and never completed is handed out alone, so a
-message that kills its consumer cannot take a batch of others down with it; the worker then counts
-in its store how many times it handed it out so (the broker's count also grows for every message a
-dying consumer merely held), and dead-letters in the store the one that keeps dying, with its
-reason, then acknowledges it. As a backstop, the partition queues have a dead-letter exchange and
-``x-delivery-limit`` = the retry policy's ``delivery_limit``, so a message that crashes every
-consumer before its dead letter is recorded ends in the consumer's ``.dead`` queue (see
-:meth:`RabbitBus.broker_dead_letters`); it is that generous so that the messages held by a
-process that a poison message kills again and again do not get there first.
+retries done here. The worker counts in its store how many times it handed out a message
+delivered before (the broker's count also grows for every message a dying consumer merely held):
+one handed out before without completing goes to its handler alone, so that a message that kills
+its consumer cannot take a batch of others down with it, and the one that keeps dying is
+dead-lettered in the store with its reason, then acknowledged. As a backstop, the partition
+queues have a dead-letter exchange and ``x-delivery-limit`` = the retry policy's
+``delivery_limit``, so a message that crashes every consumer before its dead letter is recorded
+ends in the consumer's ``.dead`` queue (see :meth:`RabbitBus.broker_dead_letters`); it is that
+generous so that the messages held by a process that a poison message kills again and again do
+not get there first.
 
 Replay: every event is also routed into the stream ``<prefix>.log``, read back from any position
 by :meth:`RabbitBus.replay` (a position is the stream offset x :data:`POSITIONS_PER_OFFSET` + the
@@ -604,11 +605,6 @@ class _Consumption:
                 break
             if item.channel is not raw or item.delivery.ordering_key in self.held:
                 continue
-            if item.attempt > 1:
-                # Delivered before and not completed: it goes alone (it may be what kills us).
-                if not chosen:
-                    chosen.append(item)
-                break
             chosen.append(item)
         if not chosen:
             return []

@@ -667,16 +667,25 @@ class PostgresTransaction:
         )
         return cursor.rowcount == 1
 
-    async def handling_started(self, consumer: str, message_id: str) -> int:
+    async def handling_counts(self, consumer: str, message_ids: Sequence[str]) -> list[int]:
+        cursor = await self.connection.execute(
+            f"SELECT message_id, starts FROM {self._s}.handling_starts"
+            " WHERE consumer = %s AND message_id = ANY(%s)",
+            (consumer, list(dict.fromkeys(message_ids))),
+        )
+        counts = {str(row[0]): int(row[1]) for row in await cursor.fetchall()}
+        return [counts.get(message_id, 0) for message_id in message_ids]
+
+    async def handling_started(self, consumer: str, message_ids: Sequence[str]) -> list[int]:
+        unique = list(dict.fromkeys(message_ids))
         cursor = await self.connection.execute(
             f"INSERT INTO {self._s}.handling_starts (message_id, consumer, starts)"
-            " VALUES (%s, %s, 1) ON CONFLICT (message_id, consumer)"
-            " DO UPDATE SET starts = handling_starts.starts + 1 RETURNING starts",
-            (message_id, consumer),
+            " SELECT m, %s, 1 FROM unnest(%s::text[]) AS m ON CONFLICT (message_id, consumer)"
+            " DO UPDATE SET starts = handling_starts.starts + 1 RETURNING message_id, starts",
+            (consumer, unique),
         )
-        row = await cursor.fetchone()
-        assert row is not None
-        return int(row[0])
+        counts = {str(row[0]): int(row[1]) for row in await cursor.fetchall()}
+        return [counts[message_id] for message_id in message_ids]
 
     async def handling_ended(
         self, consumer: str, message_id: str, *, dead_lettered: bool = False

@@ -94,17 +94,30 @@ class SqliteTransaction:
         )
         return cursor.rowcount == 1
 
-    async def handling_started(self, consumer: str, message_id: str) -> int:
-        self._conn.execute(
-            "INSERT INTO handling_starts (message_id, consumer, starts) VALUES (?, ?, 1)"
-            " ON CONFLICT (message_id, consumer) DO UPDATE SET starts = starts + 1",
-            (message_id, consumer),
-        )
-        row = self._conn.execute(
-            "SELECT starts FROM handling_starts WHERE message_id = ? AND consumer = ?",
-            (message_id, consumer),
-        ).fetchone()
-        return int(row[0])
+    async def handling_counts(self, consumer: str, message_ids: Sequence[str]) -> list[int]:
+        counts: dict[str, int] = {}
+        for message_id in dict.fromkeys(message_ids):
+            row = self._conn.execute(
+                "SELECT starts FROM handling_starts WHERE message_id = ? AND consumer = ?",
+                (message_id, consumer),
+            ).fetchone()
+            counts[message_id] = 0 if row is None else int(row[0])
+        return [counts[message_id] for message_id in message_ids]
+
+    async def handling_started(self, consumer: str, message_ids: Sequence[str]) -> list[int]:
+        counts: dict[str, int] = {}
+        for message_id in dict.fromkeys(message_ids):
+            self._conn.execute(
+                "INSERT INTO handling_starts (message_id, consumer, starts) VALUES (?, ?, 1)"
+                " ON CONFLICT (message_id, consumer) DO UPDATE SET starts = starts + 1",
+                (message_id, consumer),
+            )
+            row = self._conn.execute(
+                "SELECT starts FROM handling_starts WHERE message_id = ? AND consumer = ?",
+                (message_id, consumer),
+            ).fetchone()
+            counts[message_id] = int(row[0])
+        return [counts[message_id] for message_id in message_ids]
 
     async def handling_ended(
         self, consumer: str, message_id: str, *, dead_lettered: bool = False
