@@ -367,10 +367,11 @@ class Worker:
         if self.broker is None or not again:
             await self._run(batch)
         else:
-            counted = {d.envelope.message_id for d in again}
+            ids = list(dict.fromkeys(d.envelope.message_id for d in again))
             async with self.db.transaction() as tx:
-                earlier = await tx.handling_counts(self.spec.name, list(counted))
-            suspects = {m for m, n in zip(counted, earlier, strict=True) if n > 0}
+                earlier = await tx.handling_counts(self.spec.name, ids)
+            suspects = {m for m, n in zip(ids, earlier, strict=True) if n > 0}
+            counted = set(ids)
             blocked: set[Any] = set()
             for part in _isolated(batch, suspects):
                 await self._count_handlings([d for d in part.deliveries if d.attempt > 1])
