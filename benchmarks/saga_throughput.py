@@ -276,9 +276,9 @@ async def run_deployment(
     await deployment.close()
     if raw:
         transport = bus or store
-        rabbitmq = urlsplit(transport).scheme in ("amqp", "amqps")
+        broker = urlsplit(transport).scheme in ("amqp", "amqps")
         # RabbitMQ's own rate is one AMQP message per message: bundling is sagaline's doing.
-        options: dict[str, Any] = {"bundle": 1} if rabbitmq else {}
+        options: dict[str, Any] = {"bundle": 1} if broker else {}
         raw_rate_value = await raw_rate(transport, raw, batch_size, **options)
         per_saga = MESSAGES_PER_SAGA
         print(f"raw transport rate    {raw_rate_value:,.0f} durable msgs/s publish+consume")
@@ -286,7 +286,7 @@ async def run_deployment(
             f"ratio                 {rate * per_saga / raw_rate_value:.0%}"
             f" (sagas/s x {per_saga} messages per saga / raw msgs/s)"
         )
-        if rabbitmq:
+        if broker:
             bundled_rate = await raw_rate(transport, raw, batch_size)
             print(
                 f"raw rate, bundled     {bundled_rate:,.0f} durable msgs/s publish+consume"

@@ -45,7 +45,8 @@ def open_bus(url: str, **options: Any) -> BrokerBus:
     or a database bus for stores elsewhere: ``sqlite:///bus.db``, ``postgresql://...`` (schema
     ``sagaline_bus``). A broker URL may carry ``?prefix=NAME`` to name its exchanges, queues and
     streams apart from other systems on the same server, and a RabbitMQ URL ``?bundle=N``, the
-    most messages one AMQP message carries (``bundle=1``: one each; see :class:`RabbitBus`).
+    most messages one AMQP message carries (``bundle=1``: one each; see
+    ``sagaline.backends.bundles``).
     ``instance=(i, n)`` tells a RabbitMQ bus that this process is instance i of n of its
     services (see :class:`RabbitBus`); other buses ignore it.
     """

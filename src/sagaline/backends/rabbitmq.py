@@ -100,11 +100,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
-import msgspec
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
+from sagaline.backends.bundles import (
+    BUNDLE_BYTES,
+    POSITIONS_PER_OFFSET,
+    Bundle,
+    bundled,
+    decode_bundle,
+    encode_bundle,
+)
 from sagaline.errors import ConfigurationError, SagalineError
 from sagaline.messages import Envelope, new_message_id, utc_timestamp
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, StoredEvent
@@ -135,67 +142,6 @@ BUNDLE_CONTENT_TYPE = "application/vnd.sagaline.bundle+msgpack"
 _BUNDLE_HEADER = "x-sagaline-bundle"
 #: The type a bundle has as an AMQP message (a reader that does not unpack it sees this).
 _BUNDLE_TYPE = "sagaline.bundle"
-#: Replay positions: stream offset x this + the message's index in its bundle + 1.
-POSITIONS_PER_OFFSET = 1024
-#: The most bytes of bodies one bundle carries (a larger message travels alone).
-BUNDLE_BYTES = 256 * 1024
-
-# One bundled message: id, type, correlation id, causation id, timestamp, traceparent, source, body.
-_Entry = tuple[str, str, str, str | None, str, str | None, str | None, bytes]
-_bundle_encoder = msgspec.msgpack.Encoder()
-_bundle_decoder = msgspec.msgpack.Decoder(list[_Entry])
-
-
-def encode_bundle(envelopes: Sequence[Envelope]) -> bytes:
-    """The body of a bundle: a MessagePack array of ``[id, type, correlationId, causationId,
-    timestamp, traceparent, source, body]``, each body the message's JSON, byte for byte."""
-    return _bundle_encoder.encode(
-        [
-            (
-                e.message_id,
-                e.message_type,
-                e.correlation_id,
-                e.causation_id,
-                e.timestamp,
-                e.traceparent,
-                e.source,
-                e.body,
-            )
-            for e in envelopes
-        ]
-    )
-
-
-def decode_bundle(body: bytes) -> list[Envelope]:
-    """The messages of a bundle, in order; raises ``ValueError`` when ``body`` is not one."""
-    try:
-        entries = _bundle_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise ValueError(f"not a sagaline bundle: {exc}") from None
-    if not entries:
-        raise ValueError("not a sagaline bundle: it holds no message")
-    return [
-        Envelope(
-            message_id=message_id,
-            message_type=message_type,
-            body=payload,
-            correlation_id=correlation,
-            causation_id=causation,
-            timestamp=timestamp,
-            traceparent=traceparent,
-            source=source,
-        )
-        for (
-            message_id,
-            message_type,
-            correlation,
-            causation,
-            timestamp,
-            traceparent,
-            source,
-            payload,
-        ) in entries
-    ]
 
 
 class UnroutableMessage(SagalineError):
@@ -332,63 +278,15 @@ def messages_of(properties: Basic.Properties, body: bytes) -> list[Envelope]:
         ]
 
 
-@dataclass(slots=True)
-class _Publication:
-    """One AMQP message to publish: a single message, or a bundle of messages of one route."""
-
-    exchange: str
-    routing_key: str
-    mandatory: bool
-    envelopes: list[Envelope]
-    size: int
-
-    def body_and_properties(self) -> tuple[bytes, Basic.Properties]:
-        if len(self.envelopes) == 1:
-            [envelope] = self.envelopes
-            return envelope.body, _properties(envelope)
-        return encode_bundle(self.envelopes), _bundle_properties(self.envelopes)
-
-    def describe(self) -> str:
-        first = self.envelopes[0]
-        if len(self.envelopes) == 1:
-            return f"{first.message_type} {first.message_id}"
-        return (
-            f"a bundle of {len(self.envelopes)} messages"
-            f" (the first {first.message_type} {first.message_id})"
-        )
+#: Where a message is published: exchange, routing key, mandatory.
+_Route = tuple[str, str, bool]
 
 
-def bundled(routed: Sequence[tuple[Envelope, str, str, bool]], limit: int) -> list[_Publication]:
-    """Group messages ``(envelope, exchange, routing key, mandatory)`` into publications.
-
-    Messages of one route share a bundle, up to ``limit`` messages and :data:`BUNDLE_BYTES`.
-    Published in the returned order, every correlation key's messages keep their order: a
-    message never joins a bundle older than the last one holding a message of its key.
-    """
-    publications: list[_Publication] = []
-    open_: dict[tuple[str, str], int] = {}
-    last: dict[str, int] = {}
-    for envelope, exchange, routing_key, mandatory in routed:
-        size = len(envelope.body)
-        key = envelope.correlation_id
-        index = open_.get((exchange, routing_key))
-        if (
-            index is None
-            or index < last.get(key, -1)
-            or len(publications[index].envelopes) >= limit
-            or publications[index].size + size > BUNDLE_BYTES
-        ):
-            index = len(publications)
-            publications.append(_Publication(exchange, routing_key, mandatory, [], 0))
-            if size <= BUNDLE_BYTES:
-                open_[(exchange, routing_key)] = index
-            else:
-                open_.pop((exchange, routing_key), None)
-        publication = publications[index]
-        publication.envelopes.append(envelope)
-        publication.size += size
-        last[key] = index
-    return publications
+def _body_and_properties(bundle: Bundle[_Route]) -> tuple[bytes, Basic.Properties]:
+    if len(bundle.envelopes) == 1:
+        [envelope] = bundle.envelopes
+        return envelope.body, _properties(envelope)
+    return encode_bundle(bundle.envelopes), _bundle_properties(bundle.envelopes)
 
 
 def _count(value: Any) -> int:
@@ -987,15 +885,15 @@ class RabbitBus:
         """
         if not envelopes:
             return
-        routed: list[tuple[Envelope, str, str, bool]] = []
+        routed: list[tuple[Envelope, _Route]] = []
         for envelope in envelopes:
             part = self.partition_of(envelope.correlation_id)
             service = routes.get(envelope.message_type)
             if service is not None:
-                routed.append((envelope, self.commands_exchange, f"{service}.{part}", True))
+                routed.append((envelope, (self.commands_exchange, f"{service}.{part}", True)))
             else:
                 key = f"{envelope.message_type}.{part}"
-                routed.append((envelope, self.events_exchange, key, False))
+                routed.append((envelope, (self.events_exchange, key, False)))
         outgoing = bundled(routed, self.bundle)
         await self._connected()
         if "exchanges" not in self._declared:
@@ -1012,14 +910,15 @@ class RabbitBus:
                     *(
                         raw.basic_publish(
                             body,
-                            exchange=publication.exchange,
-                            routing_key=publication.routing_key,
+                            exchange=exchange,
+                            routing_key=routing_key,
                             properties=properties,
-                            mandatory=publication.mandatory,
+                            mandatory=mandatory,
                             wait=False,
                         )
                         for publication in outgoing
-                        for body, properties in [publication.body_and_properties()]
+                        for (exchange, routing_key, mandatory) in [publication.route]
+                        for body, properties in [_body_and_properties(publication)]
                     ),
                     return_exceptions=True,
                 )
@@ -1031,7 +930,7 @@ class RabbitBus:
             if isinstance(result, aiormq.exceptions.PublishError):
                 raise UnroutableMessage(
                     f"{publication.describe()} was returned: no queue is bound for"
-                    f" {publication.routing_key!r} (declare the topology with prepare())"
+                    f" {publication.route[1]!r} (declare the topology with prepare())"
                 )
             if isinstance(result, aiormq.exceptions.DeliveryError):
                 raise BusUnavailable(f"RabbitMQ refused {publication.describe()}: {result}")
