@@ -3,8 +3,9 @@
 A broker's cost, and its client's, is per broker message (a quorum queue's log entry, the
 frames, confirms and acknowledgements in the client). The outbox relay publishes hundreds of
 messages at a time, most of them to a few routes (a service's partition, an event type's
-partition), so the RabbitMQ bus carries what one publication holds for one route as one message. Each correlation key keeps its order (see :func:`bundled`); consumers
-unpack a bundle and settle it once every message of it is settled.
+partition), so the RabbitMQ bus carries what one publication holds for one route as one
+message. Each correlation key keeps its order (see :func:`bundled`); consumers unpack a bundle
+and settle it once every message of it is settled.
 
 Body: a MessagePack array of ``[messageId, type, correlationId, causationId, timestamp,
 traceparent, source, body]``, each body the message's JSON, byte for byte.
