@@ -76,11 +76,12 @@ marker message into the stream (ignored by every reader) and stops when it reads
 
 Limitations compared with the database buses: events published before a subscriber's queues were
 declared are not delivered to it (a new subscriber catches up through :meth:`RabbitBus.replay`);
-with single-active-consumer, the first instance to subscribe is active on every partition and the
-others are hot standbys (RabbitMQ 3.10 has no consumer priorities for it); retries held in memory
-restart their count from the broker's delivery count if the process dies; messages buffered but not
-handled when a consumer leaves count one delivery each. Changing ``partitions`` or a consumer's
-``max_attempts`` for an existing system changes queue arguments: RabbitMQ refuses the declaration
+with single-active-consumer, an instance that joins after the others only stands by until one of
+them goes away (RabbitMQ 3.10 has no consumer priorities for it), and without ``instance`` the
+first one to subscribe is active on every partition; messages buffered but not handled when a
+consumer leaves count one delivery each at the broker (the worker's own count, in its store, is
+what dead-letters a message). Changing ``partitions`` or a consumer's ``max_attempts`` for an
+existing system changes queue arguments: RabbitMQ refuses the declaration
 (:class:`~sagaline.errors.ConfigurationError`) until the old queues are drained and deleted.
 """
 
