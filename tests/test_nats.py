@@ -648,6 +648,26 @@ def test_events_reach_every_subscriber_of_their_type(kit: NatsKit) -> None:
     kit.run(scenario)
 
 
+def test_a_subscriber_of_one_type_is_sent_nothing_else(kit: NatsKit) -> None:
+    """Its consumers filter on that type's subjects, so the server never delivers other types
+    (before NATS 2.10 a consumer has one filter; a subscriber of several types gets every type
+    and acknowledges the others itself)."""
+
+    async def scenario() -> None:
+        bus = await kit.bus()
+        only = subscriber("only", BusTestOtherEvent).consumers()[0]
+        both = subscriber("both", BusTestEvent, BusTestOtherEvent).consumers()[0]
+        await bus.prepare([only, both], {})
+        system = System([subscriber("only", BusTestOtherEvent)])
+        events: list[Any] = [BusTestEvent(key=f"K-{i}", seq=i) for i in range(20)]
+        events += [BusTestOtherEvent(key="K-1", seq=100), BusTestOtherEvent(key="K-2", seq=101)]
+        await system.submit_many(bus, events)
+        assert await unsettled(bus, only) == 2
+        assert await unsettled(bus, both) == 22
+
+    kit.run(scenario)
+
+
 def test_events_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -> None:
     calls: Counter[tuple[str, int]] = Counter()
 

@@ -21,9 +21,11 @@ The partition of a message is ``zlib.crc32(correlation_id) % partitions``, as in
 Consumers. Every consumer (a service's command queue, a service's subscription) has one durable
 pull consumer per partition, with explicit acks, ``max_deliver`` = the retry policy's
 ``delivery_limit`` as a backstop and ``ack_wait`` as the time after which a delivery that nobody
-settled is delivered again. A subscription's consumers see only the event types it subscribes to
-(``filter_subjects`` from NATS 2.10 on; before 2.10, which has a single filter, the bus
-acknowledges the other types itself when they arrive). The worker counts in its store the times it
+settled is delivered again. A subscription's consumers see only the event types it subscribes to:
+a subscription of one type filters on its subjects, one of several on all of theirs
+(``filter_subjects``, NATS 2.10 on). Before 2.10 a consumer has a single filter, so a
+subscription of several types is sent every type and the bus acknowledges the others itself as
+they arrive, which costs a delivery and an ack each. The worker counts in its store the times it
 handed a redelivered message to its handler and dead-letters the one that keeps killing its
 consumer long before ``max_deliver``. A message that reaches ``max_deliver`` anyway is announced
 by the server with a ``MAX_DELIVERIES`` advisory: the member owning its partition reads it back
@@ -524,6 +526,10 @@ class NatsBus:
         )
         if spec.source == "queue":
             config.filter_subject = f"{self.prefix}.cmd.{spec.name}.{partition}"
+        elif len(spec.message_types) == 1:
+            (name,) = spec.message_types
+            name = self._token(name, "event type")
+            config.filter_subject = f"{self.prefix}.evt.{name}.{partition}"
         elif self._multi_filter:
             config.filter_subjects = [
                 f"{self.prefix}.evt.{self._token(name, 'event type')}.{partition}"
@@ -749,14 +755,12 @@ class NatsBus:
         now = time.monotonic()
         for msg in incoming:
             delivered, sequence = _ack_numbers(msg.reply)
+            if spec.source == "subscription" and msg.headers:
+                kind = unquote(msg.headers.get(HEADER_TYPE) or UNKNOWN_TYPE)
+                if kind != UNKNOWN_TYPE and kind not in spec.message_types:
+                    await msg.ack()  # another subscriber's type (a NATS 2.9 filter is one wildcard)
+                    continue
             envelope = _envelope_of(msg, lane.stream, sequence)
-            if (
-                spec.source == "subscription"
-                and envelope.message_type != UNKNOWN_TYPE
-                and envelope.message_type not in spec.message_types
-            ):
-                await msg.ack()  # another subscriber's type (a NATS 2.9 filter is one wildcard)
-                continue
             known = lane.items.get(sequence)
             if known is not None:  # delivered again while in hand: keep the newest delivery
                 known.msg, known.delivered, known.touched = msg, delivered, now
