@@ -595,14 +595,46 @@ def test_instances_started_together_split_the_partitions_and_take_over_each_othe
             buses[0], [BusTestCommand(key=key, seq=seq) for seq in range(5, 8) for key in keys]
         )
         await until(lambda: total() == 8 * len(keys))
-        runtimes[0].stop()
-        await runs[0]
         first, second = recorded(stores[0], "alpha"), recorded(stores[1], "alpha")
         for key in keys:
             if buses[0].partition_of(key) in homes[0]:
                 assert (first.get(key), second.get(key)) == (list(range(8)), None)
             else:
                 assert (second.get(key), first.get(key)) == (list(range(5)), [5, 6, 7])
+        # Instance 2 comes back: instance 1 gives its partitions back. Rounds of one message per
+        # key go on meanwhile until a round is handled by the home instances alone.
+        buses[1] = rig.bus(instance=(2, 2), share_delay=3.0)
+        runtimes[1] = Runtime(stores[1], system, bus=buses[1], member="m1", poll_interval=0.05)
+        runs[1] = asyncio.create_task(runtimes[1].run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        seq = 8
+        while True:
+            assert loop.time() < deadline, "the partitions did not go back to their home instance"
+            before = [recorded(store, "alpha") for store in stores]
+            await system.submit_many(buses[0], [BusTestCommand(key=key, seq=seq) for key in keys])
+            seq += 1
+            await until(lambda: total() == seq * len(keys))  # noqa: B023
+            after = [recorded(store, "alpha") for store in stores]
+            moved = [
+                {key for key in after[n] if len(after[n][key]) > len(before[n].get(key, []))}
+                for n in (0, 1)
+            ]
+            if all({buses[0].partition_of(key) for key in moved[n]} <= homes[n] for n in (0, 1)):
+                break
+            await asyncio.sleep(0.2)
+        for runtime, run in zip(runtimes, runs, strict=True):
+            runtime.stop()
+            await run
+        first, second = recorded(stores[0], "alpha"), recorded(stores[1], "alpha")
+        for key in keys:
+            if buses[0].partition_of(key) in homes[0]:
+                assert (first.get(key), second.get(key)) == (list(range(seq)), None)
+            else:
+                # 0-4 by instance 2, then instance 1 until it gave the partition back.
+                mine, theirs = second[key], first[key]
+                assert mine[:5] == list(range(5)) and theirs[:3] == [5, 6, 7]
+                assert theirs == list(range(5, mine[5])) and mine[5:] == list(range(mine[5], seq))
 
     rig.run(scenario)
 

@@ -41,7 +41,16 @@ message of its own (for consumers that are not sagaline).
 Ordering: a correlation key belongs to partition ``crc32(key) % partitions``. Each partition queue
 has ``x-single-active-consumer``: every instance of a service consumes every partition queue and
 RabbitMQ delivers a queue to one of them at a time, failing over to the next when it goes away
-(its unacknowledged messages return to the queue, ahead of newer ones).
+(its unacknowledged messages return to the queue, ahead of newer ones). Instance ``i`` of ``n``
+(``instance=(i, n)``) consumes its home partitions (``p % n == i - 1``) on one channel at once and
+the others on a second channel ``share_delay`` later, so instances started together split the
+work. Each instance also consumes ``<base>.members``, an auto-delete queue that never holds a
+message, whose consumer count is the number of instances present. An instance that finds itself
+delivered from borrowed partitions while all ``n`` are present gives them back: it stops handing
+their messages out, waits until those handed out are settled, and closes that channel, so the
+broker returns what it held ahead of newer messages and the next consumer in line goes on; it
+then stands by again. A partition passes on until its home instance has it, so an instance that
+restarts gets its share back within seconds.
 
 Retry: a delivery to retry stays unacknowledged in this process. Its key is held for the backoff
 delay: the messages of that key behind it (``SKIP``) wait in order in the buffer, while other keys,
@@ -76,13 +85,13 @@ marker message into the stream (ignored by every reader) and stops when it reads
 
 Limitations compared with the database buses: events published before a subscriber's queues were
 declared are not delivered to it (a new subscriber catches up through :meth:`RabbitBus.replay`);
-with single-active-consumer, an instance that joins after the others only stands by until one of
-them goes away (RabbitMQ 3.10 has no consumer priorities for it), and without ``instance`` the
-first one to subscribe is active on every partition; messages buffered but not handled when a
-consumer leaves count one delivery each at the broker (the worker's own count, in its store, is
-what dead-letters a message). Changing ``partitions`` or a consumer's ``max_attempts`` for an
-existing system changes queue arguments: RabbitMQ refuses the declaration
-(:class:`~sagaline.errors.ConfigurationError`) until the old queues are drained and deleted.
+without ``instance`` the first member to subscribe is active on every partition and the others
+only stand by (RabbitMQ 3.10 has no consumer priorities for single active consumer); messages
+buffered but not handled when a consumer leaves count one delivery each at the broker (the
+worker's own count, in its store, is what dead-letters a message). Changing ``partitions`` or a
+consumer's ``max_attempts`` for an existing system changes queue arguments: RabbitMQ refuses the
+declaration (:class:`~sagaline.errors.ConfigurationError`) until the old queues are drained and
+deleted.
 """
 
 from __future__ import annotations
@@ -343,11 +352,25 @@ class _Received:
         return self.redelivered + self.failures + 1
 
 
+async def _ignore(_message: DeliveredMessage) -> None:
+    """Nothing is ever published to a members queue."""
+
+
 class _Consumption:
-    """One member consuming one consumer: a channel with a ``basic.consume`` per partition queue.
+    """One member consuming one consumer: ``basic.consume`` on each partition queue.
 
     Received messages wait in ``ready`` in arrival order (delivery tag order). A claim hands out
     the oldest ones whose key is not held; a retried key is held until its backoff delay is over.
+
+    Without an instance number every queue is consumed on one channel. Instance ``i`` of ``n``
+    consumes its home partitions on one channel and, ``share_delay`` later, the others on a second
+    one, the spare channel, where it stands by (single active consumer) or is active while their
+    home instance is away. When it is active there and all ``n`` instances are present (the
+    consumers of the members queue), it gives the borrowed partitions back: it stops handing out
+    their messages, waits until those handed out are settled, and closes the spare channel, so that
+    the broker returns what it still held ahead of newer messages and the next consumer in line
+    takes over; it then stands by again on a new spare channel. A partition passes from instance to
+    instance until its home instance has it.
     """
 
     def __init__(
@@ -359,6 +382,9 @@ class _Consumption:
         wakeup: asyncio.Event,
         home: frozenset[int] | None = None,
         share_delay: float = 0.0,
+        instances: int = 1,
+        members_queue: str = "",
+        probe_interval: float = 1.0,
     ) -> None:
         self.spec = spec
         self.member = member
@@ -368,9 +394,25 @@ class _Consumption:
         #: The partitions this member consumes at once; the others only after ``share_delay``.
         self.home = home
         self.share_delay = share_delay
+        self.instances = instances
+        #: A queue without messages that each instance consumes while it lives: its consumer
+        #: count is the number of instances present (a single-active-consumer queue counts only
+        #: its active consumer).
+        self.members_queue = members_queue
+        self.probe_interval = probe_interval
+        self.first = [q for n, q in enumerate(queues) if home is None or n in home]
+        self.rest = [q for q in queues if q not in self.first]
         self._later: asyncio.Task[None] | None = None
         self.channel: AbstractRobustChannel | None = None
         self.raw: AbstractChannel | None = None
+        #: The channel of the borrowed partitions (None without an instance number).
+        self.spare: AbstractRobustChannel | None = None
+        self.spare_raw: AbstractChannel | None = None
+        #: Whether the broker delivered from a borrowed queue since the last count of members.
+        self.borrowing = False
+        #: Giving the borrowed partitions back: their messages are not handed out any more.
+        self.returning = False
+        self._probed = 0.0
         self.ready: list[_Received] = []
         self.inflight: dict[int, _Received] = {}
         self.held: dict[str, float] = {}
@@ -378,61 +420,128 @@ class _Consumption:
         self.closed = False
         self._seq = itertools.count()
         self._attach_lock = asyncio.Lock()
+        self._connection: AbstractRobustConnection | None = None
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        """Open the channel, set the prefetch of each consumer and start consuming."""
+        """Open the channel(s), set the prefetch of each consumer and start consuming."""
+        self._connection = connection
+        self.channel = await self._open_channel(connection)
+        if self.rest:
+            self.spare = await self._open_channel(connection)
+        await self._attach()
+
+    async def _open_channel(self, connection: AbstractRobustConnection) -> AbstractRobustChannel:
         channel = await connection.channel(publisher_confirms=False)
-        self.channel = channel
         # Per consumer (not global): a partition held by a retry fills only its own window.
         await channel.set_qos(prefetch_count=self.prefetch)
         channel.reopen_callbacks.add(self._on_reopen)
-        await self._attach()
+        return channel
 
-    async def _attach(self) -> None:
-        """Consume every partition queue on the robust channel's current AMQP channel, once."""
+    def _live(self, channel: AbstractChannel) -> bool:
+        return (channel is self.raw or channel is self.spare_raw) and not channel.is_closed
+
+    async def _attach(self, delay: float | None = None) -> None:
+        """Consume the home queues on the home channel's current AMQP channel, and the others on
+        the spare one after ``delay`` (default ``share_delay``), each once per AMQP channel."""
         async with self._attach_lock:
             if self.channel is None or self.closed:
                 return
             raw = await self.channel.get_underlay_channel()
-            if raw is self.raw:
+            spare_raw = await self.spare.get_underlay_channel() if self.spare else None
+            if raw is self.raw and spare_raw is self.spare_raw:
                 return
-            self.raw = raw
+            fresh, spare_fresh = raw is not self.raw, spare_raw is not self.spare_raw
+            self.raw, self.spare_raw = raw, spare_raw
             # Whatever came on an earlier channel went back to the queue when that channel died.
-            self.ready = [item for item in self.ready if item.channel is raw]
-            raw.on_consumer_cancel_callbacks.add(self._on_cancel)
-            home = self.home
-            first = [q for n, q in enumerate(self.queues) if home is None or n in home]
-            rest = [q for q in self.queues if q not in first]
-            for queue in first:
-                await raw.basic_consume(queue, self._on_delivery, no_ack=False)
-            if self._later is not None:
-                self._later.cancel()
-                self._later = None
-            if rest:
-                self._later = asyncio.create_task(self._consume_later(raw, rest))
+            self.ready = [item for item in self.ready if self._live(item.channel)]
+            if fresh:
+                raw.on_consumer_cancel_callbacks.add(self._on_cancel)
+                for queue in self.first:
+                    await raw.basic_consume(queue, self._on_delivery, no_ack=False)
+                if self.rest and self.members_queue:
+                    await raw.queue_declare(self.members_queue, durable=False, auto_delete=True)
+                    await raw.basic_consume(self.members_queue, _ignore, no_ack=True)
+            if spare_fresh and spare_raw is not None:
+                spare_raw.on_consumer_cancel_callbacks.add(self._on_cancel)
+                self.borrowing = False
+                if self._later is not None:
+                    self._later.cancel()
+                wait = self.share_delay if delay is None else delay
+                self._later = asyncio.create_task(self._consume_later(spare_raw, wait))
 
-    async def _consume_later(self, raw: AbstractChannel, queues: list[str]) -> None:
+    async def _consume_later(self, raw: AbstractChannel, delay: float) -> None:
         """Consume the partitions of other members, after theirs had the time to come first.
 
         With single active consumer the broker gives a queue to the first consumer registered on
         it: instances started together each become active on their own partitions, and stand by
         on the others (taking them over when their owner goes away).
         """
-        await asyncio.sleep(self.share_delay)
+        await asyncio.sleep(delay)
         async with self._attach_lock:
-            if raw is not self.raw or raw.is_closed or self.closed:
+            if raw is not self.spare_raw or raw.is_closed or self.closed:
                 return
             try:
-                for queue in queues:
+                for queue in self.rest:
                     await raw.basic_consume(queue, self._on_delivery, no_ack=False)
             except Exception:
                 self._start_over("standing by on other partitions failed")
 
+    async def give_back(self) -> None:
+        """Hand borrowed partitions back to their home instance once all instances are here.
+
+        Called at each claim: while the broker delivers from borrowed queues, at most every
+        ``probe_interval`` it counts the instances present; once all ``instances`` are, the
+        borrowed partitions are given back as soon as none of their messages is being handled.
+        """
+        spare_raw = self.spare_raw
+        if spare_raw is None or self.closed:
+            return
+        if not self.returning and self.borrowing:
+            now = asyncio.get_running_loop().time()
+            if now - self._probed < self.probe_interval:
+                return
+            self._probed = now
+            self.borrowing = False
+            try:
+                declared = await spare_raw.queue_declare(
+                    self.members_queue, durable=False, auto_delete=True
+                )
+            except Exception:
+                log.debug("counting the members of %s failed", self.spec.name, exc_info=True)
+                return
+            self.returning = (declared.consumer_count or 0) >= self.instances
+        if self.returning and not any(i.channel is spare_raw for i in self.inflight.values()):
+            await self._renew_spare()
+
+    async def _renew_spare(self) -> None:
+        """Close the spare channel (the broker takes back what it held, ahead of newer messages,
+        and the next consumer in line goes on), then stand by again on a new one."""
+        spare = self.spare
+        if spare is None:
+            return
+        spare.reopen_callbacks.discard(self._on_reopen)
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
+        with suppress(Exception):
+            await spare.close()
+        self.ready = [item for item in self.ready if item.channel is not self.spare_raw]
+        self.spare, self.spare_raw, self.returning = None, None, False
+        log.info("%s/%s: borrowed partitions given back", self.spec.name, self.spec.source)
+        try:
+            if self._connection is None or self.closed:
+                return
+            self.spare = await self._open_channel(self._connection)
+            await self._attach(delay=0.0)
+        except Exception:
+            self._start_over("standing by again on other partitions failed")
+
     async def reattach(self) -> None:
-        """Consume again if the channel came back without telling (a safety net for reopen)."""
-        channel = self.channel
-        if self.raw is not None and self.raw.is_closed and channel and not channel.is_closed:
-            await self._on_reopen(channel)
+        """Consume again if a channel came back without telling (a safety net for reopen)."""
+        for robust, raw in ((self.channel, self.raw), (self.spare, self.spare_raw)):
+            if raw is not None and raw.is_closed and robust and not robust.is_closed:
+                await self._on_reopen(robust)
+                return
 
     async def _on_reopen(self, _sender: Any) -> None:
         """The connection came back: consume again on the new channel (the prefetch is restored)."""
@@ -453,19 +562,22 @@ class _Consumption:
         self.wakeup.set()
 
     async def _on_delivery(self, message: DeliveredMessage) -> None:
-        if message.channel is not self.raw or self.closed:
+        channel = message.channel
+        if self.closed or not (channel is self.raw or channel is self.spare_raw):
             return
         deliver = message.delivery
         tag = getattr(deliver, "delivery_tag", None)
         if not isinstance(tag, int):
             return
+        if channel is self.spare_raw:
+            self.borrowing = True
         properties = message.header.properties
         envelopes = messages_of(properties, message.body)
         redelivered = _delivery_count(properties)
         bundle = _Unsettled(len(envelopes)) if len(envelopes) > 1 else None
         for envelope in envelopes:
             self.ready.append(
-                _Received(next(self._seq), tag, message.channel, envelope, redelivered, bundle)
+                _Received(next(self._seq), tag, channel, envelope, redelivered, bundle)
             )
         self.wakeup.set()
 
@@ -493,6 +605,7 @@ class _Consumption:
         raw = self.raw
         if raw is None or raw.is_closed:
             return []
+        spare_raw = None if self.returning else self.spare_raw
         self._release_holds(asyncio.get_running_loop().time())
         chosen: list[_Received] = []
         for item in self.ready:
@@ -502,7 +615,11 @@ class _Consumption:
                 # A bundle is handed out whole (limit or not), so that a member that stops
                 # between batches leaves no bundle half settled, to be delivered again whole.
                 break
-            if item.channel is not raw or item.delivery.ordering_key in self.held:
+            channel = item.channel
+            if (
+                not (channel is raw or channel is spare_raw)
+                or item.delivery.ordering_key in self.held
+            ):
                 continue
             chosen.append(item)
         if not chosen:
@@ -520,14 +637,13 @@ class _Consumption:
         """Acknowledge ACK and DEAD; hold RETRY's key for its delay; put SKIP back in order."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        raw = self.raw
-        acks: list[int] = []
+        acks: dict[AbstractChannel, list[int]] = {}
         back: list[_Received] = []
         for delivery, (outcome, _error) in zip(deliveries, outcomes, strict=True):
             item = delivery.token
             if not isinstance(item, _Received) or self.inflight.pop(item.seq, None) is None:
                 continue
-            if item.channel is not raw or raw is None or raw.is_closed:
+            if not self._live(item.channel):
                 continue  # the broker took it back with its channel; it comes again
             if outcome is Outcome.ACK or outcome is Outcome.DEAD:
                 bundle = item.bundle
@@ -535,7 +651,7 @@ class _Consumption:
                     bundle.count -= 1
                     if bundle.count:
                         continue  # acked with the last of its bundle
-                acks.append(item.tag)
+                acks.setdefault(item.channel, []).append(item.tag)
             elif outcome is Outcome.RETRY:
                 delay = self.spec.retry.delay(delivery.attempt)
                 item.failures += 1
@@ -547,8 +663,8 @@ class _Consumption:
                 back.append(item)
         if back:
             self.ready = sorted([*back, *self.ready], key=lambda i: i.seq)
-        if acks and raw is not None:
-            await self._acknowledge(raw, acks)
+        for channel, tags in acks.items():
+            await self._acknowledge(channel, tags)
 
     async def _acknowledge(self, raw: AbstractChannel, tags: list[int]) -> None:
         """Ack ``tags``: one ``multiple`` ack for those below every tag still outstanding."""
@@ -574,11 +690,13 @@ class _Consumption:
             self._later = None
         self.ready.clear()
         self.inflight.clear()
-        channel, self.channel = self.channel, None
-        if channel is not None:
-            channel.reopen_callbacks.discard(self._on_reopen)
-            with suppress(Exception):
-                await channel.close()
+        channels = (self.channel, self.spare)
+        self.channel = self.spare = None
+        for channel in channels:
+            if channel is not None:
+                channel.reopen_callbacks.discard(self._on_reopen)
+                with suppress(Exception):
+                    await channel.close()
 
 
 class RabbitBus:
@@ -969,6 +1087,8 @@ class RabbitBus:
             self._wakeup(consumer),
             self.home_partitions(),
             self.share_delay,
+            self.instance[1] if self.instance else 1,
+            f"{self._base(consumer.name, consumer.source)}.members",
         )
         try:
             await state.start(connection)
@@ -987,6 +1107,7 @@ class RabbitBus:
         self._wakeup(consumer).clear()
         state = await self._consumption(consumer, member)
         await state.reattach()
+        await state.give_back()
         deliveries = state.take(limit)
         if not deliveries:
             return Batch(consumer=consumer, deliveries=[])
