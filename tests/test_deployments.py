@@ -255,6 +255,29 @@ def test_a_service_killed_under_load_is_restarted_and_nothing_is_lost(
     assert not violations, format_violations(violations)
 
 
+@pytest.mark.parametrize("urls", ["postgresql+rabbitmq", "postgresql+nats"], indirect=True)
+def test_a_restarted_service_resumes_its_predecessors_leases_at_once(cluster: Cluster) -> None:
+    """`up` names each process it starts, and the one replacing a killed process takes its name:
+    it holds its predecessor's leases at once (here the two-minute lease on the inventory's
+    outbox relay) instead of waiting for them to expire."""
+    orders = OrderStore.mix(1, 60)
+    order_ids = [order.correlation_key() for order in orders]
+    cluster.run(stock({"PROD-A": 200, "PROD-B": 10}))
+    cluster.up("--lease-seconds", "120")
+    cluster.wait_for(lambda: set(cluster.services()) == set(SERVICE_NAMES), "five services")
+    # A first order settles: the inventory's relay has taken its lease.
+    cluster.run(submit(orders[:1]))
+    cluster.wait_for(lambda: cluster.run(settled(order_ids[:1])), "the first order settled")
+    [victim] = cluster.services()["inventory"]
+    os.kill(victim, signal.SIGKILL)
+    cluster.wait_for(
+        lambda: cluster.services().get("inventory", [victim]) != [victim], "a new inventory"
+    )
+    cluster.run(submit(orders[1:]))
+    cluster.wait_for(lambda: cluster.run(settled(order_ids)), "settled orders", timeout=60)
+    assert cluster.stop() == 0
+
+
 def sagaline_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sagaline", *args],

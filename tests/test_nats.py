@@ -549,61 +549,6 @@ def test_a_dead_members_messages_are_delivered_to_another_member(kit: NatsKit) -
     kit.run(scenario)
 
 
-def test_a_dead_members_partitions_go_on_without_waiting_for_the_ack_deadline(
-    kit: NatsKit,
-) -> None:
-    """With an ack deadline of ten minutes, a member taking over the partitions of one that died
-    shortens their consumers' deadline until the dead member's unsettled messages are back in
-    hand: they come again within seconds, counted as delivered before, in key order, and what
-    it settled does not come again. The deadline is then what it was."""
-
-    async def scenario() -> None:
-        dying, survivor = await kit.bus(ack_wait=600), await kit.bus(ack_wait=600)
-        commands = queue_service("alpha", BusTestCommand)
-        events = subscriber("watcher", BusTestEvent)
-        system = System([commands, events])
-        specs = [*commands.consumers(), *events.consumers()]
-        await dying.prepare(specs, system.routes)
-        messages: list[Any] = [BusTestCommand(key=f"K-{i % 3}", seq=i) for i in range(9)]
-        messages += [BusTestEvent(key=f"K-{i % 3}", seq=i) for i in range(9)]
-        assert len({dying.partition_of(f"K-{k}") for k in range(3)}) == 3
-        await system.submit_many(dying, messages)
-        settled: dict[ConsumerSpec, set[str]] = {}
-        for spec in specs:
-            # K-0's messages and K-1's first settled, the others in hand when the member dies
-            # (the three keys are in partitions of their own).
-            taken = [
-                d for b in await claim_all(dying, spec, "m1", 9, settle=False) for d in b.deliveries
-            ]
-            done = [d for d in taken if d.ordering_key == "K-0"]
-            done += [d for d in taken if d.ordering_key == "K-1"][:1]
-            await dying.complete(Batch(spec, done), [(Outcome.ACK, None)] * len(done))
-            settled[spec] = {d.envelope.message_id for d in done}
-            await expect_unsettled(dying, spec, 5)
-        await dying.connection.close()  # no ack, no leave: the process died
-
-        for spec in specs:
-            again = await claim_all(survivor, spec, "m2", 5, settle=True)
-            deliveries = [d for batch in again for d in batch.deliveries]
-            assert len(deliveries) == 5
-            assert not {d.envelope.message_id for d in deliveries} & settled[spec]
-            assert all(d.attempt == 2 for d in deliveries)
-            seqs: dict[str, list[int]] = {}
-            for delivery in deliveries:
-                message = delivery.envelope.decode()
-                seqs.setdefault(delivery.ordering_key, []).append(message.seq)  # type: ignore[attr-defined]
-            assert seqs == {"K-1": [4, 7], "K-2": [2, 5, 8]}
-            await expect_unsettled(survivor, spec, 0)
-            queue = spec.source == "queue"
-            stream = survivor.command_stream if queue else survivor.event_stream
-            for partition in range(survivor.partitions):
-                name = f"{'q' if queue else 's'}-{spec.name}-{partition}"
-                info = await survivor.jetstream.consumer_info(stream, name)
-                assert info.config.ack_wait == 600
-
-    kit.run(scenario)
-
-
 def test_two_members_compete_without_handling_anything_twice(kit: NatsKit) -> None:
     calls: Counter[str] = Counter()
 

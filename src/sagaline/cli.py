@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -622,6 +623,7 @@ def _serve_in_process(
     lease_seconds: float | None,
     title: str,
     instance: tuple[int, int] | None = None,
+    member: str | None = None,
 ) -> None:
     """Run ``names`` in this process until SIGINT or SIGTERM; in-flight batches finish first."""
     limit = _parse_amount(payment_limit, "--payment-limit")
@@ -630,7 +632,7 @@ def _serve_in_process(
 
     async def serve(deployment: Deployment) -> int:
         system = build_system(PaymentRules(default_limit=limit))
-        runtimes = deployment.runtimes(system, names, batch_size=batch_size)
+        runtimes = deployment.runtimes(system, names, batch_size=batch_size, member=member)
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: signal.Signals) -> None:
@@ -758,6 +760,17 @@ def serve(
             " RabbitMQ each instance takes its share of the partitions first.",
         ),
     ] = None,
+    member: Annotated[
+        str | None,
+        typer.Option(
+            "--member",
+            metavar="NAME",
+            help="The name this process holds leases under (default: its pid and a random"
+            " suffix). `up` and --instances name each process they start; one restarted after a"
+            " crash takes its name, so it resumes its predecessor's leases at once. Two live"
+            " processes must never share a name.",
+        ),
+    ] = None,
 ) -> None:
     """Run one service; with --instances N, N supervised processes of it share its work."""
     names = _service_names(service)
@@ -775,12 +788,15 @@ def serve(
             lease_seconds=lease_seconds,
             title="serve",
             instance=_parse_instance(instance),
+            member=member,
         )
         return
     extra = _child_options(payment_limit, batch_size, lease_seconds)
     _supervise(
         {
-            f"{names[0]}-{n}": serve_argv(names[0], store, bus, extra, (n, instances))
+            f"{names[0]}-{n}": serve_argv(
+                names[0], store, bus, extra, (n, instances), _member(f"{names[0]}-{n}")
+            )
             for n in range(1, instances + 1)
         },
         f"serve {names[0]}",
@@ -806,12 +822,20 @@ def up(
     extra = _child_options(payment_limit, batch_size, lease_seconds)
     _supervise(
         {
-            f"{service}-{n}": serve_argv(service, store, bus, extra, (n, instances))
+            f"{service}-{n}": serve_argv(
+                service, store, bus, extra, (n, instances), _member(f"{service}-{n}")
+            )
             for service in SERVICE_NAMES
             for n in range(1, instances + 1)
         },
         "up",
     )
+
+
+def _member(slot: str) -> str:
+    """The lease name of a supervised process: this host and supervisor, and its slot (the same
+    for the process that replaces it after a crash, and for no other live process)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{slot}"
 
 
 async def _prepare(deployment: Deployment) -> None:

@@ -311,14 +311,18 @@ def serve_argv(
     bus_url: str | None,
     extra: Sequence[str] = (),
     instance: tuple[int, int] | None = None,
+    member: str | None = None,
 ) -> list[str]:
     """The command line of one ``sagaline serve`` process for ``service``.
 
-    ``instance=(i, n)``: the process is instance i of n of the service (``--instance i/n``).
+    ``instance=(i, n)``: the process is instance i of n of the service (``--instance i/n``);
+    ``member``: the name it holds leases under (``--member``).
     """
     argv = [sys.executable, "-m", "sagaline", "serve", service, "--store", store_url]
     if bus_url is not None:
         argv += ["--bus", bus_url]
     if instance is not None and instance[1] > 1:
         argv += ["--instance", f"{instance[0]}/{instance[1]}"]
+    if member is not None:
+        argv += ["--member", member]
     return [*argv, *extra]

@@ -45,12 +45,14 @@ pulls meanwhile are held in the member's hands (unacknowledged, kept alive with 
 the retried message has come back and been settled. A member that takes over a partition first
 waits until every message its predecessor left unacknowledged has been delivered to it again
 (``num_ack_pending`` of the partition's consumer equals what it holds), then goes on in stream
-order. If they are still missing ``takeover_grace`` seconds after it took the partition (its
-predecessor died with them), it shortens the consumer's ``ack_wait`` to one second, so that the
-server delivers them again at once instead of after the full deadline, and sets it back before
-handing anything out. The worker counts in its store the times it handed out a message
-delivered before, and one handed out before without being settled goes to its handler alone, so
-that a message that kills its consumer never takes a batch of others with it.
+order. So the partitions of a member that died with deliveries in hand wait for the server to
+deliver them again, ``ack_wait`` (30 s by default) after it last touched them; a process that
+``sagaline up`` restarts in its place holds its leases at once (it keeps its member name). The
+wait cannot be cut short by changing the consumer meanwhile: on NATS 2.9, updating or recreating
+a consumer with deliveries outstanding left consumers that report pending messages and deliver
+none. The worker counts in its store the times it handed out a message delivered before, and
+one handed out before without being settled goes to its handler alone, so that a message that
+kills its consumer never takes a batch of others with it.
 
 Durability. JetStream acknowledges a publish once the message is in the stream's file, but by
 default the server fsyncs only every two minutes (``sync_interval``, configurable since NATS 2.10):
@@ -146,8 +148,6 @@ _SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) != "%")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 _STATUS_HEARTBEAT = "100"
 _DUPLICATE_WINDOW = 120.0
-#: The ack deadline of a consumer taken over while its former member's deliveries are overdue.
-_HASTENED_ACK_WAIT = 1.0
 _REPLAY_BATCH = 1000
 
 
@@ -277,7 +277,6 @@ class _Item:
 class _Lane:
     """One partition of one consumer, while a member of this process holds it."""
 
-    spec: ConsumerSpec
     partition: int
     stream: str
     consumer: str
@@ -297,10 +296,6 @@ class _Lane:
     fenced: bool = True
     released: bool = False
     pull: _Pull | None = None
-    #: When this member took the partition (monotonic seconds).
-    taken: float = 0.0
-    #: The consumer's ack deadline is shortened while the fence waits for what was unsettled.
-    hastened: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -344,7 +339,6 @@ class NatsBus:
         publish_timeout: float = 10.0,
         fetch_timeout: float = 1.0,
         replicas: int = 1,
-        takeover_grace: float = 3.0,
     ) -> None:
         if not _TOKEN.match(prefix):
             raise ConfigurationError(f"NATS prefix {prefix!r}: use letters, digits, - and _")
@@ -359,7 +353,6 @@ class NatsBus:
         self.publish_timeout = publish_timeout
         self.fetch_timeout = fetch_timeout
         self.replicas = replicas
-        self.takeover_grace = takeover_grace
         self.refresh_interval = min(1.0, lease_seconds / 4)
         self.command_stream = f"{prefix}_commands"
         self.event_stream = f"{prefix}_events"
@@ -775,8 +768,7 @@ class NatsBus:
             envelope = _envelope_of(msg, lane.stream, sequence)
             known = lane.items.get(sequence)
             if known is not None:  # delivered again while in hand: keep the newest delivery
-                known.msg, known.touched = msg, now
-                known.delivered = max(delivered, known.delivered)
+                known.msg, known.delivered, known.touched = msg, delivered, now
                 continue
             key = envelope.correlation_id or f"nats:{lane.stream}:{sequence}"
             item = _Item(msg, sequence, delivered, key, envelope, now)
@@ -815,33 +807,12 @@ class NatsBus:
             *(self.jetstream.consumer_info(lane.stream, lane.consumer) for lane in fenced),
             return_exceptions=True,
         )
-        now = time.monotonic()
         for lane, info in zip(fenced, infos, strict=True):
             if isinstance(info, BaseException):
                 log.warning("NATS: consumer %s unavailable: %s", lane.consumer, info)
                 continue
-            try:
-                if info.num_ack_pending <= len(lane.items) + len(lane.blocked):
-                    if abs((info.config.ack_wait or 0.0) - self.ack_wait) > 0.001:
-                        await self._set_ack_wait(lane, self.ack_wait)
-                    lane.fenced = lane.hastened = False
-                elif not lane.hastened and now - lane.taken >= self.takeover_grace:
-                    await self._set_ack_wait(lane, _HASTENED_ACK_WAIT)
-                    lane.hastened = True
-                    log.warning(
-                        "NATS: %s: %d messages left unsettled by the member before; asking the"
-                        " server to deliver them again now",
-                        lane.consumer,
-                        info.num_ack_pending - len(lane.items),
-                    )
-            except Exception as exc:
-                log.warning("NATS: could not change consumer %s: %s", lane.consumer, exc)
-
-    async def _set_ack_wait(self, lane: _Lane, seconds: float) -> None:
-        """Change the ack deadline of a lane's consumer (its other settings stay)."""
-        config = self._consumer_config(lane.spec, lane.partition)
-        config.ack_wait = seconds
-        await self.jetstream.add_consumer(lane.stream, config)
+            if info.num_ack_pending <= len(lane.items) + len(lane.blocked):
+                lane.fenced = False
 
     async def _form(self, group: _Group, lanes: Sequence[_Lane], limit: int) -> list[Delivery]:
         """The next batch: up to ``limit`` in stream order per lane (the worker sets apart a
@@ -988,12 +959,10 @@ class NatsBus:
         stream = self.command_stream if spec.source == "queue" else self.event_stream
         consumer = self._consumer_name(spec, partition)
         lane = _Lane(
-            spec=spec,
             partition=partition,
             stream=stream,
             consumer=consumer,
             next_subject=f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}",
-            taken=time.monotonic(),
         )
         self._lanes[(stream, consumer)] = lane
         return lane
