@@ -18,19 +18,19 @@ Streams, both with file storage:
 
 The partition of a message is ``zlib.crc32(correlation_id) % partitions``, as in the SQLite bus.
 
-Consumers. Every consumer (a service's command queue, a service's subscription) has one durable
-pull consumer per partition, with explicit acks, ``max_deliver`` = the retry policy's
-``delivery_limit`` as a backstop and ``ack_wait`` as the time after which a delivery that nobody
-settled is delivered again. A subscription's consumers see only the event types it subscribes to:
-a subscription of one type filters on its subjects, one of several on all of theirs
-(``filter_subjects``, NATS 2.10 on). Before 2.10 a consumer has a single filter, so a
-subscription of several types is sent every type and the bus acknowledges the others itself as
-they arrive, which costs a delivery and an ack each. The worker counts in its store the times it
-handed a redelivered message to its handler and dead-letters the one that keeps killing its
-consumer long before ``max_deliver``. A message that reaches ``max_deliver`` anyway is announced
-by the server with a ``MAX_DELIVERIES`` advisory: the member owning its partition reads it back
-from the stream and hands it to the worker once more, which handles it or records it as a dead
-letter.
+Consumers. Every consumer (a service's command queue, a service's subscription) has one durable pull
+consumer per partition, with explicit acks, ``max_deliver`` = the retry policy's ``delivery_limit``
+as a backstop and ``ack_wait`` as the time after which a delivery that nobody settled is delivered
+again (10 s by default: what a member that died held waits that long; a batch whose handling takes
+longer is delivered again, and the inbox absorbs it). A subscription's consumers see only the event
+types it subscribes to: a subscription of one type filters on its subjects, one of several on all of
+theirs (``filter_subjects``, NATS 2.10 on). Before 2.10 a consumer has a single filter, so a
+subscription of several types is sent every type and the bus acknowledges the others itself as they
+arrive, which costs a delivery and an ack each. The worker counts in its store the times it handed a
+redelivered message to its handler and dead-letters the one that keeps killing its consumer long
+before ``max_deliver``. A message that reaches ``max_deliver`` anyway is announced by the server
+with a ``MAX_DELIVERIES`` advisory: the member owning its partition reads it back from the stream
+and hands it to the worker once more, which handles it or records it as a dead letter.
 
 Partition ownership. The members of a consumer share its partitions through one lease document per
 consumer in the KV bucket named ``{prefix}`` (compare-and-set on its revision): each live member
@@ -46,7 +46,7 @@ the retried message has come back and been settled. A member that takes over a p
 waits until every message its predecessor left unacknowledged has been delivered to it again
 (``num_ack_pending`` of the partition's consumer equals what it holds), then goes on in stream
 order. So the partitions of a member that died with deliveries in hand wait for the server to
-deliver them again, ``ack_wait`` (30 s by default) after it last touched them; a process that
+deliver them again, ``ack_wait`` after it last touched them; a process that
 ``sagaline up`` restarts in its place holds its leases at once (it keeps its member name). The
 wait cannot be cut short by changing the consumer meanwhile: on NATS 2.9, updating or recreating
 a consumer with deliveries outstanding left consumers that report pending messages and deliver
@@ -334,7 +334,7 @@ class NatsBus:
         prefix: str = "sagaline",
         partitions: int = 8,
         lease_seconds: float = 10.0,
-        ack_wait: float = 30.0,
+        ack_wait: float = 10.0,
         max_ack_pending: int = 20_000,
         publish_timeout: float = 10.0,
         fetch_timeout: float = 1.0,
