@@ -50,7 +50,9 @@ deliver them again, ``ack_wait`` after it last touched them; a process that
 ``sagaline up`` restarts in its place holds its leases at once (it keeps its member name). The
 wait cannot be cut short by changing the consumer meanwhile: on NATS 2.9, updating or recreating
 a consumer with deliveries outstanding left consumers that report pending messages and deliver
-none. The worker counts in its store the times it handed out a message delivered before, and
+none. For the same reason, change consumer settings (a new sagaline version, another retry
+policy: :meth:`NatsBus.prepare` updates them) with ``sagaline migrate`` while the services are
+stopped. The worker counts in its store the times it handed out a message delivered before, and
 one handed out before without being settled goes to its handler alone, so that a message that
 kills its consumer never takes a batch of others with it.
 
