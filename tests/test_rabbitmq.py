@@ -552,7 +552,8 @@ def test_instances_started_together_split_the_partitions_and_take_over_each_othe
 ) -> None:
     """Instance 1 of 2 and instance 2 of 2 each consume their own half of the partitions first:
     each handles exactly the keys of its half. When one goes away the other, standing by on
-    those partitions, takes them over; per-key order holds throughout."""
+    those partitions, takes them over; when it comes back, it gets them back. Per-key order holds
+    throughout."""
 
     async def scenario() -> None:
         service = Service("alpha", retry=FAST_RETRY)
