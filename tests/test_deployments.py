@@ -19,7 +19,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import aio_pika
+import nats
 import psutil
 import pytest
 import servers
@@ -286,6 +289,57 @@ def sagaline_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
     )
+
+
+async def _topology_exists(bus: str) -> bool:
+    """Whether the broker holds the order system's command queue or stream under the prefix."""
+    parts = urlsplit(bus)
+    prefix = parse_qs(parts.query)["prefix"][0]
+    if parts.scheme == "nats":
+        connection = await nats.connect(urlunsplit(parts._replace(query="")))
+        try:
+            await connection.jetstream().stream_info(f"{prefix}_commands")
+        except nats.js.errors.NotFoundError:
+            return False
+        finally:
+            await connection.close()
+        return True
+    amqp = await aio_pika.connect(urlunsplit(parts._replace(query="")))
+    try:
+        channel = await amqp.channel()
+        await channel.declare_queue(f"{prefix}.cmd.order.0", passive=True)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        await amqp.close()
+    return True
+
+
+def test_teardown_deletes_a_brokers_topology_once_confirmed(
+    urls: tuple[str, str], tmp_path: Path
+) -> None:
+    store, bus = urls
+    if not bus.startswith(("amqp://", "nats://")):
+        refused = sagaline_cli("teardown", "--bus", bus, "--yes", cwd=tmp_path)
+        assert refused.returncode == 2
+        assert "amqp:// or nats://" in refused.stderr
+        return
+    migrated = sagaline_cli("migrate", "--store", store, "--bus", bus, cwd=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    assert asyncio.run(_topology_exists(bus))
+    declined = subprocess.run(
+        [sys.executable, "-m", "sagaline", "teardown", "--bus", bus],
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert declined.returncode == 1 and "nothing deleted" in declined.stderr
+    assert asyncio.run(_topology_exists(bus))
+    deleted = sagaline_cli("teardown", "--bus", bus, "--yes", cwd=tmp_path)
+    assert deleted.returncode == 0, deleted.stderr
+    assert not asyncio.run(_topology_exists(bus))
 
 
 def test_the_demo_and_the_queries_run_on_each_combination(

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar, cast
+from urllib.parse import urlsplit
 
 import msgspec
 import typer
@@ -31,7 +32,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from sagaline.backends.sqlite import LEASE_SECONDS, path_from_url
-from sagaline.deploy import Deployment, Supervisor, serve_argv, service_url
+from sagaline.deploy import Deployment, Supervisor, open_bus, serve_argv, service_url
 from sagaline.errors import (
     ConfigurationError,
     InvalidMessage,
@@ -858,6 +859,48 @@ def migrate(
         + (f" and the bus {_inert(redact_url(bus))}" if bus else ""),
         soft_wrap=True,
     )
+
+
+@app.command()
+def teardown(
+    bus: BusOption = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Delete without asking for confirmation.")
+    ] = False,
+) -> None:
+    """Delete a broker bus's queues, exchanges and streams (under its prefix), with their messages.
+
+    For RabbitMQ (amqp://) and NATS (nats://); `migrate` or the services create them again. A
+    database bus goes with its database.
+    """
+    if bus is None:
+        _fail("--bus URL: the broker whose topology to delete (amqp:// or nats://)", 2)
+    shown = _inert(redact_url(bus))
+    if urlsplit(bus).scheme not in ("amqp", "amqps", "nats"):
+        _fail(f"--bus {shown}: teardown deletes a broker's topology (amqp:// or nats://)", 2)
+    if not yes and not typer.confirm(
+        f"Delete the queues, exchanges and streams of {redact_url(bus)}, with their messages?"
+    ):
+        _fail("nothing deleted", 1)
+
+    async def delete() -> None:
+        from sagaline.backends.nats import NatsBus
+        from sagaline.backends.rabbitmq import RabbitBus
+
+        opened = open_bus(bus)
+        assert isinstance(opened, RabbitBus | NatsBus)
+        system = build_system()
+        consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
+        try:
+            await opened.delete_topology(consumers)
+        finally:
+            await opened.close()
+
+    try:
+        asyncio.run(delete())
+    except Exception as exc:
+        _fail(f"cannot delete the topology of {shown}: {_inert(exc)}", 1)
+    out.print(f"deleted the queues, exchanges and streams of {shown}", soft_wrap=True)
 
 
 async def _report_progress(runtimes: Sequence[Runtime], every: float = 10.0) -> None:
