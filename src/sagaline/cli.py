@@ -870,8 +870,7 @@ def teardown(
 ) -> None:
     """Delete a broker bus's queues, exchanges and streams (under its prefix), with their messages.
 
-    For RabbitMQ (amqp://) and NATS (nats://); `migrate` or the services create them again. A
-    database bus goes with its database.
+    For RabbitMQ (amqp://) and NATS (nats://); `migrate` or the services create them again.
     """
     if bus is None:
         _fail("--bus URL: the broker whose topology to delete (amqp:// or nats://)", 2)
