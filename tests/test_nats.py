@@ -549,6 +549,37 @@ def test_a_dead_members_messages_are_delivered_to_another_member(kit: NatsKit) -
     kit.run(scenario)
 
 
+def test_a_batch_handled_for_longer_than_the_ack_deadline_is_not_delivered_again(
+    kit: NatsKit,
+) -> None:
+    """The member keeps the deliveries it handed out alive while they are handled."""
+
+    async def scenario() -> None:
+        bus = await kit.bus(ack_wait=1.0)
+        service = queue_service("alpha", BusTestCommand)
+        [spec] = service.consumers()
+        system = System([service])
+        await bus.prepare([spec], system.routes)
+        await system.submit_many(bus, [BusTestCommand(key=f"K-{i}", seq=i) for i in range(5)])
+        batches = await claim_all(bus, spec, "m1", 5, settle=False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 4 * bus.ack_wait
+        while loop.time() < deadline:  # the batch is being handled all this time
+            again = await bus.claim(spec, "m1", 100)
+            assert not again.deliveries
+            await asyncio.sleep(0.1)
+        for batch in batches:
+            await bus.complete(batch, [(Outcome.ACK, None)] * len(batch.deliveries))
+        await expect_unsettled(bus, spec, 0)
+        stream = bus.command_stream
+        infos = [
+            await bus.jetstream.consumer_info(stream, f"q-alpha-{p}") for p in range(bus.partitions)
+        ]
+        assert sum(info.num_redelivered for info in infos) == 0
+
+    kit.run(scenario)
+
+
 def test_two_members_compete_without_handling_anything_twice(kit: NatsKit) -> None:
     calls: Counter[str] = Counter()
 
@@ -786,7 +817,7 @@ def test_a_message_the_server_gives_up_on_is_handed_over_for_the_dead_letters(
         await bus.prepare([spec], system.routes)
         sent = await system.submit(bus, BusTestCommand(key="K-1", seq=1))
         # Every delivery the server makes (max_deliver), none settled: a consumer that dies
-        # every time, even while recording the dead letter.
+        # every time, even while recording the dead letter, and is restarted under its name.
         attempts = []
         while True:
             [batch] = await claim_all(bus, spec, "m1", 1, settle=False)
@@ -795,6 +826,8 @@ def test_a_message_the_server_gives_up_on_is_handed_over_for_the_dead_letters(
             attempts.append(delivery.attempt)
             if delivery.attempt > policy.delivery_limit:
                 break
+            dead, bus = bus, await kit.bus(ack_wait=0.3)
+            await dead.connection.close()  # no ack, no leave
         assert attempts == list(range(1, policy.delivery_limit + 2))
         await bus.complete(batch, [(Outcome.DEAD, "given up")])
         assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0

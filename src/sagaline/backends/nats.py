@@ -21,16 +21,18 @@ The partition of a message is ``zlib.crc32(correlation_id) % partitions``, as in
 Consumers. Every consumer (a service's command queue, a service's subscription) has one durable pull
 consumer per partition, with explicit acks, ``max_deliver`` = the retry policy's ``delivery_limit``
 as a backstop and ``ack_wait`` as the time after which a delivery that nobody settled is delivered
-again (10 s by default: what a member that died held waits that long; a batch whose handling takes
-longer is delivered again, and the inbox absorbs it). A subscription's consumers see only the event
-types it subscribes to: a subscription of one type filters on its subjects, one of several on all of
-theirs (``filter_subjects``, NATS 2.10 on). Before 2.10 a consumer has a single filter, so a
-subscription of several types is sent every type and the bus acknowledges the others itself as they
-arrive, which costs a delivery and an ack each. The worker counts in its store the times it handed a
-redelivered message to its handler and dead-letters the one that keeps killing its consumer long
-before ``max_deliver``. A message that reaches ``max_deliver`` anyway is announced by the server
-with a ``MAX_DELIVERIES`` advisory: the member owning its partition reads it back from the stream
-and hands it to the worker once more, which handles it or records it as a dead letter.
+again (10 s by default). A member keeps what it holds and what it is handling alive with progress
+acknowledgements every ``ack_wait / 4``, so however long a batch takes nothing is delivered again
+while it lives, and ``ack_wait`` is how long what a member that died held waits. A subscription's
+consumers see only the event types it subscribes to: a subscription of one type filters on its
+subjects, one of several on all of theirs (``filter_subjects``, NATS 2.10 on). Before 2.10 a
+consumer has a single filter, so a subscription of several types is sent every type and the bus
+acknowledges the others itself as they arrive, which costs a delivery and an ack each. The worker
+counts in its store the times it handed a redelivered message to its handler and dead-letters the
+one that keeps killing its consumer long before ``max_deliver``. A message that reaches
+``max_deliver`` anyway is announced by the server with a ``MAX_DELIVERIES`` advisory: the member
+owning its partition reads it back from the stream and hands it to the worker once more, which
+handles it or records it as a dead letter.
 
 Partition ownership. The members of a consumer share its partitions through one lease document per
 consumer in the KV bucket named ``{prefix}`` (compare-and-set on its revision): each live member
@@ -46,15 +48,19 @@ the retried message has come back and been settled. A member that takes over a p
 waits until every message its predecessor left unacknowledged has been delivered to it again
 (``num_ack_pending`` of the partition's consumer equals what it holds), then goes on in stream
 order. So the partitions of a member that died with deliveries in hand wait for the server to
-deliver them again, ``ack_wait`` after it last touched them; a process that
-``sagaline up`` restarts in its place holds its leases at once (it keeps its member name). The
-wait cannot be cut short by changing the consumer meanwhile: on NATS 2.9, updating or recreating
-a consumer with deliveries outstanding left consumers that report pending messages and deliver
-none. For the same reason, change consumer settings (a new sagaline version, another retry
-policy: :meth:`NatsBus.prepare` updates them) with ``sagaline migrate`` while the services are
-stopped. The worker counts in its store the times it handed out a message delivered before, and
-one handed out before without being settled goes to its handler alone, so that a message that
-kills its consumer never takes a batch of others with it.
+deliver them again, ``ack_wait`` after it last touched them; a process that ``sagaline up``
+restarts in its place holds its leases at once (it keeps its member name). Change consumer
+settings (a new sagaline version, another retry policy: :meth:`NatsBus.prepare` updates them)
+with ``sagaline migrate`` while the services are stopped. The worker counts in its store the times
+it handed out a message delivered before, and one handed out before without being settled goes
+to its handler alone, so that a message that kills its consumer never takes a batch of others
+with it.
+
+A NATS 2.9 fault: after redeliveries, the server can lose count of a filtered pull consumer's
+pending messages and answer every pull with "no messages" while some wait (its consumer info
+still lists them, and reading that info recounts them). A member whose lane has brought nothing
+for 5 s therefore reads its consumer's info, at most every 5 s, and the next pull brings what
+was stuck.
 
 Durability. JetStream acknowledges a publish once the message is in the stream's file, but by
 default the server fsyncs only every two minutes (``sync_interval``, configurable since NATS 2.10):
@@ -150,6 +156,8 @@ _SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) != "%")
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 _STATUS_HEARTBEAT = "100"
 _DUPLICATE_WINDOW = 120.0
+#: Seconds a lane's pulls bring nothing before the server is asked about its consumer.
+_NUDGE_AFTER = 5.0
 _REPLAY_BATCH = 1000
 
 
@@ -291,6 +299,8 @@ class _Lane:
     blocked: dict[str, int] = field(default_factory=dict)
     #: Every message in hand (ready or held), by stream sequence.
     items: dict[int, _Item] = field(default_factory=dict)
+    #: Messages handed to the worker and not settled yet, by stream sequence.
+    out: dict[int, _Item] = field(default_factory=dict)
     incoming: list[Msg] = field(default_factory=list)
     #: Stream sequences the server gave up on (max deliveries), to be dead-lettered.
     exhausted: list[tuple[int, int]] = field(default_factory=list)
@@ -298,6 +308,10 @@ class _Lane:
     fenced: bool = True
     released: bool = False
     pull: _Pull | None = None
+    #: Since when the lane's pulls brought nothing (None: the last one brought messages).
+    empty_since: float | None = None
+    #: When the server was last asked about the consumer of an empty lane.
+    nudged: float = 0.0
 
 
 @dataclass(eq=False, slots=True)
@@ -310,7 +324,6 @@ class _Group:
     lanes: dict[int, _Lane] = field(default_factory=dict)
     refreshed: float = -math.inf
     valid_until: float = -math.inf
-    touched: float = 0.0
     rotation: int = 0
 
 
@@ -375,6 +388,7 @@ class NatsBus:
         self._tokens: set[str] = set()
         self._closing = False
         self._open_lock = asyncio.Lock()
+        self._keeper: asyncio.Task[None] | None = None
 
     # Connection ---------------------------------------------------------------------------------
 
@@ -411,6 +425,9 @@ class NatsBus:
 
     async def close(self) -> None:
         """Give back what this process still holds, then close the connection."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
         for group in list(self._groups.values()):
             with suppress(Exception):
                 await self.leave(group.spec, group.member)
@@ -688,7 +705,8 @@ class NatsBus:
         if now >= group.valid_until:
             await self._drop_lanes(group)
             return Batch(consumer, [])
-        await self._keep_alive(group, now)
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep_alive())
         for _ in range(8):
             lanes = list(group.lanes.values())
             await self._pull(lanes, limit)
@@ -698,8 +716,33 @@ class NatsBus:
             await self._lift_fences(lanes)
             deliveries = await self._form(group, lanes, limit)
             if deliveries or not moved:
+                if not deliveries:
+                    await self._nudge(lanes)
                 return Batch(consumer, deliveries)
         return Batch(consumer, [])
+
+    async def _nudge(self, lanes: Sequence[_Lane]) -> None:
+        """Ask the server about the consumers of lanes whose pulls have brought nothing for a
+        while. NATS 2.9 can lose count of a filtered pull consumer's pending messages and answer
+        every pull with "no messages" while some wait; reading the consumer's info recounts
+        them, and the next pull brings them."""
+        now = time.monotonic()
+        idle = [
+            lane
+            for lane in lanes
+            if not lane.fenced
+            and lane.empty_since is not None
+            and now - lane.empty_since >= _NUDGE_AFTER
+            and now - lane.nudged >= _NUDGE_AFTER
+        ]
+        if not idle:
+            return
+        for lane in idle:
+            lane.nudged = now
+        await asyncio.gather(
+            *(self.jetstream.consumer_info(lane.stream, lane.consumer) for lane in idle),
+            return_exceptions=True,
+        )
 
     async def _pull(self, lanes: Sequence[_Lane], limit: int) -> None:
         """Ask each lane short of work for messages at once; return when all have answered."""
@@ -729,7 +772,12 @@ class NatsBus:
         finally:
             for pull_id in pulls:
                 self._pulls.pop(pull_id, None)
-            for lane, _ in requests:
+            now = time.monotonic()
+            for lane, count in requests:
+                if lane.pull is not None and lane.pull.remaining < count:
+                    lane.empty_since = None
+                elif lane.empty_since is None:
+                    lane.empty_since = now
                 lane.pull = None
 
     async def _on_pulled(self, msg: Msg) -> None:
@@ -854,6 +902,7 @@ class NatsBus:
 
     def _hand_out(self, lane: _Lane, item: _Item) -> Delivery:
         lane.items.pop(item.sequence, None)
+        lane.out[item.sequence] = item
         return Delivery(
             envelope=item.envelope,
             attempt=item.delivered,
@@ -861,17 +910,23 @@ class NatsBus:
             token=_Token(lane, item),
         )
 
-    async def _keep_alive(self, group: _Group, now: float) -> None:
-        """Tell the server the messages held in hand are still being worked on."""
-        if now - group.touched < self.ack_wait / 6:
-            return
-        group.touched = now
-        stale = now - self.ack_wait / 3
-        for lane in group.lanes.values():
-            for item in lane.items.values():
-                if item.touched < stale and item.msg is not None:
-                    item.touched = now
-                    await item.msg.in_progress()
+    async def _keep_alive(self) -> None:
+        """Every ``ack_wait / 4``, tell the server that the messages in hand and those being
+        handled are still being worked on, so that it does not deliver them again however long
+        a batch takes (``ack_wait`` is then only how long what a dead member held waits)."""
+        while self._nc is not None and not self._nc.is_closed:
+            await asyncio.sleep(self.ack_wait / 4)
+            now = time.monotonic()
+            stale = now - self.ack_wait / 3
+            try:
+                for group in list(self._groups.values()):
+                    for lane in list(group.lanes.values()):
+                        for item in [*lane.items.values(), *lane.out.values()]:
+                            if item.touched < stale and item.msg is not None:
+                                item.touched = now
+                                await item.msg.in_progress()
+            except Exception as exc:
+                log.debug("NATS: progress acknowledgements failed: %s", exc)
 
     # Settling -----------------------------------------------------------------------------------
 
@@ -881,6 +936,7 @@ class NatsBus:
         for delivery, (outcome, _) in zip(batch.deliveries, outcomes, strict=True):
             token = cast(_Token, delivery.token)
             lane, item = token.lane, token.item
+            lane.out.pop(item.sequence, None)
             if outcome is Outcome.ACK or outcome is Outcome.DEAD:
                 await self._acknowledge(lane, item)
                 if lane.blocked.get(item.key) == item.sequence:
@@ -982,6 +1038,7 @@ class NatsBus:
             with suppress(Exception):
                 await msg.nak()
         lane.items.clear()
+        lane.out.clear()
         lane.ready.clear()
         lane.held.clear()
         lane.incoming.clear()
