@@ -707,6 +707,14 @@ class NatsBus:
             return Batch(consumer, [])
         if self._keeper is None or self._keeper.done():
             self._keeper = asyncio.create_task(self._keep_alive())
+        for lane in group.lanes.values():
+            if lane.out:
+                # The previous batch was never completed (its transaction failed): it is handed
+                # out again, ahead of what came after it, each attempt counted.
+                for item in sorted(lane.out.values(), key=lambda i: i.sequence):
+                    item.delivered += 1
+                    self._take_back(lane, item)
+                lane.out.clear()
         for _ in range(8):
             lanes = list(group.lanes.values())
             await self._pull(lanes, limit)
