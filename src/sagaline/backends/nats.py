@@ -23,16 +23,16 @@ consumer per partition, with explicit acks, ``max_deliver`` = the retry policy's
 as a backstop and ``ack_wait`` as the time after which a delivery that nobody settled is delivered
 again (10 s by default). A member keeps what it holds and what it is handling alive with progress
 acknowledgements every ``ack_wait / 4``, so however long a batch takes nothing is delivered again
-while it lives, and ``ack_wait`` is how long what a member that died held waits. A subscription's
-consumers see only the event types it subscribes to: a subscription of one type filters on its
-subjects, one of several on all of theirs (``filter_subjects``, NATS 2.10 on). Before 2.10 a
-consumer has a single filter, so a subscription of several types is sent every type and the bus
-acknowledges the others itself as they arrive, which costs a delivery and an ack each. The worker
-counts in its store the times it handed a redelivered message to its handler and dead-letters the
-one that keeps killing its consumer long before ``max_deliver``. A message that reaches
-``max_deliver`` anyway is announced by the server with a ``MAX_DELIVERIES`` advisory: the member
-owning its partition reads it back from the stream and hands it to the worker once more, which
-handles it or records it as a dead letter.
+while it lives (a batch whose transaction failed is handed out again at its next claim), and
+``ack_wait`` is how long what a member that died held waits. A subscription's consumers see only the
+event types it subscribes to: a subscription of one type filters on its subjects, one of several on
+all of theirs (``filter_subjects``, NATS 2.10 on). Before 2.10 a consumer has a single filter, so a
+subscription of several types is sent every type and the bus acknowledges the others itself as they
+arrive, which costs a delivery and an ack each. The worker counts in its store the times it handed a
+redelivered message to its handler and dead-letters the one that keeps killing its consumer long
+before ``max_deliver``. A message that reaches ``max_deliver`` anyway is announced by the server
+with a ``MAX_DELIVERIES`` advisory: the member owning its partition reads it back from the stream
+and hands it to the worker once more, which handles it or records it as a dead letter.
 
 Partition ownership. The members of a consumer share its partitions through one lease document per
 consumer in the KV bucket named ``{prefix}`` (compare-and-set on its revision): each live member
