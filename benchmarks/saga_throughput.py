@@ -276,9 +276,9 @@ async def run_deployment(
     await deployment.close()
     if raw:
         transport = bus or store
-        broker = urlsplit(transport).scheme in ("amqp", "amqps")
+        rabbitmq = urlsplit(transport).scheme in ("amqp", "amqps")
         # RabbitMQ's own rate is one AMQP message per message: bundling is sagaline's doing.
-        options: dict[str, Any] = {"bundle": 1} if broker else {}
+        options: dict[str, Any] = {"bundle": 1} if rabbitmq else {}
         raw_rate_value = await raw_rate(transport, raw, batch_size, **options)
         per_saga = MESSAGES_PER_SAGA
         print(f"raw transport rate    {raw_rate_value:,.0f} durable msgs/s publish+consume")
@@ -286,7 +286,7 @@ async def run_deployment(
             f"ratio                 {rate * per_saga / raw_rate_value:.0%}"
             f" (sagas/s x {per_saga} messages per saga / raw msgs/s)"
         )
-        if broker:
+        if rabbitmq:
             bundled_rate = await raw_rate(transport, raw, batch_size)
             print(
                 f"raw rate, bundled     {bundled_rate:,.0f} durable msgs/s publish+consume"

@@ -388,11 +388,8 @@ class _Consumption:
     ) -> None:
         self.spec = spec
         self.member = member
-        self.queues = queues
         self.prefetch = prefetch
         self.wakeup = wakeup
-        #: The partitions this member consumes at once; the others only after ``share_delay``.
-        self.home = home
         self.share_delay = share_delay
         self.instances = instances
         #: A queue without messages that each instance consumes while it lives: its consumer
@@ -400,6 +397,8 @@ class _Consumption:
         #: its active consumer).
         self.members_queue = members_queue
         self.probe_interval = probe_interval
+        #: The queues of the partitions this member consumes at once (``home``; all without it),
+        #: and the others, consumed on the spare channel after ``share_delay``.
         self.first = [q for n, q in enumerate(queues) if home is None or n in home]
         self.rest = [q for q in queues if q not in self.first]
         self._later: asyncio.Task[None] | None = None
