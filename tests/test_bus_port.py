@@ -18,6 +18,7 @@ from typing import Any, cast
 
 import pytest
 import servers
+from store_faults import StoreFaultConformance
 from test_bus import (
     FAST_RETRY,
     BusTestCommand,
@@ -156,7 +157,7 @@ def both(*conditions: Callable[[], bool]) -> Callable[[], bool]:
     return lambda: all(condition() for condition in conditions)
 
 
-class BusPortConformance:
+class BusPortConformance(StoreFaultConformance):
     """What every bus must do on the message path. Subclasses provide ``make_harness``."""
 
     @pytest.fixture
@@ -641,3 +642,25 @@ class TestNatsBusPort(BusPortConformance):
             assert cast(Any, harness.store).outbox_pending() == 0
 
         drive(scenario)
+
+
+class TestPostgresStoreBehindRabbitmq(StoreFaultConformance):
+    """A PostgreSQL store (outbox mode) behind RabbitMQ: its faults, not the bus's whole suite."""
+
+    @pytest.fixture
+    def harness(self, postgres_url: str, rabbitmq_url: str) -> Harness:
+        from sagaline.backends.postgres import PostgresDatabase
+
+        store = PostgresDatabase(postgres_url, schema="svc", outbox=True)
+        return Harness(store, open_bus(rabbitmq_url))
+
+
+class TestPostgresStoreBehindNats(StoreFaultConformance):
+    """A PostgreSQL store (outbox mode) behind NATS JetStream: its faults."""
+
+    @pytest.fixture
+    def harness(self, postgres_url: str, nats_url: str) -> Harness:
+        from sagaline.backends.postgres import PostgresDatabase
+
+        store = PostgresDatabase(postgres_url, schema="svc", outbox=True)
+        return Harness(store, open_bus(nats_url))

@@ -242,6 +242,19 @@ def _answer_lost(conn: sqlite3.Connection) -> None:
     )
 
 
+def _created_and_rejected(conn: sqlite3.Connection) -> None:
+    # One CreateOrderCommand handled twice: the second handling rejected the order it had created.
+    conn.execute(
+        "INSERT INTO events (message_id, type, body, correlation_id, causation_id, timestamp,"
+        " traceparent, source, part)"
+        " SELECT 'second-answer', 'OrderRejectedEvent', json_object('eventType',"
+        " 'OrderRejectedEvent', 'orderId', correlation_id, 'customerId',"
+        " json_extract(body, '$.customerId'), 'reason', 'order already exists'),"
+        " correlation_id, causation_id, timestamp, traceparent, source, part"
+        " FROM events WHERE type = 'OrderCreatedEvent' LIMIT 1"
+    )
+
+
 def _command_undelivered(conn: sqlite3.Connection) -> None:
     conn.execute(
         "UPDATE commands SET done = 0 WHERE id ="
@@ -257,6 +270,7 @@ def _command_undelivered(conn: sqlite3.Connection) -> None:
         (_confirmed_order_also_cancelled, "I3"),
         (_cancelled_order_charged, "I4"),
         (_inbox_mark_lost, "I5"),
+        (_created_and_rejected, "I5"),
         (_stream_gap, "I6"),
         (_read_model_drifts, "I7"),
         (_answer_lost, "I8"),

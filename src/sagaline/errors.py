@@ -47,6 +47,16 @@ class SagaDefinitionError(ConfigurationError):
     code = "invalid_saga_definition"
 
 
+class StoreUnavailable(SagalineError):
+    """The store cannot be used now: unreachable, out of disk space, locked, read-only, failing.
+
+    Raised by a store adapter in place of its driver's error. A unit of work that meets it is
+    rolled back whole and tried again once the store answers; it never counts against a message.
+    """
+
+    code = "store_unavailable"
+
+
 class NonRetryableError(SagalineError):
     """Raised by a handler to send a message straight to the dead letters, skipping retries."""
 

@@ -27,6 +27,7 @@ from sagaline.errors import (
     ConfigurationError,
     InvalidMessage,
     NonRetryableError,
+    StoreUnavailable,
 )
 from sagaline.messages import Command, Envelope, Event, Message, decode_body
 from sagaline.ports import (
@@ -330,6 +331,8 @@ class Worker:
             service.command_handlers if spec.source == "queue" else service.event_handlers
         )
         self.handled = 0
+        #: A batch the store failed under, with the redeliveries counted for it, to give back.
+        self._unreleased: tuple[Batch, list[str]] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is finished first."""
@@ -342,8 +345,23 @@ class Worker:
         failures = 0
         while not stop.is_set():
             try:
+                if self._unreleased is not None:
+                    await self._release()
                 progressed = await self.run_once()
                 failures = 0
+            except StoreUnavailable as exc:
+                # Not a message's failure: what was claimed goes back uncounted once the store
+                # answers again (see _release), and no message is dead-lettered for it.
+                failures += 1
+                log.warning(
+                    "%s/%s: store unavailable, waiting for it (%d): %s",
+                    self.spec.name,
+                    self.spec.source,
+                    failures,
+                    exc,
+                )
+                await asyncio.sleep(min(5.0, 0.05 * 2**failures))
+                continue
             except Exception:
                 # The store itself failed (locked past its timeout, disk full, ...): the batch
                 # rolled back and stays claimable; wait a little, then go on.
@@ -359,25 +377,66 @@ class Worker:
                 work.cancel()
 
     async def run_once(self) -> bool:
-        """Claim and handle one batch; False when there was nothing to do."""
+        """Claim and handle one batch; False when there was nothing to do.
+
+        Raises :class:`StoreUnavailable` when the store failed under the batch; what it had not
+        completed is then given back uncounted before the next claim (see :meth:`_release`).
+        """
         batch = await self.bus.claim(self.spec, self.member, self.batch_size)
         if not batch.deliveries and batch.cursor is None:
             return False
         again = [d for d in batch.deliveries if d.attempt > 1]
         if self.broker is None or not again:
-            await self._run(batch)
+            try:
+                await self._run(batch)
+            except StoreUnavailable:
+                self._unreleased = (batch, [])
+                raise
         else:
             ids = list(dict.fromkeys(d.envelope.message_id for d in again))
-            async with self.db.transaction() as tx:
-                earlier = await tx.handling_counts(self.spec.name, ids)
+            try:
+                async with self.db.transaction() as tx:
+                    earlier = await tx.handling_counts(self.spec.name, ids)
+            except StoreUnavailable:
+                self._unreleased = (batch, [])
+                raise
             suspects = {m for m, n in zip(ids, earlier, strict=True) if n > 0}
             counted = set(ids)
             blocked: set[Any] = set()
-            for part in _isolated(batch, suspects):
-                await self._count_handlings([d for d in part.deliveries if d.attempt > 1])
-                await self._run(part, counted, blocked)
+            parts = _isolated(batch, suspects)
+            for index, part in enumerate(parts):
+                fresh = [d for d in part.deliveries if d.attempt > 1]
+                taken: list[str] = []
+                try:
+                    await self._count_handlings(fresh)
+                    taken = list(dict.fromkeys(d.envelope.message_id for d in fresh))
+                    await self._run(part, counted, blocked)
+                except StoreUnavailable:
+                    rest = [d for later in parts[index:] for d in later.deliveries]
+                    self._unreleased = (Batch(batch.consumer, rest, batch.cursor), taken)
+                    raise
         self.handled += len(batch.deliveries)
         return True
+
+    async def _release(self) -> None:
+        """Give back, uncounted, what a batch the store failed under had not completed.
+
+        The claim counted an attempt for each delivery, and a broker's redelivery was counted in
+        the store before its handler ran; neither happened because of the message, so both are
+        taken back: the deliveries come again in their order, as if never handed out.
+        """
+        assert self._unreleased is not None
+        batch, taken = self._unreleased
+        skipped = [(Outcome.SKIP, None)] * len(batch.deliveries)
+        if self.broker is None:
+            async with self.db.transaction() as tx:
+                await self.db.settle(tx, batch, skipped)
+        else:
+            if taken:
+                async with self.db.transaction() as tx:
+                    await tx.handling_aborted(self.spec.name, taken)
+            await self.broker.complete(batch, skipped)
+        self._unreleased = None
 
     async def _run(
         self, batch: Batch, counted: Set[str] = frozenset(), blocked: set[Any] | None = None
@@ -460,11 +519,13 @@ class Worker:
             if self.broker is not None:
                 # A client's message came straight through the broker: no store emitted it, so
                 # the store that handled it keeps it for the audit trail.
-                received = [
-                    d.envelope
-                    for d, (outcome, _) in zip(batch.deliveries, outcomes, strict=True)
-                    if outcome is Outcome.ACK and d.envelope.source == CLIENT
-                ]
+                received = list(
+                    {
+                        d.envelope.message_id: d.envelope
+                        for d, (outcome, _) in zip(batch.deliveries, outcomes, strict=True)
+                        if outcome is Outcome.ACK and d.envelope.source == CLIENT
+                    }.values()
+                )
                 if received:
                     await tx.record_received(spec.name, received)
             crash_point("before-emit")
@@ -552,16 +613,23 @@ class Worker:
                 return Outcome.ACK, None
             try:
                 await handler(ctx, message)
+            except StoreUnavailable:
+                raise
             except Exception as exc:
                 raise _RetryBatch() from exc
             crash_point("after-handle")
             processed.append(envelope.message_id)
+            # A second copy of it in this batch (a broker delivers a republished message as a
+            # message of its own) is a duplicate like one handled in an earlier batch.
+            duplicates.add(envelope.message_id)
             outgoing.extend(ctx.outgoing)
             return Outcome.ACK, None
         try:
             async with tx.savepoint():
                 if await tx.record_inbox(spec.name, envelope.message_id):
                     await handler(ctx, message)
+        except StoreUnavailable:
+            raise
         except NonRetryableError as exc:
             reason = f"{type(exc).__name__}: {exc}"
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)

@@ -231,6 +231,11 @@ class StoreTransaction(Protocol):
         """
         ...
 
+    async def handling_aborted(self, consumer: str, message_ids: Sequence[str]) -> None:
+        """Take back one count of :meth:`handling_started` for each message: their handling
+        was cut short by the store failing, not by the message, so it does not count."""
+        ...
+
     async def handling_ended(
         self, consumer: str, message_id: str, *, dead_lettered: bool = False
     ) -> None:

@@ -1036,6 +1036,21 @@ def _check_once(snapshot: AuditSnapshot, facts: _Facts) -> Iterator[Violation]:
             " for it: a redelivery would act again",
             {"consumer": consumer, "messageId": cause, "caused": caused},
         )
+    # Each handling in the order system sends one message (an answer, the saga's next command, a
+    # confirmation): two caused by one message from one consumer (both OrderCreatedEvent and
+    # OrderRejectedEvent for one CreateOrderCommand) mean the message was handled twice.
+    answers: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for message in sent_by:
+        if message.source not in (None, CLIENT_SOURCE) and message.causation_id is not None:
+            answers[str(message.source), message.causation_id][message.message_id] = message.type
+    for (consumer, cause), caused_by in sorted(answers.items()):
+        if len(caused_by) > 1:
+            yield Violation(
+                "I5",
+                f"{consumer} acted on {cause} more than once: it sent"
+                f" {', '.join(sorted(caused_by.values()))}",
+                {"consumer": consumer, "messageId": cause, "caused": sorted(caused_by)},
+            )
     # The orchestrator sends each command of the order saga at most once per order.
     sent = Counter(
         (command.correlation_id, command.type)

@@ -28,6 +28,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
 from sagaline.backends.postgres.bus import PostgresBus
+from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.postgres.queries import PostgresQueries
 from sagaline.backends.postgres.schema import (
     LEASE_SECONDS,
@@ -223,6 +224,11 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
                 finally:
                     _CURRENT.reset(token)
                 await tx.flush()
+        except Exception as exc:
+            translated = unavailable(exc, f"in PostgreSQL schema {self.names.store_name}")
+            if translated is not None and translated is not exc:
+                raise translated from exc
+            raise
         finally:
             self._open_transactions -= 1
         if tx.queues or tx.wrote_events:

@@ -27,6 +27,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.postgres.schema import MEMBERSHIP_INTERVAL, PARTITIONS, Names
 from sagaline.backends.postgres.transaction import PostgresTransaction
 from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
@@ -81,10 +82,16 @@ class PostgresBus:
         pool = await self._ready()
         # Arm the wake-up before looking: a commit from now on wakes a later wait_for_work.
         self._wakeup(consumer).clear()
-        async with pool.connection() as conn:
-            if consumer.source == "queue":
-                return await self._claim_queue(conn, consumer, member, limit)
-            return await self._claim_subscription(conn, consumer, member, limit)
+        try:
+            async with pool.connection() as conn:
+                if consumer.source == "queue":
+                    return await self._claim_queue(conn, consumer, member, limit)
+                return await self._claim_subscription(conn, consumer, member, limit)
+        except psycopg.Error as exc:
+            translated = unavailable(exc, f"in PostgreSQL schema {self.names.bus_name}")
+            if translated is None:
+                raise
+            raise translated from exc
 
     async def _claim_queue(
         self, conn: AsyncConnection[Any], consumer: ConsumerSpec, member: str, limit: int

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psycopg
 from psycopg import AsyncConnection
 
+from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.sqlite.rows import (
     ENVELOPE_COLUMNS,
     JSON,
@@ -189,13 +190,18 @@ class PostgresTransaction:
             async with self.connection.transaction():
                 yield
                 await self._run(self._pending_statements())
-        except BaseException:
+        except BaseException as exc:
             self._docs, self._sagas, self._streams, self._heads = known
             self._drop_pending()
             del self._log[marks[0] :]
             del self._placed[marks[1] :]
             del self._deferred[marks[2] :]
             self.queues, self.wrote_events, self.wrote_outbox = queues, events, outbox
+            if isinstance(exc, Exception):
+                # The server's condition, not the message's: the whole unit of work is abandoned.
+                translated = unavailable(exc, f"in PostgreSQL schema {self._db.names.store_name}")
+                if translated is not None and translated is not exc:
+                    raise translated from exc
             raise
 
     async def flush(self) -> None:
@@ -686,6 +692,13 @@ class PostgresTransaction:
         )
         counts = {str(row[0]): int(row[1]) for row in await cursor.fetchall()}
         return [counts[message_id] for message_id in message_ids]
+
+    async def handling_aborted(self, consumer: str, message_ids: Sequence[str]) -> None:
+        self.defer(
+            f"UPDATE {self._s}.handling_starts SET starts = starts - 1"
+            " WHERE consumer = %s AND message_id = ANY(%s::text[]) AND starts > 0 AND starts < %s",
+            (consumer, list(dict.fromkeys(message_ids)), DEAD_LETTERED),
+        )
 
     async def handling_ended(
         self, consumer: str, message_id: str, *, dead_lettered: bool = False

@@ -13,6 +13,7 @@ by responsibility: :mod:`.schema`, :mod:`.rows`, :mod:`.transaction` (the unit o
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sagaline.backends.sqlite.bus import SqliteBus
+from sagaline.backends.sqlite.failures import gone, unavailable
 from sagaline.backends.sqlite.queries import SqliteQueries
 from sagaline.backends.sqlite.rows import (
     ENVELOPE_COLUMNS,
@@ -36,7 +38,7 @@ from sagaline.backends.sqlite.schema import (
     migrate,
 )
 from sagaline.backends.sqlite.transaction import SqliteTransaction
-from sagaline.errors import ConfigurationError
+from sagaline.errors import ConfigurationError, StoreUnavailable
 from sagaline.messages import Envelope
 from sagaline.ports import Batch, ConsumerSpec, OutboxEntry, Outcome, StoredEvent
 
@@ -51,6 +53,11 @@ __all__ = [
     "partition_of",
     "path_from_url",
 ]
+
+log = logging.getLogger("sagaline.sqlite")
+
+#: The longest wait between two tries of a checkpointer whose checkpoints fail.
+CHECKPOINT_MAX_BACKOFF = 30.0
 
 
 class SqliteDatabase(SqliteBus, SqliteQueries):
@@ -89,15 +96,33 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
         """One unit of work; the in-process lock keeps services' transactions apart."""
         async with self._lock:
             conn = self.connection
-            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                translated = unavailable(exc, self.path)
+                if translated is None:
+                    raise
+                raise translated from exc
             tx = SqliteTransaction(self)
             try:
                 yield tx
                 tx.flush()
-            except BaseException:
+                if not conn.in_transaction:
+                    raise gone(sqlite3.OperationalError("no transaction is active"), self.path)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if not conn.in_transaction:
+                    # SQLite rolled it back itself (a full disk, an I/O error): nothing of it
+                    # is kept, and nothing may run as if it were still open.
+                    if isinstance(exc, Exception) and not isinstance(exc, StoreUnavailable):
+                        raise gone(exc, self.path) from exc
+                    raise
                 conn.execute("ROLLBACK")
+                if isinstance(exc, Exception):
+                    translated = unavailable(exc, self.path)
+                    if translated is not None and translated is not exc:
+                        raise translated from exc
                 raise
-            conn.execute("COMMIT")
         if tx.wrote_messages:
             self._notify()
 
@@ -124,7 +149,8 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
                     ).rowcount
                     conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
                     raise
             if not taken:
                 return []
@@ -145,7 +171,8 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
                 conn.executemany("UPDATE outbox SET sent = 1 WHERE id = ?", [(i,) for i in ids])
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
 
     async def outbox_refused(self, entry: OutboxEntry, reason: str) -> None:
@@ -198,12 +225,40 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
         stop = threading.Event()
 
         def run() -> None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            # An error (a full disk, an I/O error) is logged and tried again after a backoff,
+            # on a fresh connection: a checkpointer that stopped would let the WAL grow to the
+            # backstop, even while the store is idle.
+            conn: sqlite3.Connection | None = None
+            failures = 0
+            delay = interval
             try:
-                while not stop.wait(interval):
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                while not stop.wait(delay):
+                    try:
+                        if conn is None:
+                            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    except sqlite3.Error as exc:
+                        failures += 1
+                        delay = min(CHECKPOINT_MAX_BACKOFF, interval * 2**failures)
+                        log.warning(
+                            "checkpointing %s failed (%d), trying again in %.1f s: %s",
+                            self.path,
+                            failures,
+                            delay,
+                            exc,
+                        )
+                        if conn is not None:
+                            with suppress(sqlite3.Error):
+                                conn.close()
+                            conn = None
+                        continue
+                    if failures:
+                        log.info("checkpointing %s works again", self.path)
+                    failures = 0
+                    delay = interval
             finally:
-                conn.close()
+                if conn is not None:
+                    conn.close()
 
         thread = threading.Thread(target=run, name="sagaline-checkpoint", daemon=True)
         thread.start()

@@ -18,6 +18,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from sagaline.backends.sqlite.failures import unavailable
 from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.sqlite.schema import MEMBERSHIP_INTERVAL, PARTITIONS, SCAN_FACTOR
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome
@@ -44,6 +45,7 @@ class SqliteBus:
     """Claims, settlement and wake-ups, on the connection of a :class:`SqliteDatabase`."""
 
     connection: sqlite3.Connection
+    path: str
     lease_seconds: float
     _lock: asyncio.Lock
     _wakeups: dict[tuple[str, str], asyncio.Event]
@@ -59,9 +61,15 @@ class SqliteBus:
         # Arm the wake-up before looking: a commit from now on wakes a later wait_for_work.
         self._wakeup(consumer).clear()
         async with self._lock:
-            if consumer.source == "queue":
-                return self._claim_queue(consumer, member, limit)
-            return self._claim_subscription(consumer, member, limit)
+            try:
+                if consumer.source == "queue":
+                    return self._claim_queue(consumer, member, limit)
+                return self._claim_subscription(consumer, member, limit)
+            except sqlite3.Error as exc:
+                translated = unavailable(exc, self.path)
+                if translated is None:
+                    raise
+                raise translated from exc
 
     @contextmanager
     def _without_fsync(self) -> Iterator[None]:
@@ -108,7 +116,8 @@ class SqliteBus:
                 ).fetchall()
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         rows.sort(key=lambda row: row[0])
         deliveries = [
@@ -273,7 +282,8 @@ class SqliteBus:
             )
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
         if scanned_to == start:
             return Batch(consumer=consumer, deliveries=[])
@@ -308,7 +318,8 @@ class SqliteBus:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         self._members.pop((consumer.name, member), None)
 

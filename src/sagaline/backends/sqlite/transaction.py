@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+from sagaline.backends.sqlite.failures import gone, unavailable
 from sagaline.backends.sqlite.rows import (
     ENVELOPE_COLUMNS,
     JSON,
@@ -16,7 +17,7 @@ from sagaline.backends.sqlite.rows import (
     envelope_params,
     partition_of,
 )
-from sagaline.errors import ConcurrencyError
+from sagaline.errors import ConcurrencyError, StoreUnavailable
 from sagaline.messages import Envelope, utc_timestamp
 from sagaline.ports import DEAD_LETTERED, Document, Reads, SagaRecord, StoredEvent
 
@@ -41,17 +42,35 @@ class SqliteTransaction:
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[None]:
-        """A nested unit that rolls back alone on error."""
-        self._conn.execute("SAVEPOINT message")
+        """A nested unit that rolls back alone on error.
+
+        An error that leaves the store unusable (a full disk, an I/O error), or after which SQLite
+        rolled back the whole transaction, is no single message's failure: it is raised as
+        :class:`StoreUnavailable`, and the whole unit of work is abandoned.
+        """
+        conn = self._conn
+        path = self._db.path
+        conn.execute("SAVEPOINT message")
         history = len(self._history)
         try:
             yield
-        except BaseException:
-            self._conn.execute("ROLLBACK TO message")
-            self._conn.execute("RELEASE message")
+        except BaseException as exc:
+            if not conn.in_transaction:
+                if isinstance(exc, Exception) and not isinstance(exc, StoreUnavailable):
+                    raise gone(exc, path) from exc
+                raise
+            conn.execute("ROLLBACK TO message")
+            conn.execute("RELEASE message")
             del self._history[history:]
+            if isinstance(exc, Exception):
+                translated = unavailable(exc, path)
+                if translated is not None and translated is not exc:
+                    raise translated from exc
             raise
-        self._conn.execute("RELEASE message")
+        if not conn.in_transaction:
+            # The block swallowed an error after which SQLite rolled the transaction back.
+            raise gone(sqlite3.OperationalError("no transaction is active"), path)
+        conn.execute("RELEASE message")
 
     def flush(self) -> None:
         """Write what was kept for the end of the unit of work; called just before COMMIT."""
@@ -118,6 +137,13 @@ class SqliteTransaction:
             ).fetchone()
             counts[message_id] = int(row[0])
         return [counts[message_id] for message_id in message_ids]
+
+    async def handling_aborted(self, consumer: str, message_ids: Sequence[str]) -> None:
+        self._conn.executemany(
+            "UPDATE handling_starts SET starts = starts - 1"
+            " WHERE message_id = ? AND consumer = ? AND starts > 0 AND starts < ?",
+            [(message_id, consumer, DEAD_LETTERED) for message_id in dict.fromkeys(message_ids)],
+        )
 
     async def handling_ended(
         self, consumer: str, message_id: str, *, dead_lettered: bool = False

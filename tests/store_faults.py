@@ -1,0 +1,199 @@
+"""What the message path does when its store fails or a broker hands out copies of a message.
+
+Part of the bus port's conformance (mixed into :class:`test_bus_port.BusPortConformance`), and
+run besides on a PostgreSQL store behind each broker. A store outage is made real on each store:
+SQLite's page limit makes a write that needs a new page fail with ``SQLITE_FULL`` (after which
+SQLite rolls the whole transaction back, as on a full disk); on PostgreSQL a trigger makes every
+document write fail with SQLSTATE 53100 ``disk_full``, as the server does when its disk is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+from test_bus import BusTestCommand, BusTestEvent, record
+
+from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.handling import Context, Service, System
+from sagaline.ports import BrokerBus, RetryPolicy
+
+#: Two attempts: an outage charged to the messages would dead-letter them at once.
+TWO_ATTEMPTS = RetryPolicy(max_attempts=2, initial_delay=0.01, multiplier=2.0, max_delay=0.05)
+
+
+class _Failures(logging.Handler):
+    """Counts the warnings and errors the message path logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+@contextmanager
+def _logged_failures() -> Iterator[_Failures]:
+    failures = _Failures()
+    logger = logging.getLogger("sagaline")
+    logger.addHandler(failures)
+    try:
+        yield failures
+    finally:
+        logger.removeHandler(failures)
+
+
+class StoreOutage:
+    """A real write failure of a store, begun and ended by the test."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def begin(self) -> None:
+        if isinstance(self.store, SqliteDatabase):
+            conn = self.store.connection
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {pages}")
+        else:
+            self._postgres(
+                "CREATE FUNCTION {s}.disk_full() RETURNS trigger LANGUAGE plpgsql AS $$"
+                " BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'"
+                " USING ERRCODE = 'disk_full'; END $$",
+                "CREATE TRIGGER disk_full BEFORE INSERT OR UPDATE ON {s}.documents"
+                " FOR EACH ROW EXECUTE FUNCTION {s}.disk_full()",
+            )
+
+    def end(self) -> None:
+        if isinstance(self.store, SqliteDatabase):
+            self.store.connection.execute("PRAGMA max_page_count = 4294967294")
+        else:
+            self._postgres(
+                "DROP TRIGGER disk_full ON {s}.documents", "DROP FUNCTION {s}.disk_full()"
+            )
+
+    def _postgres(self, *statements: str) -> None:
+        import psycopg
+
+        with psycopg.connect(self.store.url, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement.format(s=self.store.names.store).encode())
+
+
+async def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+class StoreFaultConformance:
+    """A store outage and in-batch copies, through the real message path of every bus."""
+
+    harness: Any
+
+    def test_a_store_outage_is_waited_out_without_charging_the_messages(self, harness: Any) -> None:
+        from test_bus_port import drive
+
+        calls: Counter[int] = Counter()
+
+        async def handle(ctx: Context, command: BusTestCommand) -> None:
+            calls[command.seq] += 1
+            if command.seq == 0 and calls[0] == 1:
+                # Fails once on its own, so that the batch is handled again message by message
+                # (under savepoints) when the store fails under it.
+                raise RuntimeError("not yet")
+            await record(ctx, command)
+            # A write that needs room the store does not have during the outage.
+            await ctx.tx.put_document("bulk", command.key, {"payload": "x" * 60_000}, 0)
+            ctx.publish(BusTestEvent(key=command.key, seq=command.seq))
+
+        async def scenario() -> None:
+            await harness.open()
+            service = Service("alpha", retry=TWO_ATTEMPTS)
+            service.handles(BusTestCommand)(handle)
+            system = System([service])
+            await harness.prepare(system)
+            commands = [BusTestCommand(key=f"K-{k}", seq=k) for k in range(3)]
+            sent = await system.submit_many(harness.entry, commands)
+            outage = StoreOutage(harness.store)
+            outage.begin()
+            runtime = harness.runtime(system)
+            runner = asyncio.create_task(runtime.run())
+            try:
+                with _logged_failures() as failures:
+                    # Well past what two attempts per message allow, had they been charged.
+                    await _wait_for(
+                        lambda: failures.count >= 5 or bool(harness.dead_letters()),
+                        60,
+                        "the worker to meet the outage",
+                    )
+                    outage.end()
+                expected = {f"K-{k}": [k] for k in range(3)}
+                await _wait_for(
+                    lambda: harness.recorded("alpha") == expected or runner.done(),
+                    60,
+                    "the commands to be handled",
+                )
+            finally:
+                runtime.stop()
+                await runner
+            assert harness.dead_letters() == []
+            assert harness.recorded("alpha") == expected
+            # Each command had one effect: one event caused by each.
+            events = await _caused_events(harness)
+            assert Counter(events[m.message_id] for m in sent) == {1: 3}
+
+        drive(scenario)
+
+    def test_copies_of_a_message_in_one_batch_are_handled_once(self, harness: Any) -> None:
+        from test_bus_port import drive
+
+        calls: Counter[int] = Counter()
+
+        async def handle(ctx: Context, command: BusTestCommand) -> None:
+            calls[command.seq] += 1
+            await record(ctx, command)
+            ctx.publish(BusTestEvent(key=command.key, seq=command.seq))
+
+        async def scenario() -> None:
+            await harness.open()
+            service = Service("alpha", retry=TWO_ATTEMPTS)
+            service.handles(BusTestCommand)(handle)
+            system = System([service])
+            await harness.prepare(system)
+            first, second = (BusTestCommand(key=f"K-{k}", seq=k) for k in range(2))
+            envelopes = [system._accept(first), system._accept(second)]
+            # A relay that republishes after a crash between the broker's confirm and marking
+            # its rows sent: the copies travel in one publication and arrive in one batch.
+            await cast(BrokerBus, harness.port).publish(
+                [envelopes[0], envelopes[0], envelopes[1], envelopes[0], envelopes[1]],
+                system.routes,
+            )
+            runtime = harness.runtime(system)
+            with _logged_failures() as failures:
+                await runtime.run_until(
+                    lambda: harness.recorded("alpha") == {"K-0": [0], "K-1": [1]}, timeout=30
+                )
+            assert calls == {0: 1, 1: 1}
+            assert failures.count == 0
+            assert harness.dead_letters() == []
+            events = await _caused_events(harness)
+            assert [events[e.message_id] for e in envelopes] == [1, 1]
+
+        drive(scenario)
+
+
+async def _caused_events(harness: Any) -> Counter[str | None]:
+    """How many events each message caused, in the event log (the broker's replay, or the store's
+    log when the bus is the store's database)."""
+    if harness.bus is None:
+        log = [stored async for stored in harness.store.iter_log(0)]
+    else:
+        log = await harness.replay(0)
+    return Counter(stored.envelope.causation_id for stored in log)
