@@ -18,7 +18,14 @@ from sagaline.backends.sqlite.rows import (
 )
 from sagaline.errors import ConcurrencyError
 from sagaline.messages import Envelope, utc_timestamp
-from sagaline.ports import DEAD_LETTERED, Document, Reads, SagaRecord, StoredEvent
+from sagaline.ports import (
+    DEAD_LETTERED,
+    Document,
+    Reads,
+    SagaRecord,
+    StoredEvent,
+    bounded_dead_letter,
+)
 
 if TYPE_CHECKING:
     from sagaline.backends.sqlite import SqliteDatabase
@@ -309,6 +316,7 @@ class SqliteTransaction:
     async def dead_letter(
         self, consumer: str, envelope: Envelope, reason: str, attempts: int
     ) -> None:
+        body, reason = bounded_dead_letter(envelope.body, reason)
         self._conn.execute(
             "INSERT INTO dead_letters (consumer, message_id, type, body, correlation_id,"
             " causation_id, timestamp, source, reason, attempts, failed_at)"
@@ -317,7 +325,7 @@ class SqliteTransaction:
                 consumer,
                 envelope.message_id,
                 envelope.message_type,
-                body_value(envelope.body),
+                body_value(body),
                 envelope.correlation_id,
                 envelope.causation_id,
                 envelope.timestamp,
