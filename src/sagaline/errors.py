@@ -51,3 +51,9 @@ class NonRetryableError(SagalineError):
     """Raised by a handler to send a message straight to the dead letters, skipping retries."""
 
     code = "non_retryable"
+
+
+class StoreUnavailable(SagalineError):
+    """A store that cannot be used now: full, read-only, unreachable or failing at its device."""
+
+    code = "store_unavailable"

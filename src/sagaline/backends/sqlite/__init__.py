@@ -22,6 +22,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sagaline.backends.sqlite.bus import SqliteBus
+from sagaline.backends.sqlite.files import (
+    NotAStore,
+    check_store_file,
+    connect_read_only,
+    create_owner_only,
+    store_error,
+)
 from sagaline.backends.sqlite.queries import SqliteQueries
 from sagaline.backends.sqlite.rows import (
     ENVELOPE_COLUMNS,
@@ -33,10 +40,11 @@ from sagaline.backends.sqlite.schema import (
     BACKSTOP_CHECKPOINT_PAGES,
     LEASE_SECONDS,
     PARTITIONS,
+    check_version,
     migrate,
 )
 from sagaline.backends.sqlite.transaction import SqliteTransaction
-from sagaline.errors import ConfigurationError
+from sagaline.errors import ConfigurationError, StoreUnavailable
 from sagaline.messages import Envelope
 from sagaline.ports import Batch, ConsumerSpec, OutboxEntry, Outcome, StoredEvent
 
@@ -46,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LEASE_SECONDS",
     "PARTITIONS",
+    "NotAStore",
     "SqliteDatabase",
     "SqliteTransaction",
     "partition_of",
@@ -57,35 +66,84 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
     """Store and bus in one SQLite file (WAL, synchronous=FULL)."""
 
     def __init__(
-        self, url: str, *, lease_seconds: float = LEASE_SECONDS, outbox: bool = False
+        self,
+        url: str,
+        *,
+        lease_seconds: float = LEASE_SECONDS,
+        outbox: bool = False,
+        adopt: bool = False,
+        read_only: bool = False,
     ) -> None:
+        """Open (or create) the store at ``url``.
+
+        An existing file that holds data and is not a sagaline store is refused
+        (:class:`NotAStore`) and left untouched, unless ``adopt`` (``sagaline migrate``) asks
+        for sagaline's tables to be added to a SQLite database. ``read_only`` opens an existing
+        store for queries only: nothing is written, not even its journal mode.
+        """
         self.url = url
         #: True when this file is a service's store whose messages go out through another bus.
         self.outbox = outbox
         self._outbox_ready = asyncio.Event()
         self.path = path_from_url(url)
         self.lease_seconds = lease_seconds
+        self.read_only = read_only
         parent = Path(self.path).parent
         if not parent.exists():
             raise ConfigurationError(f"the directory of {self.path!r} does not exist")
-        self.connection = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        # FULL: each commit fsyncs the WAL, so an acknowledged step survives power loss.
-        self.connection.execute("PRAGMA synchronous=FULL")
-        self.connection.execute("PRAGMA foreign_keys=ON")
-        self.connection.execute("PRAGMA cache_size=-65536")
+        check_store_file(self.path, url, adopt=adopt)
         self._lock = asyncio.Lock()
         self._init_bus()
         self._checkpointer: tuple[threading.Thread, threading.Event] | None = None
-        self._migrate()
+        try:
+            self.connection = self._connect()
+        except sqlite3.Error as exc:
+            translated = store_error(exc, url, self.path)
+            if translated is None:
+                raise
+            raise translated from exc
 
-    def _migrate(self) -> None:
-        migrate(self.connection, self.path)
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only and self.path != ":memory:":
+            if not Path(self.path).exists():
+                raise StoreUnavailable(f"the store {self.url} does not exist")
+            connection = connect_read_only(self.path, check_same_thread=False)
+            try:
+                check_version(connection, self.path)
+            except BaseException:
+                connection.close()
+                raise
+            return connection
+        create_owner_only(self.path)
+        connection = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            # FULL: each commit fsyncs the WAL, so an acknowledged step survives power loss.
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA cache_size=-65536")
+            migrate(connection, self.path)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
+        """One unit of work; a full or failing device raises :class:`StoreUnavailable`."""
+        try:
+            async with self._unit_of_work() as tx:
+                yield tx
+        except sqlite3.Error as exc:
+            translated = store_error(exc, self.url, self.path)
+            if translated is None:
+                raise
+            raise translated from exc
+
+    @asynccontextmanager
+    async def _unit_of_work(self) -> AsyncIterator[SqliteTransaction]:
         """One unit of work; the in-process lock keeps services' transactions apart."""
         async with self._lock:
             conn = self.connection
