@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,7 +37,14 @@ from sagaline.deploy import open_bus
 from sagaline.errors import InvalidMessage
 from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import MAX_MESSAGE_BYTES, Envelope
-from sagaline.ports import Backend, BrokerBus, DeadLetter, RetryPolicy, StoredEvent
+from sagaline.ports import (
+    DEAD_LETTER_BODY_BYTES,
+    Backend,
+    BrokerBus,
+    DeadLetter,
+    RetryPolicy,
+    StoredEvent,
+)
 
 
 class Harness:
@@ -100,6 +108,19 @@ class Harness:
 
     async def replay(self, after: int = 0) -> list[StoredEvent]:
         return [stored async for stored in cast(BrokerBus, self.port).replay(after)]
+
+
+def _sqlite_files(store: Backend) -> list[Path] | None:
+    """The files of a SQLite store (main file and WAL), or None for another store."""
+    if not isinstance(store, SqliteDatabase):
+        return None
+    return [Path(store.path), Path(store.path + "-wal")]
+
+
+def _size(files: list[Path] | None) -> int:
+    if files is None:
+        return 0
+    return sum(path.stat().st_size for path in files if path.exists())
 
 
 #: Harnesses made by the running test; closed in the test's event loop when it ends.
@@ -401,6 +422,51 @@ class BusPortConformance(StoreFaultConformance):
                 len(event.payload)
             ]
             assert not harness.dead_letters()
+
+        drive(scenario)
+
+    def test_a_large_message_is_dead_lettered_as_a_bounded_prefix_with_its_size_and_hash(
+        self, harness: Harness
+    ) -> None:
+        """A big message that cannot be handled is kept as a prefix, its size and its SHA-256:
+        the store does not grow by the message. Over sagaline's limit where the bus carries it
+        (4 MiB); NATS's server refuses more than its max_payload (1 MiB by default), so there
+        the message is as big as it takes and invalid."""
+
+        async def scenario() -> None:
+            await harness.open()
+            system = System([queue_service("alpha", BusTestCommand)])
+            size = 4 * MAX_MESSAGE_BYTES
+            broker_limit = getattr(harness.bus, "max_payload", None)
+            if broker_limit is not None and broker_limit - 2048 < size:
+                size = broker_limit - 2048
+            head = b'{"commandType":"BusTestCommand","key":"K-1","seq":"not a number","payload":"'
+            body = head + b"x" * (size - len(head) - 2) + b'"}'
+            assert len(body) == size
+            big = hand_made("BusTestCommand", "K-1", body)
+            store_files = _sqlite_files(harness.store) if harness.bus is not None else None
+            before = _size(store_files)
+            await harness.inject([big], system)
+            await system.submit(harness.entry, BusTestCommand(key="K-1", seq=1))
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "alpha", {"K-1": [1]}),
+                    lambda: bool(harness.dead_letters()),
+                ),
+            )
+            [dead] = harness.dead_letters()
+            assert dead.envelope.message_id == big.message_id
+            assert dead.envelope.body == body[:DEAD_LETTER_BODY_BYTES]
+            assert f"{size:,} bytes" in dead.reason
+            assert hashlib.sha256(body).hexdigest() in dead.reason
+            if size > MAX_MESSAGE_BYTES:
+                assert str(MAX_MESSAGE_BYTES) in dead.reason
+            assert harness.recorded("alpha") == {"K-1": [1]}
+            if store_files is not None:
+                # The service's own store (the bus is elsewhere) keeps the prefix, not the body.
+                assert _size(store_files) - before < size // 4
 
         drive(scenario)
 

@@ -31,12 +31,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
-from sagaline.backends.sqlite import LEASE_SECONDS, path_from_url
+from sagaline.backends.sqlite import LEASE_SECONDS, NotAStore, path_from_url
 from sagaline.deploy import Deployment, Supervisor, open_bus, serve_argv, service_url
 from sagaline.errors import (
     ConfigurationError,
     InvalidMessage,
     SagalineError,
+    StoreUnavailable,
     UnknownMessageType,
 )
 from sagaline.handling import DEFAULT_BATCH, Runtime
@@ -216,25 +217,37 @@ def _open_deployment(
     services: Sequence[str] = SERVICE_NAMES,
     lease_seconds: float | None = None,
     instance: tuple[int, int] | None = None,
+    read_only: bool = False,
+    adopt: bool = False,
 ) -> Deployment:
-    """The services' stores and bus; queries refuse to create an empty SQLite store."""
+    """The services' stores and bus; queries refuse to create an empty SQLite store.
+
+    ``read_only``: SQLite files are opened for queries only (nothing is written to them);
+    ``adopt``: SQLite databases that are not sagaline stores yet get sagaline's tables.
+    """
     _check_urls(store, bus)
     shown = _inert(redact_url(store))
     if must_exist is not None and store.startswith("sqlite:///"):
         path = path_from_url(service_url(store, must_exist))
         if path != ":memory:" and not Path(path).exists():
             _fail(f"no store at {_inert(path)} (run `sagaline demo`, or pass --store URL)", 1)
-    options: dict[str, Any] = {}
+    sqlite_options: dict[str, Any] = {}
+    if read_only:
+        sqlite_options["read_only"] = True
+    if adopt:
+        sqlite_options["adopt"] = True
+    options: dict[str, Any] = dict(sqlite_options) if store.startswith("sqlite:") else {}
     if lease_seconds is not None:
         options["lease_seconds"] = lease_seconds
+    bus_options: dict[str, Any] = {"instance": instance} if instance is not None else {}
+    if bus is not None and bus.startswith("sqlite:"):
+        bus_options.update(sqlite_options)
     try:
-        return Deployment(
-            store,
-            bus,
-            services,
-            store_options=options,
-            bus_options={"instance": instance} if instance is not None else {},
-        )
+        return Deployment(store, bus, services, store_options=options, bus_options=bus_options)
+    except NotAStore as exc:
+        _fail(_inert(exc), 2)
+    except StoreUnavailable as exc:
+        _fail(_inert(exc), 1)
     except Exception as exc:
         if not isinstance(exc, (SagalineError, *_database_errors())):
             raise
@@ -284,6 +297,8 @@ def _with(
     lease_seconds: float | None = None,
     wait_for_servers: bool = False,
     instance: tuple[int, int] | None = None,
+    read_only: bool = False,
+    adopt: bool = False,
 ) -> T:
     """Open the deployment, do ``work`` with it and close it, all in one event loop.
 
@@ -297,6 +312,8 @@ def _with(
         services=services,
         lease_seconds=lease_seconds,
         instance=instance,
+        read_only=read_only,
+        adopt=adopt,
     )
 
     async def go() -> T:
@@ -852,8 +869,12 @@ def migrate(
     store: StoreOption = DEFAULT_STORE_URL,
     bus: BusOption = None,
 ) -> None:
-    """Create or upgrade every service's store schema and the bus's queues and streams."""
-    _with(store, bus, _prepare, must_exist=None)
+    """Create or upgrade every service's store schema and the bus's queues and streams.
+
+    A SQLite database that is not a sagaline store yet is adopted: sagaline's tables are added
+    to it (other commands refuse such a file).
+    """
+    _with(store, bus, _prepare, must_exist=None, adopt=True)
     out.print(
         f"migrated the stores of {', '.join(SERVICE_NAMES)} on {_inert(redact_url(store))}"
         + (f" and the bus {_inert(redact_url(bus))}" if bus else ""),
@@ -1012,7 +1033,7 @@ def stock_list(
     async def query(deployment: Deployment) -> list[dict[str, Any]]:
         return _queries(deployment, "inventory").query_documents(STOCK)
 
-    rows = _with(store, bus, query, must_exist="inventory", services=["inventory"])
+    rows = _with(store, bus, query, must_exist="inventory", services=["inventory"], read_only=True)
     if json_output:
         _emit_json(rows)
     elif rows:
@@ -1033,7 +1054,7 @@ def order(
     async def query(deployment: Deployment) -> Document | None:
         return _queries(deployment, "read").get_document_sync(ORDER_VIEW, order_id)
 
-    document = _with(store, bus, query, services=["read"])
+    document = _with(store, bus, query, services=["read"], read_only=True)
     if document is None:
         _fail(f"no order {_quoted(order_id)} in the read model", 1)
     row = document.data
@@ -1078,7 +1099,7 @@ def orders(
     async def query(deployment: Deployment) -> list[dict[str, Any]]:
         return _queries(deployment, "read").query_documents(ORDER_VIEW, filters)
 
-    rows = _with(store, bus, query, services=["read"])
+    rows = _with(store, bus, query, services=["read"], read_only=True)
     if json_output:
         _emit_json(rows)
     elif rows:
@@ -1105,7 +1126,7 @@ def trace(
         )
         return found, _queries(deployment, "read").get_document_sync(ORDER_VIEW, order_id)
 
-    found, document = _with(store, bus, query)
+    found, document = _with(store, bus, query, read_only=True)
     if not found.found:
         _fail(f"nothing is known about {_quoted(order_id)}", 1)
     if json_output:
@@ -1120,8 +1141,10 @@ def trace(
 
 def _dead_letter_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title="Dead letters", title_justify="left")
-    for column in ("failedAt", "consumer", "type", "messageId", "attempts", "reason"):
-        table.add_column(column, no_wrap=column != "reason")
+    for column in ("failedAt", "consumer", "type", "messageId", "attempts"):
+        table.add_column(column, no_wrap=True)
+    # A long word (a truncated body's SHA-256) is folded, not cut.
+    table.add_column("reason", overflow="fold")
     for row in rows:
         table.add_row(
             *(_cell(row.get(c)) for c in ("failedAt", "consumer", "type")),
@@ -1145,7 +1168,7 @@ def dead_letters(
         letters.sort(key=lambda letter: letter.failed_at)
         return [dead_letter_summary(letter) for letter in letters]
 
-    rows = _with(store, bus, query)
+    rows = _with(store, bus, query, read_only=True)
     if json_output:
         _emit_json(rows)
     elif rows:
@@ -1200,7 +1223,9 @@ def sagas(
         db = _queries(deployment, "orchestrator")
         return [saga_summary(record) for record in db.list_sagas(wanted)], db.saga_counts()
 
-    rows, counts = _with(store, bus, query, must_exist="orchestrator", services=["orchestrator"])
+    rows, counts = _with(
+        store, bus, query, must_exist="orchestrator", services=["orchestrator"], read_only=True
+    )
     if json_output:
         _emit_json({"counts": counts, "sagas": rows})
         return

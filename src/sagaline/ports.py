@@ -9,6 +9,7 @@ transaction; a broker bus (RabbitMQ, NATS) gets them through the store's outbox 
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from sagaline.messages import Envelope
 
 __all__ = [
     "DEAD_LETTERED",
+    "DEAD_LETTER_BODY_BYTES",
     "Backend",
     "Batch",
     "BrokerBus",
@@ -36,6 +38,7 @@ __all__ = [
     "StoreQueries",
     "StoreTransaction",
     "StoredEvent",
+    "bounded_dead_letter",
 ]
 
 
@@ -165,6 +168,36 @@ class DeadLetter:
     reason: str
     attempts: int
     failed_at: str
+
+
+#: The most bytes of a body a dead letter keeps; a larger body is kept as this long a prefix,
+#: with its size and SHA-256 in the reason.
+DEAD_LETTER_BODY_BYTES = 64 * 1024
+
+
+def bounded_dead_letter(
+    body: bytes, reason: str, limit: int = DEAD_LETTER_BODY_BYTES
+) -> tuple[bytes, str]:
+    """The body and reason a store records for a dead letter: a body over ``limit`` bytes is cut
+    to its first ``limit`` bytes (fewer, not to split a UTF-8 character of a text body) and the
+    reason says so, with the whole body's size and SHA-256.
+    """
+    if len(body) <= limit:
+        return body, reason
+    prefix = body[:limit]
+    # Drop a UTF-8 character cut in two (at most 3 bytes), so that a text body stays text.
+    for cut in range(4):
+        try:
+            prefix[: limit - cut].decode()
+        except UnicodeDecodeError:
+            continue
+        prefix = prefix[: limit - cut]
+        break
+    digest = hashlib.sha256(body).hexdigest()
+    return prefix, (
+        f"{reason}; body of {len(body):,} bytes stored truncated to its first"
+        f" {len(prefix):,} bytes, sha256 {digest}"
+    )
 
 
 @dataclass(slots=True)

@@ -44,7 +44,14 @@ from sagaline.backends.sqlite.rows import (
 )
 from sagaline.errors import ConcurrencyError
 from sagaline.messages import Envelope, utc_timestamp
-from sagaline.ports import DEAD_LETTERED, Document, Reads, SagaRecord, StoredEvent
+from sagaline.ports import (
+    DEAD_LETTERED,
+    Document,
+    Reads,
+    SagaRecord,
+    StoredEvent,
+    bounded_dead_letter,
+)
 
 if TYPE_CHECKING:
     from sagaline.backends.postgres import PostgresDatabase
@@ -938,12 +945,13 @@ class PostgresTransaction:
         self, consumer: str, envelope: Envelope, reason: str, attempts: int
     ) -> None:
         """Record a message that could not be processed (written at commit)."""
+        body, reason = bounded_dead_letter(envelope.body, reason)
         self._dead.append(
             (
                 consumer,
                 envelope.message_id,
                 envelope.message_type,
-                body_text(envelope.body),
+                body_text(body),
                 envelope.correlation_id,
                 envelope.causation_id,
                 envelope.timestamp,

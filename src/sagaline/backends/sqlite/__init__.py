@@ -24,6 +24,12 @@ from typing import TYPE_CHECKING
 
 from sagaline.backends.sqlite.bus import SqliteBus
 from sagaline.backends.sqlite.failures import gone, unavailable
+from sagaline.backends.sqlite.files import (
+    NotAStore,
+    check_store_file,
+    connect_read_only,
+    create_owner_only,
+)
 from sagaline.backends.sqlite.queries import SqliteQueries
 from sagaline.backends.sqlite.rows import (
     ENVELOPE_COLUMNS,
@@ -35,6 +41,7 @@ from sagaline.backends.sqlite.schema import (
     BACKSTOP_CHECKPOINT_PAGES,
     LEASE_SECONDS,
     PARTITIONS,
+    check_version,
     migrate,
 )
 from sagaline.backends.sqlite.transaction import SqliteTransaction
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LEASE_SECONDS",
     "PARTITIONS",
+    "NotAStore",
     "SqliteDatabase",
     "SqliteTransaction",
     "partition_of",
@@ -64,42 +72,83 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
     """Store and bus in one SQLite file (WAL, synchronous=FULL)."""
 
     def __init__(
-        self, url: str, *, lease_seconds: float = LEASE_SECONDS, outbox: bool = False
+        self,
+        url: str,
+        *,
+        lease_seconds: float = LEASE_SECONDS,
+        outbox: bool = False,
+        adopt: bool = False,
+        read_only: bool = False,
     ) -> None:
+        """Open (or create) the store at ``url``.
+
+        An existing file that holds data and is not a sagaline store is refused
+        (:class:`NotAStore`) and left untouched, unless ``adopt`` (``sagaline migrate``) asks
+        for sagaline's tables to be added to a SQLite database. ``read_only`` opens an existing
+        store for queries only: nothing is written, not even its journal mode.
+        """
         self.url = url
         #: True when this file is a service's store whose messages go out through another bus.
         self.outbox = outbox
         self._outbox_ready = asyncio.Event()
         self.path = path_from_url(url)
         self.lease_seconds = lease_seconds
+        self.read_only = read_only
         parent = Path(self.path).parent
         if not parent.exists():
             raise ConfigurationError(f"the directory of {self.path!r} does not exist")
-        self.connection = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
-        )
-        self.connection.execute("PRAGMA journal_mode=WAL")
-        # FULL: each commit fsyncs the WAL, so an acknowledged step survives power loss.
-        self.connection.execute("PRAGMA synchronous=FULL")
-        self.connection.execute("PRAGMA foreign_keys=ON")
-        self.connection.execute("PRAGMA cache_size=-65536")
+        check_store_file(self.path, url, adopt=adopt)
         self._lock = asyncio.Lock()
         self._init_bus()
         self._checkpointer: tuple[threading.Thread, threading.Event] | None = None
-        self._migrate()
+        try:
+            self.connection = self._connect()
+        except sqlite3.Error as exc:
+            translated = unavailable(exc, url, self.path)
+            if translated is None:
+                raise
+            raise translated from exc
 
-    def _migrate(self) -> None:
-        migrate(self.connection, self.path)
+    def _connect(self) -> sqlite3.Connection:
+        if self.read_only and self.path != ":memory:":
+            if not Path(self.path).exists():
+                raise StoreUnavailable(f"the store {self.url} does not exist")
+            connection = connect_read_only(self.path, check_same_thread=False)
+            try:
+                check_version(connection, self.path)
+            except BaseException:
+                connection.close()
+                raise
+            return connection
+        create_owner_only(self.path)
+        connection = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            # FULL: each commit fsyncs the WAL, so an acknowledged step survives power loss.
+            connection.execute("PRAGMA synchronous=FULL")
+            connection.execute("PRAGMA foreign_keys=ON")
+            connection.execute("PRAGMA cache_size=-65536")
+            migrate(connection, self.path)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
-        """One unit of work; the in-process lock keeps services' transactions apart."""
+        """One unit of work; the in-process lock keeps services' transactions apart.
+
+        A full or failing device, or a lock held past the timeout, raises
+        :class:`StoreUnavailable`.
+        """
         async with self._lock:
             conn = self.connection
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                translated = unavailable(exc, self.path)
+                translated = unavailable(exc, self.url, self.path)
                 if translated is None:
                     raise
                 raise translated from exc
@@ -108,18 +157,20 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
                 yield tx
                 tx.flush()
                 if not conn.in_transaction:
-                    raise gone(sqlite3.OperationalError("no transaction is active"), self.path)
+                    raise gone(
+                        sqlite3.OperationalError("no transaction is active"), self.url, self.path
+                    )
                 conn.execute("COMMIT")
             except BaseException as exc:
                 if not conn.in_transaction:
                     # SQLite rolled it back itself (a full disk, an I/O error): nothing of it
                     # is kept, and nothing may run as if it were still open.
                     if isinstance(exc, Exception) and not isinstance(exc, StoreUnavailable):
-                        raise gone(exc, self.path) from exc
+                        raise gone(exc, self.url, self.path) from exc
                     raise
                 conn.execute("ROLLBACK")
                 if isinstance(exc, Exception):
-                    translated = unavailable(exc, self.path)
+                    translated = unavailable(exc, self.url, self.path)
                     if translated is not None and translated is not exc:
                         raise translated from exc
                 raise

@@ -46,6 +46,7 @@ class SqliteBus:
 
     connection: sqlite3.Connection
     path: str
+    url: str
     lease_seconds: float
     _lock: asyncio.Lock
     _wakeups: dict[tuple[str, str], asyncio.Event]
@@ -66,7 +67,7 @@ class SqliteBus:
                     return self._claim_queue(consumer, member, limit)
                 return self._claim_subscription(consumer, member, limit)
             except sqlite3.Error as exc:
-                translated = unavailable(exc, self.path)
+                translated = unavailable(exc, self.url, self.path)
                 if translated is None:
                     raise
                 raise translated from exc

@@ -13,6 +13,7 @@ __all__ = [
     "PARTITIONS",
     "SCAN_FACTOR",
     "SCHEMA_VERSION",
+    "check_version",
     "migrate",
 ]
 
@@ -207,3 +208,22 @@ def migrate(conn: sqlite3.Connection, path: str) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+
+
+def check_version(conn: sqlite3.Connection, path: str) -> None:
+    """Check, without writing, that ``conn`` is on a sagaline store this sagaline can read."""
+    try:
+        row = conn.execute(
+            "SELECT value FROM sagaline_meta WHERE key = 'schema_version'"
+        ).fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        row = None
+    if row is None:
+        raise ConfigurationError(f"{path} holds no sagaline store yet")
+    if int(row[0]) > SCHEMA_VERSION:
+        raise ConfigurationError(
+            f"{path} has schema version {row[0]}; this sagaline knows {SCHEMA_VERSION}:"
+            " upgrade sagaline"
+        )

@@ -19,7 +19,14 @@ from sagaline.backends.sqlite.rows import (
 )
 from sagaline.errors import ConcurrencyError, StoreUnavailable
 from sagaline.messages import Envelope, utc_timestamp
-from sagaline.ports import DEAD_LETTERED, Document, Reads, SagaRecord, StoredEvent
+from sagaline.ports import (
+    DEAD_LETTERED,
+    Document,
+    Reads,
+    SagaRecord,
+    StoredEvent,
+    bounded_dead_letter,
+)
 
 if TYPE_CHECKING:
     from sagaline.backends.sqlite import SqliteDatabase
@@ -50,6 +57,7 @@ class SqliteTransaction:
         """
         conn = self._conn
         path = self._db.path
+        url = self._db.url
         conn.execute("SAVEPOINT message")
         history = len(self._history)
         try:
@@ -57,19 +65,19 @@ class SqliteTransaction:
         except BaseException as exc:
             if not conn.in_transaction:
                 if isinstance(exc, Exception) and not isinstance(exc, StoreUnavailable):
-                    raise gone(exc, path) from exc
+                    raise gone(exc, url, path) from exc
                 raise
             conn.execute("ROLLBACK TO message")
             conn.execute("RELEASE message")
             del self._history[history:]
             if isinstance(exc, Exception):
-                translated = unavailable(exc, path)
+                translated = unavailable(exc, url, path)
                 if translated is not None and translated is not exc:
                     raise translated from exc
             raise
         if not conn.in_transaction:
             # The block swallowed an error after which SQLite rolled the transaction back.
-            raise gone(sqlite3.OperationalError("no transaction is active"), path)
+            raise gone(sqlite3.OperationalError("no transaction is active"), url, path)
         conn.execute("RELEASE message")
 
     def flush(self) -> None:
@@ -335,6 +343,7 @@ class SqliteTransaction:
     async def dead_letter(
         self, consumer: str, envelope: Envelope, reason: str, attempts: int
     ) -> None:
+        body, reason = bounded_dead_letter(envelope.body, reason)
         self._conn.execute(
             "INSERT INTO dead_letters (consumer, message_id, type, body, correlation_id,"
             " causation_id, timestamp, source, reason, attempts, failed_at)"
@@ -343,7 +352,7 @@ class SqliteTransaction:
                 consumer,
                 envelope.message_id,
                 envelope.message_type,
-                body_value(envelope.body),
+                body_value(body),
                 envelope.correlation_id,
                 envelope.causation_id,
                 envelope.timestamp,
