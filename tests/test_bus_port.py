@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +25,7 @@ from test_bus import (
     FAST_RETRY,
     BusTestCommand,
     BusTestEvent,
+    BusTestOtherCommand,
     BusTestOtherEvent,
     hand_made,
     padded,
@@ -34,9 +36,9 @@ from test_bus import (
 
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.deploy import open_bus
-from sagaline.errors import InvalidMessage
+from sagaline.errors import DuplicateMessageId, InvalidMessage, NotAcceptedFromClients
 from sagaline.handling import Context, Runtime, Service, System
-from sagaline.messages import MAX_MESSAGE_BYTES, Envelope
+from sagaline.messages import MAX_MESSAGE_BYTES, Envelope, encode_body
 from sagaline.ports import (
     DEAD_LETTER_BODY_BYTES,
     Backend,
@@ -180,6 +182,9 @@ def both(*conditions: Callable[[], bool]) -> Callable[[], bool]:
 
 class BusPortConformance(StoreFaultConformance):
     """What every bus must do on the message path. Subclasses provide ``make_harness``."""
+
+    #: True when the bus is a database (its queues and log are tables), False for a broker.
+    bus_is_a_database = True
 
     @pytest.fixture
     def make_harness(self, tmp_path: Path) -> Iterator[MakeHarness]:
@@ -331,24 +336,202 @@ class BusPortConformance(StoreFaultConformance):
                 type_name = "BusTestEvent"
             bad = hand_made(type_name, "K-1", bad_body)
             not_json = hand_made(type_name, "K-2", b"\xff\xfe not json")
-            await harness.inject([bad, not_json], system)
+            # JSON keeps the last of a repeated key; another reader may keep the first.
+            repeated = hand_made(
+                type_name,
+                "K-3",
+                f'{{"{kind.discriminator}":"{type_name}","key":"K-3","seq":3,"seq":4}}'.encode(),
+            )
+            await harness.inject([bad, not_json, repeated], system)
             await system.submit_many(
-                harness.entry, [kind(key="K-1", seq=1), kind(key="K-2", seq=2)]
+                harness.entry,
+                [kind(key="K-1", seq=1), kind(key="K-2", seq=2), kind(key="K-3", seq=5)],
             )
             await run_until(
                 harness,
                 system,
                 both(
-                    handled_all(harness, "alpha", {"K-1": [1], "K-2": [2]}),
-                    lambda: len(harness.dead_letters()) >= 2,
+                    handled_all(harness, "alpha", {"K-1": [1], "K-2": [2], "K-3": [5]}),
+                    lambda: len(harness.dead_letters()) >= 3,
                 ),
             )
             dead = {letter.envelope.message_id: letter for letter in harness.dead_letters()}
-            assert set(dead) == {bad.message_id, not_json.message_id}
+            assert set(dead) == {bad.message_id, not_json.message_id, repeated.message_id}
             assert "invalid" in dead[bad.message_id].reason
             assert dead[bad.message_id].envelope.body == bad.body
             assert "invalid" in dead[not_json.message_id].reason
-            assert harness.recorded("alpha") == {"K-1": [1], "K-2": [2]}
+            assert "'seq' appears twice" in dead[repeated.message_id].reason
+            assert dead[repeated.message_id].envelope.body == repeated.body
+            assert harness.recorded("alpha") == {"K-1": [1], "K-2": [2], "K-3": [5]}
+
+        drive(scenario)
+
+    def test_a_message_id_is_one_message_and_is_refused_for_another(self, harness: Harness) -> None:
+        """A client's own message id makes its retry the same message. Another message under a
+        used id is refused where the bus is a database, which can compare it with what it holds;
+        a broker cannot, and its consumers take the first message under an id."""
+
+        async def scenario() -> None:
+            await harness.open()
+            system = System(
+                [
+                    queue_service("alpha", BusTestCommand),
+                    queue_service("beta", BusTestOtherCommand),
+                    subscriber("watcher", BusTestEvent),
+                ]
+            )
+            await harness.prepare(system)
+            entry = harness.entry
+            command, event = BusTestCommand(key="K-1", seq=1), BusTestEvent(key="K-1", seq=1)
+            for _ in range(2):  # the second time: a client's retry after a lost answer
+                sent = await system.submit(entry, command, message_id="client:1")
+                assert sent.message_id == "client:1"
+                await system.submit(entry, event, message_id="client:2")
+            others: list[tuple[Any, str]] = [
+                (BusTestCommand(key="K-1", seq=2), "client:1"),  # another body
+                (BusTestEvent(key="K-1", seq=2), "client:2"),
+            ]
+            # Two messages under one id in one call are refused on every bus.
+            with pytest.raises(DuplicateMessageId):
+                await system.submit_many(
+                    entry,
+                    [BusTestCommand(key="K-4", seq=1), BusTestCommand(key="K-4", seq=2)],
+                    message_ids=["client:4", "client:4"],
+                )
+            if self.bus_is_a_database:
+                # Another type too (on a broker it would reach another consumer, whose inbox
+                # has not seen the id).
+                others.append((BusTestOtherCommand(key="K-1", seq=1), "client:1"))
+                for message, message_id in others:
+                    with pytest.raises(DuplicateMessageId) as caught:
+                        await system.submit(entry, message, message_id=message_id)
+                    assert caught.value.message_id == message_id
+                    assert message_id in str(caught.value)
+                # Refused in a batch, it takes the batch with it: nothing is written.
+                with pytest.raises(DuplicateMessageId):
+                    await system.submit_many(
+                        entry,
+                        [BusTestCommand(key="K-3", seq=1), BusTestCommand(key="K-1", seq=3)],
+                        message_ids=["client:3", "client:1"],
+                    )
+            else:
+                for message, message_id in others:
+                    await system.submit(entry, message, message_id=message_id)
+            # Later messages of the same keys: handled after whatever came before them.
+            await system.submit_many(
+                entry, [BusTestCommand(key="K-1", seq=5), BusTestEvent(key="K-1", seq=5)]
+            )
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "alpha", {"K-1": [1, 5]}),
+                    handled_all(harness, "watcher", {"K-1": [1, 5]}),
+                ),
+            )
+            assert harness.recorded("alpha") == {"K-1": [1, 5]}
+            assert harness.recorded("watcher") == {"K-1": [1, 5]}
+            assert harness.recorded("beta") == {}
+
+        drive(scenario)
+
+    def test_a_message_whose_id_is_not_one_never_reaches_a_handler(self, harness: Harness) -> None:
+        async def scenario() -> None:
+            await harness.open()
+            system = System([queue_service("alpha", BusTestCommand)])
+            await harness.prepare(system)
+            with pytest.raises(InvalidMessage) as caught:
+                await system.submit(
+                    harness.entry, BusTestCommand(key="K-1", seq=1), message_id="x" * 100_000
+                )
+            assert caught.value.field == "messageId"
+            assert "100000 characters" in caught.value.reason
+            body = encode_body(BusTestCommand(key="K-1", seq=1))
+            too_long = replace(hand_made("BusTestCommand", "K-1", body), message_id="x" * 200)
+            misshapen = replace(hand_made("BusTestCommand", "K-1", body), message_id="id 7/é")
+            if self.bus_is_a_database:
+                # A database bus is only written through sagaline, which checks every id.
+                for envelope in (too_long, misshapen):
+                    with pytest.raises(InvalidMessage):
+                        await harness.inject([envelope], system)
+            else:
+                # Anyone may publish to a broker: its consumers check what it delivers.
+                await harness.inject([too_long, misshapen], system)
+            await system.submit(harness.entry, BusTestCommand(key="K-2", seq=2))
+            expected_dead = 0 if self.bus_is_a_database else 2
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "alpha", {"K-2": [2]}),
+                    lambda: len(harness.dead_letters()) >= expected_dead,
+                ),
+            )
+            assert harness.recorded("alpha") == {"K-2": [2]}
+            dead = harness.dead_letters()
+            assert len(dead) == expected_dead
+            reasons = sorted(letter.reason for letter in dead)
+            if dead:
+                assert "200 characters is longer than the limit of 128" in reasons[0]
+                assert "'id 7/é' may only hold ASCII letters" in reasons[1]
+                for letter in dead:
+                    assert letter.envelope.body == body
+                    assert letter.envelope.message_id not in (too_long.message_id, "id 7/é")
+
+        drive(scenario)
+
+    def test_what_clients_may_not_submit_is_refused_and_dead_lettered_if_it_comes_anyway(
+        self, harness: Harness
+    ) -> None:
+        async def scenario() -> None:
+            await harness.open()
+            system = System(
+                [
+                    queue_service("alpha", BusTestCommand),
+                    queue_service("internal", BusTestOtherCommand),
+                    subscriber("watcher", BusTestEvent),
+                ],
+                accepts=[BusTestCommand],
+            )
+            await harness.prepare(system)
+            for message in (BusTestOtherCommand(key="K-1", seq=1), BusTestEvent(key="K-1", seq=1)):
+                with pytest.raises(NotAcceptedFromClients) as caught:
+                    await system.submit(harness.entry, message)
+                assert message.type_name() in str(caught.value)
+                assert "clients may submit BusTestCommand" in str(caught.value)
+            # A client that puts them on the bus itself (straight onto a broker).
+            command = hand_made(
+                "BusTestOtherCommand",
+                "K-1",
+                encode_body(BusTestOtherCommand(key="K-1", seq=1)),
+            )
+            event = hand_made("BusTestEvent", "K-1", encode_body(BusTestEvent(key="K-1", seq=1)))
+            await harness.inject([command, event], system)
+            # Its own services may send them.
+            await system.submit_internal(
+                harness.entry,
+                [BusTestOtherCommand(key="K-2", seq=2), BusTestEvent(key="K-2", seq=2)],
+                source="alpha",
+            )
+            await system.submit(harness.entry, BusTestCommand(key="K-3", seq=3))
+            await run_until(
+                harness,
+                system,
+                both(
+                    handled_all(harness, "alpha", {"K-3": [3]}),
+                    handled_all(harness, "internal", {"K-2": [2]}),
+                    handled_all(harness, "watcher", {"K-2": [2]}),
+                    lambda: len(harness.dead_letters()) >= 2,
+                ),
+            )
+            assert harness.recorded("internal") == {"K-2": [2]}
+            assert harness.recorded("watcher") == {"K-2": [2]}
+            dead = {letter.envelope.message_id: letter for letter in harness.dead_letters()}
+            assert set(dead) == {command.message_id, event.message_id}
+            assert dead[command.message_id].reason == (
+                "internal command BusTestOtherCommand not accepted from clients (source 'client')"
+            )
+            assert "internal event BusTestEvent not accepted" in dead[event.message_id].reason
 
         drive(scenario)
 
@@ -638,6 +821,8 @@ def rabbitmq_url() -> Iterator[str]:
 class TestRabbitmqBusPort(BusPortConformance):
     """RabbitMQ: quorum queues with single active consumers per partition, a stream for replay."""
 
+    bus_is_a_database = False
+
     @pytest.fixture
     def make_harness(self, rabbitmq_url: str, tmp_path: Path) -> Iterator[MakeHarness]:
         made: list[Harness] = []
@@ -659,6 +844,8 @@ def nats_url() -> Iterator[str]:
 
 class TestNatsBusPort(BusPortConformance):
     """NATS JetStream: file streams, durable pull consumers per partition."""
+
+    bus_is_a_database = False
 
     @pytest.fixture
     def make_harness(self, nats_url: str, tmp_path: Path) -> Iterator[MakeHarness]:

@@ -479,6 +479,15 @@ def _missing_customer() -> str:
     return dumps(document)
 
 
+def _with_total(amount: str) -> str:
+    """The seed's order with ``totalAmount`` written exactly as ``amount``."""
+    return dumps(seed_order()).replace('"totalAmount": 75.50', f'"totalAmount": {amount}')
+
+
+def _internal(command_type: str, **fields: Any) -> str:
+    return dumps({"commandType": command_type, "orderId": "ORD-12345", **fields})
+
+
 BAD_DOCUMENTS = [
     ("malformed", '{"commandType": "CreateOrderCommand", "orderId": ', "malformed JSON"),
     ("unknown type", dumps(seed_order(commandType="ShipOrderCommand")), "commandType"),
@@ -496,6 +505,35 @@ BAD_DOCUMENTS = [
     ("unknown field", dumps(seed_order(couponCode="FREE")), "couponCode"),
     ("negative total", dumps(seed_order(totalAmount=Decimal("-1.00"))), "totalAmount"),
     ("escape in an id", dumps(seed_order(orderId="ORD-\x1b[2J")), "$.orderId"),
+    (
+        "a repeated key",
+        dumps(seed_order()).replace('"orderId"', '"orderId": "ORD-1", "orderId"'),
+        "$.orderId",
+    ),
+    (
+        "a repeated nested key",
+        dumps(seed_order()).replace('"quantity": 2', '"quantity": 2, "quantity": 9'),
+        "$..quantity",
+    ),
+    ("negative zero total", _with_total("-0.0"), "totalAmount"),
+    ("total with an exponent", _with_total("1e2"), "totalAmount"),
+    ("total with a signed exponent", _with_total("7.55E+1"), "totalAmount"),
+    ("zero total", _with_total("0.00"), "totalAmount"),
+    (
+        "the saga's cancel",
+        _internal("CancelOrderCommand", reason="changed my mind"),
+        "CancelOrderCommand is an internal command",
+    ),
+    (
+        "the saga's reservation",
+        _internal("ReserveInventoryCommand", items=[{"productId": "PROD-A", "quantity": 1}]),
+        "clients may submit CreateOrderCommand",
+    ),
+    (
+        "the saga's payment",
+        _internal("ProcessPaymentCommand", customerId="CUST-1", amount=Decimal("1.00")),
+        "ProcessPaymentCommand is an internal command",
+    ),
 ]
 
 
@@ -569,11 +607,68 @@ def test_submit_puts_a_command_on_the_bus(tmp_path: Path) -> None:
     assert '"totalAmount":75.50' in rows[0][3]
 
 
+def test_submit_with_a_message_id_takes_a_retry_once_and_refuses_another_message(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/bus.db"
+    order = dumps(seed_order())
+    first = sagaline(
+        "submit", "-", "--message-id", "web:42", "--store", url, cwd=tmp_path, stdin=order
+    )
+    assert (first.returncode, first.stdout.strip()) == (0, "web:42"), first.stderr
+    # The client did not hear back and sends the same order again: the same message.
+    again = sagaline(
+        "submit", "-", "--message-id", "web:42", "--store", url, cwd=tmp_path, stdin=order
+    )
+    assert (again.returncode, again.stdout.strip()) == (0, "web:42"), again.stderr
+    other = dumps(seed_order(orderId="ORD-2"))
+    reused = sagaline(
+        "submit", "-", "--message-id", "web:42", "--store", url, cwd=tmp_path, stdin=other
+    )
+    assert reused.returncode == 2
+    assert "web:42" in reused.stderr and "different message" in reused.stderr
+    assert reused.stdout == ""
+    db = SqliteDatabase(url)
+    try:
+        rows = db.execute("SELECT message_id, correlation_id FROM commands")
+    finally:
+        db.connection.close()
+    assert rows == [("web:42", "ORD-12345")]
+
+
+@pytest.mark.parametrize(
+    ("message_id", "problem"),
+    [
+        ("x" * 100_000, "100000 characters is longer than the limit of 128"),
+        ("", "must not be empty"),
+        ("web 42/\u00e9", "may only hold ASCII letters, digits"),
+    ],
+    ids=["100,000 characters", "empty", "space, slash and accent"],
+)
+def test_submit_refuses_a_message_id_that_is_not_one(
+    tmp_path: Path, message_id: str, problem: str
+) -> None:
+    result = sagaline(
+        "submit", "-", "--message-id", message_id, cwd=tmp_path, stdin=dumps(seed_order())
+    )
+    assert result.returncode == 2
+    assert "messageId" in result.stderr and problem in result.stderr
+    assert not (tmp_path / "sagaline.db").exists()
+
+
 def test_untrusted_text_is_printed_inert(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bus.db"
     hostile = "\x1b]0;owned\x07\x1b[2J[bold red]boom[/bold red]\u202e:thumbs_up:"
-    document = dumps({"commandType": "CancelOrderCommand", "orderId": "ORD-9", "reason": hostile})
-    assert sagaline("submit", "-", "--store", url, cwd=tmp_path, stdin=document).returncode == 0
+    # Free text only travels in the saga's own commands, which no client may submit: the
+    # orchestrator's cancel carries it here.
+    cancel = order_messages.CancelOrderCommand(order_id="ORD-9", reason=hostile)
+
+    async def send() -> None:
+        db = SqliteDatabase(url)
+        await build_system().submit_internal(db, [cancel], source="orchestrator")
+        await db.close()
+
+    asyncio.run(send())
     result = sagaline("trace", "ORD-9", "--store", url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for unsafe in ("\x1b", "\x07", "\u202e", "👍"):

@@ -20,6 +20,7 @@ from sagaline.errors import InvalidMessage, UnknownMessageType
 from sagaline.messages import (
     MAX_MESSAGE_BYTES,
     Envelope,
+    check_unique_keys,
     decode_body,
     encode_body,
     json_schema,
@@ -159,6 +160,10 @@ INVALID = [
     pytest.param(create_order(totalAmount=Decimal("1e30")), "totalAmount", id="amount-huge"),
     pytest.param(create_order(totalAmount=Decimal("0.00001")), "totalAmount", id="amount-too-fine"),
     pytest.param(create_order(orderId="ORD 1; DROP"), "$.orderId", id="orderId-pattern"),
+    pytest.param(
+        create_order(totalAmount=Decimal("-0.0")), "totalAmount", id="amount-negative-zero"
+    ),
+    pytest.param(create_order(totalAmount=Decimal("0.00")), "totalAmount", id="amount-zero"),
 ]
 
 
@@ -173,6 +178,94 @@ def test_invalid_documents_are_rejected_naming_the_field(document: Any, field: s
     # The consumer path (typed decode of a body) rejects it in the same way.
     with pytest.raises(InvalidMessage):
         decode_body("CreateOrderCommand", dump(document))
+
+
+def with_total(written: str) -> str:
+    """A CreateOrderCommand document whose totalAmount is written exactly as ``written``."""
+    return dump(create_order(totalAmount=0)).replace(
+        '"totalAmount": 0', f'"totalAmount": {written}'
+    )
+
+
+@pytest.mark.parametrize("written", ["1e2", "1E+2", "7.55e1", "7550E-2", "-0.0e0", "1.5E1"])
+def test_money_written_with_an_exponent_is_rejected_naming_the_field(written: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        parse_document(with_total(written))
+    assert caught.value.field == "$.totalAmount"
+    assert "totalAmount" in caught.value.reason
+
+
+@pytest.mark.parametrize("written", ["1e2", "1E+2", "-0.0"])
+def test_the_consumer_decoder_rejects_money_that_would_travel_changed(written: str) -> None:
+    # 1e2 decodes as Decimal('1E+2') and would be written on as 1E+2; -0.0 is no amount.
+    with pytest.raises(InvalidMessage) as caught:
+        decode_body("CreateOrderCommand", with_total(written))
+    assert "totalAmount" in caught.value.reason
+
+
+@pytest.mark.parametrize("written", ["75.50", "0.0001", "100", "999999999999.9999"])
+def test_money_keeps_the_digits_it_was_written_with(written: str) -> None:
+    command = parse_document(with_total(written))
+    assert isinstance(command, CreateOrderCommand)
+    assert str(command.total_amount) == written
+    assert f'"totalAmount":{written}}}'.encode() in encode_body(command)
+
+
+def test_a_zero_total_is_refused_by_the_order_itself() -> None:
+    with pytest.raises(ValueError, match="totalAmount must be greater than zero"):
+        CreateOrderCommand(
+            order_id="ORD-1",
+            customer_id="CUST-1",
+            items=[OrderItem(product_id="PROD-A", quantity=1)],
+            total_amount=Decimal("0.00"),
+        )
+
+
+REPEATED = [
+    pytest.param(
+        '{"commandType": "CreateOrderCommand", "orderId": "ORD-1", "orderId": "ORD-2",'
+        ' "customerId": "CUST-1", "items": [{"productId": "PROD-A", "quantity": 1}],'
+        ' "totalAmount": 1.00}',
+        "$.orderId",
+        id="top-level",
+    ),
+    pytest.param(
+        '{"commandType": "CreateOrderCommand", "orderId": "ORD-1", "customerId": "CUST-1",'
+        ' "items": [{"productId": "PROD-A", "quantity": 1, "quantity": 500}],'
+        ' "totalAmount": 1.00, "totalAmount": 0.01}',
+        "$..quantity",
+        id="nested-first",
+    ),
+    pytest.param(
+        '{"commandType": "CreateOrderCommand", "commandType": "CreateOrderCommand",'
+        ' "orderId": "ORD-1", "customerId": "CUST-1",'
+        ' "items": [{"productId": "PROD-A", "quantity": 1}], "totalAmount": 1.00}',
+        "$.commandType",
+        id="discriminator",
+    ),
+]
+
+
+@pytest.mark.parametrize(("document", "field"), REPEATED)
+def test_a_key_repeated_in_one_object_is_rejected_naming_it(document: str, field: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        parse_document(document)
+    assert caught.value.field == field
+    key = field.rsplit(".", 1)[-1]
+    assert f"{key!r} appears twice" in caught.value.reason
+    # A consumer checks the bodies it decodes in the same way.
+    message = decode_body("CreateOrderCommand", document)
+    with pytest.raises(InvalidMessage) as caught:
+        check_unique_keys("CreateOrderCommand", document.encode(), message)
+    assert caught.value.field == field
+
+
+def test_a_body_written_another_way_without_repeated_keys_passes() -> None:
+    document = dump(create_order()).replace(", ", " ,\n  ")
+    message = decode_body("CreateOrderCommand", document)
+    assert document.encode() != encode_body(message)
+    check_unique_keys("CreateOrderCommand", document.encode(), message)
+    assert parse_document(document) == message
 
 
 def test_money_as_a_string_is_rejected() -> None:
@@ -273,6 +366,35 @@ def test_message_ids_increase_over_time() -> None:
         # Every id of a later millisecond sorts after every id of an earlier one, as text too.
         assert max(earlier) < min(later)
         assert max(uuid.UUID(i).int for i in earlier) < min(uuid.UUID(i).int for i in later)
+
+
+@pytest.mark.parametrize(
+    "message_id",
+    ["0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", "nats:orders:17", "web_42.retry-2", "x" * 128],
+)
+def test_a_client_may_give_its_own_message_id(message_id: str) -> None:
+    envelope = Envelope.wrap(parse_document(seed_documents()[0]), message_id=message_id)
+    assert envelope.message_id == message_id
+
+
+@pytest.mark.parametrize(
+    ("message_id", "problem"),
+    [
+        ("x" * 100_000, "100000 characters is longer than the limit of 128"),
+        ("x" * 129, "129 characters"),
+        ("", "must not be empty"),
+        ("order 1", "may only hold ASCII letters, digits"),
+        ("order/1", "may only hold"),
+        ("ordér-1", "may only hold"),
+        ("order-1\n", "may only hold"),
+    ],
+)
+def test_a_message_id_that_is_not_one_is_refused(message_id: str, problem: str) -> None:
+    with pytest.raises(InvalidMessage) as caught:
+        Envelope.wrap(parse_document(seed_documents()[0]), message_id=message_id)
+    assert caught.value.field == "messageId"
+    assert problem in caught.value.reason
+    assert len(caught.value.reason) < 200
 
 
 # ------------------------------------------------------------------- JSON schemas
@@ -421,15 +543,19 @@ def test_the_schema_rejects_what_the_decoder_rejects() -> None:
 # ------------------------------------------------------------------ round trip
 
 ids = st.from_regex(r"[A-Za-z0-9._:-]{1,100}", fullmatch=True)
-amounts = st.integers(min_value=0, max_value=4).flatmap(
-    lambda places: st.decimals(
-        min_value=0,
-        max_value=Decimal("999999999999.9999"),
-        places=places,
-        allow_nan=False,
-        allow_infinity=False,
+amounts = (
+    st.integers(min_value=0, max_value=4)
+    .flatmap(
+        lambda places: st.decimals(
+            min_value=0,
+            max_value=Decimal("999999999999.9999"),
+            places=places,
+            allow_nan=False,
+            allow_infinity=False,
+        )
     )
-)
+    .filter(lambda amount: amount > 0)
+)  # an order costs something
 items = st.lists(
     st.builds(OrderItem, product_id=ids, quantity=st.integers(1, 1_000_000)),
     min_size=1,

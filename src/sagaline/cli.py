@@ -36,6 +36,8 @@ from sagaline.deploy import Deployment, Supervisor, open_bus, serve_argv, servic
 from sagaline.errors import (
     ConfigurationError,
     InvalidMessage,
+    MessageRefused,
+    NotAcceptedFromClients,
     SagalineError,
     StoreUnavailable,
     UnknownMessageType,
@@ -45,6 +47,7 @@ from sagaline.messages import (
     MAX_MESSAGE_BYTES,
     Command,
     Envelope,
+    check_message_id,
     json_schema,
     parse_document,
     registry,
@@ -334,6 +337,8 @@ def _errors() -> Iterator[None]:
         yield
     except InvalidMessage as exc:
         _fail(_describe_invalid(exc), 2)
+    except MessageRefused as exc:
+        _fail(f"refused: {_inert(exc)}", 2)
     except SagalineError as exc:
         _fail(_inert(exc), 1)
     except _database_errors() as exc:
@@ -957,14 +962,28 @@ def submit(
     ],
     store: StoreOption = DEFAULT_STORE_URL,
     bus: BusOption = None,
+    message_id: Annotated[
+        str | None,
+        typer.Option(
+            "--message-id",
+            metavar="ID",
+            help="Your own id for the message (up to 128 of A-Z a-z 0-9 . _ : -), so that"
+            " submitting again after a failure is the same message, accepted once; another"
+            " message under a used id is refused.",
+        ),
+    ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Put one command onto the bus; prints its message id. Nothing is written if it is invalid."""
+    """Put one command a client may submit onto the bus; prints its message id. Nothing is
+    written if it is invalid, internal to the system, or its id was used for another message."""
     _check_urls(store, bus)
     document = _read_document(file)
+    system = build_system()
     # Validate before the store is even opened: a bad document leaves no trace.
     try:
         message = parse_document(document)
+        if message_id is not None:
+            check_message_id(message_id)
     except InvalidMessage as exc:
         _fail(_describe_invalid(exc), 2)
     if not isinstance(message, Command):
@@ -973,9 +992,13 @@ def submit(
             f" is an {message.kind}; submit takes a command (a commandType document)",
             2,
         )
+    try:
+        system.check_submittable(message)
+    except NotAcceptedFromClients as exc:
+        _fail(f"refused: {_inert(exc)}", 2)
 
     async def send(deployment: Deployment) -> Envelope:
-        return await build_system().submit(deployment.entry, message)
+        return await system.submit(deployment.entry, message, message_id=message_id)
 
     # A separate bus needs no store: only the bus is opened.
     envelope = _with(store, bus, send, must_exist=None, services=() if bus else SERVICE_NAMES)

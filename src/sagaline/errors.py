@@ -61,3 +61,39 @@ class NonRetryableError(SagalineError):
     """Raised by a handler to send a message straight to the dead letters, skipping retries."""
 
     code = "non_retryable"
+
+
+class MessageRefused(SagalineError):
+    """A well-formed message the system will not take from its caller: the caller is at fault
+    (the CLI exits with status 2; an HTTP API answers 4xx), and nothing was written."""
+
+    code = "message_refused"
+
+
+class DuplicateMessageId(MessageRefused):
+    """A message id used before for a different message (another type or body).
+
+    The same id with the same message is a client's retry and is accepted once; a different
+    message under a known id would otherwise be dropped while its sender believes it accepted.
+    """
+
+    code = "duplicate_message_id"
+
+    def __init__(self, message_id: str, reason: str | None = None) -> None:
+        super().__init__(
+            reason
+            or f"message id {message_id!r} was used before for a different message;"
+            " a retry must send the same message, a new message needs a new id"
+        )
+        self.message_id = message_id
+
+
+class NotAcceptedFromClients(MessageRefused):
+    """A message type that the system does not take from clients (an internal command, or an
+    event it did not declare): only its own services send it."""
+
+    code = "not_accepted_from_clients"
+
+    def __init__(self, message_type: str, reason: str) -> None:
+        super().__init__(reason)
+        self.message_type = message_type

@@ -25,11 +25,20 @@ from sagaline.aggregate import Aggregate
 from sagaline.errors import (
     ConcurrencyError,
     ConfigurationError,
+    DuplicateMessageId,
     InvalidMessage,
     NonRetryableError,
+    NotAcceptedFromClients,
     StoreUnavailable,
 )
-from sagaline.messages import Command, Envelope, Event, Message, decode_body
+from sagaline.messages import (
+    Command,
+    Envelope,
+    Event,
+    Message,
+    check_unique_keys,
+    decode_body,
+)
 from sagaline.ports import (
     DEAD_LETTERED,
     Backend,
@@ -211,9 +220,20 @@ class Service:
 
 
 class System:
-    """A set of services and the routing of each command type to its service's queue."""
+    """A set of services, the routing of each command type to its service's queue, and the
+    messages clients may submit.
 
-    def __init__(self, services: Iterable[Service]) -> None:
+    ``accepts`` declares the message types clients may submit (:meth:`submit`): every other
+    command is internal, sent only by the system's own services, and refused from clients at
+    every entry, and so is every event not declared. A system that declares nothing
+    (``accepts=None``) draws no such line: clients may submit any command one of its services
+    handles, and any event. That suits tests and scripts inside the system; a system that takes
+    messages from outside (the CLI, an HTTP API) declares them.
+    """
+
+    def __init__(
+        self, services: Iterable[Service], *, accepts: Iterable[type[Message]] | None = None
+    ) -> None:
         self.services = {service.name: service for service in services}
         self.routes: dict[str, str] = {}
         for service in self.services.values():
@@ -223,6 +243,13 @@ class System:
                     raise ConfigurationError(
                         f"{type_name} is handled by both {owner!r} and {service.name!r}"
                     )
+        #: The wire names of the types clients may submit; None when the system declares none.
+        self.accepts: frozenset[str] | None = None
+        if accepts is not None:
+            self.accepts = frozenset(cls.type_name() for cls in accepts)
+            for cls in accepts:
+                if issubclass(cls, Command):
+                    self.route(cls.type_name())
 
     @property
     def subscribers(self) -> list[str]:
@@ -236,11 +263,34 @@ class System:
         except KeyError:
             raise ConfigurationError(f"no service handles {command_type}") from None
 
-    def _accept(self, message: Message, message_id: str | None = None) -> Envelope:
-        """Envelope a message from outside, checked as a consumer will check it."""
+    def accepts_from_clients(self, type_name: str) -> bool:
+        """Whether clients may submit messages of the type named ``type_name``."""
+        return self.accepts is None or type_name in self.accepts
+
+    def check_submittable(self, message: Message) -> None:
+        """Raise :class:`NotAcceptedFromClients` unless clients may submit ``message``'s type
+        (and :class:`ConfigurationError` for a command that no service handles)."""
+        name = message.type_name()
         if isinstance(message, Command):
-            self.route(message.type_name())
-        envelope = Envelope.wrap(message, source=CLIENT, message_id=message_id)
+            self.route(name)
+        if not self.accepts_from_clients(name):
+            allowed = ", ".join(sorted(self.accepts or ())) or "nothing"
+            raise NotAcceptedFromClients(
+                name,
+                f"{name} is an internal {message.kind} of this system, sent only by its own"
+                f" services: clients may submit {allowed}",
+            )
+
+    def _accept(
+        self, message: Message, message_id: str | None = None, source: str = ""
+    ) -> Envelope:
+        """Envelope a message from outside, checked as a consumer will check it."""
+        if source:
+            if isinstance(message, Command):
+                self.route(message.type_name())
+        else:
+            self.check_submittable(message)
+        envelope = Envelope.wrap(message, source=source or CLIENT, message_id=message_id)
         # Constructing a struct in Python skips its constraints; decoding applies them.
         decode_body(envelope.message_type, envelope.body)
         return envelope
@@ -250,7 +300,13 @@ class System:
     ) -> Envelope:
         """Put one message from outside (CLI, HTTP, tests) onto the bus, durably.
 
-        Raises :class:`InvalidMessage` (naming the field) and writes nothing when it is invalid.
+        Raises :class:`InvalidMessage` (naming the field) and writes nothing when it is invalid,
+        :class:`NotAcceptedFromClients` when clients may not submit its type (see ``accepts``).
+        ``message_id`` is the client's own id, so that a retry is the same message: sent again
+        with the same message, it is accepted once; with another message (type or body), the bus
+        refuses it with :class:`DuplicateMessageId` where the bus is a database (SQLite,
+        PostgreSQL). A broker cannot compare what it delivered long ago: there the consumers'
+        inboxes take the first message under an id and acknowledge the others unhandled.
         """
         return (await self.submit_many(bus, [message], message_ids=[message_id]))[0]
 
@@ -261,16 +317,49 @@ class System:
         *,
         message_ids: Sequence[str | None] | None = None,
     ) -> list[Envelope]:
-        """Submit many messages at once; nothing is written if one is invalid."""
+        """Submit many messages at once; nothing is written if one is invalid or refused."""
         ids = message_ids or [None] * len(messages)
         envelopes = [self._accept(m, i) for m, i in zip(messages, ids, strict=True)]
+        await self._put(bus, envelopes, explicit_ids=message_ids is not None)
+        return envelopes
+
+    async def submit_internal(
+        self,
+        bus: Backend | BrokerBus,
+        messages: Sequence[Message],
+        *,
+        source: str,
+        message_ids: Sequence[str | None] | None = None,
+    ) -> list[Envelope]:
+        """Put messages on the bus as if ``source``, one of the system's services, sent them.
+
+        For code inside the system's trust boundary (tests, an operator's tool that re-drives a
+        saga); what faces clients calls :meth:`submit`. The messages are validated as by
+        :meth:`submit`, but the client declaration (``accepts``) does not apply.
+        """
+        if source not in self.services:
+            raise ConfigurationError(f"{source!r} is not a service of this system")
+        ids = message_ids or [None] * len(messages)
+        envelopes = [self._accept(m, i, source) for m, i in zip(messages, ids, strict=True)]
+        await self._put(bus, envelopes, explicit_ids=message_ids is not None)
+        return envelopes
+
+    async def _put(
+        self, bus: Backend | BrokerBus, envelopes: list[Envelope], *, explicit_ids: bool
+    ) -> None:
+        if explicit_ids:
+            # Two messages under one id in one call: refused here, whatever the bus.
+            first: dict[str, Envelope] = {}
+            for envelope in envelopes:
+                known = first.setdefault(envelope.message_id, envelope)
+                if known.message_type != envelope.message_type or known.body != envelope.body:
+                    raise DuplicateMessageId(envelope.message_id)
         publish = getattr(bus, "publish", None)
         if publish is not None:
             await publish(envelopes, self.routes)
         else:
             async with cast(Backend, bus).transaction() as tx:
                 await tx.emit(envelopes, self.routes)
-        return envelopes
 
 
 #: The source of messages submitted from outside the system (:meth:`System.submit`).
@@ -596,15 +685,34 @@ class Worker:
             )
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt - 1)
             return Outcome.DEAD, reason
+        if envelope.defect is not None:
+            await tx.dead_letter(spec.name, envelope, envelope.defect, delivery.attempt)
+            return Outcome.DEAD, envelope.defect
         handler = self.handlers.get(envelope.message_type)
         try:
             message = envelope.decode()
+            # A body sagaline wrote costs one encoding here; one written by another producer
+            # (straight onto a broker) is parsed again only if it differs from that.
+            check_unique_keys(envelope.message_type, envelope.body, message)
         except InvalidMessage as exc:
             reason = f"invalid message: {exc.reason}"
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
             return Outcome.DEAD, reason
         if handler is None:
             reason = f"{spec.name} has no handler for {envelope.message_type}"
+            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            return Outcome.DEAD, reason
+        if envelope.source == CLIENT and not self.system.accepts_from_clients(
+            envelope.message_type
+        ):
+            # System.submit refuses these; one that comes anyway was put on the bus some other
+            # way (straight onto a broker). A broker's source header is the publisher's word,
+            # so this is a second line, not the boundary itself.
+            kind = "command" if spec.source == "queue" else "event"
+            reason = (
+                f"internal {kind} {envelope.message_type} not accepted from clients"
+                f" (source {CLIENT!r})"
+            )
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
             return Outcome.DEAD, reason
         ctx = Context(tx, envelope, self.service.name)

@@ -10,9 +10,11 @@ Money is :class:`decimal.Decimal` and is written as a JSON number that keeps its
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -24,16 +26,20 @@ from sagaline.errors import InvalidMessage, UnknownMessageType
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_MESSAGE_ID_LENGTH",
     "Command",
     "Envelope",
     "Event",
     "Message",
     "MessageKind",
     "MessageRegistry",
+    "check_message_id",
     "check_money",
+    "check_unique_keys",
     "decode_body",
     "encode_body",
     "json_schema",
+    "message_id_problem",
     "new_message_id",
     "parse_document",
     "registry",
@@ -43,6 +49,11 @@ __all__ = [
 
 #: Largest message body accepted anywhere (submit, consumers).
 MAX_MESSAGE_BYTES = 1024 * 1024
+
+#: Longest message id accepted anywhere. Ids are keys of unique indexes (inbox, queues, logs)
+#: and travel in broker headers: a bound keeps them cheap and within every index's row limit.
+MAX_MESSAGE_ID_LENGTH = 128
+_MESSAGE_ID = re.compile(r"[A-Za-z0-9._:-]+")
 
 MessageKind = Literal["command", "event"]
 
@@ -92,23 +103,59 @@ def new_message_id() -> str:
 _LOW_62 = (1 << 62) - 1
 
 
+def message_id_problem(message_id: object) -> str | None:
+    """Why ``message_id`` is not an acceptable message id, or None when it is.
+
+    An id is 1 to :data:`MAX_MESSAGE_ID_LENGTH` characters among ASCII letters, digits and
+    ``. _ : -`` (a UUID, ``nats:stream:7``, ``order-12345.retry-2``).
+    """
+    if not isinstance(message_id, str):
+        return f"a message id must be a string, not {type(message_id).__name__}"
+    if not message_id:
+        return "a message id must not be empty"
+    if len(message_id) > MAX_MESSAGE_ID_LENGTH:
+        return (
+            f"a message id of {len(message_id)} characters is longer than the limit of"
+            f" {MAX_MESSAGE_ID_LENGTH}"
+        )
+    if _MESSAGE_ID.fullmatch(message_id) is None:
+        return (
+            f"message id {message_id!r} may only hold ASCII letters, digits and the"
+            " characters . _ : -"
+        )
+    return None
+
+
+def check_message_id(message_id: str) -> str:
+    """Return ``message_id`` if it is acceptable; raise :class:`InvalidMessage` otherwise."""
+    problem = message_id_problem(message_id)
+    if problem is not None:
+        raise InvalidMessage(problem, field="messageId")
+    return message_id
+
+
 _MONEY_LIMIT = Decimal(10) ** 12
 
 
 def check_money(name: str, value: Decimal) -> None:
-    """Reject money that is not finite, negative, absurdly large or too finely divided.
+    """Reject money that is not finite, negative (negative zero included), absurdly large, too
+    finely divided or written with an exponent (``1e2`` decodes as ``1E+2`` and would travel
+    so).
 
     Raised as ``ValueError`` so that msgspec reports it as a validation error.
     """
     if not value.is_finite():
         raise ValueError(f"{name} must be a finite number")
-    if value < 0:
-        raise ValueError(f"{name} must not be negative")
+    if value.is_signed():
+        raise ValueError(f"{name} must not be negative (nor negative zero)")
     if value >= _MONEY_LIMIT:
         raise ValueError(f"{name} must be below 10^12")
     exponent = value.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -4:
-        raise ValueError(f"{name} must have at most 4 decimal places")
+    if isinstance(exponent, int):
+        if exponent < -4:
+            raise ValueError(f"{name} must have at most 4 decimal places")
+        if exponent > 0:
+            raise ValueError(f"{name} must be a plain decimal number, without an exponent")
 
 
 class Message(
@@ -281,16 +328,83 @@ def parse_document(document: bytes | str) -> Message:
             field=f"$.{cls.discriminator}",
         )
     for field_name in _money_fields(cls):
-        if isinstance(raw.get(field_name), str):
+        value = raw.get(field_name)
+        if isinstance(value, _Exponent):
+            raise InvalidMessage(
+                f"{name}: {field_name} must be a plain decimal number, not {value}",
+                field=f"$.{field_name}",
+            )
+        if isinstance(value, str):
             raise InvalidMessage(
                 f"{name}: {field_name} must be a JSON number, not a string",
                 field=f"$.{field_name}",
             )
-    return registry.decode(name, document)
+    message = registry.decode(name, document)
+    check_unique_keys(name, document, message)
+    return message
 
 
-# Untyped decoding of a whole document, numbers with a fraction kept exact.
-_RAW: msgspec.json.Decoder[Any] = msgspec.json.Decoder(float_hook=Decimal)
+class _Exponent(str):
+    """A number written with an exponent (``1e2``), as it was written."""
+
+    __slots__ = ()
+
+
+def _number(text: str) -> Decimal | _Exponent:
+    return _Exponent(text) if "e" in text or "E" in text else Decimal(text)
+
+
+# Untyped decoding of a whole document, numbers with a fraction kept exact (and those written
+# with an exponent kept as written, so that money can refuse them).
+_RAW: msgspec.json.Decoder[Any] = msgspec.json.Decoder(float_hook=_number)
+
+
+def check_unique_keys(name: str, body: bytes | str, message: Message) -> None:
+    """Refuse ``body`` (decoded as ``message``) if one of its JSON objects has a key twice.
+
+    JSON decoders keep the last value of a repeated key, so two readers may not see the same
+    message: sagaline refuses it instead (:class:`InvalidMessage` naming the key). A body that is
+    exactly the encoding of its message, as every body sagaline writes is, has no repeated key:
+    that costs one encoding, and only other bodies are parsed again to look for one.
+    """
+    if isinstance(body, bytes) and _ENCODER.encode(message) == body:
+        return
+    path = _repeated_key(body)
+    if path is not None:
+        key = path.rsplit(".", 1)[-1]
+        raise InvalidMessage(f"{name}: the key {key!r} appears twice in one object", field=path)
+
+
+def _repeated_key(document: bytes | str) -> str | None:
+    """The JSON path of a key that appears twice in one object of ``document``, or None.
+
+    ``$.key`` for the outermost object, ``$..key`` for one nested in it.
+    """
+    found: list[tuple[int, str]] = []
+    calls = 0
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal calls
+        result = dict(items)
+        if len(result) != len(items) and not found:
+            seen: set[str] = set()
+            for key, _ in items:
+                if key in seen:
+                    found.append((calls, key))
+                    break
+                seen.add(key)
+        calls += 1
+        return result
+
+    try:
+        json.loads(document, object_pairs_hook=pairs, parse_float=str, parse_int=str)
+    except (ValueError, RecursionError):
+        return None  # not JSON: the decoder that parsed it first says why
+    if not found:
+        return None
+    # Objects are completed inside out: the outermost is the last one.
+    call, key = found[0]
+    return f"$.{key}" if call == calls - 1 else f"$..{key}"
 
 
 def _money_fields(cls: type[Message]) -> list[str]:
@@ -336,6 +450,10 @@ class Envelope:
     timestamp: str
     traceparent: str | None = None
     source: str | None = None
+    #: Why this envelope, as a broker delivered it, cannot be handled whatever its body (its
+    #: message id is not one: see :func:`message_id_problem`). The worker dead-letters it with
+    #: this reason; ``message_id`` then holds a stand-in the stores can index.
+    defect: str | None = None
     _message: Message | None = field(default=None, repr=False)
 
     @classmethod
@@ -347,9 +465,13 @@ class Envelope:
         source: str | None = None,
         message_id: str | None = None,
     ) -> Envelope:
-        """Envelope ``message`` with fresh metadata; causation and trace come from ``causation``."""
+        """Envelope ``message`` with fresh metadata; causation and trace come from ``causation``.
+
+        A ``message_id`` given by the caller (a client's own, so that a retry is the same message)
+        must be acceptable (:func:`check_message_id`).
+        """
         return cls(
-            message_id=message_id or new_message_id(),
+            message_id=new_message_id() if message_id is None else check_message_id(message_id),
             message_type=message.wire_name,
             body=encode_body(message),
             correlation_id=message.correlation_key(),
@@ -359,6 +481,17 @@ class Envelope:
             source=source,
             _message=message,
         )
+
+    def screen_id(self, stand_in: Callable[[], str] | str) -> Envelope:
+        """Check the message id of an envelope received from outside sagaline's stores (a
+        broker delivery). An unacceptable one is replaced by ``stand_in`` (or what it returns)
+        and the envelope marked with the reason (``defect``), for the worker to dead-letter.
+        Returns the envelope."""
+        problem = message_id_problem(self.message_id)
+        if problem is not None:
+            self.defect = f"invalid message id: {problem}"
+            self.message_id = stand_in if isinstance(stand_in, str) else stand_in()
+        return self
 
     def decode(self) -> Message:
         """The typed body; raises :class:`InvalidMessage` if it does not validate."""

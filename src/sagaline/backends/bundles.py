@@ -19,7 +19,7 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from sagaline.messages import Envelope
+from sagaline.messages import Envelope, new_message_id
 
 __all__ = [
     "BUNDLE_BYTES",
@@ -81,7 +81,7 @@ def decode_bundle(body: bytes) -> list[Envelope]:
             timestamp=timestamp,
             traceparent=traceparent,
             source=source,
-        )
+        ).screen_id(new_message_id)
         for (
             message_id,
             message_type,

@@ -202,7 +202,7 @@ def _envelope_of(msg: Msg, stream: str, sequence: int) -> Envelope:
         timestamp=headers.get(HEADER_TIMESTAMP) or utc_timestamp(),
         traceparent=headers.get(HEADER_TRACEPARENT) or None,
         source=unquote(source) if source else f"nats:{msg.subject}",
-    )
+    ).screen_id(lambda: f"nats:{stream}:{sequence}")
 
 
 def _headers_of(envelope: Envelope) -> dict[str, str]:
@@ -849,7 +849,7 @@ class NatsBus:
                 timestamp=(raw.headers or {}).get(HEADER_TIMESTAMP) or utc_timestamp(),
                 traceparent=(raw.headers or {}).get(HEADER_TRACEPARENT),
                 source=unquote((raw.headers or {}).get(HEADER_SOURCE, "")) or None,
-            )
+            ).screen_id(f"nats:{lane.stream}:{sequence}")
             key = envelope.correlation_id or f"nats:{lane.stream}:{sequence}"
             item = _Item(None, sequence, deliveries + 1, key, envelope, now)
             lane.items[sequence] = item

@@ -240,7 +240,7 @@ def envelope_of(properties: Basic.Properties, body: bytes) -> Envelope:
             timestamp=timestamp,
             traceparent=_text(headers.get("traceparent")),
             source=_text(headers.get("source")),
-        )
+        ).screen_id(new_message_id)
     except Exception:
         log.exception("unreadable message properties; treated as a message of unknown type")
         return Envelope(
@@ -284,7 +284,7 @@ def messages_of(properties: Basic.Properties, body: bytes) -> list[Envelope]:
                 correlation_id="",
                 causation_id=None,
                 timestamp=utc_timestamp(),
-            )
+            ).screen_id(new_message_id)
         ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sagaline.handling import System
 from sagaline.orders.inventory import build_inventory_service
+from sagaline.orders.messages import CreateOrderCommand
 from sagaline.orders.order import build_order_service
 from sagaline.orders.payment import PaymentRules, build_payment_service
 from sagaline.orders.read import build_order_projection
@@ -19,7 +20,11 @@ SUBSCRIBER_NAMES = ("order", "inventory", "orchestrator", "read")
 
 
 def build_system(payment_rules: PaymentRules | None = None) -> System:
-    """The five services of the order flow, wired for one bus."""
+    """The five services of the order flow, wired for one bus.
+
+    Clients may submit a ``CreateOrderCommand`` and nothing else: reserving, paying, cancelling
+    and releasing are the saga's own commands, and every event is a service's.
+    """
     return System(
         [
             build_order_service(),
@@ -27,5 +32,6 @@ def build_system(payment_rules: PaymentRules | None = None) -> System:
             build_payment_service(payment_rules),
             Orchestrator([ORDER_SAGA]).service,
             build_order_projection().service(),
-        ]
+        ],
+        accepts=[CreateOrderCommand],
     )

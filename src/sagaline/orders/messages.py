@@ -65,6 +65,8 @@ class CreateOrderCommand(Command, kw_only=True, frozen=True):
 
     def __post_init__(self) -> None:
         check_money("totalAmount", self.total_amount)
+        if not self.total_amount:
+            raise ValueError("totalAmount must be greater than zero: an order costs something")
 
 
 class ReserveInventoryCommand(Command, kw_only=True, frozen=True):

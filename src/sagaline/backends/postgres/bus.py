@@ -32,7 +32,7 @@ from sagaline.backends.postgres.schema import MEMBERSHIP_INTERVAL, PARTITIONS, N
 from sagaline.backends.postgres.transaction import PostgresTransaction
 from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.sqlite.schema import SCAN_FACTOR
-from sagaline.messages import Envelope
+from sagaline.messages import Envelope, check_message_id
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, StoredEvent
 
 if TYPE_CHECKING:
@@ -475,10 +475,15 @@ class PostgresBus:
         await self._ready()
 
     async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
-        """Write messages to the queues and the log in one transaction; ids already there are
-        ignored, so a relay that publishes again after a crash publishes nothing twice."""
+        """Write messages to the queues and the log in one transaction; an id already there
+        with the same message is ignored, so a relay that publishes again after a crash
+        publishes nothing twice. An id there with another message raises
+        :class:`DuplicateMessageId`, and an id that is not one :class:`InvalidMessage`: nothing
+        is written."""
         if not envelopes:
             return
+        for envelope in envelopes:
+            check_message_id(envelope.message_id)
         async with self.transaction() as tx:
             await tx.emit_to_bus(envelopes, routes)
 

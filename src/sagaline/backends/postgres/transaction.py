@@ -42,7 +42,7 @@ from sagaline.backends.sqlite.rows import (
     envelope_from_row,
     partition_of,
 )
-from sagaline.errors import ConcurrencyError
+from sagaline.errors import ConcurrencyError, DuplicateMessageId, SagalineError
 from sagaline.messages import Envelope, utc_timestamp
 from sagaline.ports import (
     DEAD_LETTERED,
@@ -136,7 +136,10 @@ class _Statement(NamedTuple):
     sql: str
     params: Sequence[Any]
     expected: int = -1
-    conflict: Callable[[], Awaitable[ConcurrencyError]] | None = None
+    #: What a short row count means: the error to raise, or None when it is harmless.
+    conflict: Callable[[], Awaitable[SagalineError | None]] | None = None
+    #: True when the statement returns its row count as the value of its one row.
+    counts: bool = False
 
 
 #: A read sent with others: its SQL, its parameters, and what loads its rows into the map.
@@ -240,8 +243,17 @@ class PostgresTransaction:
         """Run statements in one pipeline (one round trip), then check the conditional ones."""
         cursors = await self._send([(st.sql, st.params) for st in statements])
         for statement, cursor in zip(statements, cursors, strict=True):
-            if statement.conflict is not None and cursor.rowcount != statement.expected:
-                raise await statement.conflict()
+            if statement.conflict is None:
+                continue
+            if statement.counts:
+                row = await cursor.fetchone()
+                count = -1 if row is None else row[0]
+            else:
+                count = cursor.rowcount
+            if count != statement.expected:
+                error = await statement.conflict()
+                if error is not None:
+                    raise error
 
     async def _send(
         self, statements: Sequence[tuple[str, Sequence[Any]]]
@@ -490,28 +502,57 @@ class PostgresTransaction:
 
     def _command_statement(self) -> _Statement:
         commands = self._commands
+        envelopes = [e for _, e in commands]
         b = self._b
         return _Statement(
             f"WITH inserted AS ("
             f" INSERT INTO {b}.commands (queue, key, {ENVELOPE_COLUMNS}, available_at)"
             f" SELECT *, %s FROM unnest(%b::text[], %b::text[], {ENVELOPE_ARRAYS})"
-            # A message sent again with its id (a client's retry) is the same message.
+            # A message sent again with its id (a client's retry) is the same message; another
+            # message under a known id is refused (see _known_ids).
             " ON CONFLICT (message_id) DO NOTHING RETURNING queue"
-            ") SELECT pg_notify(%s, 'q:' || queue) FROM (SELECT DISTINCT queue FROM inserted) q",
+            "), notified AS ("
+            " SELECT pg_notify(%s, 'q:' || queue) FROM (SELECT DISTINCT queue FROM inserted) q"
+            ") SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM notified)",
             (
                 time.time(),
                 [q for q, _ in commands],
                 [e.correlation_id for _, e in commands],
-                *envelope_arrays([e for _, e in commands]),
+                *envelope_arrays(envelopes),
                 self._db.names.channel,
             ),
+            len(commands),
+            lambda: self._known_ids("commands", envelopes),
+            counts=True,
         )
+
+    async def _known_ids(
+        self, table: str, envelopes: Sequence[Envelope]
+    ) -> DuplicateMessageId | None:
+        """Some of ``envelopes`` met a message id already there: harmless if each is the same
+        message again (a retry), else the id used for another message. Only run when an insert
+        was short, so it costs nothing otherwise."""
+        cursor = await self.connection.execute(
+            "SELECT u.message_id FROM unnest(%b::text[], %b::text[], %b::text[])"
+            " AS u(message_id, type, body)"
+            f" JOIN {self._b}.{table} t ON t.message_id = u.message_id"
+            " WHERE t.type <> u.type OR t.body <> u.body LIMIT 1",
+            (
+                [e.message_id for e in envelopes],
+                [e.message_type for e in envelopes],
+                [body_text(e.body) for e in envelopes],
+            ),
+        )
+        row = await cursor.fetchone()
+        return None if row is None else DuplicateMessageId(row[0])
 
     def _log_statements(self) -> list[_Statement]:
         """Append the kept events to the bus's log at the head, holding its lock to the commit."""
         unique: dict[str, tuple[str | None, int | None, Envelope]] = {}
         for entry in self._log:
-            unique.setdefault(entry[2].message_id, entry)
+            known = unique.setdefault(entry[2].message_id, entry)[2]
+            if known.message_type != entry[2].message_type or known.body != entry[2].body:
+                raise DuplicateMessageId(known.message_id)
         entries = list(unique.values())
         self._log = []
         envelopes = [e for _, _, e in entries]
@@ -538,7 +579,8 @@ class PostgresTransaction:
                 "), placed AS ("
                 f" UPDATE {self._s}.streams t SET position = i.position FROM inserted i"
                 " WHERE i.stream IS NOT NULL AND t.stream = i.stream AND t.version = i.version"
-                ") SELECT pg_notify(%s, 'e') WHERE EXISTS (SELECT 1 FROM inserted)",
+                ") SELECT n, CASE WHEN n > 0 THEN pg_notify(%s, 'e') END"
+                " FROM (SELECT count(*) AS n FROM inserted) c",
                 (
                     [s for s, _, _ in entries],
                     [v for _, v, _ in entries],
@@ -546,6 +588,11 @@ class PostgresTransaction:
                     [partition_of(e.correlation_id) for e in envelopes],
                     self._db.names.channel,
                 ),
+                # An id already in the log is the same event again (a relay's republication)
+                # or, with another body, an id used for another message.
+                len(entries),
+                lambda: self._known_ids("events", envelopes),
+                counts=True,
             ),
         ]
 

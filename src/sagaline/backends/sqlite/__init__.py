@@ -46,7 +46,7 @@ from sagaline.backends.sqlite.schema import (
 )
 from sagaline.backends.sqlite.transaction import SqliteTransaction
 from sagaline.errors import ConfigurationError, StoreUnavailable
-from sagaline.messages import Envelope
+from sagaline.messages import Envelope, check_message_id
 from sagaline.ports import Batch, ConsumerSpec, OutboxEntry, Outcome, StoredEvent
 
 if TYPE_CHECKING:
@@ -246,9 +246,16 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
         """Nothing to declare: queues and subscriptions are rows, made on first use."""
 
     async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
-        """Put messages on this file's queues and log, durably (a known message id is kept)."""
+        """Put messages on this file's queues and log, durably.
+
+        A message id already there with the same message is a retry and changes nothing; with
+        another message it raises :class:`DuplicateMessageId`, and nothing is written. An id that
+        is not one (see :func:`check_message_id`) raises :class:`InvalidMessage`.
+        """
         if not envelopes:
             return
+        for envelope in envelopes:
+            check_message_id(envelope.message_id)
         async with self.transaction() as tx:
             tx.to_bus(envelopes, routes)
 

@@ -17,7 +17,7 @@ from sagaline.backends.sqlite.rows import (
     envelope_params,
     partition_of,
 )
-from sagaline.errors import ConcurrencyError, StoreUnavailable
+from sagaline.errors import ConcurrencyError, DuplicateMessageId, StoreUnavailable
 from sagaline.messages import Envelope, utc_timestamp
 from sagaline.ports import (
     DEAD_LETTERED,
@@ -315,23 +315,45 @@ class SqliteTransaction:
             else:
                 events.append((*envelope_params(envelope), partition_of(envelope.correlation_id)))
         if commands:
-            self._conn.executemany(
+            inserted = self._conn.executemany(
                 "INSERT INTO commands (queue, key, message_id, type, body, correlation_id,"
                 " causation_id, timestamp, traceparent, source, available_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 # A message sent again with its id (a client's retry) is the same message.
                 " ON CONFLICT (message_id) DO NOTHING",
                 commands,
-            )
+            ).rowcount
+            if inserted != len(commands):
+                self._check_known_ids("commands", [row[2:5] for row in commands])
         if events:
-            self._conn.executemany(
+            inserted = self._conn.executemany(
                 "INSERT INTO events (message_id, type, body, correlation_id, causation_id,"
                 " timestamp, traceparent, source, part) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (message_id) DO NOTHING",
                 events,
-            )
+            ).rowcount
+            if inserted != len(events):
+                self._check_known_ids("events", [row[:3] for row in events])
         if envelopes:
             self.wrote_messages = True
+
+    def _check_known_ids(self, table: str, sent: Sequence[tuple[Any, ...]]) -> None:
+        """Some of ``sent`` (message id, type, body) met an id already there: accepted if each
+        is the same message again (a retry), else :class:`DuplicateMessageId`, which rolls the
+        unit of work back. Only run when an insert was short, so it costs nothing otherwise."""
+        for start in range(0, len(sent), 500):
+            chunk = sent[start : start + 500]
+            stored = {
+                row[0]: (row[1], row[2])
+                for row in self._conn.execute(
+                    f"SELECT message_id, type, body FROM {table} WHERE message_id IN"
+                    f" ({','.join('?' * len(chunk))})",
+                    [row[0] for row in chunk],
+                )
+            }
+            for message_id, message_type, body in chunk:
+                if stored.get(message_id, (message_type, body)) != (message_type, body):
+                    raise DuplicateMessageId(message_id)
 
     async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
         self._conn.executemany(
