@@ -51,3 +51,16 @@ class NonRetryableError(SagalineError):
     """Raised by a handler to send a message straight to the dead letters, skipping retries."""
 
     code = "non_retryable"
+
+
+class StoreUnavailable(SagalineError):
+    """The store's database cannot be reached, or refused the connection."""
+
+    code = "store_unavailable"
+
+
+class BusUnavailable(SagalineError):
+    """The bus's broker or database cannot be reached, refused the connection, or did not confirm
+    a publication in time; nothing is lost (an outbox keeps what was not published)."""
+
+    code = "bus_unavailable"
