@@ -7,10 +7,11 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.config import redact
 from sagaline.messages import Message
 from sagaline.observability import (
     causal_order,
@@ -47,10 +49,11 @@ UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 DECLINE = "Payment declined: 2500.00 exceeds the limit of 1000.00 for CUST-555"
 
 
-def _environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "SAGALINE_STORE_URL"}
+def _environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGALINE_")}
     # A wide console keeps rich from folding long reasons across lines.
     env["COLUMNS"] = "200"
+    env.update(extra or {})
     return env
 
 
@@ -71,8 +74,10 @@ def sagaline(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Comp
 
 def sagaline_all(
     calls: Sequence[tuple[Sequence[str], Path, str | None]],
+    env: Mapping[str, str] | None = None,
 ) -> list[subprocess.CompletedProcess[str]]:
-    """Run several ``python -m sagaline`` invocations at once: (args, cwd, stdin) each."""
+    """Run several ``python -m sagaline`` invocations at once: (args, cwd, stdin) each, with
+    ``env`` added to the environment."""
     started = [
         (
             subprocess.Popen(
@@ -83,7 +88,7 @@ def sagaline_all(
                 stderr=subprocess.PIPE,
                 text=True,
                 encoding="utf-8",
-                env=_environment(),
+                env=_environment(env),
             ),
             args,
             stdin,
@@ -447,6 +452,114 @@ def test_store_urls_are_printed_without_passwords(tmp_path: Path) -> None:
     for result in (unsupported, unreachable):
         assert "hunter2" not in result.stderr + result.stdout
         assert "app:***@" in result.stderr
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+#: Every command that does its work and exits, with the arguments it needs.
+ONE_SHOT_COMMANDS: list[tuple[str, ...]] = [
+    ("submit", "-"),
+    ("order", "ORD-12345"),
+    ("orders",),
+    ("trace", "ORD-12345"),
+    ("sagas",),
+    ("dead-letters",),
+    ("stock", "list"),
+    ("stock", "set", "PROD-A", "3"),
+    ("rebuild",),
+    ("migrate",),
+    ("demo",),
+    ("teardown", "--yes"),
+]
+
+
+def _unreachable(server: str, port: int, directory: Path) -> tuple[list[str], str]:
+    """The URL options that put ``server`` on ``port``, and the URL as messages must show it."""
+    if server == "PostgreSQL":
+        store = f"postgresql://app:s3cret@127.0.0.1:{port}/shop"
+        return ["--store", store], redact_url(store)
+    stores = f"sqlite:///{directory}/{{service}}.db"
+    if server == "RabbitMQ":
+        bus = f"amqp://app:s3cret@127.0.0.1:{port}/shop"
+    else:
+        bus = f"nats://app:s3cret@127.0.0.1:{port}"
+    return ["--store", stores, "--bus", bus], redact_url(bus)
+
+
+@pytest.mark.parametrize("server", ["NATS", "RabbitMQ", "PostgreSQL"])
+def test_one_shot_commands_give_up_on_an_unreachable_server(tmp_path: Path, server: str) -> None:
+    """Each exits with status 1 within the connect timeout and one line naming the server,
+    without its password; a long wait (the NATS client's reconnecting forever) fails the test."""
+    for name in ("order", "inventory", "payment", "orchestrator", "read"):
+        SqliteDatabase(f"sqlite:///{tmp_path}/{name}.db").connection.close()
+    port = closed_port()
+    where, shown = _unreachable(server, port, tmp_path)
+    (tmp_path / "demo").mkdir()
+    calls: list[tuple[Sequence[str], Path, str | None]] = []
+    for command in ONE_SHOT_COMMANDS:
+        if command[0] == "teardown":
+            if server == "PostgreSQL":
+                continue  # a broker's command
+            calls.append(([*command, *where[2:]], tmp_path, None))
+        elif command[0] == "demo":  # it replaces the SQLite files of the stores: others of its own
+            calls.append(
+                ([*command, *_unreachable(server, port, tmp_path / "demo")[0]], tmp_path, None)
+            )
+        else:
+            calls.append(([*command, *where], tmp_path, SEED_ORDER_JSON))
+    started = time.monotonic()
+    results = sagaline_all(calls, env={"SAGALINE_CONNECT_TIMEOUT": "1"})
+    assert time.monotonic() - started < PROCESS_TIMEOUT
+    for (command, _, _), result in zip(calls, results, strict=True):
+        assert result.returncode == 1, (command, result.stderr)
+        assert result.stdout == "", command
+        assert result.stderr.startswith(f"error: {server} at {shown} is unreachable: "), (
+            command,
+            result.stderr,
+        )
+        assert result.stderr.count("\n") == 1, (command, result.stderr)
+        assert "s3cret" not in result.stderr, command
+
+
+def test_the_connect_timeout_must_be_a_positive_number(tmp_path: Path) -> None:
+    [refused] = sagaline_all([(("orders",), tmp_path, None)], {"SAGALINE_CONNECT_TIMEOUT": "0"})
+    assert refused.returncode == 2
+    assert "--connect-timeout" in refused.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "up"])
+@pytest.mark.parametrize("server", ["NATS", "RabbitMQ", "PostgreSQL"])
+def test_services_wait_for_an_unreachable_server_and_log_it_without_the_password(
+    tmp_path: Path, server: str, command: str
+) -> None:
+    where, shown = _unreachable(server, closed_port(), tmp_path)
+    log = tmp_path / "run.log"
+    with log.open("wb") as output:
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "sagaline", command, *where],
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env=_environment({"SAGALINE_CONNECT_TIMEOUT": "1"}),
+        )
+    try:
+        # Still waiting after several attempts, each logged: the connect timeout is for
+        # one-shot commands only.
+        wait_until(
+            lambda: log.read_text(errors="replace").count(shown) >= 3, timeout=PROCESS_TIMEOUT
+        )
+        assert runner.poll() is None, log.read_text(errors="replace")
+    finally:
+        runner.kill()
+        runner.wait(PROCESS_TIMEOUT)
+    text = log.read_text(errors="replace")
+    assert "s3cret" not in text
+    assert "Traceback" not in text
 
 
 # ----------------------------------------------------------------------- schema
@@ -852,6 +965,20 @@ def test_strip_control_and_redact_url() -> None:
     assert redact_url("postgresql://u:pw@h:5432/db?sslmode=require&password=x") == (
         "postgresql://u:***@h:5432/db?sslmode=require&password=***"
     )
+    assert redact_url("nats://app:s3cret@nats:4222?prefix=shop") == (
+        "nats://app:***@nats:4222?prefix=shop"
+    )
+
+
+def test_a_drivers_message_is_shown_without_the_urls_passwords() -> None:
+    url = "amqp://guest:guest@mq:5672/shop?token=t0k3n"
+    shown = "amqp://guest:***@mq:5672/shop?token=***"
+    assert redact(f"cannot open {url}: password guest, t0k3n", url) == (
+        f"cannot open {shown}: password ***, ***"
+    )
+    # Already redacted, the URL stays as it is; a percent-encoded password is masked decoded too.
+    assert redact(f"RabbitMQ at {shown} refused", url) == f"RabbitMQ at {shown} refused"
+    assert redact("login p@ss failed", "postgresql://u:p%40ss@h/db", None) == "login *** failed"
 
 
 def test_stock_violations_name_the_product_whose_ledger_is_off() -> None:

@@ -10,6 +10,7 @@ RELIABILITY.md hold over the services' stores.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ import pytest
 import servers
 from conftest import OrderStore
 
+from sagaline.config import redact_url
 from sagaline.deploy import Deployment
 from sagaline.orders import SERVICE_NAMES, build_system
 from sagaline.orders.demo import DEMO_STOCK, demo_orders, is_deployment_settled
@@ -93,27 +95,28 @@ class Cluster:
         # Bounded: a server that accepts connections but never answers fails the test.
         return asyncio.run(asyncio.wait_for(go(), 180))
 
-    def up(self, *options: str) -> None:
-        """Start ``sagaline up`` with short leases, so a restarted service resumes quickly."""
+    def up(self, *options: str, command: Sequence[str] = ("up",)) -> None:
+        """Start ``sagaline up`` (or ``command``) with short leases, so a restarted service
+        resumes quickly. The URLs are given in the environment, as a password should be."""
+        env = {k: v for k, v in os.environ.items() if k != "SAGALINE_CRASH_AT"}
+        env.update(SAGALINE_STORE_URL=self.store, SAGALINE_BUS_URL=self.bus)
         with self.log.open("ab") as output:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "sagaline",
-                    "up",
-                    "--store",
-                    self.store,
-                    "--bus",
-                    self.bus,
-                    "--lease-seconds",
-                    "2",
-                    *options,
-                ],
+                [sys.executable, "-m", "sagaline", *command, "--lease-seconds", "2", *options],
                 stdout=output,
                 stderr=subprocess.STDOUT,
-                env={k: v for k, v in os.environ.items() if k != "SAGALINE_CRASH_AT"},
+                env=env,
             )
+
+    def command_lines(self) -> list[str]:
+        """The command lines of this process and of every process it started."""
+        assert self.process is not None
+        parent = psutil.Process(self.process.pid)
+        found = []
+        for process in [parent, *parent.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                found.append(" ".join(process.cmdline()))
+        return found
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-6000:]
@@ -220,6 +223,58 @@ def test_the_demo_orders_run_end_to_end_with_each_service_in_its_own_process(
         "ORD-12347": "CANCELLED",
     }
     assert cluster.stop() == 0
+
+
+def with_password(url: str, password: str) -> str:
+    """``url`` with a password (the servers here do not check it: PostgreSQL trusts loopback
+    connections, NATS has no authorization; RabbitMQ's URL has guest's own)."""
+    parts = urlsplit(url)
+    if parts.password is not None:
+        return url
+    user = parts.username or "app"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+
+@pytest.mark.parametrize("urls", ["postgresql+rabbitmq", "postgresql+nats"], indirect=True)
+def test_up_and_serve_put_no_password_on_a_command_line(cluster: Cluster) -> None:
+    """Any user of the machine can read a process's command line (``ps``): `up` and `serve
+    --instances` hand the URLs to the processes they start through their environment."""
+    cluster.store = with_password(cluster.store, "s3cret")
+    cluster.bus = with_password(cluster.bus, "s3cret")
+    passwords = {urlsplit(url).password or "" for url in (cluster.store, cluster.bus)}
+    described = repr(Deployment(cluster.store, cluster.bus))
+    assert "s3cret" not in described and redact_url(cluster.bus) in described
+    cluster.run(stock(dict(DEMO_STOCK)))
+    cluster.up()
+    cluster.wait_for(lambda: set(cluster.services()) == set(SERVICE_NAMES), "five services")
+    lines = cluster.command_lines()
+    assert len(lines) == 1 + len(SERVICE_NAMES)
+    assert [line for line in lines if any(p in line for p in passwords)] == []
+    # The services did get the URLs: the orders go through.
+    orders = demo_orders()
+    cluster.run(submit(orders))
+    order_ids = [order.correlation_key() for order in orders]
+    cluster.wait_for(lambda: cluster.run(settled(order_ids)), "settled orders")
+    assert cluster.stop() == 0
+
+    started = len(cluster.log.read_text(errors="replace"))
+    cluster.up("--instances", "2", command=("serve", "read"))
+    cluster.wait_for(lambda: len(cluster.services().get("read", [])) == 2, "two read services")
+    lines = cluster.command_lines()
+    assert len(lines) == 3
+    assert [line for line in lines if any(p in line for p in passwords)] == []
+    shown = (
+        f"sagaline serve: read on {redact_url(cluster.store)} with bus {redact_url(cluster.bus)}"
+    )
+    cluster.wait_for(
+        lambda: cluster.log.read_text(errors="replace")[started:].count(shown) == 2,
+        "both instances connected",
+    )
+    assert cluster.stop() == 0
+    logged = cluster.log.read_text(errors="replace")
+    assert "s3cret" not in logged
+    assert cluster.store not in logged and cluster.bus.partition("?")[0] not in logged
 
 
 def test_a_service_killed_under_load_is_restarted_and_nothing_is_lost(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import uuid
@@ -509,6 +510,42 @@ def test_consumers_go_on_after_a_reconnect_and_a_publish_while_disconnected_rais
         assert recorded(store, "alpha") == {"K-1": list(range(20))}
 
     kit.run(scenario)
+
+
+def test_the_password_of_the_url_is_in_no_log_record_nor_error(
+    kit: NatsKit, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        proxy = TcpProxy(NATS_URL)
+        await proxy.start()
+        url = proxy.url.replace("nats://", "nats://app:s3cret@")
+        shown = proxy.url.replace("nats://", "nats://app:***@")
+        bus = await kit.bus(url=url)
+        system = System([queue_service("alpha", BusTestCommand)])
+        await proxy.stop()
+        await wait_until(lambda: not bus.connection.is_connected)
+        with pytest.raises(BusUnavailable) as disconnected:
+            await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+        await proxy.start()
+        await wait_until(lambda: bus.connection.is_connected)
+        await wait_until(lambda: any("reconnected" in r.getMessage() for r in caplog.records))
+        assert shown in str(disconnected.value)
+        assert "s3cret" not in str(disconnected.value)
+        assert "s3cret" not in repr(bus)
+
+        # A server that cannot be reached: open() gives up after its connect timeout.
+        await proxy.stop()
+        unreachable = NatsBus(url, prefix=kit.prefix, connect_timeout=1.0)
+        with pytest.raises(BusUnavailable) as refused:
+            await unreachable.open()
+        assert str(refused.value).startswith(f"NATS at {shown} is unreachable: ")
+        assert "s3cret" not in str(refused.value)
+
+    with caplog.at_level(logging.DEBUG, logger="sagaline"):
+        kit.run(scenario)
+    logged = [record.getMessage() for record in caplog.records]
+    assert any("disconnected from nats://app:***@" in message for message in logged), logged
+    assert not [message for message in logged if "s3cret" in message]
 
 
 # ---------------------------------------------------------------------------- members

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -30,7 +33,7 @@ from test_store import Boom, StoreConformance, StoreTestEvent, events, saga
 from sagaline.backends import open_backend
 from sagaline.backends.postgres import PostgresDatabase, migrate
 from sagaline.backends.postgres.schema import SCHEMA_VERSION
-from sagaline.errors import ConcurrencyError, ConfigurationError
+from sagaline.errors import ConcurrencyError, ConfigurationError, StoreUnavailable
 from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import Envelope
 from sagaline.orders.demo import DEMO_ORDER_IDS, run_demo
@@ -119,10 +122,35 @@ def test_schema_names_are_checked_and_passwords_never_shown() -> None:
     async def connect() -> None:
         await db.open()
 
-    with pytest.raises(ConfigurationError) as failed:
+    with pytest.raises(StoreUnavailable) as failed:
         asyncio.run(connect())
     assert "s3cret" not in str(failed.value)
     assert "127.0.0.1" in str(failed.value)
+
+
+def test_a_missing_database_is_one_clear_line_without_the_password(pg_url: str) -> None:
+    """The store raises StoreUnavailable saying why; the command line prints it and exits 1."""
+    parts = urlsplit(pg_url)
+    name = schema_name("sagaline_missing")
+    missing = urlunsplit(
+        parts._replace(netloc=f"{parts.username}:s3cret@{parts.hostname}:{parts.port or 5432}")
+    ).replace(parts.path, f"/{name}")
+    shown = missing.replace(":s3cret@", ":***@")
+    expected = f'PostgreSQL at {shown} refused the connection: database "{name}" does not exist'
+
+    async def connect() -> None:
+        await PostgresDatabase(missing).open()
+
+    with pytest.raises(StoreUnavailable) as refused:
+        asyncio.run(connect())
+    assert str(refused.value) == expected
+    done = subprocess.run(
+        [sys.executable, "-m", "sagaline", "orders", "--store", missing],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (1, "", f"error: {expected}\n")
 
 
 def test_migration_is_idempotent_and_safe_from_several_processes_at_once(pg_url: str) -> None:

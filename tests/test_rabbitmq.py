@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
+import sys
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -36,6 +39,7 @@ from sagaline.backends import open_bus
 from sagaline.backends.rabbitmq import (
     BUNDLE_CONTENT_TYPE,
     POSITIONS_PER_OFFSET,
+    BusUnavailable,
     RabbitBus,
     UnroutableMessage,
 )
@@ -43,8 +47,9 @@ from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.errors import ConfigurationError
 from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import MAX_MESSAGE_BYTES, Envelope, new_message_id
+from sagaline.observability import redact_url
 from sagaline.orders import build_system
-from sagaline.orders.demo import DEMO_STOCK, demo_orders
+from sagaline.orders.demo import DEMO_STOCK, SEED_ORDER_JSON, demo_orders
 from sagaline.orders.inventory import set_stock
 from sagaline.ports import BrokerBus, ConsumerSpec, Outcome, RetryPolicy
 
@@ -933,6 +938,48 @@ def test_deliveries_in_hand_when_the_connection_is_cut_come_again(rig: Rig) -> N
         await bus.complete(again, [(Outcome.ACK, None)] * 3)
 
     rig.run(scenario)
+
+
+def test_a_refused_connection_is_one_clear_line_without_the_password(
+    rabbit_url: str, tmp_path: Path
+) -> None:
+    """A virtual host that does not exist and a wrong password: the bus raises BusUnavailable,
+    and the command line prints why on one line and exits with status 1."""
+    host = f"127.0.0.1:{urlsplit(rabbit_url).port or 5672}"
+    user = urlsplit(rabbit_url).username
+    vhost = f"sagaline-missing-{uuid.uuid4().hex[:8]}"
+    missing = rabbit_url.replace(urlsplit(rabbit_url).path, f"/{vhost}")
+    wrong = f"amqp://{user}:s3cret-{uuid.uuid4().hex[:6]}@{host}/"
+
+    async def refused(url: str) -> str:
+        bus = RabbitBus(url)
+        with pytest.raises(BusUnavailable) as raised:
+            await bus.open()
+        await bus.close()
+        return str(raised.value)
+
+    assert asyncio.run(refused(missing)) == (
+        f"RabbitMQ at {redact_url(missing)} refused the connection: virtual host {vhost!r}"
+        " not found, or not open to this user (NOT_ALLOWED)"
+    )
+    denied = asyncio.run(refused(wrong))
+    assert denied.startswith(f"RabbitMQ at amqp://{user}:***@{host}/ refused the connection: ")
+    assert "ACCESS_REFUSED" in denied
+    for url, reason in ((missing, f"virtual host {vhost!r} not found"), (wrong, "ACCESS_REFUSED")):
+        for command in (["teardown", "--yes"], ["submit", "-"]):
+            done = subprocess.run(
+                [sys.executable, "-m", "sagaline", *command, "--bus", url],
+                input=SEED_ORDER_JSON,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd=tmp_path,
+            )
+            assert done.returncode == 1, done.stderr
+            assert done.stderr.startswith(f"error: RabbitMQ at {redact_url(url)} refused"), done
+            assert reason in done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert "s3cret" not in done.stderr
 
 
 # -------------------------------------------------------------------------------- the flow

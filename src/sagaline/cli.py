@@ -3,6 +3,9 @@
 Every command takes ``--store URL`` (default ``$SAGALINE_STORE_URL``, else
 ``sqlite:///./sagaline.db``); query commands take ``--json`` for machine-readable output on
 stdout. Errors go to stderr: exit code 2 for bad input, 1 for anything else that went wrong.
+A one-shot command gives up on a database or broker it cannot reach after ``--connect-timeout``
+seconds (``$SAGALINE_CONNECT_TIMEOUT``, default 10); ``run``, ``serve`` and ``up`` wait for them.
+URLs are shown without their passwords, and handed to child processes through the environment.
 
 Text that comes from messages (reasons, ids, type names) is untrusted: it is printed inert, with
 control characters replaced and rich markup escaped, so a payload cannot drive the terminal.
@@ -18,6 +21,7 @@ import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar, cast
@@ -32,8 +36,24 @@ from rich.table import Table
 from rich.tree import Tree
 
 from sagaline.backends.sqlite import LEASE_SECONDS, NotAStore, path_from_url
-from sagaline.deploy import Deployment, Supervisor, open_bus, serve_argv, service_url
+from sagaline.config import (
+    BUS_URL_ENV,
+    CONNECT_TIMEOUT_ENV,
+    DEFAULT_CONNECT_TIMEOUT,
+    STORE_URL_ENV,
+    redact,
+    redact_url,
+)
+from sagaline.deploy import (
+    Deployment,
+    Supervisor,
+    open_bus,
+    serve_argv,
+    service_url,
+    url_environment,
+)
 from sagaline.errors import (
+    BusUnavailable,
     ConfigurationError,
     InvalidMessage,
     MessageRefused,
@@ -56,7 +76,6 @@ from sagaline.observability import (
     TransactionTrace,
     dead_letter_summary,
     load_trace,
-    redact_url,
     saga_failure,
     saga_summary,
     stock_violations,
@@ -89,6 +108,16 @@ MAX_STOCK = 10**12
 log = logging.getLogger("sagaline.cli")
 T = TypeVar("T")
 
+
+@dataclass
+class _Settings:
+    """Options of the ``sagaline`` command itself, given before the subcommand."""
+
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+
+_settings = _Settings()
+
 # Emoji codes (``:x:``) and highlighting would alter untrusted text; styles are set explicitly.
 out = Console(highlight=False, emoji=False)
 err = Console(stderr=True, highlight=False, emoji=False)
@@ -108,7 +137,7 @@ StoreOption = Annotated[
     str,
     typer.Option(
         "--store",
-        envvar="SAGALINE_STORE_URL",
+        envvar=STORE_URL_ENV,
         metavar="URL",
         help="Store URL: sqlite:///path/to/file.db or postgresql://user@host/db.",
     ),
@@ -118,7 +147,7 @@ BusOption = Annotated[
     str | None,
     typer.Option(
         "--bus",
-        envvar="SAGALINE_BUS_URL",
+        envvar=BUS_URL_ENV,
         metavar="URL",
         help="Bus URL when the bus is not the store's database: amqp://, nats://, or another"
         " sqlite:/// file or postgresql:// database. With it, each service opens its own store"
@@ -222,6 +251,7 @@ def _open_deployment(
     instance: tuple[int, int] | None = None,
     read_only: bool = False,
     adopt: bool = False,
+    connect_timeout: float | None = None,
 ) -> Deployment:
     """The services' stores and bus; queries refuse to create an empty SQLite store.
 
@@ -246,15 +276,20 @@ def _open_deployment(
     if bus is not None and bus.startswith("sqlite:"):
         bus_options.update(sqlite_options)
     try:
-        return Deployment(store, bus, services, store_options=options, bus_options=bus_options)
+        return Deployment(
+            store,
+            bus,
+            services,
+            store_options=options,
+            bus_options=bus_options,
+            connect_timeout=connect_timeout,
+        )
     except NotAStore as exc:
         _fail(_inert(exc), 2)
     except StoreUnavailable as exc:
-        _fail(_inert(exc), 1)
-    except Exception as exc:
-        if not isinstance(exc, (SagalineError, *_database_errors())):
-            raise
-        _fail(f"cannot open the store {shown}: {_inert(exc)}", 1)
+        _fail(_inert(redact(str(exc), store, bus)), 1)
+    except (SagalineError, sqlite3.Error) as exc:
+        _fail(f"cannot open the store {shown}: {_inert(redact(str(exc), store, bus))}", 1)
 
 
 async def _open_with_retry(deployment: Deployment, max_delay: float = 5.0) -> None:
@@ -265,18 +300,22 @@ async def _open_with_retry(deployment: Deployment, max_delay: float = 5.0) -> No
             await deployment.open()
             return
         except Exception as exc:
-            if not isinstance(exc, (SagalineError, *_database_errors())) or isinstance(
-                exc, ConfigurationError
-            ):
+            if not isinstance(
+                exc, (StoreUnavailable, BusUnavailable, *_database_errors())
+            ) or isinstance(exc, ConfigurationError):
                 raise
             # Opening is idempotent: what did connect stays, the rest is tried again.
-            log.warning("cannot connect yet (%s); retrying in %.1fs", exc, delay)
+            shown = redact(str(exc), deployment.store_url, deployment.bus_url)
+            log.warning("cannot connect yet (%s); retrying in %.1fs", shown, delay)
             await asyncio.sleep(delay)
             delay = min(max_delay, delay * 2)
 
 
 def _database_errors() -> tuple[type[Exception], ...]:
-    """Errors of the databases and brokers in use, shown as one line rather than a traceback."""
+    """Errors of the databases and brokers in use, shown as one line rather than a traceback.
+
+    The adapters report a server they cannot reach as :class:`StoreUnavailable` or
+    :class:`BusUnavailable`; these are what a driver may still raise once connected."""
     errors: list[type[Exception]] = [sqlite3.Error, OSError]
     for module, name in (("psycopg", "Error"), ("aiormq", "AMQPError"), ("nats", "errors")):
         loaded = sys.modules.get(module)
@@ -306,7 +345,8 @@ def _with(
     """Open the deployment, do ``work`` with it and close it, all in one event loop.
 
     With ``wait_for_servers`` (a long-running service), a database or broker that is not
-    reachable yet is waited for with backoff instead of failing.
+    reachable yet is waited for with backoff instead of failing; otherwise one that cannot be
+    reached within ``--connect-timeout`` is an error.
     """
     deployment = _open_deployment(
         store,
@@ -317,6 +357,7 @@ def _with(
         instance=instance,
         read_only=read_only,
         adopt=adopt,
+        connect_timeout=None if wait_for_servers else _settings.connect_timeout,
     )
 
     async def go() -> T:
@@ -326,13 +367,14 @@ def _with(
         finally:
             await deployment.close()
 
-    with _errors():
+    with _errors(store, bus):
         return asyncio.run(go())
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
-    """Turn sagaline and database errors into a message on stderr and exit code 1."""
+def _errors(*urls: str | None) -> Iterator[None]:
+    """Turn sagaline and database errors into a message on stderr and exit code 1; ``urls``
+    (and their passwords) are shown redacted wherever the message repeats them."""
     try:
         yield
     except InvalidMessage as exc:
@@ -340,9 +382,9 @@ def _errors() -> Iterator[None]:
     except MessageRefused as exc:
         _fail(f"refused: {_inert(exc)}", 2)
     except SagalineError as exc:
-        _fail(_inert(exc), 1)
+        _fail(_inert(redact(str(exc), *urls)), 1)
     except _database_errors() as exc:
-        _fail(f"database error: {_inert(exc)}", 1)
+        _fail(f"database error: {_inert(redact(str(exc), *urls))}", 1)
 
 
 def _describe_invalid(exc: InvalidMessage) -> str:
@@ -368,6 +410,11 @@ def _configure_logging(level: int) -> None:
         handler.setFormatter(_InertFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
+    # A one-shot command reports a broker it cannot reach as its error; a service logs the
+    # driver's own account of each attempt while it waits.
+    logging.getLogger("aiormq.connection").setLevel(
+        logging.NOTSET if level <= logging.INFO else logging.CRITICAL
+    )
 
 
 class _InertFormatter(logging.Formatter):
@@ -541,7 +588,20 @@ def _stock_table(rows: Sequence[Mapping[str, Any]]) -> Table:
 
 
 @app.callback()
-def _setup() -> None:
+def _setup(
+    connect_timeout: Annotated[
+        float,
+        typer.Option(
+            "--connect-timeout",
+            envvar=CONNECT_TIMEOUT_ENV,
+            min=0.1,
+            metavar="SECONDS",
+            help="How long a one-shot command waits for its database or broker before it gives"
+            " up (run, serve and up wait for them as long as it takes).",
+        ),
+    ] = DEFAULT_CONNECT_TIMEOUT,
+) -> None:
+    _settings.connect_timeout = connect_timeout
     _configure_logging(logging.WARNING)
 
 
@@ -562,7 +622,9 @@ def demo(
     async def go() -> tuple[
         int, list[TransactionTrace], list[dict[str, Any]], list[Document | None]
     ]:
-        deployment = await open_demo_deployment(store, bus)
+        deployment = await open_demo_deployment(
+            store, bus, connect_timeout=_settings.connect_timeout
+        )
         try:
             run = await run_demo(deployment, payment_limit=limit)
             sources = _all_queries(deployment)
@@ -578,7 +640,7 @@ def demo(
         finally:
             await deployment.close()
 
-    with _errors():
+    with _errors(store, bus):
         try:
             handled, traces, stock, orders = asyncio.run(go())
         except NotADemoStore as exc:
@@ -721,12 +783,13 @@ def run(
     )
 
 
-def _supervise(commands: dict[str, list[str]], title: str) -> None:
-    """Run ``commands`` as supervised child processes until SIGINT or SIGTERM."""
+def _supervise(commands: dict[str, list[str]], title: str, env: Mapping[str, str]) -> None:
+    """Run ``commands`` as supervised child processes, with environment ``env``, until SIGINT
+    or SIGTERM."""
     _configure_logging(logging.INFO)
 
     async def go() -> None:
-        supervisor = Supervisor(commands)
+        supervisor = Supervisor(commands, env=env)
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: signal.Signals) -> None:
@@ -818,11 +881,12 @@ def serve(
     _supervise(
         {
             f"{names[0]}-{n}": serve_argv(
-                names[0], store, bus, extra, (n, instances), _member(f"{names[0]}-{n}")
+                names[0], extra, (n, instances), _member(f"{names[0]}-{n}")
             )
             for n in range(1, instances + 1)
         },
         f"serve {names[0]}",
+        url_environment(store, bus),
     )
 
 
@@ -840,18 +904,17 @@ def up(
     """Run all five services as separate processes; a crashed one is restarted; Ctrl-C stops all."""
     _check_urls(store, bus)
     _parse_amount(payment_limit, "--payment-limit")
-    # Create every schema once, before the processes race to do it.
-    _with(store, bus, _prepare, must_exist=None)
+    # Create every schema once, before the processes race to do it (waiting for the servers).
+    _with(store, bus, _prepare, must_exist=None, wait_for_servers=True)
     extra = _child_options(payment_limit, batch_size, lease_seconds)
     _supervise(
         {
-            f"{service}-{n}": serve_argv(
-                service, store, bus, extra, (n, instances), _member(f"{service}-{n}")
-            )
+            f"{service}-{n}": serve_argv(service, extra, (n, instances), _member(f"{service}-{n}"))
             for service in SERVICE_NAMES
             for n in range(1, instances + 1)
         },
         "up",
+        url_environment(store, bus),
     )
 
 
@@ -912,19 +975,22 @@ def teardown(
         from sagaline.backends.nats import NatsBus
         from sagaline.backends.rabbitmq import RabbitBus
 
-        opened = open_bus(bus)
+        opened = open_bus(bus, connect_timeout=_settings.connect_timeout)
         assert isinstance(opened, RabbitBus | NatsBus)
         system = build_system()
         consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
         try:
+            await opened.open()
             await opened.delete_topology(consumers)
         finally:
             await opened.close()
 
     try:
         asyncio.run(delete())
+    except (StoreUnavailable, BusUnavailable) as exc:
+        _fail(_inert(redact(str(exc), bus)), 1)
     except Exception as exc:
-        _fail(f"cannot delete the topology of {shown}: {_inert(exc)}", 1)
+        _fail(f"cannot delete the topology of {shown}: {_inert(redact(str(exc), bus))}", 1)
     out.print(f"deleted the queues, exchanges and streams of {shown}", soft_wrap=True)
 
 

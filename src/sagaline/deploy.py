@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagaline.backends import BUS_SCHEMA, open_bus
+from sagaline.config import BUS_URL_ENV, STORE_URL_ENV, redact_url
 from sagaline.errors import ConfigurationError
 from sagaline.handling import DEFAULT_BATCH, Runtime, System
 from sagaline.ports import Backend, BrokerBus
@@ -34,6 +35,7 @@ __all__ = [
     "open_bus",
     "scheme_of",
     "service_url",
+    "url_environment",
 ]
 
 log = logging.getLogger("sagaline.deploy")
@@ -62,7 +64,13 @@ def _schema_for(service: str) -> str:
 
 
 def _open_store(
-    url: str, service: str, *, outbox: bool, colocated_bus: bool, **options: Any
+    url: str,
+    service: str,
+    *,
+    outbox: bool,
+    colocated_bus: bool,
+    connect_timeout: float | None = None,
+    **options: Any,
 ) -> Any:
     scheme = scheme_of(url)
     if scheme == "sqlite":
@@ -77,6 +85,7 @@ def _open_store(
             schema=_schema_for(service),
             bus_schema=BUS_SCHEMA if colocated_bus else None,
             outbox=outbox,
+            connect_timeout=connect_timeout,
             **options,
         )
     raise ConfigurationError(
@@ -86,13 +95,20 @@ def _open_store(
 
 @dataclass
 class Deployment:
-    """The stores of a set of services and the bus between them, opened from URLs."""
+    """The stores of a set of services and the bus between them, opened from URLs.
+
+    ``connect_timeout`` (seconds) bounds how long :meth:`open` waits for each database and
+    broker before it raises :class:`~sagaline.errors.StoreUnavailable` or
+    :class:`~sagaline.errors.BusUnavailable`; None leaves the drivers' own limits (a NATS bus
+    then waits until its server answers).
+    """
 
     store_url: str
     bus_url: str | None = None
     services: Sequence[str] = ()
     store_options: Mapping[str, Any] = field(default_factory=dict)
     bus_options: Mapping[str, Any] = field(default_factory=dict)
+    connect_timeout: float | None = None
     stores: dict[str, Backend] = field(default_factory=dict, init=False)
     bus: BrokerBus | None = field(default=None, init=False)
 
@@ -121,11 +137,20 @@ class Deployment:
                     service,
                     outbox=not colocated,
                     colocated_bus=colocated,
+                    connect_timeout=self.connect_timeout,
                     **self.store_options,
                 )
             self.stores[service] = store
         if self.bus_url is not None:
-            self.bus = open_bus(self.bus_url, **self.bus_options)
+            self.bus = open_bus(
+                self.bus_url, connect_timeout=self.connect_timeout, **self.bus_options
+            )
+
+    def __repr__(self) -> str:
+        bus = redact_url(self.bus_url) if self.bus_url is not None else None
+        return (
+            f"Deployment({redact_url(self.store_url)!r}, {bus!r}, services={list(self.services)})"
+        )
 
     @classmethod
     def of(cls, store: Backend, services: Sequence[str]) -> Deployment:
@@ -136,6 +161,7 @@ class Deployment:
         deployment.services = list(services)
         deployment.store_options = {}
         deployment.bus_options = {}
+        deployment.connect_timeout = None
         deployment.stores = dict.fromkeys(services, store)
         deployment.bus = None
         return deployment
@@ -307,22 +333,34 @@ class Supervisor:
 
 def serve_argv(
     service: str,
-    store_url: str,
-    bus_url: str | None,
     extra: Sequence[str] = (),
     instance: tuple[int, int] | None = None,
     member: str | None = None,
 ) -> list[str]:
     """The command line of one ``sagaline serve`` process for ``service``.
 
+    It names no URL: those may hold passwords, and any user of the machine can read a process's
+    command line. The process reads them from its environment (:func:`url_environment`).
     ``instance=(i, n)``: the process is instance i of n of the service (``--instance i/n``);
     ``member``: the name it holds leases under (``--member``).
     """
-    argv = [sys.executable, "-m", "sagaline", "serve", service, "--store", store_url]
-    if bus_url is not None:
-        argv += ["--bus", bus_url]
+    argv = [sys.executable, "-m", "sagaline", "serve", service]
     if instance is not None and instance[1] > 1:
         argv += ["--instance", f"{instance[0]}/{instance[1]}"]
     if member is not None:
         argv += ["--member", member]
     return [*argv, *extra]
+
+
+def url_environment(
+    store_url: str, bus_url: str | None, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """``base`` (default: this process's environment) with the store and bus URLs set, for the
+    child processes of :func:`serve_argv` (only their owner can read their environment)."""
+    env = dict(os.environ if base is None else base)
+    env[STORE_URL_ENV] = store_url
+    if bus_url is None:
+        env.pop(BUS_URL_ENV, None)
+    else:
+        env[BUS_URL_ENV] = bus_url
+    return env

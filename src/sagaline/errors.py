@@ -97,3 +97,10 @@ class NotAcceptedFromClients(MessageRefused):
     def __init__(self, message_type: str, reason: str) -> None:
         super().__init__(reason)
         self.message_type = message_type
+
+
+class BusUnavailable(SagalineError):
+    """The bus's broker or database cannot be reached, refused the connection, or did not confirm
+    a publication in time; nothing is lost (an outbox keeps what was not published)."""
+
+    code = "bus_unavailable"

@@ -7,16 +7,15 @@ of untrusted payloads, passwords out of URLs.
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import msgspec
 
+from sagaline.config import redact_url
 from sagaline.ports import DeadLetter, SagaRecord
 
 __all__ = [
@@ -274,32 +273,6 @@ def strip_control(text: str, replacement: str = "?") -> str:
         else:
             out.append(replacement)
     return "".join(out)
-
-
-_SECRET_PARAMETER = re.compile(r"pass|secret|token|key", re.IGNORECASE)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password (and any password-like query parameter) masked."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return "<unparseable URL>"
-    # Edit the text in place: urlunsplit would rewrite ``sqlite:///x`` as ``sqlite:/x``.
-    redacted = url
-    if password is not None:
-        userinfo, _, host = parts.netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        redacted = redacted.replace(parts.netloc, f"{user}:***@{host}", 1)
-    if parts.query:
-        pairs = parse_qsl(parts.query, keep_blank_values=True)
-        if any(_SECRET_PARAMETER.search(name) for name, _ in pairs):
-            masked = urlencode(
-                [(n, "***" if _SECRET_PARAMETER.search(n) else v) for n, v in pairs], safe="*"
-            )
-            redacted = redacted.replace(f"?{parts.query}", f"?{masked}", 1)
-    return redacted
 
 
 def stock_violations(rows: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -48,12 +48,15 @@ def open_bus(url: str, **options: Any) -> BrokerBus:
     most messages one AMQP message carries (``bundle=1``: one each; see
     ``sagaline.backends.bundles``).
     ``instance=(i, n)`` tells a RabbitMQ bus that this process is instance i of n of its
-    services (see :class:`RabbitBus`); other buses ignore it.
+    services (see :class:`RabbitBus`); other buses ignore it. ``connect_timeout`` (seconds)
+    bounds how long opening a server's bus waits for it; a SQLite bus ignores it.
     """
     scheme = url.split("://", 1)[0].lower()
     if scheme != "amqp" and scheme != "amqps":
         # Only RabbitMQ needs to know its instance (the others share partitions by themselves).
         options = {k: v for k, v in options.items() if k != "instance"}
+    if scheme == "sqlite":
+        options = {k: v for k, v in options.items() if k != "connect_timeout"}
     if scheme == "sqlite":
         from sagaline.backends.sqlite import SqliteDatabase
 

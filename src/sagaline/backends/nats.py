@@ -120,7 +120,13 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from sagaline.errors import ConfigurationError, InvalidMessage, SagalineError, UnknownMessageType
+from sagaline.config import redact, redact_url
+from sagaline.errors import (
+    BusUnavailable,
+    ConfigurationError,
+    InvalidMessage,
+    UnknownMessageType,
+)
 from sagaline.messages import Envelope, registry, utc_timestamp
 from sagaline.ports import Batch, BrokerBus, ConsumerSpec, Delivery, Outcome, StoredEvent
 
@@ -159,12 +165,6 @@ _DUPLICATE_WINDOW = 120.0
 #: Seconds a lane's pulls bring nothing before the server is asked about its consumer.
 _NUDGE_AFTER = 5.0
 _REPLAY_BATCH = 1000
-
-
-class BusUnavailable(SagalineError):
-    """The NATS server cannot be reached now; nothing was published (the outbox keeps it)."""
-
-    code = "bus_unavailable"
 
 
 class MessageTooLarge(InvalidMessage):
@@ -354,12 +354,18 @@ class NatsBus:
         publish_timeout: float = 10.0,
         fetch_timeout: float = 1.0,
         replicas: int = 1,
+        connect_timeout: float | None = None,
     ) -> None:
         if not _TOKEN.match(prefix):
             raise ConfigurationError(f"NATS prefix {prefix!r}: use letters, digits, - and _")
         if partitions < 1:
             raise ConfigurationError("partitions must be at least 1")
         self.url = url
+        #: The URL as logs and errors show it (without its password).
+        self.shown_url = redact_url(url)
+        #: Seconds :meth:`open` tries to connect before it raises :class:`BusUnavailable`; None
+        #: tries until it connects (a long-running service waits for its server).
+        self.connect_timeout = connect_timeout
         self.prefix = prefix
         self.partitions = partitions
         self.lease_seconds = lease_seconds
@@ -389,39 +395,66 @@ class NatsBus:
         self._closing = False
         self._open_lock = asyncio.Lock()
         self._keeper: asyncio.Task[None] | None = None
+        self._connect_failure: BaseException | None = None
 
     # Connection ---------------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Connect; the client reconnects by itself, forever, and pulls go on afterwards.
 
-        Optional: the first prepare, publish, claim or replay connects too.
+        Optional: the first prepare, publish, claim or replay connects too. With a
+        ``connect_timeout``, a server that cannot be reached (or refuses the connection) in that
+        time raises :class:`BusUnavailable` naming it and the last reason.
         """
         async with self._open_lock:
             if self._nc is None:
                 await self._connect()
 
     async def _connect(self) -> None:
-        self._nc = await nats.connect(
-            self.url,
-            name="sagaline",
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=2,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-            reconnected_cb=self._on_reconnected,
-        )
-        self._js = self._nc.jetstream(timeout=5.0)
-        version = str(self._nc._server_info.get("version", "0.0.0"))
+        client = Client()
+        self._connect_failure = None
+        options: dict[str, Any] = {
+            "name": "sagaline",
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "connect_timeout": min(2.0, self.connect_timeout or 2.0),
+            "error_cb": self._on_error,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+        connecting = client.connect(self.url, **options)
+        try:
+            if self.connect_timeout is None:
+                await connecting
+            else:
+                await asyncio.wait_for(connecting, self.connect_timeout)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with suppress(Exception):
+                await client.close()
+            raise self._unavailable(self._connect_failure or exc) from None
+        self._nc = client
+        self._js = client.jetstream(timeout=5.0)
+        version = str(client._server_info.get("version", "0.0.0"))
         self._multi_filter = tuple(int(p) for p in re.findall(r"\d+", version)[:2]) >= (2, 10)
-        self._inbox = self._nc.new_inbox()
-        await self._nc.subscribe(f"{self._inbox}.*", cb=self._on_pulled)
+        self._inbox = client.new_inbox()
+        await client.subscribe(f"{self._inbox}.*", cb=self._on_pulled)
         for stream in (self.command_stream, self.event_stream):
-            await self._nc.subscribe(
+            await client.subscribe(
                 f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*", cb=self._on_exhausted
             )
+
+    def _unavailable(self, failure: BaseException) -> BusUnavailable:
+        """The error that says, without the password, why the server could not be connected to."""
+        text = failure.strerror if isinstance(failure, OSError) else None
+        reason = redact(text or str(failure).strip() or type(failure).__name__, self.url)
+        reason = reason.removeprefix("nats: ").strip("'")
+        if isinstance(failure, OSError | TimeoutError):
+            problem = "is unreachable"
+        else:
+            problem = "refused the connection"
+        waited = f" (gave up after {self.connect_timeout:g}s)" if self.connect_timeout else ""
+        return BusUnavailable(f"NATS at {self.shown_url} {problem}: {reason}{waited}")
 
     async def close(self) -> None:
         """Give back what this process still holds, then close the connection."""
@@ -457,20 +490,27 @@ class NatsBus:
         return self.connection.max_payload
 
     async def _on_error(self, error: Exception) -> None:
-        log.warning("NATS: %s", error)
+        message = redact(str(error) or type(error).__name__, self.url)
+        if self._nc is None:
+            # Still connecting: open() reports the last failure when it gives up.
+            self._connect_failure = error
+            level = logging.DEBUG if self.connect_timeout is not None else logging.WARNING
+            log.log(level, "NATS: cannot connect to %s yet: %s", self.shown_url, message)
+            return
+        log.warning("NATS: %s", message)
 
     async def _on_disconnected(self) -> None:
-        if self._closing:
+        if self._closing or self._nc is None:
             return
-        log.warning("NATS: disconnected from %s, reconnecting", self.url)
+        log.warning("NATS: disconnected from %s, reconnecting", self.shown_url)
 
     async def _on_reconnected(self) -> None:
-        log.warning("NATS: reconnected to %s", self.url)
+        log.warning("NATS: reconnected to %s", self.shown_url)
 
     def _connected(self) -> Client:
         nc = self.connection
         if not nc.is_connected:
-            raise BusUnavailable(f"not connected to NATS at {self.url}")
+            raise BusUnavailable(f"not connected to NATS at {self.shown_url}")
         return nc
 
     # Topology -----------------------------------------------------------------------------------
@@ -663,7 +703,7 @@ class NatsBus:
             _, pending = await asyncio.wait(futures, timeout=self.publish_timeout)
             if pending:
                 raise BusUnavailable(
-                    f"NATS at {self.url} did not acknowledge {len(pending)} of"
+                    f"NATS at {self.shown_url} did not acknowledge {len(pending)} of"
                     f" {len(futures)} messages within {self.publish_timeout}s"
                 )
             for future in futures:

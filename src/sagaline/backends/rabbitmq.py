@@ -106,7 +106,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
@@ -122,7 +122,8 @@ from sagaline.backends.bundles import (
     decode_bundle,
     encode_bundle,
 )
-from sagaline.errors import ConfigurationError, SagalineError
+from sagaline.config import redact, redact_url
+from sagaline.errors import BusUnavailable, ConfigurationError, SagalineError
 from sagaline.messages import Envelope, new_message_id, utc_timestamp
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, StoredEvent
 
@@ -158,12 +159,6 @@ class UnroutableMessage(SagalineError):
     """A command was published that no queue is bound for: it was returned, not lost."""
 
     code = "unroutable_message"
-
-
-class BusUnavailable(SagalineError):
-    """The broker did not confirm a publication (disconnected, refused or too slow)."""
-
-    code = "bus_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -719,6 +714,7 @@ class RabbitBus:
         instance: tuple[int, int] | None = None,
         share_delay: float = 5.0,
         bundle: int = 100,
+        connect_timeout: float | None = None,
     ) -> None:
         if partitions < 1:
             raise ConfigurationError("partitions must be at least 1")
@@ -732,8 +728,15 @@ class RabbitBus:
             )
         scheme = urlsplit(url).scheme
         if scheme not in ("amqp", "amqps"):
-            raise ConfigurationError(f"a RabbitMQ URL starts with amqp:// or amqps://, not {url!r}")
+            raise ConfigurationError(
+                f"a RabbitMQ URL starts with amqp:// or amqps://, not {redact_url(url)!r}"
+            )
         self.url = url
+        #: The URL as logs and errors show it (without its password).
+        self.shown_url = redact_url(url)
+        #: Seconds :meth:`open` waits for the broker to accept the connection (None: the
+        #: driver's own limits); a failure raises :class:`BusUnavailable` either way.
+        self.connect_timeout = connect_timeout
         self.prefix = prefix
         self.partitions = partitions
         #: Unacknowledged AMQP messages in flight per consumer, spread over its partition queues
@@ -761,13 +764,9 @@ class RabbitBus:
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
 
     def __repr__(self) -> str:
-        parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        netloc = f"{parts.username}:***@{host}" if parts.password else parts.netloc
-        if parts.port:
-            netloc += f":{parts.port}"
-        shown = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-        return f"RabbitBus({shown!r}, prefix={self.prefix!r}, partitions={self.partitions})"
+        return (
+            f"RabbitBus({self.shown_url!r}, prefix={self.prefix!r}, partitions={self.partitions})"
+        )
 
     # Names ----------------------------------------------------------------------------------
 
@@ -824,11 +823,18 @@ class RabbitBus:
         async with self._open_lock:
             if self._connection is not None:
                 return
-            connection = await aio_pika.connect_robust(
-                self.url,
-                reconnect_interval=self.reconnect_interval,
-                client_properties={"connection_name": self.connection_name},
-            )
+            options: dict[str, Any] = {}
+            if self.connect_timeout is not None:
+                options["timeout"] = self.connect_timeout
+            try:
+                connection = await aio_pika.connect_robust(
+                    self.url,
+                    reconnect_interval=self.reconnect_interval,
+                    client_properties={"connection_name": self.connection_name},
+                    **options,
+                )
+            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                raise self._unavailable(exc) from None
             try:
                 self._publisher = await connection.channel(
                     publisher_confirms=True, on_return_raises=True
@@ -837,6 +843,33 @@ class RabbitBus:
                 await connection.close()
                 raise
             self._connection = connection
+
+    def _unavailable(self, exc: BaseException) -> BusUnavailable:
+        """The error that says on one line, without the password, why the broker cannot be used."""
+        parts = urlsplit(self.url)
+        if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+            reason = str(exc.args[0] if exc.args else exc)
+            reason = reason.partition(". For details")[0]
+            problem = f"refused the connection: {reason}"
+        elif isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(
+            exc
+        ):
+            # RabbitMQ answers the opening of a virtual host it lacks, or that the user may not
+            # use, by closing the connection (NOT_ALLOWED); the driver keeps only the frame's name.
+            vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+            problem = (
+                f"refused the connection: virtual host {vhost!r} not found, or not open to"
+                " this user (NOT_ALLOWED)"
+            )
+        elif isinstance(exc, aiormq.exceptions.ConnectionClosed):
+            problem = f"refused the connection: {exc.args[-1] if exc.args else exc}"
+        elif isinstance(exc, TimeoutError):
+            waited = f" within {self.connect_timeout:g}s" if self.connect_timeout else ""
+            problem = f"is unreachable: no answer{waited}"
+        else:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problem = f"is unreachable: {reason or type(exc).__name__}"
+        return BusUnavailable(f"RabbitMQ at {self.shown_url} {redact(problem, self.url)}")
 
     async def _connected(self) -> AbstractRobustConnection:
         if self._connection is None:

@@ -181,12 +181,14 @@ def _clear_demo_file(url: str) -> None:
         Path(name).unlink(missing_ok=True)
 
 
-async def open_demo_deployment(store_url: str, bus_url: str | None = None) -> Deployment:
+async def open_demo_deployment(
+    store_url: str, bus_url: str | None = None, *, connect_timeout: float | None = None
+) -> Deployment:
     """Fresh demo stores for the five services (and a fresh SQLite bus), opened.
 
     Earlier demo stores are replaced; a store the demo did not create is refused with
     :class:`NotADemoStore`. On PostgreSQL the demo's schemas are dropped and made again only when
-    they carry the demo's mark.
+    they carry the demo's mark. ``connect_timeout``: see :class:`Deployment`.
     """
     if bus_url == store_url:
         bus_url = None
@@ -199,7 +201,7 @@ async def open_demo_deployment(store_url: str, bus_url: str | None = None) -> De
         urls.append(bus_url)
     for url in dict.fromkeys(urls):
         _clear_demo_file(url)
-    deployment = Deployment(store_url, bus_url, SERVICE_NAMES)
+    deployment = Deployment(store_url, bus_url, SERVICE_NAMES, connect_timeout=connect_timeout)
     await reset_demo_schemas(deployment)
     await deployment.open()
     for store in deployment.distinct_stores():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -24,6 +25,7 @@ from contextlib import asynccontextmanager, suppress
 from typing import TYPE_CHECKING, Any
 
 import psycopg
+import psycopg_pool
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -36,6 +38,7 @@ from sagaline.backends.postgres.schema import (
     PARTITIONS,
     SCHEMA_VERSION,
     Names,
+    cannot_connect,
     connect_sync,
     migrate,
     migrate_connection,
@@ -44,7 +47,6 @@ from sagaline.backends.postgres.schema import (
 )
 from sagaline.backends.postgres.transaction import PostgresTransaction, envelope_arrays
 from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
-from sagaline.errors import ConfigurationError
 from sagaline.ports import OutboxEntry
 
 if TYPE_CHECKING:
@@ -80,8 +82,11 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         lease_seconds: float = LEASE_SECONDS,
         max_connections: int = 4,
         locked_namespaces: Iterable[str] = (),
+        connect_timeout: float | None = None,
     ) -> None:
         self.url = validate_url(url)
+        #: Seconds to wait for the server when connecting (None: the driver's own limits).
+        self.connect_timeout = connect_timeout
         #: Document namespaces read with ``FOR UPDATE`` in a unit of work, so that units of work
         #: that update one document queue on its row lock instead of failing at commit. A
         #: namespace joins by itself once a unit of work updates a document in it (or meets a
@@ -120,7 +125,7 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         """The synchronous tools' connection, opened (and the schemas migrated) on first use."""
         conn = self._sync_conn
         if conn is None or conn.closed:
-            conn = self._sync_conn = connect_sync(self.url)
+            conn = self._sync_conn = connect_sync(self.url, self.connect_timeout)
         if not self._migrated:
             migrate_connection(conn, self.names)
             self._migrated = True
@@ -159,19 +164,20 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
             name=f"sagaline-{self.names.store_name}",
         )
         try:
-            await pool.open(wait=True, timeout=15.0)
+            await pool.open(wait=True, timeout=self.connect_timeout or 15.0)
             listener = await self._connect_listener()
-        except (psycopg.Error, TimeoutError) as exc:
+        except (psycopg.Error, psycopg_pool.PoolTimeout, TimeoutError) as exc:
             await pool.close()
-            raise ConfigurationError(
-                f"cannot connect to {redact_url(self.url)}: {type(exc).__name__}"
-            ) from None
+            raise cannot_connect(self.url, exc) from None
         self._listener = asyncio.get_running_loop().create_task(self._listen(listener))
         self._pool = pool
 
     async def _connect_listener(self) -> AsyncConnection[Any]:
         """The autocommit connection that LISTENs on the bus's channel."""
-        listener = await AsyncConnection.connect(self.url, autocommit=True)
+        options: dict[str, Any] = {}
+        if self.connect_timeout is not None:
+            options["connect_timeout"] = max(2, math.ceil(self.connect_timeout))
+        listener = await AsyncConnection.connect(self.url, autocommit=True, **options)
         self._connections.add(listener)
         await listener.execute(f'LISTEN "{self.names.channel}"')
         self._listener_conn = listener
@@ -352,7 +358,7 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         False, leaving everything as it was, when the store schema holds data without the mark.
         """
         await self.close()
-        with connect_sync(self.url) as conn, conn.transaction():
+        with connect_sync(self.url, self.connect_timeout) as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             names = self.names
             exists = conn.execute("SELECT to_regclass(%s)", (f"{names.store}.meta",)).fetchone()

@@ -7,14 +7,15 @@ idempotent and hold an advisory lock, so that several processes may run them at 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 
 from sagaline.backends.sqlite.schema import LEASE_SECONDS, MEMBERSHIP_INTERVAL, PARTITIONS
-from sagaline.errors import ConfigurationError
+from sagaline.config import redact, redact_url
+from sagaline.errors import ConfigurationError, StoreUnavailable
 
 __all__ = [
     "LEASE_SECONDS",
@@ -22,6 +23,7 @@ __all__ = [
     "PARTITIONS",
     "SCHEMA_VERSION",
     "Names",
+    "cannot_connect",
     "migrate",
     "migrate_connection",
     "quote_schema",
@@ -46,21 +48,6 @@ def validate_url(url: str) -> str:
             "not a PostgreSQL URL (expected postgresql://user@host:port/dbname)"
         )
     return url
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ``***``, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "postgresql://***"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def quote_schema(name: str) -> str:
@@ -303,20 +290,26 @@ def migrate(url: str, schema: str = "sagaline", bus_schema: str | None = None) -
         migrate_connection(conn, names)
 
 
-def connect_sync(url: str) -> psycopg.Connection[Any]:
-    """A synchronous autocommit connection; a failure is reported without the password."""
+def connect_sync(url: str, connect_timeout: float | None = None) -> psycopg.Connection[Any]:
+    """A synchronous autocommit connection; :class:`StoreUnavailable` (without the password) when
+    the server cannot be reached or refuses it. ``connect_timeout`` bounds the wait in seconds
+    (PostgreSQL counts whole seconds, at least 2)."""
     validate_url(url)
+    options: dict[str, Any] = {}
+    if connect_timeout is not None:
+        options["connect_timeout"] = max(2, math.ceil(connect_timeout))
     try:
-        return psycopg.Connection.connect(url, autocommit=True)
+        return psycopg.Connection.connect(url, autocommit=True, **options)
     except psycopg.Error as exc:
-        raise ConfigurationError(
-            f"cannot connect to {redact_url(url)}: {_without_password(str(exc), url)}"
-        ) from None
+        raise cannot_connect(url, exc) from None
 
 
-def _without_password(text: str, url: str) -> str:
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        password = None
-    return text.replace(password, "***") if password else text
+def cannot_connect(url: str, exc: BaseException) -> StoreUnavailable:
+    """The error that says, on one line and without the password, why ``url`` cannot be used."""
+    lines = [line.strip(" \t-") for line in str(exc).splitlines() if line.strip()]
+    reasons = [line.rpartition(" failed: ")[2] if " failed: " in line else line for line in lines]
+    reasons = [reason.removeprefix("FATAL:").strip() for reason in reasons]
+    reasons = [r for r in reasons if r and not r.startswith(("Is the server", "Multiple conn"))]
+    reason = redact("; ".join(dict.fromkeys(reasons)) or type(exc).__name__, url)
+    verb = "refused the connection" if "FATAL:" in str(exc) else "is unreachable"
+    return StoreUnavailable(f"PostgreSQL at {redact_url(url)} {verb}: {reason}")
