@@ -3,5 +3,5 @@
 source "$(dirname "$0")/_venv.sh" "dev"
 ruff check src tests benchmarks
 ruff format --check src tests benchmarks
-mypy src
+mypy src tests
 exec python -m pytest "$@"

@@ -17,7 +17,7 @@ import shutil
 import signal
 import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import pytest
@@ -45,7 +45,7 @@ def unique(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex[:12]}"
 
 
-def postgres_database() -> Iterator[str]:
+def postgres_database() -> Generator[str, None, None]:
     """A fresh PostgreSQL database's URL; the database is dropped afterwards."""
     import psycopg
 
@@ -150,7 +150,7 @@ def session_vhost() -> str:
     return name
 
 
-def rabbitmq_vhost() -> Iterator[str]:
+def rabbitmq_vhost() -> Generator[str, None, None]:
     """A RabbitMQ URL of this test's own: the run's virtual host and a topology prefix no other
     test uses. The order system's queues under the prefix are deleted after the test (a test of
     other consumers deletes its own), and the virtual host when the run ends.
@@ -183,7 +183,7 @@ async def delete_rabbitmq_topology(url: str, consumers: Sequence[ConsumerSpec]) 
         await bus.close()
 
 
-def nats_prefix() -> Iterator[str]:
+def nats_prefix() -> Generator[str, None, None]:
     """A NATS URL with a prefix of its own; the prefix's streams are deleted afterwards."""
     import nats
 

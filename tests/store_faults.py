@@ -19,7 +19,7 @@ from typing import Any, cast
 from test_bus import BusTestCommand, BusTestEvent, record
 
 from sagaline.backends.sqlite import SqliteDatabase
-from sagaline.handling import Context, Service, System
+from sagaline.handling import Context, Handler, Service, System
 from sagaline.ports import BrokerBus, RetryPolicy
 
 #: Two attempts: an outage charged to the messages would dead-letter them at once.
@@ -114,11 +114,7 @@ class StoreFaultConformance:
             ctx.publish(BusTestEvent(key=command.key, seq=command.seq))
 
         async def scenario() -> None:
-            await harness.open()
-            service = Service("alpha", retry=TWO_ATTEMPTS)
-            service.handles(BusTestCommand)(handle)
-            system = System([service])
-            await harness.prepare(system)
+            system = await _alpha(harness, handle)
             commands = [BusTestCommand(key=f"K-{k}", seq=k) for k in range(3)]
             sent = await system.submit_many(harness.entry, commands)
             outage = StoreOutage(harness.store)
@@ -162,11 +158,7 @@ class StoreFaultConformance:
             ctx.publish(BusTestEvent(key=command.key, seq=command.seq))
 
         async def scenario() -> None:
-            await harness.open()
-            service = Service("alpha", retry=TWO_ATTEMPTS)
-            service.handles(BusTestCommand)(handle)
-            system = System([service])
-            await harness.prepare(system)
+            system = await _alpha(harness, handle)
             first, second = (BusTestCommand(key=f"K-{k}", seq=k) for k in range(2))
             envelopes = [system._accept(first), system._accept(second)]
             # A relay that republishes after a crash between the broker's confirm and marking
@@ -187,6 +179,16 @@ class StoreFaultConformance:
             assert [events[e.message_id] for e in envelopes] == [1, 1]
 
         drive(scenario)
+
+
+async def _alpha(harness: Any, handle: Handler) -> System:
+    """The harness opened, with one service ``alpha`` handling BusTestCommand with ``handle``."""
+    await harness.open()
+    service = Service("alpha", retry=TWO_ATTEMPTS)
+    service.handles(BusTestCommand)(handle)
+    system = System([service])
+    await harness.prepare(system)
+    return system
 
 
 async def _caused_events(harness: Any) -> Counter[str | None]:

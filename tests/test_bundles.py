@@ -60,7 +60,13 @@ def test_a_bundle_round_trips_every_field_and_garbage_is_refused() -> None:
         timestamp="2026-01-01T00:00:00.000000Z",
     )
     decoded = decode_bundle(encode_bundle([full, bare]))
-    fields = ("message_id", "message_type", "body", "correlation_id", "causation_id")
+    fields: tuple[str, ...] = (
+        "message_id",
+        "message_type",
+        "body",
+        "correlation_id",
+        "causation_id",
+    )
     fields += ("timestamp", "traceparent", "source")
     for got, want in zip(decoded, [full, bare], strict=True):
         assert [getattr(got, f) for f in fields] == [getattr(want, f) for f in fields]

@@ -804,7 +804,7 @@ class TestSeparatePostgresBusPort(BusPortConformance):
 
         def make() -> Harness:
             store = PostgresDatabase(postgres_url, schema="svc", outbox=True)
-            bus = cast(BrokerBus, open_bus(postgres_url, lease_seconds=0.5))
+            bus = open_bus(postgres_url, lease_seconds=0.5)
             harness = Harness(store, bus)
             made.append(harness)
             return harness

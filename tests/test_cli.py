@@ -515,9 +515,9 @@ def test_one_shot_commands_give_up_on_an_unreachable_server(tmp_path: Path, serv
     started = time.monotonic()
     results = sagaline_all(calls, env={"SAGALINE_CONNECT_TIMEOUT": "1"})
     assert time.monotonic() - started < PROCESS_TIMEOUT
-    for (command, _, _), result in zip(calls, results, strict=True):
-        assert result.returncode == 1, (command, result.stderr)
-        assert result.stdout == "", command
+    for (args, _, _), result in zip(calls, results, strict=True):
+        assert result.returncode == 1, (args, result.stderr)
+        assert result.stdout == "", args
         assert result.stderr.startswith(f"error: {server} at {shown} is unreachable: "), (
             command,
             result.stderr,

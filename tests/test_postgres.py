@@ -70,7 +70,7 @@ class TestPostgresStore(StoreConformance):
     """The store conformance suite on a schema of the test's own."""
 
     @pytest.fixture
-    def make_store(  # type: ignore[override]
+    def make_store(
         self, open_pg: Callable[..., PostgresDatabase]
     ) -> Iterator[Callable[[], PostgresDatabase]]:
         schema = schema_name("store")
@@ -81,7 +81,7 @@ class TestPostgresBus(BusConformance):
     """The bus conformance suite, store and bus in separate schemas of one database."""
 
     @pytest.fixture
-    def make_backend(  # type: ignore[override]
+    def make_backend(
         self, open_pg: Callable[..., PostgresDatabase]
     ) -> Iterator[Callable[..., PostgresDatabase]]:
         schema, bus_schema = schema_name("svc"), schema_name("bus")

@@ -181,7 +181,7 @@ def test_publish_returns_once_confirmed_and_an_unroutable_command_is_an_error(ri
                 (await channel.declare_queue(name, passive=True)).declaration_result.message_count
                 for name in bus.queue_names(spec)
             ]
-        assert sum(counts) == 40
+        assert sum(count or 0 for count in counts) == 40
         stray = hand_made("BusTestOtherCommand", "K-1", b"{}")
         with pytest.raises(UnroutableMessage):
             await bus.publish([stray], {"BusTestOtherCommand": "nobody"})
@@ -481,7 +481,7 @@ def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_lette
         # Keys of one partition, published at once: one AMQP message.
         keys = same_partition_keys(setup, messages)
         sent = await system.submit_many(setup, [BusTestCommand(key=k, seq=1) for k in keys])
-        attempts = []
+        attempts: list[int] = []
         # Each consumer takes it and dies before settling (no worker records a dead letter).
         limit = policy.delivery_limit
         while not await setup.broker_dead_letters(spec):
@@ -632,15 +632,15 @@ def test_instances_started_together_split_the_partitions_and_take_over_each_othe
         for runtime, run in zip(runtimes, runs, strict=True):
             runtime.stop()
             await run
-        first, second = recorded(stores[0], "alpha"), recorded(stores[1], "alpha")
+        by_first, by_second = recorded(stores[0], "alpha"), recorded(stores[1], "alpha")
         for key in keys:
             if buses[0].partition_of(key) in homes[0]:
-                assert (first.get(key), second.get(key)) == (list(range(seq)), None)
+                assert (by_first.get(key), by_second.get(key)) == (list(range(seq)), None)
             else:
                 # 0-4 by instance 2, then instance 1 until it gave the partition back.
-                mine, theirs = second[key], first[key]
-                assert mine[:5] == list(range(5)) and theirs[:3] == [5, 6, 7]
-                assert theirs == list(range(5, mine[5])) and mine[5:] == list(range(mine[5], seq))
+                home, borrower = by_second[key], by_first[key]
+                assert home[:5] == list(range(5)) and borrower[:3] == [5, 6, 7]
+                assert borrower == list(range(5, home[5])) and home[5:] == list(range(home[5], seq))
 
     rig.run(scenario)
 
@@ -745,7 +745,7 @@ async def queue_depths(url: str, queues: list[str]) -> list[int]:
     async with connection:
         channel = await connection.channel()
         return [
-            (await channel.declare_queue(name, passive=True)).declaration_result.message_count
+            (await channel.declare_queue(name, passive=True)).declaration_result.message_count or 0
             for name in queues
         ]
 
