@@ -691,9 +691,12 @@ class Worker:
         handler = self.handlers.get(envelope.message_type)
         try:
             message = envelope.decode()
-            # A body sagaline wrote costs one encoding here; one written by another producer
-            # (straight onto a broker) is parsed again only if it differs from that.
-            check_unique_keys(envelope.message_type, envelope.body, message)
+            if self.broker is not None or envelope.source not in self.system.services:
+                # Anyone may publish onto a broker, and anything may be published onto a
+                # database bus as a client's message; what a service emitted into a database
+                # bus was encoded by sagaline. A body sagaline wrote costs one encoding here;
+                # one written by another producer is parsed again only if it differs from that.
+                check_unique_keys(envelope.message_type, envelope.body, message)
         except InvalidMessage as exc:
             reason = f"invalid message: {exc.reason}"
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
