@@ -314,7 +314,7 @@ def test_demo_functions_run_in_process_and_the_read_model_rebuilds_the_same(
 
     result = sagaline("rebuild", "--store", url, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "3 orders" in result.stdout
+    assert "3 rows" in result.stdout
     db = SqliteDatabase(url)
     try:
         assert db.query_documents(ORDER_VIEW) == live

@@ -12,10 +12,13 @@ from sagaline.orders import SUBSCRIBER_NAMES, build_system
 
 PUBLIC = [
     "Aggregate",
+    "App",
+    "BusUnavailable",
     "Command",
     "ConcurrencyError",
     "ConfigurationError",
     "Context",
+    "Deployment",
     "DuplicateMessageId",
     "Envelope",
     "Event",
@@ -35,6 +38,7 @@ PUBLIC = [
     "Service",
     "Step",
     "StepKind",
+    "StoreUnavailable",
     "System",
     "UnknownMessageType",
     "Views",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from sagaline.aggregate import Aggregate
+from sagaline.app import App
+from sagaline.deploy import Deployment
 from sagaline.errors import (
+    BusUnavailable,
     ConcurrencyError,
     ConfigurationError,
     DuplicateMessageId,
@@ -13,6 +16,7 @@ from sagaline.errors import (
     NotAcceptedFromClients,
     SagaDefinitionError,
     SagalineError,
+    StoreUnavailable,
     UnknownMessageType,
 )
 from sagaline.handling import Context, Runtime, Service, System
@@ -23,10 +27,13 @@ from sagaline.saga import Orchestrator, SagaDefinition, SagaStatus, Step, StepKi
 
 __all__ = [
     "Aggregate",
+    "App",
+    "BusUnavailable",
     "Command",
     "ConcurrencyError",
     "ConfigurationError",
     "Context",
+    "Deployment",
     "DuplicateMessageId",
     "Envelope",
     "Event",
@@ -46,6 +53,7 @@ __all__ = [
     "Service",
     "Step",
     "StepKind",
+    "StoreUnavailable",
     "System",
     "UnknownMessageType",
     "Views",

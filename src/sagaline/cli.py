@@ -1,4 +1,9 @@
-"""The ``sagaline`` command line: run the order flow, submit commands, query and trace it.
+"""The ``sagaline`` command line: run an app's services, submit commands, query and trace them.
+
+The app is named by ``--app package.module:attribute`` (or ``$SAGALINE_APP``, or ``app`` in the
+``[tool.sagaline]`` table of ``pyproject.toml``); the reference order system when none is. An
+app's own commands (:attr:`App.commands <sagaline.app.App.commands>`) join the CLI's; they use
+the tools at the end of this module, so that they look and fail like sagaline's own commands.
 
 Every command takes ``--store URL`` (default ``$SAGALINE_STORE_URL``, else
 ``sqlite:///./sagaline.db``); query commands take ``--json`` for machine-readable output on
@@ -12,6 +17,7 @@ control characters replaced and rich markup escaped, so a payload cannot drive t
 """
 
 import asyncio
+import importlib
 import logging
 import os
 import re
@@ -22,12 +28,10 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar, cast
 from urllib.parse import urlsplit
 
-import msgspec
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -35,6 +39,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.tree import Tree
 
+from sagaline.app import APP_ENV, App, find_app, load_app
 from sagaline.backends.sqlite import LEASE_SECONDS, NotAStore, path_from_url
 from sagaline.config import (
     BUS_URL_ENV,
@@ -62,7 +67,7 @@ from sagaline.errors import (
     StoreUnavailable,
     UnknownMessageType,
 )
-from sagaline.handling import DEFAULT_BATCH, Runtime
+from sagaline.handling import DEFAULT_BATCH, Runtime, System
 from sagaline.messages import (
     MAX_MESSAGE_BYTES,
     Command,
@@ -70,7 +75,6 @@ from sagaline.messages import (
     check_message_id,
     json_schema,
     parse_document,
-    registry,
 )
 from sagaline.observability import (
     TransactionTrace,
@@ -78,32 +82,41 @@ from sagaline.observability import (
     load_trace,
     saga_failure,
     saga_summary,
-    stock_violations,
     strip_control,
     to_json,
 )
-from sagaline.orders import ORDER_SAGA, SERVICE_NAMES, PaymentRules, build_system
-from sagaline.orders.demo import (
-    DEMO_STOCK,
-    NotADemoStore,
-    open_demo_deployment,
-    run_demo,
-)
-from sagaline.orders.inventory import STOCK, set_stock
-from sagaline.orders.messages import Id
-from sagaline.orders.read import ORDER_VIEW, build_order_projection
-from sagaline.ports import Document, SagaRecord, StoreQueries
+from sagaline.ports import SagaRecord, StoreQueries
 from sagaline.projection import rebuild as rebuild_projection
 from sagaline.saga.definition import SagaStatus
 from sagaline.saga.engine import saga_id
 
-__all__ = ["DEFAULT_STORE_URL", "app", "main"]
+__all__ = [
+    "DEFAULT_STORE_URL",
+    "BusOption",
+    "JsonOption",
+    "StoreOption",
+    "all_queries",
+    "app",
+    "cell",
+    "check_urls",
+    "current_app",
+    "emit_json",
+    "errors",
+    "fail",
+    "inert",
+    "load_transaction",
+    "main",
+    "out",
+    "print_trace",
+    "queries",
+    "quoted",
+    "settings",
+    "styled_status",
+    "with_deployment",
+]
 
 #: The store used when neither ``--store`` nor ``SAGALINE_STORE_URL`` names one.
 DEFAULT_STORE_URL = "sqlite:///./sagaline.db"
-
-#: The largest stock level ``sagaline stock set`` accepts.
-MAX_STOCK = 10**12
 
 log = logging.getLogger("sagaline.cli")
 T = TypeVar("T")
@@ -114,9 +127,30 @@ class _Settings:
     """Options of the ``sagaline`` command itself, given before the subcommand."""
 
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    #: The app the commands work on (see :func:`current_app`), and how it was named.
+    app: App | None = None
+    app_spec: str = ""
 
 
 _settings = _Settings()
+
+
+def current_app() -> App:
+    """The app the command line works on: the one named, or the reference order system."""
+    if _settings.app is None:
+        _use_app(find_app())
+    assert _settings.app is not None
+    return _settings.app
+
+
+def _use_app(spec: str) -> App:
+    try:
+        loaded = load_app(spec)
+    except ConfigurationError as exc:
+        _fail(f"--app: {_inert(exc)}", 2)
+    _settings.app, _settings.app_spec = loaded, spec
+    return loaded
+
 
 # Emoji codes (``:x:``) and highlighting would alter untrusted text; styles are set explicitly.
 out = Console(highlight=False, emoji=False)
@@ -130,8 +164,6 @@ app = typer.Typer(
     # Tracebacks with local variables could show message bodies or secrets.
     pretty_exceptions_enable=False,
 )
-stock_app = typer.Typer(help="Inventory stock levels.", no_args_is_help=True)
-app.add_typer(stock_app, name="stock")
 
 StoreOption = Annotated[
     str,
@@ -154,14 +186,6 @@ BusOption = Annotated[
         " (put {service} in a SQLite store URL for one file per service).",
     ),
 ]
-PaymentLimitOption = Annotated[
-    str,
-    typer.Option(
-        "--payment-limit", metavar="AMOUNT", help="Payments above this amount are declined."
-    ),
-]
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -246,7 +270,7 @@ def _open_deployment(
     bus: str | None,
     *,
     must_exist: str | None = "read",
-    services: Sequence[str] = SERVICE_NAMES,
+    services: Sequence[str] | None = None,
     lease_seconds: float | None = None,
     instance: tuple[int, int] | None = None,
     read_only: bool = False,
@@ -273,6 +297,8 @@ def _open_deployment(
     if lease_seconds is not None:
         options["lease_seconds"] = lease_seconds
     bus_options: dict[str, Any] = {"instance": instance} if instance is not None else {}
+    if services is None:
+        services = current_app().services
     if bus is not None and bus.startswith("sqlite:"):
         bus_options.update(sqlite_options)
     try:
@@ -335,7 +361,7 @@ def _with(
     work: Callable[[Deployment], Awaitable[T]],
     *,
     must_exist: str | None = "read",
-    services: Sequence[str] = SERVICE_NAMES,
+    services: Sequence[str] | None = None,
     lease_seconds: float | None = None,
     wait_for_servers: bool = False,
     instance: tuple[int, int] | None = None,
@@ -393,16 +419,6 @@ def _describe_invalid(exc: InvalidMessage) -> str:
     return prefix + _inert(exc.reason)
 
 
-def _parse_amount(text: str, option: str) -> Decimal:
-    try:
-        amount = Decimal(text)
-    except InvalidOperation:
-        _fail(f"{option} must be a decimal amount such as 1000.00, not {_quoted(text)}", 2)
-    if not amount.is_finite() or amount < 0:
-        _fail(f"{option} must be a finite, non-negative amount, not {_quoted(text)}", 2)
-    return amount
-
-
 def _configure_logging(level: int) -> None:
     root = logging.getLogger()
     if not any(isinstance(h.formatter, _InertFormatter) for h in root.handlers):
@@ -431,16 +447,6 @@ def _clock(timestamp: object) -> str:
     if match is None:
         return _inert(text)
     return match.group(1) + (match.group(2) or "")
-
-
-def _items(items: object) -> str:
-    if not isinstance(items, list):
-        return ""
-    return ", ".join(
-        f"{_inert(item.get('productId'))} x {_inert(item.get('quantity'))}"
-        for item in items
-        if isinstance(item, Mapping)
-    )
 
 
 def _status_style(status: object) -> str:
@@ -503,7 +509,7 @@ def _message_label(row: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _saga_line(trace: TransactionTrace, order: Mapping[str, Any] | None) -> str:
+def _saga_line(trace: TransactionTrace, notes: Sequence[str] = ()) -> str:
     parts = [f"[bold]{_inert(trace.correlation_id)}[/]"]
     record = trace.saga
     if record is None:
@@ -515,15 +521,13 @@ def _saga_line(trace: TransactionTrace, order: Mapping[str, Any] | None) -> str:
             parts.append(
                 f"failed at {_inert(failure.get('step'))}: [red]{_inert(failure.get('reason'))}[/]"
             )
-    if order is not None:
-        parts.append(f"order {_styled_status(order.get('status'))}")
-        if order.get("reason"):
-            parts.append(f"reason: {_inert(order['reason'])}")
+    parts.extend(notes)
     return f"{parts[0]}: " + "; ".join(parts[1:])
 
 
-def _print_trace(trace: TransactionTrace, order: Mapping[str, Any] | None) -> None:
-    out.print(_saga_line(trace, order), soft_wrap=True)
+def _print_trace(trace: TransactionTrace, notes: Sequence[str] = ()) -> None:
+    """The saga line (with ``notes``, markup already inert) and the causal tree of messages."""
+    out.print(_saga_line(trace, notes), soft_wrap=True)
     tree = Tree("", hide_root=True, guide_style="dim")
     parents: list[Tree] = [tree]
     for depth, row in trace.messages:
@@ -551,39 +555,6 @@ def _history_table(record: SagaRecord) -> Table:
     return table
 
 
-def _orders_table(rows: Sequence[Mapping[str, Any]], title: str = "Orders") -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("orderId", no_wrap=True)
-    table.add_column("customerId", no_wrap=True)
-    table.add_column("items")
-    table.add_column("totalAmount", justify="right", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("reason")
-    for row in rows:
-        table.add_row(
-            _cell(row.get("orderId")),
-            _cell(row.get("customerId")),
-            _items(row.get("items")),
-            _cell(row.get("totalAmount")),
-            _styled_status(row.get("status")),
-            _cell(row.get("reason")),
-        )
-    return table
-
-
-def _stock_table(rows: Sequence[Mapping[str, Any]]) -> Table:
-    table = Table(title="Stock", title_justify="left")
-    table.add_column("productId", no_wrap=True)
-    for column in ("available", "reserved", "sold", "stocked"):
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(
-            _cell(row.get("productId")),
-            *(_cell(row.get(c)) for c in ("available", "reserved", "sold", "stocked")),
-        )
-    return table
-
-
 # ----------------------------------------------------------------- commands
 
 
@@ -600,74 +571,21 @@ def _setup(
             " up (run, serve and up wait for them as long as it takes).",
         ),
     ] = DEFAULT_CONNECT_TIMEOUT,
+    app_spec: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            envvar=APP_ENV,
+            metavar="MODULE:ATTR",
+            help="The app to work on (default: [tool.sagaline] app in pyproject.toml, else the"
+            " reference order system).",
+        ),
+    ] = None,
 ) -> None:
     _settings.connect_timeout = connect_timeout
+    if _settings.app is None:
+        _use_app(find_app(app_spec))
     _configure_logging(logging.WARNING)
-
-
-@app.command()
-def demo(
-    store: StoreOption = DEFAULT_STORE_URL,
-    bus: BusOption = None,
-    payment_limit: PaymentLimitOption = "1000.00",
-) -> None:
-    """Run the seed's order flow: one order confirmed, two compensated, with their timelines.
-
-    The store is replaced when it is an earlier demo's; any other existing store is refused.
-    """
-    _check_urls(store, bus)
-    limit = _parse_amount(payment_limit, "--payment-limit")
-    shown = _inert(redact_url(store)) + (f" with bus {_inert(redact_url(bus))}" if bus else "")
-
-    async def go() -> tuple[
-        int, list[TransactionTrace], list[dict[str, Any]], list[Document | None]
-    ]:
-        deployment = await open_demo_deployment(
-            store, bus, connect_timeout=_settings.connect_timeout
-        )
-        try:
-            run = await run_demo(deployment, payment_limit=limit)
-            sources = _all_queries(deployment)
-            orchestrator = _queries(deployment, "orchestrator")
-            traces = [
-                load_trace(sources, key, saga_id(ORDER_SAGA, key), saga_store=orchestrator)
-                for key in run.order_ids
-            ]
-            read = _queries(deployment, "read")
-            orders = [read.get_document_sync(ORDER_VIEW, key) for key in run.order_ids]
-            stock = _queries(deployment, "inventory").query_documents(STOCK)
-            return run.handled, traces, stock, orders
-        finally:
-            await deployment.close()
-
-    with _errors(store, bus):
-        try:
-            handled, traces, stock, orders = asyncio.run(go())
-        except NotADemoStore as exc:
-            _fail(
-                f"{_inert(exc)}. Pass another store, e.g. --store sqlite:///./sagaline-demo.db", 2
-            )
-        except TimeoutError:
-            _fail("the demo's sagas did not settle in time", 1)
-    stocked = ", ".join(f"{_inert(p)}={q}" for p, q in DEMO_STOCK.items())
-    out.print(
-        f"[bold]sagaline demo[/] on {shown}: stocked {stocked}; submitted {len(traces)} orders;"
-        f" {handled} deliveries handled by order, inventory, payment, orchestrator, read",
-        soft_wrap=True,
-    )
-    views = [document.data if document else None for document in orders]
-    for trace, view in zip(traces, views, strict=True):
-        out.print()
-        _print_trace(trace, view)
-    out.print()
-    out.print(_orders_table([view for view in views if view is not None], "Order read model"))
-    out.print(_stock_table(stock))
-    problems = stock_violations(stock)
-    if problems:
-        for problem in problems:
-            out.print(f"[red]stock ledger off:[/] {_inert(problem)}", soft_wrap=True)
-    else:
-        out.print("stock ledger balanced: available + reserved + sold == stocked for every product")
 
 
 BatchOption = Annotated[
@@ -685,17 +603,54 @@ LeaseOption = Annotated[
 ]
 
 
-def _service_names(services: str) -> list[str]:
+def _service_names(services: str | None) -> list[str]:
+    known = current_app().services
+    if services is None:
+        return list(known)
     names: list[str] = []
     for name in (part.strip() for part in services.split(",")):
         if not name or name in names:
             continue
-        if name not in SERVICE_NAMES:
-            _fail(f"unknown service {_quoted(name)}; choose from {', '.join(SERVICE_NAMES)}", 2)
+        if name not in known:
+            _fail(f"unknown service {_quoted(name)}; choose from {', '.join(known)}", 2)
         names.append(name)
     if not names:
-        _fail(f"no service to run; choose from {', '.join(SERVICE_NAMES)}", 2)
+        _fail(f"no service to run; choose from {', '.join(known)}", 2)
     return names
+
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="NAME=VALUE",
+        help="A setting of the app (repeatable); `sagaline describe` lists them.",
+    ),
+]
+
+
+def _app_settings(pairs: Sequence[str] | None) -> dict[str, str]:
+    """``--set NAME=VALUE`` options as settings, checked against those the app declares."""
+    settings: dict[str, str] = {}
+    declared = current_app().settings
+    for pair in pairs or ():
+        name, equals, value = pair.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            _fail(f"--set: {_quoted(pair)} is not NAME=VALUE", 2)
+        if name not in declared:
+            known = ", ".join(sorted(declared)) or "none"
+            _fail(f"--set: the app has no setting {_quoted(name)}; it has: {_inert(known)}", 2)
+        settings[name] = value
+    return settings
+
+
+def _system(settings: Mapping[str, str]) -> System:
+    """The app's system built with ``settings``; a setting it refuses is exit status 2."""
+    try:
+        return current_app().system(settings)
+    except (ConfigurationError, ValueError) as exc:
+        _fail(f"--set: {_inert(exc)}", 2)
 
 
 def _serve_in_process(
@@ -703,7 +658,7 @@ def _serve_in_process(
     bus: str | None,
     names: list[str],
     *,
-    payment_limit: str,
+    settings: Mapping[str, str],
     batch_size: int,
     lease_seconds: float | None,
     title: str,
@@ -711,12 +666,11 @@ def _serve_in_process(
     member: str | None = None,
 ) -> None:
     """Run ``names`` in this process until SIGINT or SIGTERM; in-flight batches finish first."""
-    limit = _parse_amount(payment_limit, "--payment-limit")
+    system = _system(settings)
     _configure_logging(logging.INFO)
     shown = redact_url(store) + (f" with bus {redact_url(bus)}" if bus else "")
 
     async def serve(deployment: Deployment) -> int:
-        system = build_system(PaymentRules(default_limit=limit))
         runtimes = deployment.runtimes(system, names, batch_size=batch_size, member=member)
         loop = asyncio.get_running_loop()
 
@@ -759,12 +713,14 @@ def run(
     store: StoreOption = DEFAULT_STORE_URL,
     bus: BusOption = None,
     services: Annotated[
-        str,
+        str | None,
         typer.Option(
-            "--services", metavar="NAMES", help="Comma-separated services to run in this process."
+            "--services",
+            metavar="NAMES",
+            help="Comma-separated services to run in this process (default: all of the app's).",
         ),
-    ] = ",".join(SERVICE_NAMES),
-    payment_limit: PaymentLimitOption = "1000.00",
+    ] = None,
+    set_: SetOption = None,
     batch_size: BatchOption = DEFAULT_BATCH,
     lease_seconds: LeaseOption = None,
 ) -> None:
@@ -776,7 +732,7 @@ def run(
         store,
         bus,
         _service_names(services),
-        payment_limit=payment_limit,
+        settings=_app_settings(set_),
         batch_size=batch_size,
         lease_seconds=lease_seconds,
         title="run",
@@ -814,8 +770,12 @@ def _parse_instance(value: str | None) -> tuple[int, int] | None:
     return int(index), int(count)
 
 
-def _child_options(payment_limit: str, batch_size: int, lease_seconds: float | None) -> list[str]:
-    extra = ["--payment-limit", payment_limit, "--batch-size", str(batch_size)]
+def _child_options(
+    settings: Mapping[str, str], batch_size: int, lease_seconds: float | None
+) -> list[str]:
+    extra = ["--batch-size", str(batch_size)]
+    for name, value in settings.items():
+        extra += ["--set", f"{name}={value}"]
     if lease_seconds is not None:
         extra += ["--lease-seconds", str(lease_seconds)]
     return extra
@@ -823,9 +783,7 @@ def _child_options(payment_limit: str, batch_size: int, lease_seconds: float | N
 
 @app.command()
 def serve(
-    service: Annotated[
-        str, typer.Argument(metavar="SERVICE", help=f"One of {', '.join(SERVICE_NAMES)}.")
-    ],
+    service: Annotated[str, typer.Argument(metavar="SERVICE", help="One of the app's services.")],
     store: StoreOption = DEFAULT_STORE_URL,
     bus: BusOption = None,
     instances: Annotated[
@@ -834,7 +792,7 @@ def serve(
             "--instances", min=1, max=64, help="Processes of this service, competing for work."
         ),
     ] = 1,
-    payment_limit: PaymentLimitOption = "1000.00",
+    set_: SetOption = None,
     batch_size: BatchOption = DEFAULT_BATCH,
     lease_seconds: LeaseOption = None,
     instance: Annotated[
@@ -863,13 +821,14 @@ def serve(
     if len(names) != 1:
         _fail("serve runs one service; use `sagaline up` for all of them", 2)
     _check_urls(store, bus)
-    _parse_amount(payment_limit, "--payment-limit")
+    settings = _app_settings(set_)
+    _system(settings)
     if instances == 1:
         _serve_in_process(
             store,
             bus,
             names,
-            payment_limit=payment_limit,
+            settings=settings,
             batch_size=batch_size,
             lease_seconds=lease_seconds,
             title="serve",
@@ -877,7 +836,7 @@ def serve(
             member=member,
         )
         return
-    extra = _child_options(payment_limit, batch_size, lease_seconds)
+    extra = _child_options(settings, batch_size, lease_seconds)
     _supervise(
         {
             f"{names[0]}-{n}": serve_argv(
@@ -886,7 +845,7 @@ def serve(
             for n in range(1, instances + 1)
         },
         f"serve {names[0]}",
-        url_environment(store, bus),
+        _child_environment(store, bus),
     )
 
 
@@ -897,25 +856,34 @@ def up(
     instances: Annotated[
         int, typer.Option("--instances", min=1, max=64, help="Processes per service.")
     ] = 1,
-    payment_limit: PaymentLimitOption = "1000.00",
+    set_: SetOption = None,
     batch_size: BatchOption = DEFAULT_BATCH,
     lease_seconds: LeaseOption = None,
 ) -> None:
-    """Run all five services as separate processes; a crashed one is restarted; Ctrl-C stops all."""
+    """Run every service of the app as its own process; a crashed one is restarted; Ctrl-C
+    stops all."""
     _check_urls(store, bus)
-    _parse_amount(payment_limit, "--payment-limit")
+    settings = _app_settings(set_)
+    _system(settings)
     # Create every schema once, before the processes race to do it (waiting for the servers).
     _with(store, bus, _prepare, must_exist=None, wait_for_servers=True)
-    extra = _child_options(payment_limit, batch_size, lease_seconds)
+    extra = _child_options(settings, batch_size, lease_seconds)
     _supervise(
         {
             f"{service}-{n}": serve_argv(service, extra, (n, instances), _member(f"{service}-{n}"))
-            for service in SERVICE_NAMES
+            for service in current_app().services
             for n in range(1, instances + 1)
         },
         "up",
-        url_environment(store, bus),
+        _child_environment(store, bus),
     )
+
+
+def _child_environment(store: str, bus: str | None) -> dict[str, str]:
+    """The environment of a supervised process: the URLs, and the app it runs."""
+    env = url_environment(store, bus)
+    env[APP_ENV] = _settings.app_spec or find_app()
+    return env
 
 
 def _member(slot: str) -> str:
@@ -927,7 +895,7 @@ def _member(slot: str) -> str:
 async def _prepare(deployment: Deployment) -> None:
     """Create the stores' schemas and the bus's topology for the whole system."""
     if deployment.bus is not None:
-        system = build_system()
+        system = current_app().default
         consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
         await deployment.bus.prepare(consumers, system.routes)
 
@@ -944,7 +912,8 @@ def migrate(
     """
     _with(store, bus, _prepare, must_exist=None, adopt=True)
     out.print(
-        f"migrated the stores of {', '.join(SERVICE_NAMES)} on {_inert(redact_url(store))}"
+        f"migrated the stores of {', '.join(current_app().services)} on"
+        f" {_inert(redact_url(store))}"
         + (f" and the bus {_inert(redact_url(bus))}" if bus else ""),
         soft_wrap=True,
     )
@@ -977,7 +946,7 @@ def teardown(
 
         opened = open_bus(bus, connect_timeout=_settings.connect_timeout)
         assert isinstance(opened, RabbitBus | NatsBus)
-        system = build_system()
+        system = current_app().default
         consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
         try:
             await opened.open()
@@ -1044,10 +1013,10 @@ def submit(
     written if it is invalid, internal to the system, or its id was used for another message."""
     _check_urls(store, bus)
     document = _read_document(file)
-    system = build_system()
+    system = current_app().default
     # Validate before the store is even opened: a bad document leaves no trace.
     try:
-        message = parse_document(document)
+        message = parse_document(document, system.registry)
         if message_id is not None:
             check_message_id(message_id)
     except InvalidMessage as exc:
@@ -1067,7 +1036,7 @@ def submit(
         return await system.submit(deployment.entry, message, message_id=message_id)
 
     # A separate bus needs no store: only the bus is opened.
-    envelope = _with(store, bus, send, must_exist=None, services=() if bus else SERVICE_NAMES)
+    envelope = _with(store, bus, send, must_exist=None, services=() if bus else None)
     if json_output:
         _emit_json(
             {
@@ -1080,152 +1049,51 @@ def submit(
         out.print(envelope.message_id)
 
 
-@stock_app.command("set", context_settings={"ignore_unknown_options": True})
-def stock_set(
-    product: Annotated[str, typer.Argument(metavar="PRODUCT", help="The product id.")],
-    quantity: Annotated[
-        str, typer.Argument(metavar="QTY", help="Units available: a non-negative integer.")
+@app.command()
+def trace(
+    key: Annotated[
+        str, typer.Argument(metavar="ID", help="The business key: a transaction's correlation id.")
     ],
     store: StoreOption = DEFAULT_STORE_URL,
     bus: BusOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Set how many units of a product are available."""
-    # QTY is parsed here, not by the option parser, so that "-1" gets a clear error.
-    if re.fullmatch(r"[0-9]+", quantity) is None:
-        _fail(f"QTY must be a non-negative integer, not {_quoted(quantity)}", 2)
-    units = int(quantity)
-    if units > MAX_STOCK:
-        _fail(f"QTY must be at most {MAX_STOCK}", 2)
-    try:
-        msgspec.convert(product, Id)
-    except msgspec.ValidationError:
-        _fail(f"PRODUCT must be 1 to 100 letters, digits or . _ : -, not {_quoted(product)}", 2)
+    """The audit trail of one transaction: every command and event as a causal tree, its saga."""
+    keepers = current_app().default.saga_services()
 
-    async def apply(deployment: Deployment) -> dict[str, Any]:
-        async with deployment.store("inventory").transaction() as tx:
-            return await set_stock(tx, product, units)
+    async def query(deployment: Deployment) -> TransactionTrace:
+        return _load_trace(deployment, key, keepers)
 
-    row = _with(store, bus, apply, must_exist=None, services=["inventory"])
-    if json_output:
-        _emit_json(row)
-    else:
-        out.print(_stock_table([row]))
-
-
-@stock_app.command("list")
-def stock_list(
-    store: StoreOption = DEFAULT_STORE_URL, bus: BusOption = None, json_output: JsonOption = False
-) -> None:
-    """Every product's stock: available, reserved, sold and stocked units."""
-
-    async def query(deployment: Deployment) -> list[dict[str, Any]]:
-        return _queries(deployment, "inventory").query_documents(STOCK)
-
-    rows = _with(store, bus, query, must_exist="inventory", services=["inventory"], read_only=True)
-    if json_output:
-        _emit_json(rows)
-    elif rows:
-        out.print(_stock_table(rows))
-    else:
-        out.print("no stock recorded (sagaline stock set PRODUCT QTY)")
-
-
-@app.command()
-def order(
-    order_id: Annotated[str, typer.Argument(metavar="ORDER_ID", help="The orderId.")],
-    store: StoreOption = DEFAULT_STORE_URL,
-    bus: BusOption = None,
-    json_output: JsonOption = False,
-) -> None:
-    """One order of the read model."""
-
-    async def query(deployment: Deployment) -> Document | None:
-        return _queries(deployment, "read").get_document_sync(ORDER_VIEW, order_id)
-
-    document = _with(store, bus, query, services=["read"], read_only=True)
-    if document is None:
-        _fail(f"no order {_quoted(order_id)} in the read model", 1)
-    row = document.data
-    if json_output:
-        _emit_json(row)
-        return
-    table = Table(show_header=False, title=f"Order {_inert(order_id)}", title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    for key in ("orderId", "customerId", "items", "totalAmount", "status", "reason"):
-        value = row.get(key)
-        if key == "items":
-            table.add_row(key, _items(value))
-        elif key == "status":
-            table.add_row(key, _styled_status(value))
-        else:
-            table.add_row(key, _cell(value))
-    for key in ("createdAt", "updatedAt"):
-        table.add_row(key, _cell(row.get(key)))
-    out.print(table)
-
-
-@app.command()
-def orders(
-    status: Annotated[
-        str | None, typer.Option("--status", help="Only orders with this status.")
-    ] = None,
-    customer: Annotated[
-        str | None, typer.Option("--customer", help="Only orders of this customerId.")
-    ] = None,
-    store: StoreOption = DEFAULT_STORE_URL,
-    bus: BusOption = None,
-    json_output: JsonOption = False,
-) -> None:
-    """Orders of the read model, optionally filtered by status and customer."""
-    filters: dict[str, str] = {}
-    if status is not None:
-        filters["status"] = status.upper()
-    if customer is not None:
-        filters["customerId"] = customer
-
-    async def query(deployment: Deployment) -> list[dict[str, Any]]:
-        return _queries(deployment, "read").query_documents(ORDER_VIEW, filters)
-
-    rows = _with(store, bus, query, services=["read"], read_only=True)
-    if json_output:
-        _emit_json(rows)
-    elif rows:
-        out.print(_orders_table(rows))
-    else:
-        out.print("no orders match")
-
-
-@app.command()
-def trace(
-    order_id: Annotated[str, typer.Argument(metavar="ORDER_ID", help="The orderId.")],
-    store: StoreOption = DEFAULT_STORE_URL,
-    bus: BusOption = None,
-    json_output: JsonOption = False,
-) -> None:
-    """The audit trail of one order: every command and event as a causal tree, and its saga."""
-
-    async def query(deployment: Deployment) -> tuple[TransactionTrace, Document | None]:
-        found = load_trace(
-            _all_queries(deployment),
-            order_id,
-            saga_id(ORDER_SAGA, order_id),
-            saga_store=_queries(deployment, "orchestrator"),
-        )
-        return found, _queries(deployment, "read").get_document_sync(ORDER_VIEW, order_id)
-
-    found, document = _with(store, bus, query, read_only=True)
+    found = _with(store, bus, query, read_only=True)
     if not found.found:
-        _fail(f"nothing is known about {_quoted(order_id)}", 1)
+        _fail(f"nothing is known about {_quoted(key)}", 1)
     if json_output:
         _emit_json(found.to_json())
         return
-    _print_trace(found, document.data if document else None)
+    _print_trace(found)
     if found.saga is not None:
         out.print(_history_table(found.saga))
     if found.dead_letters:
         out.print(_dead_letter_table([dead_letter_summary(d) for d in found.dead_letters]))
+
+
+def _load_trace(
+    deployment: Deployment, key: str, keepers: Sequence[str] | None = None
+) -> TransactionTrace:
+    """The audit trail of ``key`` with its saga: the first instance found of one of the app's
+    sagas, in the store of a service that keeps saga instances."""
+    app = current_app()
+    sources = _all_queries(deployment)
+    keepers = app.default.saga_services() if keepers is None else keepers
+    found: TransactionTrace | None = None
+    for definition in app.sagas.values():
+        for keeper in keepers:
+            found = load_trace(
+                sources, key, saga_id(definition, key), saga_store=_queries(deployment, keeper)
+            )
+            if found.saga is not None:
+                return found
+    return found if found is not None else load_trace(sources, key)
 
 
 def _dead_letter_table(rows: Sequence[Mapping[str, Any]]) -> Table:
@@ -1274,6 +1142,7 @@ def schema(
     json_output: JsonOption = False,
 ) -> None:
     """The JSON Schema of a message type, or of every type keyed by name (always JSON)."""
+    registry = current_app().registry
     if type_name is None:
         _emit_json({name: json_schema(registry.get(name)) for name in registry.names()})
         return
@@ -1308,13 +1177,20 @@ def sagas(
                 2,
             )
 
-    async def query(deployment: Deployment) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        db = _queries(deployment, "orchestrator")
-        return [saga_summary(record) for record in db.list_sagas(wanted)], db.saga_counts()
+    keepers = current_app().default.saga_services()
+    if not keepers:
+        _fail("the app keeps no sagas", 1)
 
-    rows, counts = _with(
-        store, bus, query, must_exist="orchestrator", services=["orchestrator"], read_only=True
-    )
+    async def query(deployment: Deployment) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        rows: list[dict[str, Any]] = []
+        counts: dict[str, int] = {}
+        for db in {id(q): q for q in (_queries(deployment, k) for k in keepers)}.values():
+            rows += [saga_summary(record) for record in db.list_sagas(wanted)]
+            for name, count in db.saga_counts().items():
+                counts[name] = counts.get(name, 0) + count
+        return rows, counts
+
+    rows, counts = _with(store, bus, query, must_exist=keepers[0], services=keepers, read_only=True)
     if json_output:
         _emit_json({"counts": counts, "sagas": rows})
         return
@@ -1341,13 +1217,27 @@ def sagas(
 
 
 @app.command()
-def rebuild(store: StoreOption = DEFAULT_STORE_URL, bus: BusOption = None) -> None:
-    """Rebuild the order read model from the event log; queries go on meanwhile."""
-    projection = build_order_projection()
+def rebuild(
+    name: Annotated[
+        str | None,
+        typer.Argument(metavar="PROJECTION", help="Which read model (default: the app's first)."),
+    ] = None,
+    store: StoreOption = DEFAULT_STORE_URL,
+    bus: BusOption = None,
+) -> None:
+    """Rebuild a read model from the event log; queries go on meanwhile."""
+    app_ = current_app()
+    if not app_.projections:
+        _fail("the app has no projection to rebuild", 1)
+    try:
+        projection = app_.projection(name) if name is not None else app_.projections[0]
+    except ConfigurationError as exc:
+        _fail(_inert(exc), 2)
+    service = projection.name
 
     async def go(deployment: Deployment) -> tuple[str, int, int]:
-        db = deployment.store("read")
-        queries = _queries(deployment, "read")
+        db = deployment.store(service)
+        queries = _queries(deployment, service)
         with Progress(
             TextColumn(f"rebuilding {_inert(projection.namespace)}"),
             BarColumn(),
@@ -1369,13 +1259,60 @@ def rebuild(store: StoreOption = DEFAULT_STORE_URL, bus: BusOption = None) -> No
         count = len(queries.query_documents(namespace))
         return namespace, count, int(progress.tasks[0].completed)
 
-    namespace, count, position = _with(store, bus, go, services=["read"])
+    namespace, count, position = _with(store, bus, go, services=[service])
     out.print(
-        f"rebuilt {_inert(namespace)}: {count} orders from the event log up to position {position}",
+        f"rebuilt {_inert(namespace)}: {count} rows from the event log up to position {position}",
         soft_wrap=True,
     )
 
 
+# ------------------------------------------------------------ for an app's own commands
+# An app's commands (App.commands) use these, so that they take the same options, open
+# deployments the same way and look and fail like sagaline's own commands.
+
+#: Open the deployment, do the work with it, close it (see :func:`_with`).
+with_deployment = _with
+#: Print an error (already inert markup) on stderr and exit with a status.
+fail = _fail
+#: Untrusted text made inert for the terminal; quoted as a literal.
+inert, quoted = _inert, _quoted
+#: JSON on stdout; a table cell; a status in its colour.
+emit_json, cell, styled_status = _emit_json, _cell, _styled_status
+#: The query tools of one service's store; of every store (and a database bus).
+queries, all_queries = _queries, _all_queries
+#: A transaction's causal tree, with notes for its first line; a saga's trace.
+print_trace, load_transaction = _print_trace, _load_trace
+#: Exit with a clear error unless the URLs are supported; errors as messages and exit codes.
+check_urls, errors = _check_urls, _errors
+#: The command line's own options (``settings.connect_timeout``).
+settings = _settings
+
+
+def _app_option(argv: Sequence[str]) -> str | None:
+    """The value of ``--app`` among the options before the command, if given there."""
+    for index, arg in enumerate(argv):
+        if arg == "--app" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--app="):
+            return arg.partition("=")[2]
+        if not arg.startswith("-"):
+            return None  # the command: its own options follow
+    return None
+
+
 def main() -> None:
-    """Run the ``sagaline`` command line."""
+    """Run the ``sagaline`` command line, with the commands of the app it works on."""
+    try:
+        loaded = _use_app(find_app(_app_option(sys.argv[1:])))
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except ConfigurationError as exc:
+        err.print(f"[bold red]error:[/] --app: {_inert(exc)}", soft_wrap=True)
+        sys.exit(2)
+    commands = loaded.commands
+    if isinstance(commands, str):
+        module, _, attribute = commands.partition(":")
+        commands = getattr(importlib.import_module(module), attribute or "commands")
+    if commands is not None:
+        app.add_typer(commands)
     app(prog_name="sagaline")

@@ -19,7 +19,7 @@ import signal
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence, Set
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sagaline.aggregate import Aggregate
 from sagaline.errors import (
@@ -36,8 +36,8 @@ from sagaline.messages import (
     Envelope,
     Event,
     Message,
+    MessageRegistry,
     check_unique_keys,
-    decode_body,
 )
 from sagaline.ports import (
     DEAD_LETTERED,
@@ -53,6 +53,9 @@ from sagaline.ports import (
     StoreTransaction,
 )
 from sagaline.relay import Relay
+
+if TYPE_CHECKING:
+    from sagaline.saga.definition import SagaDefinition
 
 __all__ = [
     "DEFAULT_BATCH",
@@ -105,15 +108,30 @@ def _parse_crash_points(spec: str | None) -> dict[str, list[int]]:
 _CRASH_POINTS = _parse_crash_points(os.environ.get("SAGALINE_CRASH_AT"))
 
 
+def decode_in(registry: MessageRegistry | None, envelope: Envelope) -> Message:
+    """``envelope``'s message, decoded as ``registry``'s class of its type when it knows it."""
+    if registry is not None and envelope.message_type in registry:
+        return registry.decode(envelope.message_type, envelope.body)
+    return envelope.decode()
+
+
 class Context:
     """What a handler sees: the incoming message's metadata, its store transaction, its outbox."""
 
-    __slots__ = ("envelope", "outgoing", "service", "tx")
+    __slots__ = ("envelope", "outgoing", "registry", "service", "tx")
 
-    def __init__(self, tx: StoreTransaction, envelope: Envelope, service: str) -> None:
+    def __init__(
+        self,
+        tx: StoreTransaction,
+        envelope: Envelope,
+        service: str,
+        registry: MessageRegistry | None = None,
+    ) -> None:
         self.tx = tx
         self.envelope = envelope
         self.service = service
+        #: The system's message types (the aggregates' events are decoded by it).
+        self.registry = registry
         self.outgoing: list[Envelope] = []
 
     def send(self, command: Command) -> Envelope:
@@ -132,7 +150,7 @@ class Context:
         """Rebuild an event-sourced aggregate from its stream (version 0 when new)."""
         aggregate = cls(aggregate_id)
         for stored in await self.tx.read_stream(cls.stream_name(aggregate_id)):
-            aggregate.apply(cast(Event, stored.envelope.decode()))
+            aggregate.apply(cast(Event, decode_in(self.registry, stored.envelope)))
             aggregate.version = stored.version or 0
         return aggregate
 
@@ -160,6 +178,10 @@ class Service:
     event_handlers: dict[str, Handler] = field(default_factory=dict)
     #: Per message type, what its handler reads (see :class:`~sagaline.ports.Reads`).
     reads: dict[str, ReadsOf] = field(default_factory=dict)
+    #: The classes of the messages it handles and subscribes to, by wire name.
+    types: dict[str, type[Message]] = field(default_factory=dict)
+    #: The saga definitions whose instances this service keeps (an orchestrator, a monitor).
+    sagas: tuple[SagaDefinition, ...] = ()
 
     def handles(
         self, *types: type[Command], reads: ReadsOf | None = None
@@ -173,6 +195,7 @@ class Service:
         def register(handler: Handler) -> Handler:
             for cls in types:
                 self.command_handlers[cls.type_name()] = handler
+                self.types[cls.type_name()] = cls
                 self._declare_reads(cls.type_name(), reads)
             return handler
 
@@ -186,6 +209,7 @@ class Service:
         def register(handler: Handler) -> Handler:
             for cls in types:
                 self.event_handlers[cls.type_name()] = handler
+                self.types[cls.type_name()] = cls
                 self._declare_reads(cls.type_name(), reads)
             return handler
 
@@ -245,11 +269,30 @@ class System:
                     )
         #: The wire names of the types clients may submit; None when the system declares none.
         self.accepts: frozenset[str] | None = None
+        accepted = list(accepts or ())
         if accepts is not None:
-            self.accepts = frozenset(cls.type_name() for cls in accepts)
-            for cls in accepts:
+            self.accepts = frozenset(cls.type_name() for cls in accepted)
+            for cls in accepted:
                 if issubclass(cls, Command):
                     self.route(cls.type_name())
+        #: The system's message types: what its services handle and subscribe to, and what
+        #: clients may submit. A name means one class here, whatever other apps define.
+        self.registry = MessageRegistry(
+            [*(cls for svc in self.services.values() for cls in svc.types.values()), *accepted]
+        )
+
+    @property
+    def sagas(self) -> dict[str, SagaDefinition]:
+        """The saga definitions the system's services keep, by name."""
+        return {saga.name: saga for svc in self.services.values() for saga in svc.sagas}
+
+    def saga_services(self) -> list[str]:
+        """The services that keep saga instances (orchestrators, monitors)."""
+        return [name for name, svc in self.services.items() if svc.sagas]
+
+    def decode(self, envelope: Envelope) -> Message:
+        """The message of ``envelope``, decoded as this system's class of its type."""
+        return decode_in(self.registry, envelope)
 
     @property
     def subscribers(self) -> list[str]:
@@ -292,7 +335,7 @@ class System:
             self.check_submittable(message)
         envelope = Envelope.wrap(message, source=source or CLIENT, message_id=message_id)
         # Constructing a struct in Python skips its constraints; decoding applies them.
-        decode_body(envelope.message_type, envelope.body)
+        decode_in(self.registry, envelope)
         return envelope
 
     async def submit(
@@ -651,7 +694,7 @@ class Worker:
             if declare is None or envelope.message_id in duplicates:
                 continue
             try:
-                declare(envelope.decode(), reads)
+                declare(self.system.decode(envelope), reads)
             except InvalidMessage:
                 continue  # dead-lettered when its turn comes
             except Exception:
@@ -689,8 +732,12 @@ class Worker:
             await tx.dead_letter(spec.name, envelope, envelope.defect, delivery.attempt)
             return Outcome.DEAD, envelope.defect
         handler = self.handlers.get(envelope.message_type)
+        if handler is None:
+            reason = f"{spec.name} has no handler for {envelope.message_type}"
+            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            return Outcome.DEAD, reason
         try:
-            message = envelope.decode()
+            message = self.system.registry.decode(envelope.message_type, envelope.body)
             if self.broker is not None or envelope.source not in self.system.services:
                 # Anyone may publish onto a broker, and anything may be published onto a
                 # database bus as a client's message; what a service emitted into a database
@@ -699,10 +746,6 @@ class Worker:
                 check_unique_keys(envelope.message_type, envelope.body, message)
         except InvalidMessage as exc:
             reason = f"invalid message: {exc.reason}"
-            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
-            return Outcome.DEAD, reason
-        if handler is None:
-            reason = f"{spec.name} has no handler for {envelope.message_type}"
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
             return Outcome.DEAD, reason
         if envelope.source == CLIENT and not self.system.accepts_from_clients(
@@ -718,7 +761,7 @@ class Worker:
             )
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
             return Outcome.DEAD, reason
-        ctx = Context(tx, envelope, self.service.name)
+        ctx = Context(tx, envelope, self.service.name, self.system.registry)
         if not careful:
             if envelope.message_id in duplicates:
                 return Outcome.ACK, None

@@ -14,7 +14,7 @@ import json
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
-from sagaline.errors import InvalidMessage, UnknownMessageType
+from sagaline.errors import ConfigurationError, InvalidMessage, UnknownMessageType
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -182,14 +182,23 @@ class Message(
         tag = cls.__struct_config__.tag
         cls.wire_name = tag if isinstance(tag, str) else cls.__name__
 
-    def correlation_key(self) -> str:
-        """The business key this message belongs to: its ``orderId`` by default.
+    #: The attribute that holds the business key the message belongs to (its correlation id),
+    #: declared per class: ``correlation: ClassVar[str] = "trip_id"``. A class keyed in another
+    #: way overrides :meth:`correlation_key` instead.
+    correlation: ClassVar[str] = ""
 
-        Override for messages keyed otherwise; it drives per-key ordering and the audit trail.
+    def correlation_key(self) -> str:
+        """The business key this message belongs to: the value of its ``correlation`` attribute.
+
+        It drives per-key ordering and the audit trail.
         """
-        value = getattr(self, "order_id", None)
+        name = type(self).correlation
+        value = getattr(self, name, None) if name else None
         if not isinstance(value, str):
-            raise NotImplementedError(f"{type(self).__name__} must define correlation_key()")
+            raise NotImplementedError(
+                f"{type(self).__name__} declares no correlation: set"
+                ' `correlation: ClassVar[str] = "<attribute>"` or define correlation_key()'
+            )
         return value
 
 
@@ -220,18 +229,39 @@ _PATH = re.compile(r" - at `(?P<path>[^`]*)`$")
 
 
 class MessageRegistry:
-    """Maps wire type names to message classes. Messages decode only into registered types."""
+    """Maps wire type names to message classes. Messages decode only into registered types.
 
-    def __init__(self) -> None:
+    Each system has a registry of its own, of the types its services handle, subscribe to and
+    accept (:attr:`System.registry <sagaline.handling.System.registry>`), where a name means one
+    class. The process-wide :data:`registry` knows every class defined: two apps may each define
+    a class of the same wire name (a user's ``CancelOrderCommand`` beside the reference app's),
+    and only a lookup there of such a name is refused, as ambiguous.
+    """
+
+    def __init__(self, types: Iterable[type[Message]] = (), *, shared: bool = False) -> None:
         self._types: dict[str, type[Message]] = {}
         self._decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        #: Names defined by more than one class (only in the process-wide registry).
+        self._ambiguous: dict[str, list[type[Message]]] = {}
+        self._shared = shared
+        for cls in types:
+            self.register(cls)
 
     def register(self, cls: type[Message]) -> None:
-        """Register ``cls`` under its wire name; a second class with the same name is an error."""
+        """Register ``cls`` under its wire name.
+
+        In a system's registry a second class of the same name is an error; in the process-wide
+        registry the name becomes ambiguous there (each system's registry still knows its own).
+        """
         name = cls.type_name()
         existing = self._types.get(name)
         if existing is not None and existing is not cls:
-            raise TypeError(f"message type {name!r} is already registered by {existing!r}")
+            if not self._shared:
+                raise ConfigurationError(
+                    f"message type {name!r} is defined by both {_qualified(existing)} and"
+                    f" {_qualified(cls)}"
+                )
+            self._ambiguous.setdefault(name, [existing]).append(cls)
         self._types[name] = cls
         # The decoder is built on first use: a class is not complete inside __init_subclass__.
         self._decoders.pop(name, None)
@@ -239,11 +269,26 @@ class MessageRegistry:
     def get(self, name: str) -> type[Message]:
         """The class registered under ``name``."""
         try:
-            return self._types[name]
+            cls = self._types[name]
         except KeyError:
             raise UnknownMessageType(
                 f"unknown message type {name!r}", field="commandType/eventType"
             ) from None
+        if name in self._ambiguous:
+            defined = ", ".join(_qualified(c) for c in self._ambiguous[name])
+            raise UnknownMessageType(
+                f"message type {name!r} is defined by several classes ({defined}): decode it"
+                " through its system's registry",
+                field="commandType/eventType",
+            )
+        return cls
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._types
+
+    def types(self) -> list[type[Message]]:
+        """Every registered class, by wire name."""
+        return [self._types[name] for name in sorted(self._types)]
 
     def names(self) -> list[str]:
         """Every registered wire name, sorted."""
@@ -283,7 +328,7 @@ _NAMED_FIELD = re.compile(r"field `(?P<name>[^`]+)`")
 
 
 #: The process-wide registry that :class:`Command` and :class:`Event` subclasses join.
-registry = MessageRegistry()
+registry = MessageRegistry(shared=True)
 
 
 def encode_body(message: Message) -> bytes:
@@ -291,13 +336,18 @@ def encode_body(message: Message) -> bytes:
     return _ENCODER.encode(message)
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def decode_body(name: str, body: bytes | str) -> Message:
     """Decode a body of the registered type ``name``."""
     return registry.decode(name, body)
 
 
-def parse_document(document: bytes | str) -> Message:
-    """Parse a JSON document in the seed's format, finding its type by its discriminator.
+def parse_document(document: bytes | str, types: MessageRegistry | None = None) -> Message:
+    """Parse a JSON document in the seed's format, finding its type by its discriminator among
+    ``types`` (a system's registry; by default every class defined in the process).
 
     Raises :class:`InvalidMessage` naming the field and the problem.
     """
@@ -318,7 +368,7 @@ def parse_document(document: bytes | str) -> Message:
         raise InvalidMessage("the type discriminator must be a string", field="$.commandType")
     key = "commandType" if "commandType" in raw else "eventType"
     try:
-        cls = registry.get(name)
+        cls = (types or registry).get(name)
     except UnknownMessageType:
         raise UnknownMessageType(f"unknown message type {name!r}", field=f"$.{key}") from None
     if cls.discriminator not in raw:
@@ -339,7 +389,7 @@ def parse_document(document: bytes | str) -> Message:
                 f"{name}: {field_name} must be a JSON number, not a string",
                 field=f"$.{field_name}",
             )
-    message = registry.decode(name, document)
+    message = (types or registry).decode(name, document)
     check_unique_keys(name, document, message)
     return message
 

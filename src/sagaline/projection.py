@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from sagaline.handling import Context, Service
-from sagaline.messages import Envelope, Event
+from sagaline.messages import Envelope, Event, MessageRegistry
 from sagaline.ports import Backend, BrokerBus, Reads, StoredEvent, StoreQueries, StoreTransaction
 
 __all__ = ["Projection", "Views", "rebuild"]
@@ -56,6 +56,8 @@ class Projection:
         self.namespace = namespace
         self.handlers: dict[str, ProjectionHandler] = {}
         self.keys: dict[str, Callable[[Any], Iterable[str]]] = {}
+        #: The event classes it handles, by wire name (a rebuild decodes the log with them).
+        self.registry = MessageRegistry()
 
     def on(
         self, *types: type[Event], keys: Callable[[Any], Iterable[str]] | None = None
@@ -69,6 +71,7 @@ class Projection:
         def register(handler: ProjectionHandler) -> ProjectionHandler:
             for cls in types:
                 self.handlers[cls.type_name()] = handler
+                self.registry.register(cls)
                 if keys is not None:
                     self.keys[cls.type_name()] = keys
             return handler
@@ -90,6 +93,7 @@ class Projection:
 
         for type_name in self.handlers:
             service.event_handlers[type_name] = handle
+            service.types[type_name] = self.registry.get(type_name)
             if type_name in self.keys:
                 service.reads[type_name] = reads
         return service
@@ -99,7 +103,7 @@ class Projection:
         handler = self.handlers.get(envelope.message_type)
         if handler is None:
             return False
-        await handler(views, envelope.decode(), envelope)
+        await handler(views, self.registry.decode(envelope.message_type, envelope.body), envelope)
         return True
 
 

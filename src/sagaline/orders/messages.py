@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 
 from sagaline.messages import Command, Event, check_money, utc_now
 
 __all__ = [
+    "MESSAGES",
     "CancelOrderCommand",
     "CreateOrderCommand",
     "Id",
@@ -58,6 +59,8 @@ Items = Annotated[list[OrderItem], msgspec.Meta(min_length=1, max_length=1000)]
 class CreateOrderCommand(Command, kw_only=True, frozen=True):
     """A customer places an order (handled by the order write service)."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     customer_id: Id
     items: Items
@@ -72,12 +75,16 @@ class CreateOrderCommand(Command, kw_only=True, frozen=True):
 class ReserveInventoryCommand(Command, kw_only=True, frozen=True):
     """Reserve every item of an order, all or nothing (inventory)."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     items: Items
 
 
 class ProcessPaymentCommand(Command, kw_only=True, frozen=True):
     """Charge the customer for the order (payment)."""
+
+    correlation: ClassVar[str] = "order_id"
 
     order_id: Id
     customer_id: Id
@@ -90,12 +97,16 @@ class ProcessPaymentCommand(Command, kw_only=True, frozen=True):
 class CancelOrderCommand(Command, kw_only=True, frozen=True):
     """Mark the order cancelled (order write); a compensation."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     reason: Reason
 
 
 class ReleaseInventoryCommand(Command, kw_only=True, frozen=True):
     """Undo the order's reservation, if any (inventory); a compensation."""
+
+    correlation: ClassVar[str] = "order_id"
 
     order_id: Id
     items: Items
@@ -106,6 +117,8 @@ class ReleaseInventoryCommand(Command, kw_only=True, frozen=True):
 
 class OrderCreatedEvent(Event, kw_only=True, frozen=True):
     """The order was accepted: the saga starts here."""
+
+    correlation: ClassVar[str] = "order_id"
 
     order_id: Id
     customer_id: Id
@@ -120,6 +133,8 @@ class OrderCreatedEvent(Event, kw_only=True, frozen=True):
 class OrderRejectedEvent(Event, kw_only=True, frozen=True):
     """A CreateOrderCommand was refused; no saga starts."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     customer_id: Id
     reason: Reason
@@ -129,12 +144,16 @@ class OrderRejectedEvent(Event, kw_only=True, frozen=True):
 class InventoryReservedEvent(Event, kw_only=True, frozen=True):
     """Every item of the order is reserved."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     timestamp: datetime = msgspec.field(default_factory=utc_now)
 
 
 class InventoryReservationFailedEvent(Event, kw_only=True, frozen=True):
     """The order could not be reserved; nothing was."""
+
+    correlation: ClassVar[str] = "order_id"
 
     order_id: Id
     reason: Reason
@@ -144,12 +163,16 @@ class InventoryReservationFailedEvent(Event, kw_only=True, frozen=True):
 class InventoryReleasedEvent(Event, kw_only=True, frozen=True):
     """The order's reservation is undone (or there was none)."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     timestamp: datetime = msgspec.field(default_factory=utc_now)
 
 
 class PaymentProcessedEvent(Event, kw_only=True, frozen=True):
     """The customer was charged."""
+
+    correlation: ClassVar[str] = "order_id"
 
     order_id: Id
     transaction_id: Id
@@ -159,6 +182,8 @@ class PaymentProcessedEvent(Event, kw_only=True, frozen=True):
 class PaymentFailedEvent(Event, kw_only=True, frozen=True):
     """The payment was declined; nothing was charged."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     reason: Reason
     timestamp: datetime = msgspec.field(default_factory=utc_now)
@@ -167,12 +192,16 @@ class PaymentFailedEvent(Event, kw_only=True, frozen=True):
 class OrderConfirmedEvent(Event, kw_only=True, frozen=True):
     """The saga completed: the order is confirmed."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     timestamp: datetime = msgspec.field(default_factory=utc_now)
 
 
 class OrderConfirmationRecordedEvent(Event, kw_only=True, frozen=True):
     """The Order aggregate recorded the saga's confirmation in its own stream."""
+
+    correlation: ClassVar[str] = "order_id"
 
     order_id: Id
     timestamp: datetime = msgspec.field(default_factory=utc_now)
@@ -181,6 +210,28 @@ class OrderConfirmationRecordedEvent(Event, kw_only=True, frozen=True):
 class OrderCancelledEvent(Event, kw_only=True, frozen=True):
     """The order is cancelled, with the reason."""
 
+    correlation: ClassVar[str] = "order_id"
+
     order_id: Id
     reason: Reason
     timestamp: datetime = msgspec.field(default_factory=utc_now)
+
+
+#: Every message type of the order system.
+MESSAGES: tuple[type[Command] | type[Event], ...] = (
+    CreateOrderCommand,
+    ReserveInventoryCommand,
+    ProcessPaymentCommand,
+    CancelOrderCommand,
+    ReleaseInventoryCommand,
+    OrderCreatedEvent,
+    OrderRejectedEvent,
+    InventoryReservedEvent,
+    InventoryReservationFailedEvent,
+    InventoryReleasedEvent,
+    PaymentProcessedEvent,
+    PaymentFailedEvent,
+    OrderConfirmedEvent,
+    OrderConfirmationRecordedEvent,
+    OrderCancelledEvent,
+)

@@ -78,7 +78,9 @@ class SagaDefinition:
     steps: tuple[Step, ...]
     on_completed: Callable[[Mapping[str, Any]], Event] | None = None
     version: int = 1
-    correlation_field: str = "orderId"
+    #: The field of the saga's events that names its transaction (wire name, ``tripId``);
+    #: by default the start event's declared ``correlation``.
+    correlation_field: str = ""
     description: str = ""
     _by_event: dict[str, list[tuple[int, str]]] = field(
         default_factory=dict, init=False, repr=False, compare=False
@@ -87,6 +89,17 @@ class SagaDefinition:
 
     def __post_init__(self) -> None:
         self._validate()
+        if not self.correlation_field:
+            declared = self.start.correlation
+            if not declared:
+                raise SagaDefinitionError(
+                    f"saga {self.name!r}: its start event {self.start.type_name()} declares no"
+                    " correlation; pass correlation_field or declare the event's correlation"
+                )
+            head, *rest = declared.split("_")
+            object.__setattr__(
+                self, "correlation_field", head + "".join(p.capitalize() for p in rest)
+            )
         snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in self.correlation_field)
         object.__setattr__(self, "_correlation_attribute", snake.lstrip("_"))
         index = self._by_event

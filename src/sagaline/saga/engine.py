@@ -46,7 +46,9 @@ class Orchestrator:
         retry: RetryPolicy | None = None,
     ) -> None:
         self.definitions = {d.name: d for d in definitions}
-        self.service = Service(name, retry=retry or RetryPolicy())
+        self.service = Service(
+            name, retry=retry or RetryPolicy(), sagas=tuple(self.definitions.values())
+        )
         by_type: dict[str, list[SagaDefinition]] = {}
         event_types: dict[str, type[Event]] = {}
         for definition in self.definitions.values():
