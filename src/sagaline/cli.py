@@ -58,6 +58,7 @@ from sagaline.errors import (
     InvalidMessage,
     MessageRefused,
     NotAcceptedFromClients,
+    SagaDefinitionError,
     SagalineError,
     StoreUnavailable,
     UnknownMessageType,
@@ -95,6 +96,8 @@ from sagaline.orders.read import ORDER_VIEW, build_order_projection
 from sagaline.ports import Document, SagaRecord, StoreQueries
 from sagaline.projection import rebuild as rebuild_projection
 from sagaline.saga.definition import SagaStatus
+from sagaline.saga.describe import SagaDescription, sagas_of
+from sagaline.saga.describe import describe as describe_saga
 from sagaline.saga.engine import saga_id
 
 __all__ = ["DEFAULT_STORE_URL", "app", "main"]
@@ -1282,6 +1285,85 @@ def schema(
     except UnknownMessageType:
         _fail(f"unknown message type {_quoted(type_name)}; known: {', '.join(registry.names())}", 2)
     _emit_json(json_schema(cls))
+
+
+@app.command()
+def describe(
+    name: Annotated[
+        str | None, typer.Argument(metavar="SAGA", help="A saga's name; every saga when left out.")
+    ] = None,
+    mermaid: Annotated[
+        bool, typer.Option("--mermaid", help="Print only the saga's Mermaid diagram.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Validate and show the system's sagas: steps, kinds, commands, compensations, diagram.
+
+    Exits with 1 when a saga sends a command no service handles, 2 when one is not valid.
+    """
+    try:
+        system = build_system()
+    except SagaDefinitionError as exc:
+        _fail(f"invalid saga definition: {_inert(exc)}", 2)
+    definitions = {definition.name: definition for definition in sagas_of(system)}
+    known = ", ".join(definitions) or "none"
+    if name is not None and name not in definitions:
+        _fail(f"unknown saga {_quoted(name)}; known: {_inert(known)}", 2)
+    wanted = [definitions[name]] if name is not None else list(definitions.values())
+    if mermaid and len(wanted) != 1:
+        _fail(f"--mermaid draws one saga: name it (known: {_inert(known)})", 2)
+    described = [describe_saga(definition, system) for definition in wanted]
+    if mermaid:
+        sys.stdout.write(described[0].mermaid + "\n")
+    elif json_output:
+        _emit_json(described[0].to_json() if name is not None else [d.to_json() for d in described])
+    else:
+        for saga in described:
+            out.print(_saga_table(saga))
+            if name is not None:
+                out.print(f"[bold]Mermaid[/] (sagaline describe {_inert(saga.name)} --mermaid):")
+                for line in saga.mermaid.splitlines():
+                    out.print(_inert(line), soft_wrap=True)
+        if not described:
+            out.print("the system has no sagas")
+    problems = [problem for saga in described for problem in saga.problems]
+    for problem in problems:
+        err.print(f"[bold red]problem:[/] {_inert(problem)}", soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _saga_table(saga: SagaDescription) -> Table:
+    """One saga's steps as a table, its start and outcome in the title and caption."""
+    title = f"saga {_inert(saga.name)} v{saga.version}" + (
+        f": {_inert(saga.description)}" if saga.description else ""
+    )
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=f"starts on {_inert(saga.start)}, correlated by {_inert(saga.correlation_field)};"
+        f" on completion: {_inert(saga.on_completed or 'nothing published')}",
+        caption_justify="left",
+    )
+    for column in ("#", "step", "kind", "command", "success", "failures", "compensation"):
+        # Names are folded, never cut: a cut name would not say which message it is.
+        table.add_column(column, overflow="fold")
+    for position, step in enumerate(saga.steps, 1):
+        undo = ""
+        if step.compensation is not None:
+            undo = f"{_inert(step.compensation)}\n{_arrow()} {_inert(step.compensated or '?')}"
+            if step.compensate_on_failure:
+                undo += "\n(also when the step fails)"
+        table.add_row(
+            str(position),
+            _inert(step.name),
+            _inert(step.kind),
+            _inert(step.command) if step.command else "[dim](the start event)[/]",
+            _cell(step.success),
+            "\n".join(_inert(failure) for failure in step.failures),
+            undo,
+        )
+    return table
 
 
 @app.command()
