@@ -52,12 +52,19 @@ from sagaline.deploy import (
     service_url,
     url_environment,
 )
+from sagaline.documents import (
+    DEFAULT_SUBMIT_BATCH,
+    DocumentProblem,
+    check_submittable,
+    parse_documents,
+    read_input,
+    submit_in_batches,
+)
 from sagaline.errors import (
     BusUnavailable,
     ConfigurationError,
     InvalidMessage,
     MessageRefused,
-    NotAcceptedFromClients,
     SagaDefinitionError,
     SagalineError,
     StoreUnavailable,
@@ -65,12 +72,9 @@ from sagaline.errors import (
 )
 from sagaline.handling import DEFAULT_BATCH, Runtime
 from sagaline.messages import (
-    MAX_MESSAGE_BYTES,
-    Command,
     Envelope,
     check_message_id,
     json_schema,
-    parse_document,
     registry,
 )
 from sagaline.observability import (
@@ -1008,26 +1012,15 @@ async def _report_progress(runtimes: Sequence[Runtime], every: float = 10.0) -> 
             log.info("handled %d deliveries so far", reported)
 
 
-def _read_document(source: str) -> bytes:
-    """The bytes of FILE (``-`` is stdin), refusing anything larger than a message may be."""
-    limit = MAX_MESSAGE_BYTES + 1
-    try:
-        if source == "-":
-            data = sys.stdin.buffer.read(limit)
-        else:
-            with open(source, "rb") as file:
-                data = file.read(limit)
-    except OSError as exc:
-        _fail(f"cannot read {_inert(source)}: {_inert(exc.strerror or exc)}", 2)
-    if len(data) >= limit:
-        _fail(f"{_inert(source)} is larger than the message limit of {MAX_MESSAGE_BYTES} bytes", 2)
-    return data
-
-
 @app.command()
 def submit(
     file: Annotated[
-        str, typer.Argument(metavar="FILE", help="A command in the seed's JSON; - reads stdin.")
+        str,
+        typer.Argument(
+            metavar="FILE",
+            help="Commands in the seed's JSON: one document, a JSON array of them, or JSON Lines"
+            " (one per line); - reads stdin.",
+        ),
     ],
     store: StoreOption = DEFAULT_STORE_URL,
     bus: BusOption = None,
@@ -1038,49 +1031,118 @@ def submit(
             metavar="ID",
             help="Your own id for the message (up to 128 of A-Z a-z 0-9 . _ : -), so that"
             " submitting again after a failure is the same message, accepted once; another"
-            " message under a used id is refused.",
+            " message under a used id is refused. For one document only.",
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print no message ids (a summary only).")
+    ] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress bar on stderr (default: when stderr is a terminal).",
+            show_default=False,
         ),
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Put one command a client may submit onto the bus; prints its message id. Nothing is
-    written if it is invalid, internal to the system, or its id was used for another message."""
+    """Put commands a client may submit onto the bus; prints their message ids, one per line.
+
+    Every command is checked before any is written: one that is invalid, internal to the
+    system, or an event fails the whole input (exit 2, naming its line or index and the field).
+    Then they are submitted in batches of 1,000.
+    """
+    _submit_documents(file, store, bus, message_id, quiet, progress, json_output)
+
+
+def _submit_documents(
+    file: str,
+    store: str,
+    bus: str | None,
+    message_id: str | None,
+    quiet: bool,
+    progress: bool | None,
+    json_output: bool,
+) -> None:
     _check_urls(store, bus)
-    document = _read_document(file)
-    system = build_system()
-    # Validate before the store is even opened: a bad document leaves no trace.
     try:
-        message = parse_document(document)
+        data = read_input(file)
+    except OSError as exc:
+        _fail(f"cannot read {_inert(file)}: {_inert(exc.strerror or exc)}", 2)
+    except InvalidMessage as exc:
+        _fail(_inert(exc), 2)
+    system = build_system()
+    # Validate everything before the store is even opened: a bad input leaves no trace.
+    try:
+        commands = check_submittable(system, parse_documents(data))
         if message_id is not None:
             check_message_id(message_id)
+    except DocumentProblem as exc:
+        where = f"{_inert(exc.position)}: " if exc.position else ""
+        if isinstance(exc.error, InvalidMessage):
+            _fail(where + _describe_invalid(exc.error), 2)
+        _fail(f"{where}refused: {_inert(exc.error)}", 2)
     except InvalidMessage as exc:
         _fail(_describe_invalid(exc), 2)
-    if not isinstance(message, Command):
+    single = len(commands) == 1
+    if message_id is not None and not single:
         _fail(
-            f"invalid message, field $.{message.discriminator}: {_inert(message.type_name())}"
-            f" is an {message.kind}; submit takes a command (a commandType document)",
+            f"--message-id names one message, and {_inert(file)} holds {len(commands)}:"
+            " submit them without it",
             2,
         )
-    try:
-        system.check_submittable(message)
-    except NotAcceptedFromClients as exc:
-        _fail(f"refused: {_inert(exc)}", 2)
+    show_progress = not single and (progress if progress is not None else err.is_terminal)
+    submitted: list[Envelope] = []
 
-    async def send(deployment: Deployment) -> Envelope:
-        return await system.submit(deployment.entry, message, message_id=message_id)
+    async def send(deployment: Deployment) -> None:
+        with Progress(
+            TextColumn("submitting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("commands"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not show_progress,
+        ) as bar:
+            task = bar.add_task("submit", total=len(commands))
+
+            def done(envelopes: list[Envelope]) -> None:
+                submitted.extend(envelopes)
+                bar.advance(task, len(envelopes))
+                if not (single or quiet or json_output):
+                    sys.stdout.write("".join(f"{e.message_id}\n" for e in envelopes))
+                    sys.stdout.flush()
+
+            await submit_in_batches(
+                system,
+                deployment.entry,
+                commands,
+                batch_size=DEFAULT_SUBMIT_BATCH,
+                message_ids=[message_id] if message_id is not None else None,
+                on_batch=done,
+            )
 
     # A separate bus needs no store: only the bus is opened.
-    envelope = _with(store, bus, send, must_exist=None, services=() if bus else SERVICE_NAMES)
+    try:
+        _with(store, bus, send, must_exist=None, services=() if bus else SERVICE_NAMES)
+    finally:
+        if submitted and not single and len(submitted) < len(commands):
+            err.print(
+                f"[bold red]only {len(submitted)} of {len(commands)} commands were submitted[/]"
+                " (their ids are printed); the others were not",
+                soft_wrap=True,
+            )
+    summaries = [
+        {"messageId": e.message_id, "type": e.message_type, "correlationId": e.correlation_id}
+        for e in submitted
+    ]
     if json_output:
-        _emit_json(
-            {
-                "messageId": envelope.message_id,
-                "type": envelope.message_type,
-                "correlationId": envelope.correlation_id,
-            }
-        )
-    else:
-        out.print(envelope.message_id)
+        _emit_json(summaries[0] if single else summaries)
+    elif single and not quiet:
+        out.print(submitted[0].message_id)
+    if not single:
+        err.print(f"submitted {len(submitted)} commands", soft_wrap=True)
 
 
 @stock_app.command("set", context_settings={"ignore_unknown_options": True})
