@@ -1,4 +1,5 @@
-"""``sagaline submit`` of many commands: a JSON array, JSON Lines."""
+"""``sagaline submit`` of many commands (a JSON array, JSON Lines), and with a bus URL equal to
+the store's."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
+import servers
 
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.documents import parse_documents, split_documents
@@ -158,3 +160,41 @@ def test_a_message_id_is_refused_with_many_commands(tmp_path: Path) -> None:
     assert refused.returncode == 2
     assert "--message-id names one message" in refused.stderr and "holds 2" in refused.stderr
     assert not (tmp_path / "sagaline.db").exists()
+
+
+# --------------------------------------------------------- the store's URL as bus URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/shop.db"
+        return
+    database = servers.postgres_database()
+    try:
+        yield next(database)
+    finally:
+        database.close()
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_a_bus_url_equal_to_the_store_url_is_the_stores_own_bus(
+    tmp_path: Path, store_url: str, how: str
+) -> None:
+    submitted = sagaline(
+        "submit",
+        "-",
+        "--store",
+        store_url,
+        *(["--bus", store_url] if how == "option" else []),
+        cwd=tmp_path,
+        stdin=json.dumps(order("ORD-1")),
+        env={"SAGALINE_BUS_URL": store_url} if how == "environment" else {},
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    message_id = submitted.stdout.strip()
+    assert UUID.match(message_id)
+    trace = sagaline("trace", "ORD-1", "--json", "--store", store_url, cwd=tmp_path)
+    assert trace.returncode == 0, trace.stderr
+    [command] = json.loads(trace.stdout)["messages"]
+    assert (command["messageId"], command["queue"]) == (message_id, "order")

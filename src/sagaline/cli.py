@@ -1123,9 +1123,11 @@ def _submit_documents(
                 on_batch=done,
             )
 
-    # A separate bus needs no store: only the bus is opened.
+    # A separate bus needs no store: only the bus is opened. A bus URL equal to the store's is
+    # the store's own database (as without one): then the stores hold the bus.
+    separate = bus is not None and bus != store
     try:
-        _with(store, bus, send, must_exist=None, services=() if bus else SERVICE_NAMES)
+        _with(store, bus, send, must_exist=None, services=() if separate else SERVICE_NAMES)
     finally:
         if submitted and not single and len(submitted) < len(commands):
             err.print(
