@@ -1,5 +1,5 @@
-"""``sagaline submit`` of many commands (a JSON array, JSON Lines), and with a bus URL equal to
-the store's."""
+"""``sagaline submit`` of many commands (a JSON array, JSON Lines), on every kind of bus: a bus URL
+equal to the store's, and a broker that no service or ``migrate`` has prepared yet."""
 
 from __future__ import annotations
 
@@ -12,10 +12,14 @@ import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import aio_pika
 import pytest
 import servers
 
+from sagaline.backends import open_bus
+from sagaline.backends.rabbitmq import RabbitBus
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.documents import parse_documents, split_documents
 from sagaline.orders import build_system
@@ -198,3 +202,58 @@ def test_a_bus_url_equal_to_the_store_url_is_the_stores_own_bus(
     assert trace.returncode == 0, trace.stderr
     [command] = json.loads(trace.stdout)["messages"]
     assert (command["messageId"], command["queue"]) == (message_id, "order")
+
+
+# ------------------------------------------------- a broker no one has prepared yet
+
+
+@pytest.fixture
+def fresh_rabbitmq() -> Iterator[str]:
+    vhost = servers.rabbitmq_vhost()
+    try:
+        yield next(vhost)
+    finally:
+        vhost.close()
+
+
+async def _queued_commands(bus_url: str) -> int:
+    """How many messages wait in the order service's command queues on RabbitMQ."""
+    bus = open_bus(bus_url)
+    assert isinstance(bus, RabbitBus)
+    [spec] = [s for s in build_system().services["order"].consumers() if s.source == "queue"]
+    parts = urlsplit(bus_url)
+    connection = await aio_pika.connect(urlunsplit(parts._replace(query="")))
+    try:
+        channel = await connection.channel()
+        total = 0
+        for name in bus.queue_names(spec):
+            queue = await channel.declare_queue(name, passive=True)
+            total += queue.declaration_result.message_count or 0
+        return total
+    finally:
+        await connection.close()
+
+
+def test_submit_to_a_fresh_rabbitmq_declares_the_queues_and_the_command_waits(
+    tmp_path: Path, fresh_rabbitmq: str
+) -> None:
+    lines = json_lines([order("ORD-1"), order("ORD-2")])
+    submitted = sagaline("submit", "-", "--bus", fresh_rabbitmq, cwd=tmp_path, stdin=lines)
+    assert submitted.returncode == 0, submitted.stderr
+    assert len(submitted.stdout.splitlines()) == 2
+    assert asyncio.run(_queued_commands(fresh_rabbitmq)) == 2
+
+
+def test_the_demo_runs_on_postgresql_and_a_fresh_rabbitmq_without_migrate(
+    tmp_path: Path, fresh_rabbitmq: str
+) -> None:
+    database = servers.postgres_database()
+    try:
+        store = next(database)
+        demo = sagaline("demo", "--store", store, "--bus", fresh_rabbitmq, cwd=tmp_path)
+        assert demo.returncode == 0, demo.stderr
+        for expected in ("ORD-12345", "CONFIRMED", "Insufficient stock for PROD-A", "declined"):
+            assert expected in demo.stdout
+        assert "stock ledger balanced" in demo.stdout
+    finally:
+        database.close()

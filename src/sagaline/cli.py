@@ -1096,6 +1096,8 @@ def _submit_documents(
     submitted: list[Envelope] = []
 
     async def send(deployment: Deployment) -> None:
+        # A broker refuses a command no queue is bound for yet: declare them first.
+        await deployment.prepare_bus(system)
         with Progress(
             TextColumn("submitting"),
             BarColumn(),
