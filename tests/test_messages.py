@@ -20,15 +20,29 @@ from sagaline.errors import InvalidMessage, UnknownMessageType
 from sagaline.messages import (
     MAX_MESSAGE_BYTES,
     Envelope,
+    Message,
     check_unique_keys,
-    decode_body,
     encode_body,
     json_schema,
     new_message_id,
-    parse_document,
-    registry,
 )
+from sagaline.messages import parse_document as parse_among
+from sagaline.orders import app as order_app
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
+
+#: The order system's message types: other tests' apps may define classes of the same names.
+registry = order_app.registry
+
+
+def parse_document(document: bytes | str) -> Message:
+    """A document parsed as the order system parses it."""
+    return parse_among(document, registry)
+
+
+def decode_body(name: str, body: bytes | str) -> Message:
+    """A body decoded as the order system decodes it."""
+    return registry.decode(name, body)
+
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = REPO / "tests" / "data" / "seed.txt"

@@ -57,24 +57,29 @@ from sagaline.deploy import (
     service_url,
     url_environment,
 )
+from sagaline.documents import (
+    DEFAULT_SUBMIT_BATCH,
+    DocumentProblem,
+    check_submittable,
+    parse_documents,
+    read_input,
+    submit_in_batches,
+)
 from sagaline.errors import (
     BusUnavailable,
     ConfigurationError,
     InvalidMessage,
     MessageRefused,
-    NotAcceptedFromClients,
+    SagaDefinitionError,
     SagalineError,
     StoreUnavailable,
     UnknownMessageType,
 )
 from sagaline.handling import DEFAULT_BATCH, Runtime, System
 from sagaline.messages import (
-    MAX_MESSAGE_BYTES,
-    Command,
     Envelope,
     check_message_id,
     json_schema,
-    parse_document,
 )
 from sagaline.observability import (
     TransactionTrace,
@@ -88,6 +93,8 @@ from sagaline.observability import (
 from sagaline.ports import SagaRecord, StoreQueries
 from sagaline.projection import rebuild as rebuild_projection
 from sagaline.saga.definition import SagaStatus
+from sagaline.saga.describe import SagaDescription, sagas_of
+from sagaline.saga.describe import describe as describe_saga
 from sagaline.saga.engine import saga_id
 
 __all__ = [
@@ -974,26 +981,15 @@ async def _report_progress(runtimes: Sequence[Runtime], every: float = 10.0) -> 
             log.info("handled %d deliveries so far", reported)
 
 
-def _read_document(source: str) -> bytes:
-    """The bytes of FILE (``-`` is stdin), refusing anything larger than a message may be."""
-    limit = MAX_MESSAGE_BYTES + 1
-    try:
-        if source == "-":
-            data = sys.stdin.buffer.read(limit)
-        else:
-            with open(source, "rb") as file:
-                data = file.read(limit)
-    except OSError as exc:
-        _fail(f"cannot read {_inert(source)}: {_inert(exc.strerror or exc)}", 2)
-    if len(data) >= limit:
-        _fail(f"{_inert(source)} is larger than the message limit of {MAX_MESSAGE_BYTES} bytes", 2)
-    return data
-
-
 @app.command()
 def submit(
     file: Annotated[
-        str, typer.Argument(metavar="FILE", help="A command in the seed's JSON; - reads stdin.")
+        str,
+        typer.Argument(
+            metavar="FILE",
+            help="Commands in the seed's JSON: one document, a JSON array of them, or JSON Lines"
+            " (one per line); - reads stdin.",
+        ),
     ],
     store: StoreOption = DEFAULT_STORE_URL,
     bus: BusOption = None,
@@ -1004,49 +1000,122 @@ def submit(
             metavar="ID",
             help="Your own id for the message (up to 128 of A-Z a-z 0-9 . _ : -), so that"
             " submitting again after a failure is the same message, accepted once; another"
-            " message under a used id is refused.",
+            " message under a used id is refused. For one document only.",
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print no message ids (a summary only).")
+    ] = False,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="A progress bar on stderr (default: when stderr is a terminal).",
+            show_default=False,
         ),
     ] = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Put one command a client may submit onto the bus; prints its message id. Nothing is
-    written if it is invalid, internal to the system, or its id was used for another message."""
+    """Put commands a client may submit onto the bus; prints their message ids, one per line.
+
+    Every command is checked before any is written: one that is invalid, internal to the
+    system, or an event fails the whole input (exit 2, naming its line or index and the field).
+    Then they are submitted in batches of 1,000.
+    """
+    _submit_documents(file, store, bus, message_id, quiet, progress, json_output)
+
+
+def _submit_documents(
+    file: str,
+    store: str,
+    bus: str | None,
+    message_id: str | None,
+    quiet: bool,
+    progress: bool | None,
+    json_output: bool,
+) -> None:
     _check_urls(store, bus)
-    document = _read_document(file)
-    system = current_app().default
-    # Validate before the store is even opened: a bad document leaves no trace.
     try:
-        message = parse_document(document, system.registry)
+        data = read_input(file)
+    except OSError as exc:
+        _fail(f"cannot read {_inert(file)}: {_inert(exc.strerror or exc)}", 2)
+    except InvalidMessage as exc:
+        _fail(_inert(exc), 2)
+    system = current_app().default
+    # Validate everything before the store is even opened: a bad input leaves no trace.
+    try:
+        commands = check_submittable(system, parse_documents(data, types=system.registry))
         if message_id is not None:
             check_message_id(message_id)
+    except DocumentProblem as exc:
+        where = f"{_inert(exc.position)}: " if exc.position else ""
+        if isinstance(exc.error, InvalidMessage):
+            _fail(where + _describe_invalid(exc.error), 2)
+        _fail(f"{where}refused: {_inert(exc.error)}", 2)
     except InvalidMessage as exc:
         _fail(_describe_invalid(exc), 2)
-    if not isinstance(message, Command):
+    single = len(commands) == 1
+    if message_id is not None and not single:
         _fail(
-            f"invalid message, field $.{message.discriminator}: {_inert(message.type_name())}"
-            f" is an {message.kind}; submit takes a command (a commandType document)",
+            f"--message-id names one message, and {_inert(file)} holds {len(commands)}:"
+            " submit them without it",
             2,
         )
+    show_progress = not single and (progress if progress is not None else err.is_terminal)
+    submitted: list[Envelope] = []
+
+    async def send(deployment: Deployment) -> None:
+        # A broker refuses a command no queue is bound for yet: declare them first.
+        await deployment.prepare_bus(system)
+        with Progress(
+            TextColumn("submitting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("commands"),
+            TimeElapsedColumn(),
+            console=err,
+            disable=not show_progress,
+        ) as bar:
+            task = bar.add_task("submit", total=len(commands))
+
+            def done(envelopes: list[Envelope]) -> None:
+                submitted.extend(envelopes)
+                bar.advance(task, len(envelopes))
+                if not (single or quiet or json_output):
+                    sys.stdout.write("".join(f"{e.message_id}\n" for e in envelopes))
+                    sys.stdout.flush()
+
+            await submit_in_batches(
+                system,
+                deployment.entry,
+                commands,
+                batch_size=DEFAULT_SUBMIT_BATCH,
+                message_ids=[message_id] if message_id is not None else None,
+                on_batch=done,
+            )
+
+    # A separate bus needs no store: only the bus is opened. A bus URL equal to the store's is
+    # the store's own database (as without one): then the stores hold the bus.
+    separate = bus is not None and bus != store
     try:
-        system.check_submittable(message)
-    except NotAcceptedFromClients as exc:
-        _fail(f"refused: {_inert(exc)}", 2)
-
-    async def send(deployment: Deployment) -> Envelope:
-        return await system.submit(deployment.entry, message, message_id=message_id)
-
-    # A separate bus needs no store: only the bus is opened.
-    envelope = _with(store, bus, send, must_exist=None, services=() if bus else None)
+        _with(store, bus, send, must_exist=None, services=() if separate else None)
+    finally:
+        if submitted and not single and len(submitted) < len(commands):
+            err.print(
+                f"[bold red]only {len(submitted)} of {len(commands)} commands were submitted[/]"
+                " (their ids are printed); the others were not",
+                soft_wrap=True,
+            )
+    summaries = [
+        {"messageId": e.message_id, "type": e.message_type, "correlationId": e.correlation_id}
+        for e in submitted
+    ]
     if json_output:
-        _emit_json(
-            {
-                "messageId": envelope.message_id,
-                "type": envelope.message_type,
-                "correlationId": envelope.correlation_id,
-            }
-        )
-    else:
-        out.print(envelope.message_id)
+        _emit_json(summaries[0] if single else summaries)
+    elif single and not quiet:
+        out.print(submitted[0].message_id)
+    if not single:
+        err.print(f"submitted {len(submitted)} commands", soft_wrap=True)
 
 
 @app.command()
@@ -1151,6 +1220,85 @@ def schema(
     except UnknownMessageType:
         _fail(f"unknown message type {_quoted(type_name)}; known: {', '.join(registry.names())}", 2)
     _emit_json(json_schema(cls))
+
+
+@app.command()
+def describe(
+    name: Annotated[
+        str | None, typer.Argument(metavar="SAGA", help="A saga's name; every saga when left out.")
+    ] = None,
+    mermaid: Annotated[
+        bool, typer.Option("--mermaid", help="Print only the saga's Mermaid diagram.")
+    ] = False,
+    json_output: JsonOption = False,
+) -> None:
+    """Validate and show the system's sagas: steps, kinds, commands, compensations, diagram.
+
+    Exits with 1 when a saga sends a command no service handles, 2 when one is not valid.
+    """
+    try:
+        system = current_app().default
+    except SagaDefinitionError as exc:
+        _fail(f"invalid saga definition: {_inert(exc)}", 2)
+    definitions = {definition.name: definition for definition in sagas_of(system)}
+    known = ", ".join(definitions) or "none"
+    if name is not None and name not in definitions:
+        _fail(f"unknown saga {_quoted(name)}; known: {_inert(known)}", 2)
+    wanted = [definitions[name]] if name is not None else list(definitions.values())
+    if mermaid and len(wanted) != 1:
+        _fail(f"--mermaid draws one saga: name it (known: {_inert(known)})", 2)
+    described = [describe_saga(definition, system) for definition in wanted]
+    if mermaid:
+        sys.stdout.write(described[0].mermaid + "\n")
+    elif json_output:
+        _emit_json(described[0].to_json() if name is not None else [d.to_json() for d in described])
+    else:
+        for saga in described:
+            out.print(_saga_table(saga))
+            if name is not None:
+                out.print(f"[bold]Mermaid[/] (sagaline describe {_inert(saga.name)} --mermaid):")
+                for line in saga.mermaid.splitlines():
+                    out.print(_inert(line), soft_wrap=True)
+        if not described:
+            out.print("the system has no sagas")
+    problems = [problem for saga in described for problem in saga.problems]
+    for problem in problems:
+        err.print(f"[bold red]problem:[/] {_inert(problem)}", soft_wrap=True)
+    if problems:
+        raise typer.Exit(1)
+
+
+def _saga_table(saga: SagaDescription) -> Table:
+    """One saga's steps as a table, its start and outcome in the title and caption."""
+    title = f"saga {_inert(saga.name)} v{saga.version}" + (
+        f": {_inert(saga.description)}" if saga.description else ""
+    )
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption=f"starts on {_inert(saga.start)}, correlated by {_inert(saga.correlation_field)};"
+        f" on completion: {_inert(saga.on_completed or 'nothing published')}",
+        caption_justify="left",
+    )
+    for column in ("#", "step", "kind", "command", "success", "failures", "compensation"):
+        # Names are folded, never cut: a cut name would not say which message it is.
+        table.add_column(column, overflow="fold")
+    for position, step in enumerate(saga.steps, 1):
+        undo = ""
+        if step.compensation is not None:
+            undo = f"{_inert(step.compensation)}\n{_arrow()} {_inert(step.compensated or '?')}"
+            if step.compensate_on_failure:
+                undo += "\n(also when the step fails)"
+        table.add_row(
+            str(position),
+            _inert(step.name),
+            _inert(step.kind),
+            _inert(step.command) if step.command else "[dim](the start event)[/]",
+            _cell(step.success),
+            "\n".join(_inert(failure) for failure in step.failures),
+            undo,
+        )
+    return table
 
 
 @app.command()

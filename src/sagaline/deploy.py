@@ -199,6 +199,14 @@ class Deployment:
         if self.bus is not None:
             await _open(self.bus)
 
+    async def prepare_bus(self, system: System) -> None:
+        """Declare on a separate bus what ``system`` needs (queues, streams, bindings), as
+        ``sagaline migrate`` does; idempotent. A broker refuses a command no queue is bound for
+        yet, so a client must do this before it submits to a bus no service has prepared."""
+        if self.bus is not None:
+            consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
+            await self.bus.prepare(consumers, system.routes)
+
     async def close(self) -> None:
         """Close the bus and every store."""
         if self.bus is not None:

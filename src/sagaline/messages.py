@@ -286,6 +286,13 @@ class MessageRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self._types
 
+    def kind_of(self, name: str) -> MessageKind | None:
+        """``command`` or ``event`` for the type ``name``, None when unknown; known even for a
+        name several classes define, as long as they agree on it."""
+        classes = self._ambiguous.get(name) or ([self._types[name]] if name in self._types else [])
+        kinds = {cls.kind for cls in classes}
+        return kinds.pop() if len(kinds) == 1 else None
+
     def types(self) -> list[type[Message]]:
         """Every registered class, by wire name."""
         return [self._types[name] for name in sorted(self._types)]
@@ -390,8 +397,32 @@ def parse_document(document: bytes | str, types: MessageRegistry | None = None) 
                 field=f"$.{field_name}",
             )
     message = (types or registry).decode(name, document)
-    check_unique_keys(name, document, message)
+    if _may_repeat_a_key(document, raw):
+        check_unique_keys(name, document, message)
     return message
+
+
+# The end of every key: its closing quote and the colon. A string value may hold the same text,
+# so there are at least as many of these as keys; as many as the decoded objects have keys
+# means no object lost a repeated one.
+_KEY_ENDS = re.compile(rb'"[ \t\r\n]*:')
+
+
+def _may_repeat_a_key(document: bytes | str, raw: Any) -> bool:
+    """False when ``document`` (decoded as ``raw``) surely has no key twice in one object."""
+    text = document.encode() if isinstance(document, str) else document
+    try:
+        return len(_KEY_ENDS.findall(text)) != _keys_in(raw)
+    except RecursionError:
+        return True
+
+
+def _keys_in(node: Any) -> int:
+    if isinstance(node, dict):
+        return len(node) + sum(_keys_in(value) for value in node.values())
+    if isinstance(node, list):
+        return sum(_keys_in(value) for value in node)
+    return 0
 
 
 class _Exponent(str):

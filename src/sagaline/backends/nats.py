@@ -125,7 +125,6 @@ from sagaline.errors import (
     BusUnavailable,
     ConfigurationError,
     InvalidMessage,
-    UnknownMessageType,
 )
 from sagaline.messages import Envelope, registry, utc_timestamp
 from sagaline.ports import Batch, BrokerBus, ConsumerSpec, Delivery, Outcome, StoredEvent
@@ -661,11 +660,7 @@ class NatsBus:
         queue = routes.get(envelope.message_type)
         if queue is not None:
             return f"{self.prefix}.cmd.{self._token(queue, 'queue name')}.{partition}"
-        try:
-            kind = registry.get(envelope.message_type).kind
-        except UnknownMessageType:
-            kind = "event"
-        if kind == "command":
+        if registry.kind_of(envelope.message_type) == "command":
             raise ConfigurationError(f"no service handles {envelope.message_type}")
         name = self._token(envelope.message_type, "event type")
         return f"{self.prefix}.evt.{name}.{partition}"

@@ -354,6 +354,8 @@ async def run_demo(
     deployment = db if isinstance(db, Deployment) else Deployment.of(db, SERVICE_NAMES)
     system = build_system(PaymentRules(default_limit=payment_limit))
     await stock_demo(deployment.store("inventory"))
+    # A broker refuses a command no queue is bound for: declare the system's before submitting.
+    await deployment.prepare_bus(system)
     submitted = await submit_demo_orders(deployment.entry, system)
     if isinstance(db, Deployment):
         handled = await run_until_settled(

@@ -9,7 +9,6 @@ validated when it is built, and can be drawn as a Mermaid diagram.
 from __future__ import annotations
 
 import enum
-import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,41 +181,8 @@ class SagaDefinition:
         return plan
 
     def to_mermaid(self) -> str:
-        """The saga as a Mermaid state diagram."""
-        lines = ["stateDiagram-v2", f"    [*] --> {self.steps[0].name}: {self.start.type_name()}"]
-        for position, step in enumerate(self.steps):
-            following = self.steps[position + 1].name if position + 1 < len(self.steps) else None
-            if step.command is not None and step.success is not None:
-                target = following or "completed"
-                lines.append(f"    {step.name} --> {target}: {step.success.type_name()}")
-            elif following:
-                lines.append(f"    {step.name} --> {following}")
-            for failure in step.failures:
-                lines.append(f"    {step.name} --> compensating: {failure.type_name()}")
-        lines.append("    completed --> [*]")
-        compensatable = [
-            step
-            for step in reversed(self.steps)
-            if step.compensation is not None and step.compensated is not None
-        ]
-        for step in compensatable:
-            assert step.compensation is not None and step.compensated is not None
-            command = _return_type_name(step.compensation) or "compensation"
-            lines.append(
-                f"    compensating --> compensating: undo {step.name}"
-                f" ({command}, then {step.compensated.type_name()})"
-            )
-        lines.append("    compensating --> compensated: every compensation confirmed")
-        lines.append("    compensated --> [*]")
-        return "\n".join(lines)
+        """The saga as a Mermaid state diagram, naming the command each step sends (see
+        :func:`sagaline.saga.describe.to_mermaid`)."""
+        from sagaline.saga.describe import to_mermaid
 
-
-def _return_type_name(builder: CommandBuilder) -> str | None:
-    """The command type a builder makes, when it can be learnt without calling it."""
-    try:
-        returned = typing.get_type_hints(builder).get("return")
-    except (NameError, TypeError):
-        return None
-    if isinstance(returned, type) and issubclass(returned, Command):
-        return returned.type_name()
-    return None
+        return to_mermaid(self)

@@ -14,8 +14,7 @@ from sagaline.backends.sqlite.rows import (
     envelope_from_row,
     saga_from_row,
 )
-from sagaline.errors import UnknownMessageType
-from sagaline.messages import Command, Envelope, registry
+from sagaline.messages import Envelope, registry
 from sagaline.ports import DeadLetter, Document, SagaRecord, StoredEvent
 
 __all__ = ["SqliteQueries"]
@@ -347,11 +346,7 @@ class SqliteQueries:
 
 def _kind_of(message_type: str) -> str:
     """``command`` or ``event``, by the registered type (``event`` when it is unknown)."""
-    try:
-        cls = registry.get(message_type)
-    except UnknownMessageType:
-        return "event"
-    return "command" if issubclass(cls, Command) else "event"
+    return registry.kind_of(message_type) or "event"
 
 
 def _body_or_none(body: str | bytes) -> Any:
