@@ -30,6 +30,7 @@ PUBLIC = [
     "Runtime",
     "SagaDefinition",
     "SagaDefinitionError",
+    "SagaMonitor",
     "SagaStatus",
     "SagalineError",
     "Service",

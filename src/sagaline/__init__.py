@@ -19,7 +19,14 @@ from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import Command, Envelope, Event, parse_document, registry
 from sagaline.ports import Reads, RetryPolicy
 from sagaline.projection import Projection, Views, rebuild
-from sagaline.saga import Orchestrator, SagaDefinition, SagaStatus, Step, StepKind
+from sagaline.saga import (
+    Orchestrator,
+    SagaDefinition,
+    SagaMonitor,
+    SagaStatus,
+    Step,
+    StepKind,
+)
 
 __all__ = [
     "Aggregate",
@@ -41,6 +48,7 @@ __all__ = [
     "Runtime",
     "SagaDefinition",
     "SagaDefinitionError",
+    "SagaMonitor",
     "SagaStatus",
     "SagalineError",
     "Service",
