@@ -2,12 +2,15 @@
 
 By default all services run in one process on one SQLite file (WAL, synchronous=FULL). With
 ``--store``/``--bus`` each service has its own store and the bus is the one named; with
-``--instances N`` every service runs as N separate processes (``sagaline up``). Prints completed
+``--instances N`` every service runs as N separate processes (``sagaline up``). With
+``--choreography`` the order flow runs as a choreography (services react to each other's events,
+a passive monitor keeps the saga records) instead of under the orchestrator. Prints completed
 sagas/s, p50/p99 submit-to-terminal latency, peak RSS, messages/s and, for a deployment, the raw
 durable message rate of the same transport measured in the same run and the ratio to it.
 
     python benchmarks/saga_throughput.py                 # 10,000 sagas, embedded
     python benchmarks/saga_throughput.py --sagas 100000  # the memory target
+    python benchmarks/saga_throughput.py --choreography  # the same orders, choreographed
     python benchmarks/saga_throughput.py --store postgresql://postgres@127.0.0.1/bench \
         --bus postgresql://postgres@127.0.0.1/bench --instances 1
     python benchmarks/saga_throughput.py --store postgresql://postgres@127.0.0.1/bench \
@@ -34,8 +37,9 @@ from urllib.parse import urlsplit
 
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.deploy import Deployment, open_bus
-from sagaline.handling import DEFAULT_BATCH, Runtime
+from sagaline.handling import DEFAULT_BATCH, Runtime, System
 from sagaline.orders import SERVICE_NAMES, PaymentRules, build_system
+from sagaline.orders.choreography import build_choreography_system
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 from sagaline.ports import ConsumerSpec
@@ -60,13 +64,19 @@ def _orders(count: int) -> list[CreateOrderCommand]:
     return orders
 
 
+def _system(choreography: bool) -> System:
+    """The order flow, orchestrated or choreographed, with the default payment limit."""
+    rules = PaymentRules(default_limit=Decimal("1000.00"))
+    return build_choreography_system(rules) if choreography else build_system(rules)
+
+
 def _seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-async def run(sagas: int, batch_size: int, path: str) -> None:
+async def run(sagas: int, batch_size: int, path: str, choreography: bool = False) -> None:
     db = SqliteDatabase(f"sqlite:///{path}")
-    system = build_system(PaymentRules(default_limit=Decimal("1000.00")))
+    system = _system(choreography)
     async with db.transaction() as tx:
         await set_stock(tx, "PROD-A", sagas * 2)
         await set_stock(tx, "PROD-X", 0)
@@ -108,6 +118,7 @@ async def run(sagas: int, batch_size: int, path: str) -> None:
     run_seconds = sagas_done_at[0] - submitted
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
+    print(f"flow                  {_flow(choreography)}")
     print(f"sagas                 {sagas:,} ({counts})")
     print(f"submit                {submitted - started:.2f} s")
     print(f"all sagas terminal    {run_seconds:.2f} s")
@@ -177,14 +188,20 @@ async def raw_rate(bus_url: str, count: int, batch: int = 500, **options: Any) -
     return count / elapsed
 
 
-async def _settled_check(deployment: Deployment, sagas: int, patience: float = 60.0) -> list[Any]:
+def _flow(choreography: bool) -> str:
+    return "choreography (monitor)" if choreography else "orchestrated"
+
+
+async def _settled_check(
+    deployment: Deployment, sagas: int, system: System, patience: float = 60.0
+) -> list[Any]:
     """The invariants over every store once the read side caught up (the services still run)."""
     from sagaline.testing import check_deployment_async
 
     stock = {"PROD-A": sagas * 2, "PROD-X": 0}
     deadline = time.perf_counter() + patience
     while True:
-        violations = await check_deployment_async(deployment, initial_stock=stock)
+        violations = await check_deployment_async(deployment, initial_stock=stock, system=system)
         if not violations or time.perf_counter() > deadline:
             return violations
         await asyncio.sleep(1.0)
@@ -198,9 +215,10 @@ async def run_deployment(
     instances: int,
     raw: int,
     check: bool = False,
+    choreography: bool = False,
 ) -> None:
     """N sagas through a deployment: services in this process, or ``instances`` processes each."""
-    system = build_system(PaymentRules(default_limit=Decimal("1000.00")))
+    system = _system(choreography)
     deployment = Deployment(store, bus, SERVICE_NAMES)
     await deployment.open()
     async with deployment.store("inventory").transaction() as tx:
@@ -240,7 +258,7 @@ async def run_deployment(
         await asyncio.sleep(0.1)
     finished = time.perf_counter()
     cpu = time.process_time() - cpu_before
-    violations = await _settled_check(deployment, sagas) if check else None
+    violations = await _settled_check(deployment, sagas, system) if check else None
     for runtime in runtimes:
         runtime.stop()
     if runner is not None:
@@ -259,6 +277,7 @@ async def run_deployment(
     rate = sagas / run_seconds
     print(f"store / bus           {store} / {bus or '(the store)'}")
     print(f"services              {f'{instances} process(es) each' if instances else 'in-process'}")
+    print(f"flow                  {_flow(choreography)}")
     print(f"sagas                 {sagas:,} ({orchestrator.saga_counts()})")  # type: ignore[attr-defined]
     print(f"submit                {submitted - started:.2f} s")
     print(f"all sagas terminal    {run_seconds:.2f} s")
@@ -280,7 +299,7 @@ async def run_deployment(
         # RabbitMQ's own rate is one AMQP message per message: bundling is sagaline's doing.
         options: dict[str, Any] = {"bundle": 1} if rabbitmq else {}
         raw_rate_value = await raw_rate(transport, raw, batch_size, **options)
-        per_saga = MESSAGES_PER_SAGA
+        per_saga = CHOREOGRAPHY_MESSAGES_PER_SAGA if choreography else MESSAGES_PER_SAGA
         print(f"raw transport rate    {raw_rate_value:,.0f} durable msgs/s publish+consume")
         print(
             f"ratio                 {rate * per_saga / raw_rate_value:.0%}"
@@ -298,6 +317,9 @@ async def run_deployment(
 #: not deliveries): CreateOrder, OrderCreated, ReserveInventory, InventoryReserved,
 #: ProcessPayment, PaymentProcessed, OrderConfirmed, OrderConfirmationRecorded on the happy path.
 MESSAGES_PER_SAGA = 8
+#: The same for the choreography: CreateOrder, OrderCreated, InventoryReserved, PaymentProcessed,
+#: OrderConfirmed, OrderConfirmationRecorded (no saga command is sent).
+CHOREOGRAPHY_MESSAGES_PER_SAGA = 6
 
 
 def _own_prefix(bus: str | None) -> str | None:
@@ -309,8 +331,12 @@ def _own_prefix(bus: str | None) -> str | None:
 
 async def _delete_topology(bus_url: str) -> None:
     """Delete the queues and streams the run made under its own prefix."""
-    system = build_system()
-    consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
+    consumers = [
+        spec
+        for system in (build_system(), build_choreography_system())
+        for svc in system.services.values()
+        for spec in svc.consumers()
+    ]
     consumers.append(RAW_CONSUMER)
     bus = open_bus(bus_url)
     await bus.delete_topology(consumers)  # type: ignore[attr-defined]
@@ -338,11 +364,19 @@ def main() -> None:
         action="store_true",
         help="after the run, check the invariants of RELIABILITY.md over every store",
     )
+    parser.add_argument(
+        "--choreography",
+        action="store_true",
+        help="run the order flow as a choreography (not with --instances: `sagaline up` runs"
+        " the orchestrated flow)",
+    )
     args = parser.parse_args()
+    if args.choreography and args.instances:
+        parser.error("--choreography runs the services in this process: drop --instances")
     with tempfile.TemporaryDirectory(prefix="sagaline-bench-") as tmp:
         if args.store is None and args.bus is None and not args.instances:
             path = args.path or str(Path(tmp) / "bench.db")
-            asyncio.run(run(args.sagas, args.batch_size, path))
+            asyncio.run(run(args.sagas, args.batch_size, path, args.choreography))
         else:
             store = args.store or f"sqlite:///{tmp}/{{service}}.db"
             bus = _own_prefix(args.bus)
@@ -358,6 +392,7 @@ def main() -> None:
                         args.instances,
                         args.raw,
                         args.check,
+                        args.choreography,
                     )
                 )
             finally:

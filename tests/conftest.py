@@ -39,12 +39,14 @@ class ServiceProcesses:
         crash_at: str | None = None,
         lease_seconds: float | None = None,
         options: Sequence[str] = (),
+        program: Sequence[str] = ("-m", "sagaline", "run"),
     ) -> subprocess.Popen[bytes]:
         """Start ``sagaline run`` on ``store``: all five services until SIGTERM.
 
         ``crash_at`` (``point:N``) makes it SIGKILL itself there. ``lease_seconds`` shortens its
         leases, so that a process started after it was killed need not wait long for them.
-        ``options`` are more options of ``sagaline run``.
+        ``options`` are more options of ``sagaline run``. ``program`` (the interpreter's
+        arguments) starts another worker that takes the same options instead.
         """
         env = {k: v for k, v in os.environ.items() if k != "SAGALINE_CRASH_AT"}
         if crash_at is not None:
@@ -56,9 +58,7 @@ class ServiceProcesses:
             process = subprocess.Popen(
                 [
                     sys.executable,
-                    "-m",
-                    "sagaline",
-                    "run",
+                    *program,
                     "--store",
                     f"sqlite:///{store}",
                     *options,
@@ -124,10 +124,10 @@ class ServiceProcesses:
 class OrderStore:
     """The test's own connection to the store the workers share: stock, submit, watch."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, system: System | None = None) -> None:
         self.path = path
         self.db = SqliteDatabase(f"sqlite:///{path}")
-        self.system: System = build_system()
+        self.system: System = system or build_system()
         self.subscribers = {
             name for name, service in self.system.services.items() if service.event_handlers
         }

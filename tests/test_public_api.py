@@ -33,6 +33,7 @@ PUBLIC = [
     "Runtime",
     "SagaDefinition",
     "SagaDefinitionError",
+    "SagaMonitor",
     "SagaStatus",
     "SagalineError",
     "Service",

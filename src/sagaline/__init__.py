@@ -23,7 +23,14 @@ from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import Command, Envelope, Event, parse_document, registry
 from sagaline.ports import Reads, RetryPolicy
 from sagaline.projection import Projection, Views, rebuild
-from sagaline.saga import Orchestrator, SagaDefinition, SagaStatus, Step, StepKind
+from sagaline.saga import (
+    Orchestrator,
+    SagaDefinition,
+    SagaMonitor,
+    SagaStatus,
+    Step,
+    StepKind,
+)
 
 __all__ = [
     "Aggregate",
@@ -48,6 +55,7 @@ __all__ = [
     "Runtime",
     "SagaDefinition",
     "SagaDefinitionError",
+    "SagaMonitor",
     "SagaStatus",
     "SagalineError",
     "Service",

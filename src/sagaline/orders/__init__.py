@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from decimal import Decimal, InvalidOperation
 
 from sagaline.app import App
 from sagaline.handling import System
 from sagaline.orders.inventory import build_inventory_service
 from sagaline.orders.messages import MESSAGES, CreateOrderCommand
 from sagaline.orders.order import build_order_service
-from sagaline.orders.payment import PaymentRules, build_payment_service
+from sagaline.orders.payment import (
+    SETTINGS,
+    PaymentRules,
+    build_payment_service,
+    rules_from_settings,
+)
 from sagaline.orders.read import build_order_projection
 from sagaline.orders.saga import ORDER_SAGA
 from sagaline.saga.engine import Orchestrator
@@ -49,18 +53,7 @@ def build_system(payment_rules: PaymentRules | None = None) -> System:
 
 
 def _from_settings(settings: Mapping[str, str]) -> System:
-    limit = settings.get("payment_limit")
-    if limit is None:
-        return build_system()
-    try:
-        amount = Decimal(limit)
-    except InvalidOperation:
-        raise ValueError(
-            f"payment_limit must be a decimal amount such as 1000.00, not {limit!r}"
-        ) from None
-    if not amount.is_finite() or amount < 0:
-        raise ValueError(f"payment_limit must be a finite, non-negative amount, not {limit!r}")
-    return build_system(PaymentRules(default_limit=amount))
+    return build_system(rules_from_settings(settings))
 
 
 #: The order system as an app: what ``sagaline`` runs when no other app is named.
@@ -70,6 +63,6 @@ app = App(
     projections=(build_order_projection(),),
     commands="sagaline.orders.cli:commands",
     description="The seed's order flow: order write, inventory, payment, the saga, order read.",
-    settings={"payment_limit": "payments above this amount are declined (default 1000.00)"},
+    settings=SETTINGS,
     messages=MESSAGES,
 )

@@ -25,6 +25,7 @@ from sagaline.cli import (
     all_queries,
     cell,
     check_urls,
+    current_app,
     emit_json,
     errors,
     fail,
@@ -149,7 +150,8 @@ def demo(
             store, bus, connect_timeout=settings.connect_timeout
         )
         try:
-            run = await run_demo(deployment, payment_limit=limit)
+            system = current_app().system({"payment_limit": str(limit)})
+            run = await run_demo(deployment, system=system)
             sources = all_queries(deployment)
             orchestrator = queries(deployment, "orchestrator")
             traces = [

@@ -349,10 +349,13 @@ async def run_demo(
     *,
     payment_limit: Decimal = Decimal("1000.00"),
     timeout: float = 60.0,
+    system: System | None = None,
 ) -> DemoRun:
-    """Stock the store, submit the demo's orders and run the five services until all settle."""
+    """Stock the store, submit the demo's orders and run the five services until all settle
+    (those of ``system``: the orchestrated order flow unless another is given)."""
     deployment = db if isinstance(db, Deployment) else Deployment.of(db, SERVICE_NAMES)
-    system = build_system(PaymentRules(default_limit=payment_limit))
+    if system is None:
+        system = build_system(PaymentRules(default_limit=payment_limit))
     await stock_demo(deployment.store("inventory"))
     # A broker refuses a command no queue is bound for: declare the system's before submitting.
     await deployment.prepare_bus(system)

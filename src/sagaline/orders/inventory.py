@@ -21,7 +21,15 @@ from sagaline.orders.messages import (
 )
 from sagaline.ports import Reads, StoreTransaction
 
-__all__ = ["RESERVATIONS", "STOCK", "build_inventory_service", "set_stock"]
+__all__ = [
+    "RESERVATIONS",
+    "STOCK",
+    "build_inventory_service",
+    "release_order",
+    "reserve_order",
+    "sell_order",
+    "set_stock",
+]
 
 STOCK = "inventory.stock"
 RESERVATIONS = "inventory.reservation"
@@ -69,73 +77,87 @@ def build_inventory_service() -> Service:
 
     @service.handles(ReserveInventoryCommand, reads=_reservation_and_stock)
     async def reserve(ctx: Context, command: ReserveInventoryCommand) -> None:
-        tx = ctx.tx
-        existing = await tx.get_document(RESERVATIONS, command.order_id)
-        if existing is not None:
-            _answer_again(ctx, command.order_id, existing.data)
-            return
-        wanted = _wanted(command.items)
-        stocks = {}
-        for product_id in sorted(wanted):
-            stocks[product_id] = await tx.get_document(STOCK, product_id)
-        problem = None
-        for product_id, quantity in wanted.items():
-            stock = stocks[product_id]
-            if stock is None or stock.data["available"] < quantity:
-                problem = f"Insufficient stock for {product_id}"
-                break
-        reservation: dict[str, Any] = {
-            "orderId": command.order_id,
-            "items": [{"productId": p, "quantity": q} for p, q in wanted.items()],
-        }
-        if problem is not None:
-            reservation.update(status="FAILED", reason=problem)
-            await tx.put_document(RESERVATIONS, command.order_id, reservation, 0)
-            ctx.publish(InventoryReservationFailedEvent(order_id=command.order_id, reason=problem))
-            return
-        for product_id, quantity in wanted.items():
-            stock = stocks[product_id]
-            assert stock is not None
-            data = dict(stock.data)
-            data["available"] -= quantity
-            data["reserved"] += quantity
-            await tx.put_document(STOCK, product_id, data, stock.version)
-        reservation["status"] = "RESERVED"
-        await tx.put_document(RESERVATIONS, command.order_id, reservation, 0)
-        ctx.publish(InventoryReservedEvent(order_id=command.order_id))
+        await reserve_order(ctx, command.order_id, command.items)
 
     @service.handles(ReleaseInventoryCommand, reads=_reservation_and_stock)
     async def release(ctx: Context, command: ReleaseInventoryCommand) -> None:
-        tx = ctx.tx
-        existing = await tx.get_document(RESERVATIONS, command.order_id)
-        if existing is None:
-            # Nothing reserved: remember the release so that a late reservation is refused.
-            await tx.put_document(
-                RESERVATIONS,
-                command.order_id,
-                {"orderId": command.order_id, "items": [], "status": "RELEASED"},
-                0,
-            )
-        elif existing.data["status"] == "RESERVED":
-            await _move(tx, existing.data["items"], "reserved", "available")
-            released = dict(existing.data, status="RELEASED")
-            await tx.put_document(RESERVATIONS, command.order_id, released, existing.version)
-        elif existing.data["status"] == "FAILED":
-            failed = dict(existing.data, status="RELEASED")
-            await tx.put_document(RESERVATIONS, command.order_id, failed, existing.version)
-        ctx.publish(InventoryReleasedEvent(order_id=command.order_id))
+        await release_order(ctx, command.order_id)
 
     @service.subscribes(OrderConfirmedEvent, reads=_reservation)
     async def order_confirmed(ctx: Context, event: OrderConfirmedEvent) -> None:
-        tx = ctx.tx
-        existing = await tx.get_document(RESERVATIONS, event.order_id)
-        if existing is None or existing.data["status"] != "RESERVED":
-            return
-        await _move(tx, existing.data["items"], "reserved", "sold")
-        sold = dict(existing.data, status="SOLD")
-        await tx.put_document(RESERVATIONS, event.order_id, sold, existing.version)
+        await sell_order(ctx, event.order_id)
 
     return service
+
+
+async def reserve_order(ctx: Context, order_id: str, items: list[OrderItem]) -> None:
+    """Reserve every item of the order, or none, and answer InventoryReserved or
+    InventoryReservationFailed; an order reserved (or refused, or released) before is answered
+    the same way again."""
+    tx = ctx.tx
+    existing = await tx.get_document(RESERVATIONS, order_id)
+    if existing is not None:
+        _answer_again(ctx, order_id, existing.data)
+        return
+    wanted = _wanted(items)
+    stocks = {}
+    for product_id in sorted(wanted):
+        stocks[product_id] = await tx.get_document(STOCK, product_id)
+    problem = None
+    for product_id, quantity in wanted.items():
+        stock = stocks[product_id]
+        if stock is None or stock.data["available"] < quantity:
+            problem = f"Insufficient stock for {product_id}"
+            break
+    reservation: dict[str, Any] = {
+        "orderId": order_id,
+        "items": [{"productId": p, "quantity": q} for p, q in wanted.items()],
+    }
+    if problem is not None:
+        reservation.update(status="FAILED", reason=problem)
+        await tx.put_document(RESERVATIONS, order_id, reservation, 0)
+        ctx.publish(InventoryReservationFailedEvent(order_id=order_id, reason=problem))
+        return
+    for product_id, quantity in wanted.items():
+        stock = stocks[product_id]
+        assert stock is not None
+        data = dict(stock.data)
+        data["available"] -= quantity
+        data["reserved"] += quantity
+        await tx.put_document(STOCK, product_id, data, stock.version)
+    reservation["status"] = "RESERVED"
+    await tx.put_document(RESERVATIONS, order_id, reservation, 0)
+    ctx.publish(InventoryReservedEvent(order_id=order_id))
+
+
+async def release_order(ctx: Context, order_id: str) -> None:
+    """Put the order's reserved units back on the shelf and answer InventoryReleased; with
+    nothing reserved, remember the release so that a late reservation is refused."""
+    tx = ctx.tx
+    existing = await tx.get_document(RESERVATIONS, order_id)
+    if existing is None:
+        await tx.put_document(
+            RESERVATIONS, order_id, {"orderId": order_id, "items": [], "status": "RELEASED"}, 0
+        )
+    elif existing.data["status"] == "RESERVED":
+        await _move(tx, existing.data["items"], "reserved", "available")
+        released = dict(existing.data, status="RELEASED")
+        await tx.put_document(RESERVATIONS, order_id, released, existing.version)
+    elif existing.data["status"] == "FAILED":
+        failed = dict(existing.data, status="RELEASED")
+        await tx.put_document(RESERVATIONS, order_id, failed, existing.version)
+    ctx.publish(InventoryReleasedEvent(order_id=order_id))
+
+
+async def sell_order(ctx: Context, order_id: str) -> None:
+    """Turn the confirmed order's reserved units into sold ones (once; nothing if not reserved)."""
+    tx = ctx.tx
+    existing = await tx.get_document(RESERVATIONS, order_id)
+    if existing is None or existing.data["status"] != "RESERVED":
+        return
+    await _move(tx, existing.data["items"], "reserved", "sold")
+    sold = dict(existing.data, status="SOLD")
+    await tx.put_document(RESERVATIONS, order_id, sold, existing.version)
 
 
 def _answer_again(ctx: Context, order_id: str, reservation: dict[str, Any]) -> None:

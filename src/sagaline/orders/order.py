@@ -20,7 +20,13 @@ from sagaline.orders.messages import (
 )
 from sagaline.ports import Reads
 
-__all__ = ["Order", "OrderStatus", "build_order_service"]
+__all__ = [
+    "Order",
+    "OrderStatus",
+    "build_order_service",
+    "cancel_order",
+    "record_confirmation",
+]
 
 log = logging.getLogger("sagaline.orders.order")
 
@@ -122,25 +128,36 @@ def build_order_service() -> Service:
         await ctx.save(order)
 
     @service.handles(CancelOrderCommand, reads=_order_stream)
-    async def cancel_order(ctx: Context, command: CancelOrderCommand) -> None:
-        order = await ctx.load(Order, command.order_id)
-        if order.cancel(command.reason) is not None:
-            await ctx.save(order)
-        elif order.status == OrderStatus.CANCELLED:
-            # Already cancelled by an earlier intent: answer the same way again.
-            ctx.publish(OrderCancelledEvent(order_id=order.id, reason=order.reason or ""))
-        else:
-            log.error("cannot cancel %s: it is %s", order.id, order.status)
+    async def cancel(ctx: Context, command: CancelOrderCommand) -> None:
+        await cancel_order(ctx, command.order_id, command.reason)
 
     @service.subscribes(OrderConfirmedEvent, reads=_order_stream)
     async def order_confirmed(ctx: Context, event: OrderConfirmedEvent) -> None:
-        order = await ctx.load(Order, event.order_id)
-        if not order.confirm():
-            log.error("cannot confirm %s: it is %s", order.id, order.status)
-            return
-        await ctx.save(order)
+        await record_confirmation(ctx, event.order_id)
 
     return service
+
+
+async def cancel_order(ctx: Context, order_id: str, reason: str) -> None:
+    """Cancel the pending order for ``reason`` (OrderCancelled); a cancelled order answers again
+    with its cancellation, a confirmed one is left as it is."""
+    order = await ctx.load(Order, order_id)
+    if order.cancel(reason) is not None:
+        await ctx.save(order)
+    elif order.status == OrderStatus.CANCELLED:
+        # Already cancelled by an earlier intent: answer the same way again.
+        ctx.publish(OrderCancelledEvent(order_id=order.id, reason=order.reason or ""))
+    else:
+        log.error("cannot cancel %s: it is %s", order.id, order.status)
+
+
+async def record_confirmation(ctx: Context, order_id: str) -> None:
+    """Record the transaction's confirmation in the order's stream (once)."""
+    order = await ctx.load(Order, order_id)
+    if not order.confirm():
+        log.error("cannot confirm %s: it is %s", order.id, order.status)
+        return
+    await ctx.save(order)
 
 
 async def _reject(ctx: Context, command: CreateOrderCommand, reason: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from sagaline.handling import Context, Service
 from sagaline.orders.messages import (
@@ -15,7 +15,14 @@ from sagaline.orders.messages import (
 )
 from sagaline.ports import Reads
 
-__all__ = ["PAYMENTS", "PaymentRules", "build_payment_service"]
+__all__ = [
+    "PAYMENTS",
+    "SETTINGS",
+    "PaymentRules",
+    "build_payment_service",
+    "charge",
+    "rules_from_settings",
+]
 
 PAYMENTS = "payment.payment"
 
@@ -41,38 +48,56 @@ def _payment(command: ProcessPaymentCommand, reads: Reads) -> None:
 
 def build_payment_service(rules: PaymentRules | None = None) -> Service:
     """ProcessPayment answered by PaymentProcessed (with a transactionId) or PaymentFailed."""
-    rules = rules or PaymentRules()
+    chosen = rules or PaymentRules()
     service = Service("payment")
 
     @service.handles(ProcessPaymentCommand, reads=_payment)
     async def process(ctx: Context, command: ProcessPaymentCommand) -> None:
-        existing = await ctx.tx.get_document(PAYMENTS, command.order_id)
-        if existing is not None:
-            # The same intent again: answer as before, never charge twice.
-            payment = existing.data
-        else:
-            reason = rules.decline_reason(command.customer_id, command.amount)
-            payment = {
-                "orderId": command.order_id,
-                "customerId": command.customer_id,
-                "amount": command.amount,
-            }
-            if reason is None:
-                payment.update(
-                    status="PROCESSED", transactionId=f"TRN-{random.getrandbits(48):012X}"
-                )
-            else:
-                payment.update(status="FAILED", reason=reason)
-            await ctx.tx.put_document(PAYMENTS, command.order_id, payment, 0)
-        if payment["status"] == "PROCESSED":
-            ctx.publish(
-                PaymentProcessedEvent(
-                    order_id=command.order_id, transaction_id=str(payment["transactionId"])
-                )
-            )
-        else:
-            ctx.publish(
-                PaymentFailedEvent(order_id=command.order_id, reason=str(payment["reason"]))
-            )
+        await charge(ctx, chosen, command.order_id, command.customer_id, command.amount)
 
     return service
+
+
+async def charge(
+    ctx: Context, rules: PaymentRules, order_id: str, customer_id: str, amount: Decimal
+) -> None:
+    """Charge the order once (or decline it under ``rules``) and answer PaymentProcessed or
+    PaymentFailed; an order charged or declined before is answered the same way again."""
+    existing = await ctx.tx.get_document(PAYMENTS, order_id)
+    if existing is not None:
+        # The same intent again: answer as before, never charge twice.
+        payment = existing.data
+    else:
+        reason = rules.decline_reason(customer_id, amount)
+        payment = {"orderId": order_id, "customerId": customer_id, "amount": amount}
+        if reason is None:
+            payment.update(status="PROCESSED", transactionId=f"TRN-{random.getrandbits(48):012X}")
+        else:
+            payment.update(status="FAILED", reason=reason)
+        await ctx.tx.put_document(PAYMENTS, order_id, payment, 0)
+    if payment["status"] == "PROCESSED":
+        ctx.publish(
+            PaymentProcessedEvent(order_id=order_id, transaction_id=str(payment["transactionId"]))
+        )
+    else:
+        ctx.publish(PaymentFailedEvent(order_id=order_id, reason=str(payment["reason"])))
+
+
+#: The order apps' settings (``sagaline run --set payment_limit=500``).
+SETTINGS = {"payment_limit": "payments above this amount are declined (default 1000.00)"}
+
+
+def rules_from_settings(settings: Mapping[str, str]) -> PaymentRules:
+    """The payment rules an app's settings ask for; ValueError naming a bad setting."""
+    limit = settings.get("payment_limit")
+    if limit is None:
+        return PaymentRules()
+    try:
+        amount = Decimal(limit)
+    except InvalidOperation:
+        raise ValueError(
+            f"payment_limit must be a decimal amount such as 1000.00, not {limit!r}"
+        ) from None
+    if not amount.is_finite() or amount < 0:
+        raise ValueError(f"payment_limit must be a finite, non-negative amount, not {limit!r}")
+    return PaymentRules(default_limit=amount)

@@ -31,7 +31,7 @@ from sagaline.orders.messages import (
 )
 from sagaline.saga.definition import SagaDefinition, Step, StepKind
 
-__all__ = ["ORDER_SAGA"]
+__all__ = ["ORDER_SAGA", "cancellation_reason"]
 
 _FAILURE_WORDS = {
     "reserve_inventory": "Inventory reservation failed",
@@ -43,11 +43,16 @@ def _items(data: Mapping[str, Any]) -> list[OrderItem]:
     return msgspec.convert(data["items"], list[OrderItem])
 
 
+def cancellation_reason(step: str, detail: str | None) -> str:
+    """The reason an order is cancelled with when step ``step`` failed for ``detail``
+    (``Payment failed: Payment declined: ...``), in either style of running the saga."""
+    words = _FAILURE_WORDS.get(step, "Order saga failed")
+    return f"{words}: {detail}" if detail else words
+
+
 def _cancel_reason(data: Mapping[str, Any]) -> str:
     failure = data.get("_failure") or {}
-    words = _FAILURE_WORDS.get(failure.get("step", ""), "Order saga failed")
-    detail = failure.get("reason")
-    return f"{words}: {detail}" if detail else words
+    return cancellation_reason(failure.get("step", ""), failure.get("reason"))
 
 
 def _reserve(data: Mapping[str, Any]) -> ReserveInventoryCommand:

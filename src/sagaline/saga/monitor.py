@@ -1,0 +1,41 @@
+"""The passive saga monitor of a choreography: it follows the events, it sends nothing.
+
+In a choreography each service reacts to the others' events and no one drives the transaction.
+The monitor subscribes to the events of the same :class:`~sagaline.saga.definition.SagaDefinition`
+an orchestrator would run and keeps, per transaction, the saga record an orchestrator would keep
+(status, step, data, a history entry per event with its message id), through the same state
+machine (:func:`sagaline.saga.state.advance`). So the saga queries, the trace and the invariant
+checks read one kind of record whichever style ran the transaction. The one difference: the
+services of a choreography compensate as they hear of a failure, not one after the other on
+request, so the monitor accepts the planned compensations in any order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sagaline.ports import RetryPolicy
+from sagaline.saga.definition import SagaDefinition
+from sagaline.saga.state import SagaFollower
+
+__all__ = ["SagaMonitor"]
+
+
+class SagaMonitor(SagaFollower):
+    """Keeps the saga record of each transaction of ``definitions`` from the events alone.
+
+    It never sends a command or publishes an event: what the orchestrator would send, the
+    choreography's services do by themselves. ``name`` is the name of its service (and of its
+    store in a deployment of a store per service).
+    """
+
+    compensations_in_order = False
+
+    def __init__(
+        self,
+        definitions: Iterable[SagaDefinition],
+        *,
+        name: str = "monitor",
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        super().__init__(definitions, name=name, retry=retry)
