@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from test_bus import hand_made
 
 from sagaline.backends.bundles import BUNDLE_BYTES, bundled, decode_bundle, encode_bundle
 from sagaline.messages import Envelope
+from sagaline.testing.conformance import hand_made
 
 
 def routed(*pairs: tuple[str, str]) -> list[tuple[Envelope, str]]:

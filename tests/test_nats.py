@@ -23,23 +23,12 @@ from urllib.parse import urlsplit
 
 import nats
 import pytest
+import servers
 from nats.js.errors import NotFoundError
-from test_bus import (
-    FAST_RETRY,
-    BusTestCommand,
-    BusTestEvent,
-    BusTestOtherCommand,
-    BusTestOtherEvent,
-    hand_made,
-    padded,
-    queue_service,
-    record,
-    recorded,
-    subscriber,
-)
 
 from sagaline.backends.nats import UNKNOWN_TYPE, BusUnavailable, MessageTooLarge, NatsBus
 from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.deploy import open_bus
 from sagaline.handling import Context, Runtime, Service, System
 from sagaline.messages import MAX_MESSAGE_BYTES
 from sagaline.orders import SERVICE_NAMES, build_system
@@ -47,6 +36,22 @@ from sagaline.orders.demo import DEMO_STOCK, demo_orders
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.read import ORDER_VIEW
 from sagaline.ports import Batch, BrokerBus, ConsumerSpec, Outcome, RetryPolicy
+from sagaline.testing.conformance import (
+    FAST_RETRY,
+    ConformanceCommand,
+    ConformanceEvent,
+    ConformanceOtherCommand,
+    ConformanceOtherEvent,
+    Harness,
+    drive,
+    hand_made,
+    padded,
+    queue_service,
+    record,
+    recorded,
+    subscriber,
+)
+from sagaline.testing.conformance.harness import both, handled_all, run_until
 
 NATS_URL = os.environ.get("SAGALINE_NATS_URL", "nats://127.0.0.1:4222")
 
@@ -210,7 +215,7 @@ def test_prepare_is_idempotent_and_safe_from_several_processes(kit: NatsKit) -> 
     async def scenario() -> None:
         first, second = await kit.bus(), await kit.bus()
         system = System(
-            [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+            [queue_service("alpha", ConformanceCommand), subscriber("watcher", ConformanceEvent)]
         )
         specs = [spec for service in system.services.values() for spec in service.consumers()]
         await asyncio.gather(
@@ -237,13 +242,16 @@ def test_commands_are_delivered_to_the_queue_they_are_routed_to(kit: NatsKit) ->
     async def scenario() -> None:
         bus = await kit.bus()
         system = System(
-            [queue_service("alpha", BusTestCommand), queue_service("beta", BusTestOtherCommand)]
+            [
+                queue_service("alpha", ConformanceCommand),
+                queue_service("beta", ConformanceOtherCommand),
+            ]
         )
         alpha, beta = kit.store("alpha"), kit.store("beta")
         await system.submit_many(
             bus,
-            [BusTestCommand(key="K-1", seq=i) for i in range(3)]
-            + [BusTestOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
+            [ConformanceCommand(key="K-1", seq=i) for i in range(3)]
+            + [ConformanceOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
         )
         await run(bus, system, {"alpha": alpha}, lambda: recorded(alpha, "alpha") != {})
         assert recorded(alpha, "alpha") == {"K-1": [0, 1, 2]}
@@ -265,10 +273,10 @@ def test_commands_are_delivered_to_the_queue_they_are_routed_to(kit: NatsKit) ->
 def test_a_command_without_a_route_is_refused(kit: NatsKit) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
-        envelope = System([queue_service("alpha", BusTestCommand)])._accept(
-            BusTestCommand(key="K-1", seq=1)
+        envelope = System([queue_service("alpha", ConformanceCommand)])._accept(
+            ConformanceCommand(key="K-1", seq=1)
         )
-        with pytest.raises(Exception, match="no service handles BusTestCommand"):
+        with pytest.raises(Exception, match="no service handles ConformanceCommand"):
             await bus.publish([envelope], {})
 
     kit.run(scenario)
@@ -277,7 +285,7 @@ def test_a_command_without_a_route_is_refused(kit: NatsKit) -> None:
 def test_commands_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -> None:
     calls: Counter[tuple[str, int]] = Counter()
 
-    async def flaky(ctx: Context, command: BusTestCommand) -> None:
+    async def flaky(ctx: Context, command: ConformanceCommand) -> None:
         calls[command.key, command.seq] += 1
         await record(ctx, command)
         if command.seq % 4 == 1 and calls[command.key, command.seq] <= 2:
@@ -286,12 +294,12 @@ def test_commands_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit)
     async def scenario() -> None:
         bus = await kit.bus()
         service = Service("alpha", retry=FAST_RETRY)
-        service.handles(BusTestCommand)(flaky)
+        service.handles(ConformanceCommand)(flaky)
         system = System([service])
         store = kit.store("alpha")
         keys = [f"K-{k}" for k in range(4)]
         await system.submit_many(
-            bus, [BusTestCommand(key=key, seq=seq) for seq in range(15) for key in keys]
+            bus, [ConformanceCommand(key=key, seq=seq) for seq in range(15) for key in keys]
         )
         expected = {key: list(range(15)) for key in keys}
         await run(bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == expected)
@@ -306,7 +314,7 @@ def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(kit: NatsKi
     poison_calls: list[float] = []
     progress_when_handled: dict[tuple[str, int], int] = {}
 
-    async def handler(ctx: Context, command: BusTestCommand) -> None:
+    async def handler(ctx: Context, command: ConformanceCommand) -> None:
         if command.key == "K-poison" and command.seq == 0:
             poison_calls.append(asyncio.get_running_loop().time())
             raise RuntimeError("poison-boom: cannot handle this one")
@@ -316,13 +324,13 @@ def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(kit: NatsKi
     async def scenario() -> None:
         bus = await kit.bus()
         service = Service("alpha", retry=policy)
-        service.handles(BusTestCommand)(handler)
+        service.handles(ConformanceCommand)(handler)
         system = System([service])
         store = kit.store("alpha")
-        poison = await system.submit(bus, BusTestCommand(key="K-poison", seq=0))
-        await system.submit(bus, BusTestCommand(key="K-poison", seq=1))
+        poison = await system.submit(bus, ConformanceCommand(key="K-poison", seq=0))
+        await system.submit(bus, ConformanceCommand(key="K-poison", seq=1))
         await system.submit_many(
-            bus, [BusTestCommand(key=f"K-{k}", seq=s) for s in range(5) for k in range(3)]
+            bus, [ConformanceCommand(key=f"K-{k}", seq=s) for s in range(5) for k in range(3)]
         )
         expected = {**{f"K-{k}": list(range(5)) for k in range(3)}, "K-poison": [1]}
         await run(bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == expected)
@@ -348,14 +356,16 @@ def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(kit: NatsKi
 def test_an_invalid_command_body_is_dead_lettered_and_the_queue_goes_on(kit: NatsKit) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         store = kit.store("alpha")
         bad = hand_made(
-            "BusTestCommand", "K-1", b'{"commandType":"BusTestCommand","key":"K-1","seq":"one"}'
+            "ConformanceCommand",
+            "K-1",
+            b'{"commandType":"ConformanceCommand","key":"K-1","seq":"one"}',
         )
         await bus.publish([bad], system.routes)
         await system.submit_many(
-            bus, [BusTestCommand(key="K-1", seq=1), BusTestCommand(key="K-2", seq=2)]
+            bus, [ConformanceCommand(key="K-1", seq=1), ConformanceCommand(key="K-2", seq=2)]
         )
         expected = {"K-1": [1], "K-2": [2]}
         await run(
@@ -376,18 +386,18 @@ def test_a_message_without_sagaline_headers_is_dead_lettered(kit: NatsKit) -> No
     async def scenario() -> None:
         bus = await kit.bus()
         system = System(
-            [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+            [queue_service("alpha", ConformanceCommand), subscriber("watcher", ConformanceEvent)]
         )
         alpha, watcher = kit.store("alpha"), kit.store("watcher")
         specs = [spec for service in system.services.values() for spec in service.consumers()]
         await bus.prepare(specs, system.routes)
         part = bus.partition_of("K-1")
-        command = b'{"commandType":"BusTestCommand","key":"K-1","seq":5}'
-        event = b'{"eventType":"BusTestEvent","key":"K-1","seq":6}'
+        command = b'{"commandType":"ConformanceCommand","key":"K-1","seq":5}'
+        event = b'{"eventType":"ConformanceEvent","key":"K-1","seq":6}'
         await bus.jetstream.publish(f"{bus.prefix}.cmd.alpha.{part}", command)
-        await bus.jetstream.publish(f"{bus.prefix}.evt.BusTestEvent.{part}", event)
-        await system.submit(bus, BusTestCommand(key="K-1", seq=7))
-        await system.submit(bus, BusTestEvent(key="K-1", seq=8))
+        await bus.jetstream.publish(f"{bus.prefix}.evt.ConformanceEvent.{part}", event)
+        await system.submit(bus, ConformanceCommand(key="K-1", seq=7))
+        await system.submit(bus, ConformanceEvent(key="K-1", seq=8))
 
         def done() -> bool:
             return (
@@ -410,14 +420,14 @@ def test_a_message_without_sagaline_headers_is_dead_lettered(kit: NatsKit) -> No
 def test_a_message_published_twice_is_stored_once(kit: NatsKit) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         store = kit.store("alpha")
-        first = await system.submit(bus, BusTestCommand(key="K-1", seq=1), message_id="order-1")
-        again = await system.submit(bus, BusTestCommand(key="K-1", seq=1), message_id="order-1")
+        first = await system.submit(bus, ConformanceCommand(key="K-1", seq=1), message_id="order-1")
+        again = await system.submit(bus, ConformanceCommand(key="K-1", seq=1), message_id="order-1")
         await bus.publish([first], system.routes)  # the relay publishing after a crash
         assert first.message_id == again.message_id == "order-1"
         assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 1
-        await system.submit(bus, BusTestCommand(key="K-1", seq=2))
+        await system.submit(bus, ConformanceCommand(key="K-1", seq=2))
         await run(
             bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == {"K-1": [1, 2]}
         )
@@ -428,11 +438,11 @@ def test_a_message_published_twice_is_stored_once(kit: NatsKit) -> None:
 def test_a_publish_without_a_connection_raises_and_publishes_nothing(kit: NatsKit) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         await bus.prepare([], system.routes)
         await bus.connection.close()
         with pytest.raises(BusUnavailable):
-            await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+            await system.submit(bus, ConformanceCommand(key="K-1", seq=1))
         other = await kit.bus()
         assert (await other.jetstream.stream_info(other.command_stream)).state.messages == 0
 
@@ -488,7 +498,7 @@ def test_consumers_go_on_after_a_reconnect_and_a_publish_while_disconnected_rais
         await proxy.start()
         bus = await kit.bus(url=proxy.url)
         direct = await kit.bus()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         store = kit.store("alpha")
         runtime = Runtime(store, system, bus=bus, member="m1", poll_interval=0.05)
 
@@ -496,15 +506,17 @@ def test_consumers_go_on_after_a_reconnect_and_a_publish_while_disconnected_rais
             return lambda: len(recorded(store, "alpha").get("K-1", [])) >= count
 
         running = asyncio.create_task(runtime.run_until(handled(20), timeout=60))
-        await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(10)])
+        await system.submit_many(bus, [ConformanceCommand(key="K-1", seq=i) for i in range(10)])
         await wait_until(handled(10))
 
         await proxy.stop()
         await wait_until(lambda: not bus.connection.is_connected)
         with pytest.raises(BusUnavailable):
-            await system.submit(bus, BusTestCommand(key="K-1", seq=99))
+            await system.submit(bus, ConformanceCommand(key="K-1", seq=99))
         # Meanwhile other processes go on publishing.
-        await system.submit_many(direct, [BusTestCommand(key="K-1", seq=i) for i in range(10, 20)])
+        await system.submit_many(
+            direct, [ConformanceCommand(key="K-1", seq=i) for i in range(10, 20)]
+        )
         await proxy.start()
         await running
         assert recorded(store, "alpha") == {"K-1": list(range(20))}
@@ -521,11 +533,11 @@ def test_the_password_of_the_url_is_in_no_log_record_nor_error(
         url = proxy.url.replace("nats://", "nats://app:s3cret@")
         shown = proxy.url.replace("nats://", "nats://app:***@")
         bus = await kit.bus(url=url)
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         await proxy.stop()
         await wait_until(lambda: not bus.connection.is_connected)
         with pytest.raises(BusUnavailable) as disconnected:
-            await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+            await system.submit(bus, ConformanceCommand(key="K-1", seq=1))
         await proxy.start()
         await wait_until(lambda: bus.connection.is_connected)
         await wait_until(lambda: any("reconnected" in r.getMessage() for r in caplog.records))
@@ -554,12 +566,12 @@ def test_the_password_of_the_url_is_in_no_log_record_nor_error(
 def test_a_dead_members_messages_are_delivered_to_another_member(kit: NatsKit) -> None:
     async def scenario() -> None:
         dying, survivor = await kit.bus(), await kit.bus()
-        service = queue_service("alpha", BusTestCommand)
+        service = queue_service("alpha", ConformanceCommand)
         [spec] = service.consumers()
         system = System([service])
         await dying.prepare([spec], system.routes)
         sent = await system.submit_many(
-            dying, [BusTestCommand(key=f"K-{i % 3}", seq=i) for i in range(9)]
+            dying, [ConformanceCommand(key=f"K-{i % 3}", seq=i) for i in range(9)]
         )
         loop = asyncio.get_running_loop()
         taken = await claim_all(dying, spec, "m1", 9, settle=False)
@@ -593,14 +605,16 @@ def test_a_batch_never_completed_is_handed_out_again(kit: NatsKit) -> None:
 
     async def scenario() -> None:
         bus = await kit.bus(ack_wait=600)
-        service = queue_service("alpha", BusTestCommand)
+        service = queue_service("alpha", ConformanceCommand)
         [spec] = service.consumers()
         system = System([service])
         await bus.prepare([spec], system.routes)
-        sent = await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(3)])
+        sent = await system.submit_many(
+            bus, [ConformanceCommand(key="K-1", seq=i) for i in range(3)]
+        )
         [first] = await claim_all(bus, spec, "m1", 3, settle=False)
         assert [d.attempt for d in first.deliveries] == [1, 1, 1]
-        await system.submit(bus, BusTestCommand(key="K-1", seq=3))
+        await system.submit(bus, ConformanceCommand(key="K-1", seq=3))
         again = [d for b in await claim_all(bus, spec, "m1", 4, settle=True) for d in b.deliveries]
         assert [d.envelope.message_id for d in again[:3]] == [e.message_id for e in sent]
         assert [d.attempt for d in again] == [2, 2, 2, 1]
@@ -638,11 +652,11 @@ def test_a_batch_handled_for_longer_than_the_ack_deadline_is_not_delivered_again
 
     async def scenario() -> None:
         bus = await kit.bus(ack_wait=1.0)
-        service = queue_service("alpha", BusTestCommand)
+        service = queue_service("alpha", ConformanceCommand)
         [spec] = service.consumers()
         system = System([service])
         await bus.prepare([spec], system.routes)
-        await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+        await system.submit(bus, ConformanceCommand(key="K-1", seq=1))
         [batch] = await claim_all(bus, spec, "m1", 1, settle=False)
         consumer = f"q-alpha-{bus.partition_of('K-1')}"
         await asyncio.sleep(4 * bus.ack_wait)  # the batch is being handled all this time
@@ -658,14 +672,14 @@ def test_a_batch_handled_for_longer_than_the_ack_deadline_is_not_delivered_again
 def test_two_members_compete_without_handling_anything_twice(kit: NatsKit) -> None:
     calls: Counter[str] = Counter()
 
-    async def counting(ctx: Context, command: BusTestCommand) -> None:
+    async def counting(ctx: Context, command: ConformanceCommand) -> None:
         calls[ctx.envelope.message_id] += 1
         await record(ctx, command)
 
     async def scenario() -> None:
         first, second = await kit.bus(), await kit.bus()
         service = Service("alpha", retry=FAST_RETRY)
-        service.handles(BusTestCommand)(counting)
+        service.handles(ConformanceCommand)(counting)
         [spec] = service.consumers()
         system = System([service])
         store = kit.store("alpha")
@@ -687,7 +701,7 @@ def test_two_members_compete_without_handling_anything_twice(kit: NatsKit) -> No
 
         await wait_until(shared)
         for seq in range(20):
-            await system.submit_many(first, [BusTestCommand(key=key, seq=seq) for key in keys])
+            await system.submit_many(first, [ConformanceCommand(key=key, seq=seq) for key in keys])
         await running
         assert recorded(store, "alpha") == expected
         assert set(calls.values()) == {1}
@@ -699,13 +713,13 @@ def test_two_members_compete_without_handling_anything_twice(kit: NatsKit) -> No
 def test_a_stopped_member_hands_its_partitions_over_at_once(kit: NatsKit) -> None:
     async def scenario() -> None:
         bus = await kit.bus(lease_seconds=30.0)
-        system = System([subscriber("watcher", BusTestEvent)])
+        system = System([subscriber("watcher", ConformanceEvent)])
         store = kit.store("watcher")
-        await system.submit(bus, BusTestEvent(key="K-1", seq=0))
+        await system.submit(bus, ConformanceEvent(key="K-1", seq=0))
         await run(
             bus, system, {"watcher": store}, lambda: bool(recorded(store, "watcher")), member="a"
         )
-        await system.submit(bus, BusTestEvent(key="K-1", seq=1))
+        await system.submit(bus, ConformanceEvent(key="K-1", seq=1))
         # A new member id; with 30-second leases it must not wait for the old ones to expire.
         await run(
             bus,
@@ -727,14 +741,14 @@ def test_events_reach_every_subscriber_of_their_type(kit: NatsKit) -> None:
         bus = await kit.bus()
         system = System(
             [
-                subscriber("first", BusTestEvent),
-                subscriber("second", BusTestEvent, BusTestOtherEvent),
-                subscriber("third", BusTestOtherEvent),
+                subscriber("first", ConformanceEvent),
+                subscriber("second", ConformanceEvent, ConformanceOtherEvent),
+                subscriber("third", ConformanceOtherEvent),
             ]
         )
         stores = {name: kit.store(name) for name in ("first", "second", "third")}
-        events: list[Any] = [BusTestEvent(key=f"K-{i % 3}", seq=i) for i in range(12)]
-        events += [BusTestOtherEvent(key="K-0", seq=100 + i) for i in range(2)]
+        events: list[Any] = [ConformanceEvent(key=f"K-{i % 3}", seq=i) for i in range(12)]
+        events += [ConformanceOtherEvent(key="K-0", seq=100 + i) for i in range(2)]
         await system.submit_many(bus, events)
         expected = {f"K-{k}": list(range(k, 12, 3)) for k in range(3)}
         wanted = {
@@ -761,12 +775,15 @@ def test_a_subscriber_of_one_type_is_sent_nothing_else(kit: NatsKit) -> None:
 
     async def scenario() -> None:
         bus = await kit.bus()
-        only = subscriber("only", BusTestOtherEvent).consumers()[0]
-        both = subscriber("both", BusTestEvent, BusTestOtherEvent).consumers()[0]
+        only = subscriber("only", ConformanceOtherEvent).consumers()[0]
+        both = subscriber("both", ConformanceEvent, ConformanceOtherEvent).consumers()[0]
         await bus.prepare([only, both], {})
-        system = System([subscriber("only", BusTestOtherEvent)])
-        events: list[Any] = [BusTestEvent(key=f"K-{i}", seq=i) for i in range(20)]
-        events += [BusTestOtherEvent(key="K-1", seq=100), BusTestOtherEvent(key="K-2", seq=101)]
+        system = System([subscriber("only", ConformanceOtherEvent)])
+        events: list[Any] = [ConformanceEvent(key=f"K-{i}", seq=i) for i in range(20)]
+        events += [
+            ConformanceOtherEvent(key="K-1", seq=100),
+            ConformanceOtherEvent(key="K-2", seq=101),
+        ]
         await system.submit_many(bus, events)
         assert await unsettled(bus, only) == 2
         assert await unsettled(bus, both) == 22
@@ -777,7 +794,7 @@ def test_a_subscriber_of_one_type_is_sent_nothing_else(kit: NatsKit) -> None:
 def test_events_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -> None:
     calls: Counter[tuple[str, int]] = Counter()
 
-    async def flaky(ctx: Context, event: BusTestEvent) -> None:
+    async def flaky(ctx: Context, event: ConformanceEvent) -> None:
         calls[event.key, event.seq] += 1
         await record(ctx, event)
         if event.seq % 5 == 2 and calls[event.key, event.seq] <= 2:
@@ -786,12 +803,12 @@ def test_events_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -
     async def scenario() -> None:
         bus = await kit.bus()
         service = Service("watcher", retry=FAST_RETRY)
-        service.subscribes(BusTestEvent)(flaky)
+        service.subscribes(ConformanceEvent)(flaky)
         system = System([service])
         store = kit.store("watcher")
         keys = [f"K-{k}" for k in range(6)]
         await system.submit_many(
-            bus, [BusTestEvent(key=key, seq=seq) for seq in range(12) for key in keys]
+            bus, [ConformanceEvent(key=key, seq=seq) for seq in range(12) for key in keys]
         )
         expected = {key: list(range(12)) for key in keys}
         await run(bus, system, {"watcher": store}, lambda: recorded(store, "watcher") == expected)
@@ -804,9 +821,9 @@ def test_events_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -
 def test_the_log_can_be_replayed_from_any_position(kit: NatsKit) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
-        system = System([subscriber("early", BusTestEvent)])
+        system = System([subscriber("early", ConformanceEvent)])
         envelopes = await system.submit_many(
-            bus, [BusTestEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
+            bus, [ConformanceEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
         )
         log = [e async for e in bus.replay(0)]
         assert [e.envelope.message_id for e in log] == [e.message_id for e in envelopes]
@@ -822,7 +839,7 @@ def test_the_log_can_be_replayed_from_any_position(kit: NatsKit) -> None:
         # The replay ends where the log ended when it began.
         replay = bus.replay(0)
         head = await anext(replay)
-        await system.submit_many(bus, [BusTestEvent(key="K-late", seq=i) for i in range(3)])
+        await system.submit_many(bus, [ConformanceEvent(key="K-late", seq=i) for i in range(3)])
         rest = [e async for e in replay]
         assert [head.position] + [e.position for e in rest] == positions
 
@@ -845,11 +862,11 @@ def test_the_size_limit_is_the_servers_max_payload(kit: NatsKit) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
         system = System(
-            [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+            [queue_service("alpha", ConformanceCommand), subscriber("watcher", ConformanceEvent)]
         )
         alpha, watcher = kit.store("alpha"), kit.store("watcher")
         limit = bus.max_payload
-        biggest = padded(BusTestCommand, "K-big", MAX_MESSAGE_BYTES)
+        biggest = padded(ConformanceCommand, "K-big", MAX_MESSAGE_BYTES)
         if limit < MAX_MESSAGE_BYTES + 4096:
             # A default server (max_payload 1 MiB): sagaline's largest body does not fit next to
             # its headers. Refused before anything is sent, with both sizes named.
@@ -860,8 +877,8 @@ def test_the_size_limit_is_the_servers_max_payload(kit: NatsKit) -> None:
             size = limit - 4096
         else:
             size = MAX_MESSAGE_BYTES
-        command = padded(BusTestCommand, "K-big", size)
-        event = padded(BusTestEvent, "K-big", size - 10)
+        command = padded(ConformanceCommand, "K-big", size)
+        event = padded(ConformanceEvent, "K-big", size - 10)
         await system.submit(bus, command)
         await system.submit(bus, event)
 
@@ -886,11 +903,11 @@ def test_a_message_the_server_gives_up_on_is_handed_over_for_the_dead_letters(
     async def scenario() -> None:
         bus = await kit.bus(ack_wait=0.3)
         policy = RetryPolicy(max_attempts=1, initial_delay=0.01)
-        service = queue_service("alpha", BusTestCommand, retry=policy)
+        service = queue_service("alpha", ConformanceCommand, retry=policy)
         [spec] = service.consumers()
         system = System([service])
         await bus.prepare([spec], system.routes)
-        sent = await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+        sent = await system.submit(bus, ConformanceCommand(key="K-1", seq=1))
         # Every delivery the server makes (max_deliver), none settled: a consumer that dies
         # every time, even while recording the dead letter, and is restarted under its name.
         attempts = []
@@ -908,6 +925,54 @@ def test_a_message_the_server_gives_up_on_is_handed_over_for_the_dead_letters(
         assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
 
     kit.run(scenario)
+
+
+@pytest.fixture
+def nats_url() -> Iterator[str]:
+    """A stream and subject prefix of this test's own on the NATS server."""
+    yield from servers.nats_prefix()
+
+
+def test_a_message_the_broker_refuses_is_set_aside_and_the_outbox_goes_on(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """NATS refuses a body that passes sagaline's 1 MiB limit but not the server's
+    max_payload: the relay dead-letters it (consumer ``outbox``) instead of blocking."""
+
+    store = SqliteDatabase(f"sqlite:///{tmp_path}/store.db", outbox=True)
+    harness = Harness(store, open_bus(nats_url))
+
+    async def relay(ctx: Context, command: ConformanceCommand) -> None:
+        size = MAX_MESSAGE_BYTES - 100 if command.seq == 0 else 100
+        ctx.publish(padded(ConformanceEvent, command.key, size))
+        await record(ctx, command)
+
+    async def scenario() -> None:
+        await harness.open()
+        service = Service("alpha", retry=FAST_RETRY)
+        service.handles(ConformanceCommand)(relay)
+        system = System([service, subscriber("watcher", ConformanceEvent)])
+        await harness.prepare(system)
+        await system.submit_many(
+            harness.entry,
+            [ConformanceCommand(key="K-1", seq=0), ConformanceCommand(key="K-2", seq=1)],
+        )
+        await run_until(
+            harness,
+            system,
+            both(
+                handled_all(harness, "watcher", {"K-2": [0]}),
+                lambda: bool(harness.dead_letters()),
+            ),
+        )
+        [dead] = harness.dead_letters()
+        assert dead.consumer == "outbox"
+        assert dead.envelope.message_type == "ConformanceEvent"
+        assert "max_payload" in dead.reason
+        assert harness.recorded("alpha") == {"K-1": [0], "K-2": [1]}
+        assert store.outbox_pending() == 0
+
+    drive(scenario)
 
 
 # ------------------------------------------------------------------------------ order flow

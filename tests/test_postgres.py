@@ -1,4 +1,4 @@
-"""PostgreSQL as store and bus: the conformance suites, and what only a server shows.
+"""PostgreSQL as store and bus: what only a server shows (its conformance is in ``conformance/``).
 
 Each test run gets a database of its own on the server (dropped at the end) and each test its own
 schemas in it. Without a reachable server the tests are skipped, unless
@@ -21,14 +21,6 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 import servers
-from test_bus import (
-    BusConformance,
-    BusTestCommand,
-    BusTestEvent,
-    queue_service,
-    subscriber,
-)
-from test_store import Boom, StoreConformance, StoreTestEvent, events, saga
 
 from sagaline.backends import open_backend
 from sagaline.backends.postgres import PostgresDatabase, migrate
@@ -39,6 +31,15 @@ from sagaline.messages import Envelope
 from sagaline.orders.demo import DEMO_ORDER_IDS, run_demo
 from sagaline.orders.read import ORDER_VIEW
 from sagaline.ports import Backend, BrokerBus, Outbox, Outcome, Reads, RetryPolicy
+from sagaline.testing.conformance import (
+    ConformanceCommand,
+    ConformanceEvent,
+    ConformanceStoreEvent,
+    queue_service,
+    subscriber,
+)
+from sagaline.testing.conformance.messages import events
+from sagaline.testing.conformance.store import Boom, saga
 
 
 @pytest.fixture(scope="session")
@@ -64,35 +65,6 @@ def open_pg(pg_url: str) -> Iterator[Callable[..., PostgresDatabase]]:
     yield make
     for db in opened:
         asyncio.run(db.close())
-
-
-class TestPostgresStore(StoreConformance):
-    """The store conformance suite on a schema of the test's own."""
-
-    @pytest.fixture
-    def make_store(
-        self, open_pg: Callable[..., PostgresDatabase]
-    ) -> Iterator[Callable[[], PostgresDatabase]]:
-        schema = schema_name("store")
-        yield lambda: open_pg(schema=schema)
-
-
-class TestPostgresBus(BusConformance):
-    """The bus conformance suite, store and bus in separate schemas of one database."""
-
-    @pytest.fixture
-    def make_backend(
-        self, open_pg: Callable[..., PostgresDatabase]
-    ) -> Iterator[Callable[..., PostgresDatabase]]:
-        schema, bus_schema = schema_name("svc"), schema_name("bus")
-
-        def make(*, lease_seconds: float | None = None) -> PostgresDatabase:
-            options: dict[str, Any] = {"schema": schema, "bus_schema": bus_schema}
-            if lease_seconds is not None:
-                options["lease_seconds"] = lease_seconds
-            return open_pg(**options)
-
-        yield make
 
 
 # ------------------------------------------------------------------------------ configuration
@@ -283,7 +255,7 @@ def test_a_reader_does_not_pass_a_position_held_by_a_committing_appender(
             await holder.execute(f"SELECT position FROM {quoted}.log_head FOR UPDATE")
             await holder.execute(
                 f"INSERT INTO {quoted}.events (position, message_id, type, body,"
-                " correlation_id, timestamp, part) VALUES (1, 'held-1', 'StoreTestEvent',"
+                " correlation_id, timestamp, part) VALUES (1, 'held-1', 'ConformanceStoreEvent',"
                 " '{}', 'K-1', '2020-01-01T00:00:00Z', 0)"
             )
             await holder.execute(f"UPDATE {quoted}.log_head SET position = 1")
@@ -318,15 +290,17 @@ def test_a_waiting_consumer_is_woken_by_a_commit_in_another_process(
 ) -> None:
     schema = schema_name("wake")
     waiter, sender = open_pg(schema=schema), open_pg(schema=schema)
-    system = System([queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)])
+    system = System(
+        [queue_service("alpha", ConformanceCommand), subscriber("watcher", ConformanceEvent)]
+    )
     [queue] = system.services["alpha"].consumers()
     [subscription] = system.services["watcher"].consumers()
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         for spec, message in (
-            (queue, BusTestCommand(key="K-1", seq=1)),
-            (subscription, BusTestEvent(key="K-1", seq=2)),
+            (queue, ConformanceCommand(key="K-1", seq=1)),
+            (subscription, ConformanceEvent(key="K-1", seq=2)),
         ):
             assert (await waiter.claim(spec, "m-1", 10)).deliveries == []
             started = loop.time()
@@ -352,19 +326,19 @@ def test_two_members_compete_for_a_queue_and_none_is_handled_twice(
     handled: Counter[str] = Counter()
     order: dict[str, list[int]] = {}
 
-    async def handler(ctx: Any, command: BusTestCommand) -> None:
+    async def handler(ctx: Any, command: ConformanceCommand) -> None:
         handled[ctx.envelope.message_id] += 1
         order.setdefault(command.key, []).append(command.seq)
         await asyncio.sleep(0.001)
 
-    service = queue_service("alpha", BusTestCommand)
-    service.command_handlers["BusTestCommand"] = handler
+    service = queue_service("alpha", ConformanceCommand)
+    service.command_handlers["ConformanceCommand"] = handler
     system = System([service])
     first, second = open_pg(schema=schema), open_pg(schema=schema)
 
     async def scenario() -> None:
         sent = await system.submit_many(
-            first, [BusTestCommand(key=f"K-{i % 60}", seq=i) for i in range(600)]
+            first, [ConformanceCommand(key=f"K-{i % 60}", seq=i) for i in range(600)]
         )
         runtimes = [
             Runtime(db, system, member=f"member-{n}", batch_size=20, poll_interval=0.05)
@@ -387,63 +361,15 @@ def test_two_members_compete_for_a_queue_and_none_is_handled_twice(
 # ------------------------------------------------------------------------------ outbox and broker
 
 
-def test_an_outbox_store_keeps_its_messages_for_one_relay_in_order(
-    open_pg: Callable[..., PostgresDatabase],
-) -> None:
-    schema = schema_name("outbox")
-    store = open_pg(schema=schema, outbox=True, lease_seconds=0.5)
-    system = System([queue_service("alpha", BusTestCommand)])
-
-    async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        waiting = asyncio.create_task(store.wait_for_outbox(30.0))
-        await asyncio.sleep(0)
-        async with store.transaction() as tx:
-            await tx.append("Stream-1", 0, events("K-1", 1, 2))
-            await tx.emit([Envelope.wrap(BusTestCommand(key="K-1", seq=3))], system.routes)
-            await tx.emit([Envelope.wrap(BusTestEvent(key="K-1", seq=4))], system.routes)
-        started = loop.time()
-        await asyncio.wait_for(waiting, 10.0)
-        assert loop.time() - started < 10.0
-        # Nothing reached the bus tables: everything waits in the outbox.
-        assert store.pending_counts() == {}
-        assert [e.stream for e in await store.read_log()] == ["Stream-1", "Stream-1"]
-        assert store.outbox_pending() == 4
-
-        owner, other = "relay-1", "relay-2"
-        entries = await store.outbox_claim(owner, 10)
-        assert [e.id for e in entries] == sorted(e.id for e in entries)
-        assert [e.envelope.message_type for e in entries] == [
-            "StoreTestEvent",
-            "StoreTestEvent",
-            "BusTestCommand",
-            "BusTestEvent",
-        ]
-        # The other relay gets nothing while the lease holds.
-        assert await store.outbox_claim(other, 10) == []
-        await store.outbox_sent([e.id for e in entries[:2]])
-        again = await store.outbox_claim(owner, 10)
-        assert [e.id for e in again] == [e.id for e in entries[2:]]
-        await store.outbox_sent([e.id for e in again])
-        assert store.outbox_pending() == 0
-        assert await store.outbox_claim(owner, 10) == []
-        # A dead relay's lease expires and another takes over.
-        async with store.transaction() as tx:
-            await tx.emit([Envelope.wrap(BusTestEvent(key="K-2", seq=5))], system.routes)
-        await asyncio.sleep(0.6)
-        taken = await store.outbox_claim(other, 10)
-        assert [e.envelope.correlation_id for e in taken] == ["K-2"]
-
-    asyncio.run(scenario())
-
-
 def test_publish_is_idempotent_on_message_id_and_replay_streams_the_log(
     open_pg: Callable[..., PostgresDatabase],
 ) -> None:
     bus = open_pg(schema=schema_name("broker"))
-    system = System([queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)])
-    commands = [Envelope.wrap(BusTestCommand(key="K-1", seq=i)) for i in range(3)]
-    published = [Envelope.wrap(BusTestEvent(key=f"K-{i}", seq=i)) for i in range(5)]
+    system = System(
+        [queue_service("alpha", ConformanceCommand), subscriber("watcher", ConformanceEvent)]
+    )
+    commands = [Envelope.wrap(ConformanceCommand(key="K-1", seq=i)) for i in range(3)]
+    published = [Envelope.wrap(ConformanceEvent(key=f"K-{i}", seq=i)) for i in range(5)]
 
     async def scenario() -> None:
         await bus.prepare([], system.routes)
@@ -471,13 +397,15 @@ def test_a_service_schema_and_the_bus_schema_are_kept_apart(
     bus_schema = schema_name("bus")
     order = open_pg(schema=schema_name("order"), bus_schema=bus_schema)
     payment = open_pg(schema=schema_name("payment"), bus_schema=bus_schema)
-    system = System([queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)])
+    system = System(
+        [queue_service("alpha", ConformanceCommand), subscriber("watcher", ConformanceEvent)]
+    )
 
     async def scenario() -> None:
         async with order.transaction() as tx:
             await tx.append("Order-1", 0, events("K-1", 1))
             await tx.put_document("ns", "k", {"amount": Decimal("75.50")}, 0)
-        await system.submit(order, BusTestCommand(key="K-1", seq=1))
+        await system.submit(order, ConformanceCommand(key="K-1", seq=1))
         # The bus is shared: the other service sees the log and the queue ...
         assert [e.stream for e in await payment.read_log()] == ["Order-1"]
         assert payment.pending_counts() == {"alpha": 1}
@@ -581,7 +509,7 @@ def test_the_listener_comes_back_after_its_connection_is_killed(
 ) -> None:
     schema = schema_name("relisten")
     waiter, sender = open_pg(schema=schema), open_pg(schema=schema)
-    system = System([queue_service("alpha", BusTestCommand)])
+    system = System([queue_service("alpha", ConformanceCommand)])
     [spec] = system.services["alpha"].consumers()
 
     async def scenario() -> None:
@@ -602,7 +530,7 @@ def test_the_listener_comes_back_after_its_connection_is_killed(
         assert (await waiter.claim(spec, "m-1", 10)).deliveries == []
         waiting = asyncio.create_task(waiter.wait_for_work(spec, 30.0))
         await asyncio.sleep(0)
-        await system.submit(sender, BusTestCommand(key="K-1", seq=1))
+        await system.submit(sender, ConformanceCommand(key="K-1", seq=1))
         await asyncio.wait_for(waiting, 10.0)
         assert waiter._wakeup(spec).is_set()
 
@@ -684,7 +612,7 @@ def test_a_conflict_found_at_the_flush_raises_and_commits_nothing_of_the_unit(
             await tx.put_saga(saga("order:ORD-1"))
             await tx.append("Stream-1", 0, events("K-1", 1))
         log_before = await db.read_log()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         with pytest.raises(ConcurrencyError) as raised:
             async with db.transaction() as tx:
                 document = await tx.get_document("ns", "k")
@@ -694,7 +622,7 @@ def test_a_conflict_found_at_the_flush_raises_and_commits_nothing_of_the_unit(
                 # Everything else this unit does must be lost with it.
                 await tx.put_document("ns", "other", {"n": 1}, 0)
                 await tx.record_inbox_many("consumer", ["m-1"])
-                await tx.emit([Envelope.wrap(BusTestCommand(key="K-1", seq=1))], system.routes)
+                await tx.emit([Envelope.wrap(ConformanceCommand(key="K-1", seq=1))], system.routes)
                 await tx.emit(events("K-1", 2), {})
                 await tx.dead_letter("consumer", events("K-1", 3)[0], "no reason", 1)
                 # The other unit commits in between: this one read before it.
@@ -774,7 +702,7 @@ def test_a_savepoint_rollback_discards_its_pending_writes_and_restores_the_ident
         assert db.get_document_sync("ns", "b") is None
         assert _sagas_of(db) == [("order:ORD-1", 1)]
         assert db.execute(f"SELECT count(*) FROM {db.names.store}.saga_history") == [(0,)]
-        kept = [StoreTestEvent(key="K-1", seq=seq) for seq in (1, 5)]
+        kept = [ConformanceStoreEvent(key="K-1", seq=seq) for seq in (1, 5)]
         assert [e.envelope.decode() for e in db.read_stream_sync("Stream-1")] == kept
         assert [e.envelope.decode() for e in await db.read_log()] == kept
         assert db.dead_letters() == []
@@ -876,13 +804,13 @@ def test_a_queue_and_a_subscription_that_update_one_document_do_not_fail_their_b
         version = 0 if current is None else current.version
         await ctx.tx.put_document("counter.total", "all", {"n": data["n"] + 1}, version)
 
-    @service.handles(BusTestCommand)
-    async def on_command(ctx: Context, command: BusTestCommand) -> None:
+    @service.handles(ConformanceCommand)
+    async def on_command(ctx: Context, command: ConformanceCommand) -> None:
         await bump(ctx)
-        ctx.publish(BusTestEvent(key=command.key, seq=command.seq))
+        ctx.publish(ConformanceEvent(key=command.key, seq=command.seq))
 
-    @service.subscribes(BusTestEvent)
-    async def on_event(ctx: Context, event: BusTestEvent) -> None:
+    @service.subscribes(ConformanceEvent)
+    async def on_event(ctx: Context, event: ConformanceEvent) -> None:
         await bump(ctx)
 
     system = System([service])
@@ -896,7 +824,7 @@ def test_a_queue_and_a_subscription_that_update_one_document_do_not_fail_their_b
         async with db.transaction() as tx:
             await tx.put_document("counter.total", "all", {"n": 0}, 0)
         await system.submit_many(
-            db, [BusTestCommand(key=f"K-{i % 40}", seq=i) for i in range(count)]
+            db, [ConformanceCommand(key=f"K-{i % 40}", seq=i) for i in range(count)]
         )
         runtime = Runtime(db, system, batch_size=25, poll_interval=0.02)
         await runtime.run_until(lambda: total() >= 2 * count, timeout=60)
@@ -971,11 +899,11 @@ def test_what_a_batch_declares_it_reads_is_loaded_before_its_first_handler_runs(
     free_at_first: list[list[str]] = []
     handled: list[str] = []
 
-    def declare(command: BusTestCommand, reads: Reads) -> None:
+    def declare(command: ConformanceCommand, reads: Reads) -> None:
         reads.document("ns", command.key)
 
-    @service.handles(BusTestCommand, reads=declare)
-    async def handle(ctx: Context, command: BusTestCommand) -> None:
+    @service.handles(ConformanceCommand, reads=declare)
+    async def handle(ctx: Context, command: ConformanceCommand) -> None:
         if not handled:
             rows = other.execute(
                 f"SELECT key FROM {db.names.store}.documents WHERE namespace = 'ns'"
@@ -994,7 +922,7 @@ def test_what_a_batch_declares_it_reads_is_loaded_before_its_first_handler_runs(
         async with db.transaction() as tx:
             for key in keys:
                 await tx.put_document("ns", key, {"n": 0}, 0)
-        await system.submit_many(db, [BusTestCommand(key=key, seq=0) for key in keys])
+        await system.submit_many(db, [ConformanceCommand(key=key, seq=0) for key in keys])
         runtime = Runtime(db, system, batch_size=50, poll_interval=0.02)
         await runtime.run_until(lambda: len(handled) == len(keys), timeout=60)
 
@@ -1012,11 +940,11 @@ def test_a_batch_that_loses_a_race_at_commit_is_redone_without_failing(
     schema = schema_name("race")
     service = Service("appender", retry=RetryPolicy(max_attempts=50, initial_delay=0.01))
 
-    @service.handles(BusTestCommand)
-    async def append(ctx: Context, command: BusTestCommand) -> None:
+    @service.handles(ConformanceCommand)
+    async def append(ctx: Context, command: ConformanceCommand) -> None:
         stream = f"S-{command.seq % 3}"
         existing = await ctx.tx.read_stream(stream)
-        event = Envelope.wrap(BusTestEvent(key=command.key, seq=command.seq), source="t")
+        event = Envelope.wrap(ConformanceEvent(key=command.key, seq=command.seq), source="t")
         await ctx.tx.append(stream, len(existing), [event])
 
     system = System([service])
@@ -1029,7 +957,7 @@ def test_a_batch_that_loses_a_race_at_commit_is_redone_without_failing(
     async def scenario() -> None:
         # Every command has its own key: the two instances take batches side by side.
         await system.submit_many(
-            dbs[0], [BusTestCommand(key=f"K-{i}", seq=i) for i in range(count)]
+            dbs[0], [ConformanceCommand(key=f"K-{i}", seq=i) for i in range(count)]
         )
         runtimes = [
             Runtime(db, system, member=f"m{n}", batch_size=10, poll_interval=0.01)

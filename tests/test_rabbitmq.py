@@ -21,19 +21,6 @@ from urllib.parse import urlsplit
 import aio_pika
 import pytest
 import servers
-from test_bus import (
-    FAST_RETRY,
-    BusTestCommand,
-    BusTestEvent,
-    BusTestOtherCommand,
-    BusTestOtherEvent,
-    hand_made,
-    padded,
-    queue_service,
-    record,
-    recorded,
-    subscriber,
-)
 
 from sagaline.backends import open_bus
 from sagaline.backends.rabbitmq import (
@@ -52,6 +39,19 @@ from sagaline.orders import build_system
 from sagaline.orders.demo import DEMO_STOCK, SEED_ORDER_JSON, demo_orders
 from sagaline.orders.inventory import set_stock
 from sagaline.ports import BrokerBus, ConsumerSpec, Outcome, RetryPolicy
+from sagaline.testing.conformance import (
+    FAST_RETRY,
+    ConformanceCommand,
+    ConformanceEvent,
+    ConformanceOtherCommand,
+    ConformanceOtherEvent,
+    hand_made,
+    padded,
+    queue_service,
+    record,
+    recorded,
+    subscriber,
+)
 
 
 @pytest.fixture(scope="session")
@@ -169,10 +169,10 @@ def test_the_url_sets_the_prefix_and_the_bundle_size() -> None:
 def test_publish_returns_once_confirmed_and_an_unroutable_command_is_an_error(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus(bundle=1)  # every message an AMQP message of its own, to count them
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         [spec] = consumers_of(system)
         await bus.prepare([spec], system.routes)
-        await system.submit_many(bus, [BusTestCommand(key=f"K-{i}", seq=i) for i in range(40)])
+        await system.submit_many(bus, [ConformanceCommand(key=f"K-{i}", seq=i) for i in range(40)])
         # No consumer yet: once publish returned, the broker holds every message.
         connection = await aio_pika.connect(rig.url)
         async with connection:
@@ -182,9 +182,9 @@ def test_publish_returns_once_confirmed_and_an_unroutable_command_is_an_error(ri
                 for name in bus.queue_names(spec)
             ]
         assert sum(count or 0 for count in counts) == 40
-        stray = hand_made("BusTestOtherCommand", "K-1", b"{}")
+        stray = hand_made("ConformanceOtherCommand", "K-1", b"{}")
         with pytest.raises(UnroutableMessage):
-            await bus.publish([stray], {"BusTestOtherCommand": "nobody"})
+            await bus.publish([stray], {"ConformanceOtherCommand": "nobody"})
 
     rig.run(scenario)
 
@@ -196,14 +196,17 @@ def test_commands_are_delivered_to_the_queue_they_are_routed_to(rig: Rig) -> Non
     async def scenario() -> None:
         bus = rig.bus()
         system = System(
-            [queue_service("alpha", BusTestCommand), queue_service("beta", BusTestOtherCommand)]
+            [
+                queue_service("alpha", ConformanceCommand),
+                queue_service("beta", ConformanceOtherCommand),
+            ]
         )
         alpha, beta = rig.store("alpha"), rig.store("beta")
         await bus.prepare(consumers_of(system), system.routes)
         await system.submit_many(
             bus,
-            [BusTestCommand(key="K-1", seq=i) for i in range(3)]
-            + [BusTestOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
+            [ConformanceCommand(key="K-1", seq=i) for i in range(3)]
+            + [ConformanceOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
         )
         await run_services(bus, system, {"alpha": alpha}, lambda: handled(alpha, "alpha") == 3)
         assert recorded(alpha, "alpha") == {"K-1": [0, 1, 2]}
@@ -218,7 +221,7 @@ def test_commands_are_delivered_to_the_queue_they_are_routed_to(rig: Rig) -> Non
 def test_commands_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> None:
     calls: Counter[tuple[str, int]] = Counter()
 
-    async def flaky(ctx: Context, command: BusTestCommand) -> None:
+    async def flaky(ctx: Context, command: ConformanceCommand) -> None:
         calls[command.key, command.seq] += 1
         # Every fourth message fails its first two tries, and its whole unit rolls back.
         await record(ctx, command)
@@ -228,13 +231,13 @@ def test_commands_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> 
     async def scenario() -> None:
         bus = rig.bus()
         service = Service("alpha", retry=FAST_RETRY)
-        service.handles(BusTestCommand)(flaky)
+        service.handles(ConformanceCommand)(flaky)
         system = System([service])
         store = rig.store("alpha")
         await bus.prepare(consumers_of(system), system.routes)
         keys = [f"K-{k}" for k in range(6)]
         await system.submit_many(
-            bus, [BusTestCommand(key=key, seq=seq) for seq in range(15) for key in keys]
+            bus, [ConformanceCommand(key=key, seq=seq) for seq in range(15) for key in keys]
         )
         await run_services(
             bus, system, {"alpha": store}, lambda: handled(store, "alpha") == 15 * len(keys)
@@ -252,7 +255,7 @@ def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(rig: Rig) -
     poison_calls: list[float] = []
     progress_when_handled: dict[tuple[str, int], int] = {}
 
-    async def handler(ctx: Context, command: BusTestCommand) -> None:
+    async def handler(ctx: Context, command: ConformanceCommand) -> None:
         if command.key == "K-poison" and command.seq == 0:
             poison_calls.append(asyncio.get_running_loop().time())
             raise RuntimeError("poison-boom: cannot handle this one")
@@ -262,14 +265,14 @@ def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(rig: Rig) -
     async def scenario() -> None:
         bus = rig.bus()
         service = Service("alpha", retry=policy)
-        service.handles(BusTestCommand)(handler)
+        service.handles(ConformanceCommand)(handler)
         system = System([service])
         store = rig.store("alpha")
         await bus.prepare(consumers_of(system), system.routes)
-        poison = await system.submit(bus, BusTestCommand(key="K-poison", seq=0))
-        await system.submit(bus, BusTestCommand(key="K-poison", seq=1))
+        poison = await system.submit(bus, ConformanceCommand(key="K-poison", seq=0))
+        await system.submit(bus, ConformanceCommand(key="K-poison", seq=1))
         await system.submit_many(
-            bus, [BusTestCommand(key=f"K-{k}", seq=s) for s in range(5) for k in range(3)]
+            bus, [ConformanceCommand(key=f"K-{k}", seq=s) for s in range(5) for k in range(3)]
         )
         await run_services(
             bus,
@@ -303,15 +306,17 @@ def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(rig: Rig) -
 def test_an_invalid_body_is_dead_lettered_and_the_queue_goes_on(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         store = rig.store("alpha")
         await bus.prepare(consumers_of(system), system.routes)
         bad = hand_made(
-            "BusTestCommand", "K-1", b'{"commandType":"BusTestCommand","key":"K-1","seq":"one"}'
+            "ConformanceCommand",
+            "K-1",
+            b'{"commandType":"ConformanceCommand","key":"K-1","seq":"one"}',
         )
         await bus.publish([bad], system.routes)
         await system.submit_many(
-            bus, [BusTestCommand(key="K-1", seq=1), BusTestCommand(key="K-2", seq=2)]
+            bus, [ConformanceCommand(key="K-1", seq=1), ConformanceCommand(key="K-2", seq=2)]
         )
         await run_services(
             bus,
@@ -332,11 +337,11 @@ def test_an_invalid_body_is_dead_lettered_and_the_queue_goes_on(rig: Rig) -> Non
 def test_a_message_without_sagaline_metadata_is_dead_lettered(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         [spec] = consumers_of(system)
         store = rig.store("alpha")
         await bus.prepare([spec], system.routes)
-        body = b'{"commandType":"BusTestCommand","key":"K-1","seq":0}'
+        body = b'{"commandType":"ConformanceCommand","key":"K-1","seq":0}'
         connection = await aio_pika.connect(rig.url)
         async with connection:
             channel = await connection.channel()
@@ -348,7 +353,7 @@ def test_a_message_without_sagaline_metadata_is_dead_lettered(rig: Rig) -> None:
                 aio_pika.Message(b"\xff\xfe not even text", headers={"x-odd": [1, 2]}),
                 routing_key=bus.queue_names(spec)[5],
             )
-        await system.submit(bus, BusTestCommand(key="K-1", seq=1))
+        await system.submit(bus, ConformanceCommand(key="K-1", seq=1))
         await run_services(
             bus,
             system,
@@ -368,13 +373,15 @@ def test_a_message_without_sagaline_metadata_is_dead_lettered(rig: Rig) -> None:
 def test_a_message_published_twice_is_handled_once(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         store = rig.store("alpha")
         await bus.prepare(consumers_of(system), system.routes)
         message_id = new_message_id()
-        first = await system.submit(bus, BusTestCommand(key="K-1", seq=1), message_id=message_id)
+        first = await system.submit(
+            bus, ConformanceCommand(key="K-1", seq=1), message_id=message_id
+        )
         await bus.publish([first], system.routes)  # the relay's retry after a lost confirm
-        await system.submit(bus, BusTestCommand(key="K-1", seq=2))
+        await system.submit(bus, ConformanceCommand(key="K-1", seq=2))
         await run_services(
             bus, system, {"alpha": store}, lambda: 2 in recorded(store, "alpha").get("K-1", [])
         )
@@ -386,11 +393,11 @@ def test_a_message_published_twice_is_handled_once(rig: Rig) -> None:
 def test_an_unsettled_delivery_comes_back_when_its_consumer_dies(rig: Rig) -> None:
     async def scenario() -> None:
         first_bus, second_bus = rig.bus(), rig.bus()
-        service = queue_service("alpha", BusTestCommand)
+        service = queue_service("alpha", ConformanceCommand)
         [spec] = service.consumers()
         system = System([service])
         await first_bus.prepare([spec], system.routes)
-        sent = await system.submit(first_bus, BusTestCommand(key="K-1", seq=1))
+        sent = await system.submit(first_bus, ConformanceCommand(key="K-1", seq=1))
 
         async def claim_one(bus: RabbitBus, member: str) -> Any:
             loop = asyncio.get_running_loop()
@@ -467,16 +474,18 @@ def same_partition_keys(bus: RabbitBus, count: int) -> list[str]:
 def test_a_batch_never_completed_is_handed_out_again(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus()
-        service = queue_service("alpha", BusTestCommand)
+        service = queue_service("alpha", ConformanceCommand)
         [spec] = service.consumers()
         system = System([service])
         await bus.prepare([spec], system.routes)
-        sent = await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(3)])
+        sent = await system.submit_many(
+            bus, [ConformanceCommand(key="K-1", seq=i) for i in range(3)]
+        )
         first = await claim_some(bus, spec, "member-1", 3)
         assert [d.attempt for d in first.deliveries] == [1, 1, 1]
         # The worker's transaction failed: it claims again without completing the batch, and
         # gets it again, in order, each attempt counted, before anything else.
-        await system.submit(bus, BusTestCommand(key="K-1", seq=3))
+        await system.submit(bus, ConformanceCommand(key="K-1", seq=3))
         again = await claim_some(bus, spec, "member-1", 4)
         ids = [d.envelope.message_id for d in again.deliveries]
         assert ids[:3] == [e.message_id for e in sent]
@@ -491,14 +500,14 @@ def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_lette
 ) -> None:
     async def scenario() -> None:
         policy = RetryPolicy(max_attempts=1, initial_delay=0.01)
-        service = queue_service("alpha", BusTestCommand, retry=policy)
+        service = queue_service("alpha", ConformanceCommand, retry=policy)
         [spec] = service.consumers()
         system = System([service])
         setup = rig.bus()
         await setup.prepare([spec], system.routes)
         # Keys of one partition, published at once: one AMQP message.
         keys = same_partition_keys(setup, messages)
-        sent = await system.submit_many(setup, [BusTestCommand(key=k, seq=1) for k in keys])
+        sent = await system.submit_many(setup, [ConformanceCommand(key=k, seq=1) for k in keys])
         attempts: list[int] = []
         # Each consumer takes it and dies before settling (no worker records a dead letter).
         limit = policy.delivery_limit
@@ -523,13 +532,13 @@ def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_lette
 
 
 def test_two_members_compete_without_handling_twice_or_reordering(rig: Rig) -> None:
-    async def slow_record(ctx: Context, command: BusTestCommand) -> None:
+    async def slow_record(ctx: Context, command: ConformanceCommand) -> None:
         await asyncio.sleep(0.002)
         await record(ctx, command)
 
     async def scenario() -> None:
         service = Service("alpha", retry=FAST_RETRY)
-        service.handles(BusTestCommand)(slow_record)
+        service.handles(ConformanceCommand)(slow_record)
         system = System([service])
         first_bus, second_bus = rig.bus(), rig.bus()
         # Each instance has a store of its own: nothing a duplicate did could be hidden.
@@ -538,7 +547,7 @@ def test_two_members_compete_without_handling_twice_or_reordering(rig: Rig) -> N
         keys = [f"K-{k}" for k in range(20)]
         total = 20 * len(keys)
         await system.submit_many(
-            first_bus, [BusTestCommand(key=key, seq=seq) for seq in range(20) for key in keys]
+            first_bus, [ConformanceCommand(key=key, seq=seq) for seq in range(20) for key in keys]
         )
         # Small batches, so that the first instance is stopped with work left (the messages of a
         # partition travel in bundles; a batch takes whole bundles).
@@ -581,7 +590,7 @@ def test_instances_started_together_split_the_partitions_and_take_over_each_othe
 
     async def scenario() -> None:
         service = Service("alpha", retry=FAST_RETRY)
-        service.handles(BusTestCommand)(record)
+        service.handles(ConformanceCommand)(record)
         system = System([service])
         buses = [rig.bus(instance=(n, 2), share_delay=3.0) for n in (1, 2)]
         stores = [rig.store("alpha-1"), rig.store("alpha-2")]
@@ -606,7 +615,7 @@ def test_instances_started_together_split_the_partitions_and_take_over_each_othe
                 await asyncio.sleep(0.02)
 
         await system.submit_many(
-            buses[0], [BusTestCommand(key=key, seq=seq) for seq in range(5) for key in keys]
+            buses[0], [ConformanceCommand(key=key, seq=seq) for seq in range(5) for key in keys]
         )
         await until(lambda: total() == 5 * len(keys))
         for n in (0, 1):
@@ -617,7 +626,7 @@ def test_instances_started_together_split_the_partitions_and_take_over_each_othe
         runtimes[1].stop()
         await runs[1]
         await system.submit_many(
-            buses[0], [BusTestCommand(key=key, seq=seq) for seq in range(5, 8) for key in keys]
+            buses[0], [ConformanceCommand(key=key, seq=seq) for seq in range(5, 8) for key in keys]
         )
         await until(lambda: total() == 8 * len(keys))
         first, second = recorded(stores[0], "alpha"), recorded(stores[1], "alpha")
@@ -637,7 +646,9 @@ def test_instances_started_together_split_the_partitions_and_take_over_each_othe
         while True:
             assert loop.time() < deadline, "the partitions did not go back to their home instance"
             before = [recorded(store, "alpha") for store in stores]
-            await system.submit_many(buses[0], [BusTestCommand(key=key, seq=seq) for key in keys])
+            await system.submit_many(
+                buses[0], [ConformanceCommand(key=key, seq=seq) for key in keys]
+            )
             seq += 1
             await until(lambda: total() == seq * len(keys))  # noqa: B023
             after = [recorded(store, "alpha") for store in stores]
@@ -672,15 +683,15 @@ def test_events_reach_every_subscriber_of_their_type(rig: Rig) -> None:
         bus = rig.bus()
         system = System(
             [
-                subscriber("first", BusTestEvent),
-                subscriber("second", BusTestEvent, BusTestOtherEvent),
-                subscriber("third", BusTestOtherEvent),
+                subscriber("first", ConformanceEvent),
+                subscriber("second", ConformanceEvent, ConformanceOtherEvent),
+                subscriber("third", ConformanceOtherEvent),
             ]
         )
         stores = {name: rig.store(name) for name in ("first", "second", "third")}
         await bus.prepare(consumers_of(system), system.routes)
-        events: list[Any] = [BusTestEvent(key=f"K-{i % 3}", seq=i) for i in range(12)]
-        events += [BusTestOtherEvent(key="K-0", seq=100 + i) for i in range(2)]
+        events: list[Any] = [ConformanceEvent(key=f"K-{i % 3}", seq=i) for i in range(12)]
+        events += [ConformanceOtherEvent(key="K-0", seq=100 + i) for i in range(2)]
         await system.submit_many(bus, events)
 
         def done() -> bool:
@@ -699,7 +710,7 @@ def test_events_reach_every_subscriber_of_their_type(rig: Rig) -> None:
 def test_events_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> None:
     calls: Counter[tuple[str, int]] = Counter()
 
-    async def flaky(ctx: Context, event: BusTestEvent) -> None:
+    async def flaky(ctx: Context, event: ConformanceEvent) -> None:
         calls[event.key, event.seq] += 1
         await record(ctx, event)
         if event.seq % 5 == 2 and calls[event.key, event.seq] <= 2:
@@ -708,13 +719,13 @@ def test_events_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> No
     async def scenario() -> None:
         bus = rig.bus()
         service = Service("watcher", retry=FAST_RETRY)
-        service.subscribes(BusTestEvent)(flaky)
+        service.subscribes(ConformanceEvent)(flaky)
         system = System([service])
         store = rig.store("watcher")
         await bus.prepare(consumers_of(system), system.routes)
         keys = [f"K-{k}" for k in range(6)]
         await system.submit_many(
-            bus, [BusTestEvent(key=key, seq=seq) for seq in range(12) for key in keys]
+            bus, [ConformanceEvent(key=key, seq=seq) for seq in range(12) for key in keys]
         )
         await run_services(bus, system, {"watcher": store}, lambda: handled(store, "watcher") == 72)
         assert recorded(store, "watcher") == {key: list(range(12)) for key in keys}
@@ -727,10 +738,10 @@ def test_events_of_one_key_are_handled_in_order_despite_failures(rig: Rig) -> No
 def test_the_event_log_can_be_replayed_from_any_position(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus()
-        system = System([subscriber("early", BusTestEvent)])
+        system = System([subscriber("early", ConformanceEvent)])
         await bus.prepare(consumers_of(system), system.routes)
         envelopes = await system.submit_many(
-            bus, [BusTestEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
+            bus, [ConformanceEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
         )
         log = [stored async for stored in bus.replay(0)]
         # Every event, each key's in the order published (keys of one partition travel bundled).
@@ -750,7 +761,7 @@ def test_the_event_log_can_be_replayed_from_any_position(rig: Rig) -> None:
             assert [e.position for e in tail] == positions[cut + 1 :]
         assert [stored async for stored in bus.replay(positions[-1])] == []
         # Commands are not events: they never enter the log.
-        assert all(e.envelope.message_type == "BusTestEvent" for e in log)
+        assert all(e.envelope.message_type == "ConformanceEvent" for e in log)
 
     rig.run(scenario)
 
@@ -772,7 +783,7 @@ async def queue_depths(url: str, queues: list[str]) -> list[int]:
 def test_messages_of_one_route_travel_as_one_amqp_message(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus(bundle=25)
-        service = queue_service("alpha", BusTestCommand, BusTestOtherCommand)
+        service = queue_service("alpha", ConformanceCommand, ConformanceOtherCommand)
         [spec] = service.consumers()
         system = System([service])
         store = rig.store("alpha")
@@ -780,7 +791,7 @@ def test_messages_of_one_route_travel_as_one_amqp_message(rig: Rig) -> None:
         keys = same_partition_keys(bus, 5)
         # Two command types of one service share a route; each key's messages alternate.
         messages: list[Any] = [
-            (BusTestCommand if seq % 2 else BusTestOtherCommand)(key=key, seq=seq)
+            (ConformanceCommand if seq % 2 else ConformanceOtherCommand)(key=key, seq=seq)
             for seq in range(10)
             for key in keys
         ]
@@ -799,12 +810,14 @@ def test_messages_of_one_route_travel_as_one_amqp_message(rig: Rig) -> None:
 def test_a_bundle_is_acknowledged_only_once_every_message_of_it_is_settled(rig: Rig) -> None:
     async def scenario() -> None:
         first_bus = rig.bus()
-        service = queue_service("alpha", BusTestCommand)
+        service = queue_service("alpha", ConformanceCommand)
         [spec] = service.consumers()
         system = System([service])
         await first_bus.prepare([spec], system.routes)
         keys = same_partition_keys(first_bus, 3)
-        sent = await system.submit_many(first_bus, [BusTestCommand(key=key, seq=1) for key in keys])
+        sent = await system.submit_many(
+            first_bus, [ConformanceCommand(key=key, seq=1) for key in keys]
+        )
         batch = await claim_some(first_bus, spec, "member-1", 3)
         assert [d.envelope.message_id for d in batch.deliveries] == [e.message_id for e in sent]
         # The middle one is retried later: the others are settled, the AMQP message is not.
@@ -830,7 +843,7 @@ def test_a_bundle_that_cannot_be_unpacked_is_dead_lettered_and_the_queue_goes_on
 ) -> None:
     async def scenario() -> None:
         bus = rig.bus()
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         [spec] = consumers_of(system)
         store = rig.store("alpha")
         await bus.prepare([spec], system.routes)
@@ -844,7 +857,7 @@ def test_a_bundle_that_cannot_be_unpacked_is_dead_lettered_and_the_queue_goes_on
                 routing_key=bus.queue_names(spec)[0],
             )
         keys = same_partition_keys(bus, 2)
-        await system.submit_many(bus, [BusTestCommand(key=key, seq=1) for key in keys])
+        await system.submit_many(bus, [ConformanceCommand(key=key, seq=1) for key in keys])
         await run_services(
             bus,
             system,
@@ -868,12 +881,12 @@ def test_messages_up_to_the_size_limit_pass(rig: Rig) -> None:
     async def scenario() -> None:
         bus = rig.bus()
         system = System(
-            [queue_service("alpha", BusTestCommand), subscriber("watcher", BusTestEvent)]
+            [queue_service("alpha", ConformanceCommand), subscriber("watcher", ConformanceEvent)]
         )
         stores = {"alpha": rig.store("alpha"), "watcher": rig.store("watcher")}
         await bus.prepare(consumers_of(system), system.routes)
-        command = padded(BusTestCommand, "K-big", MAX_MESSAGE_BYTES)
-        event = padded(BusTestEvent, "K-big", MAX_MESSAGE_BYTES - 10)
+        command = padded(ConformanceCommand, "K-big", MAX_MESSAGE_BYTES)
+        event = padded(ConformanceEvent, "K-big", MAX_MESSAGE_BYTES - 10)
         await system.submit(bus, command)
         sent = await system.submit(bus, event)
         await run_services(
@@ -910,17 +923,17 @@ def test_consuming_and_publishing_resume_after_the_connection_is_cut(rig: Rig) -
     async def scenario() -> None:
         name = f"cut-{uuid.uuid4().hex[:8]}"
         bus = rig.bus(connection_name=name, reconnect_interval=0.2)
-        system = System([queue_service("alpha", BusTestCommand)])
+        system = System([queue_service("alpha", ConformanceCommand)])
         store = rig.store("alpha")
         await bus.prepare(consumers_of(system), system.routes)
-        await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(5)])
+        await system.submit_many(bus, [ConformanceCommand(key="K-1", seq=i) for i in range(5)])
         await run_services(bus, system, {"alpha": store}, lambda: handled(store, "alpha") == 5)
         runtime = Runtime(store, system, bus=bus, member="member-1", poll_interval=0.05)
         running = asyncio.create_task(
             runtime.run_until(lambda: handled(store, "alpha") == 10, timeout=60)
         )
         assert await asyncio.to_thread(cut_connections, name) == 1
-        envelopes = [BusTestCommand(key="K-1", seq=i) for i in range(5, 10)]
+        envelopes = [ConformanceCommand(key="K-1", seq=i) for i in range(5, 10)]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
         while True:  # publishing fails while disconnected, then works again
@@ -941,11 +954,13 @@ def test_deliveries_in_hand_when_the_connection_is_cut_come_again(rig: Rig) -> N
     async def scenario() -> None:
         name = f"cut-{uuid.uuid4().hex[:8]}"
         bus = rig.bus(connection_name=name, reconnect_interval=0.2)
-        service = queue_service("alpha", BusTestCommand)
+        service = queue_service("alpha", ConformanceCommand)
         [spec] = service.consumers()
         system = System([service])
         await bus.prepare([spec], system.routes)
-        sent = await system.submit_many(bus, [BusTestCommand(key="K-1", seq=i) for i in range(3)])
+        sent = await system.submit_many(
+            bus, [ConformanceCommand(key="K-1", seq=i) for i in range(3)]
+        )
         batch = await claim_some(bus, spec, "member-1", 3)
         assert await asyncio.to_thread(cut_connections, name) == 1
         # Completing after the cut acknowledges nothing (the broker took them back), quietly.

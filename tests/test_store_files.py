@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_bus import BusTestCommand, padded, queue_service
 from test_cli import PROCESS_TIMEOUT, _environment, sagaline
 
 from sagaline.backends.sqlite import NotAStore, SqliteDatabase
 from sagaline.errors import StoreUnavailable
 from sagaline.handling import System
 from sagaline.orders.demo import SEED_ORDER_JSON
+from sagaline.testing.conformance import ConformanceCommand, padded, queue_service
 
 ORDER = SEED_ORDER_JSON
 
@@ -256,7 +256,7 @@ def test_queries_leave_the_store_as_it_was(tmp_path: Path) -> None:
 
 def test_a_full_store_raises_store_unavailable_naming_it(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/full.db"
-    system = System([queue_service("alpha", BusTestCommand)])
+    system = System([queue_service("alpha", ConformanceCommand)])
 
     async def scenario() -> None:
         db = SqliteDatabase(url)
@@ -265,7 +265,7 @@ def test_a_full_store_raises_store_unavailable_naming_it(tmp_path: Path) -> None
             # The file may not grow past the pages it has: the next message finds it full.
             db.execute(f"PRAGMA max_page_count = {int(pages)}")
             with pytest.raises(StoreUnavailable) as caught:
-                await system.submit(db, padded(BusTestCommand, "K-1", 200_000))
+                await system.submit(db, padded(ConformanceCommand, "K-1", 200_000))
             assert str(caught.value) == f"the store {url} is full (no space left on the device)"
             assert caught.value.code == "store_unavailable"
         finally:

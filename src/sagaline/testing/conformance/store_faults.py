@@ -1,10 +1,10 @@
 """What the message path does when its store fails or a broker hands out copies of a message.
 
-Part of the bus port's conformance (mixed into :class:`test_bus_port.BusPortConformance`), and
-run besides on a PostgreSQL store behind each broker. A store outage is made real on each store:
-SQLite's page limit makes a write that needs a new page fail with ``SQLITE_FULL`` (after which
-SQLite rolls the whole transaction back, as on a full disk); on PostgreSQL a trigger makes every
-document write fail with SQLSTATE 53100 ``disk_full``, as the server does when its disk is full.
+Part of the bus port's conformance (mixed into
+:class:`~sagaline.testing.conformance.bus_port.BusPortConformance`), and run besides on other
+pairs of a store and a bus. The outage must be real: a backend's subclass provides
+:meth:`StoreFaultConformance.store_outage`, which makes the store's writes fail as on a full disk
+(SQLite's page limit; a PostgreSQL trigger raising SQLSTATE 53100 ``disk_full``).
 """
 
 from __future__ import annotations
@@ -14,13 +14,31 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
-from test_bus import BusTestCommand, BusTestEvent, record
+import pytest
 
-from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.handling import Context, Handler, Service, System
+from sagaline.messages import Envelope
 from sagaline.ports import BrokerBus, RetryPolicy
+from sagaline.testing.conformance.harness import Harness, drive
+from sagaline.testing.conformance.messages import ConformanceCommand, ConformanceEvent
+from sagaline.testing.conformance.services import record
+
+__all__ = ["StoreFaultConformance", "StoreOutage"]
+
+
+class StoreOutage(Protocol):
+    """A real write failure of a store, begun and ended by the test."""
+
+    def begin(self) -> None:
+        """From now on, writes to the store fail (reads may go on)."""
+        ...
+
+    def end(self) -> None:
+        """Writes succeed again."""
+        ...
+
 
 #: Two attempts: an outage charged to the messages would dead-letter them at once.
 TWO_ATTEMPTS = RetryPolicy(max_attempts=2, initial_delay=0.01, multiplier=2.0, max_delay=0.05)
@@ -48,42 +66,6 @@ def _logged_failures() -> Iterator[_Failures]:
         logger.removeHandler(failures)
 
 
-class StoreOutage:
-    """A real write failure of a store, begun and ended by the test."""
-
-    def __init__(self, store: Any) -> None:
-        self.store = store
-
-    def begin(self) -> None:
-        if isinstance(self.store, SqliteDatabase):
-            conn = self.store.connection
-            pages = conn.execute("PRAGMA page_count").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count = {pages}")
-        else:
-            self._postgres(
-                "CREATE FUNCTION {s}.disk_full() RETURNS trigger LANGUAGE plpgsql AS $$"
-                " BEGIN RAISE EXCEPTION 'could not extend file: No space left on device'"
-                " USING ERRCODE = 'disk_full'; END $$",
-                "CREATE TRIGGER disk_full BEFORE INSERT OR UPDATE ON {s}.documents"
-                " FOR EACH ROW EXECUTE FUNCTION {s}.disk_full()",
-            )
-
-    def end(self) -> None:
-        if isinstance(self.store, SqliteDatabase):
-            self.store.connection.execute("PRAGMA max_page_count = 4294967294")
-        else:
-            self._postgres(
-                "DROP TRIGGER disk_full ON {s}.documents", "DROP FUNCTION {s}.disk_full()"
-            )
-
-    def _postgres(self, *statements: str) -> None:
-        import psycopg
-
-        with psycopg.connect(self.store.url, autocommit=True) as conn:
-            for statement in statements:
-                conn.execute(statement.format(s=self.store.names.store).encode())
-
-
 async def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -93,16 +75,26 @@ async def _wait_for(condition: Callable[[], bool], timeout: float, what: str) ->
 
 
 class StoreFaultConformance:
-    """A store outage and in-batch copies, through the real message path of every bus."""
+    """A store outage and in-batch copies, through the real message path of every bus.
 
-    harness: Any
+    Subclasses provide the ``harness`` fixture (a :class:`Harness`) and :meth:`store_outage`.
+    """
 
-    def test_a_store_outage_is_waited_out_without_charging_the_messages(self, harness: Any) -> None:
-        from test_bus_port import drive
+    @pytest.fixture
+    def harness(self, *args: Any, **kwargs: Any) -> Harness | Iterator[Harness]:
+        """The test's harness."""
+        raise NotImplementedError("a backend's test class provides harness")
 
+    def store_outage(self, store: Any) -> StoreOutage:
+        """A real write failure of ``store`` (a full disk, say), begun and ended by the test."""
+        raise NotImplementedError("a backend's test class provides store_outage")
+
+    def test_a_store_outage_is_waited_out_without_charging_the_messages(
+        self, harness: Harness
+    ) -> None:
         calls: Counter[int] = Counter()
 
-        async def handle(ctx: Context, command: BusTestCommand) -> None:
+        async def handle(ctx: Context, command: ConformanceCommand) -> None:
             calls[command.seq] += 1
             if command.seq == 0 and calls[0] == 1:
                 # Fails once on its own, so that the batch is handled again message by message
@@ -111,13 +103,13 @@ class StoreFaultConformance:
             await record(ctx, command)
             # A write that needs room the store does not have during the outage.
             await ctx.tx.put_document("bulk", command.key, {"payload": "x" * 60_000}, 0)
-            ctx.publish(BusTestEvent(key=command.key, seq=command.seq))
+            ctx.publish(ConformanceEvent(key=command.key, seq=command.seq))
 
         async def scenario() -> None:
             system = await _alpha(harness, handle)
-            commands = [BusTestCommand(key=f"K-{k}", seq=k) for k in range(3)]
+            commands = [ConformanceCommand(key=f"K-{k}", seq=k) for k in range(3)]
             sent = await system.submit_many(harness.entry, commands)
-            outage = StoreOutage(harness.store)
+            outage = self.store_outage(harness.store)
             outage.begin()
             runtime = harness.runtime(system)
             runner = asyncio.create_task(runtime.run())
@@ -147,20 +139,18 @@ class StoreFaultConformance:
 
         drive(scenario)
 
-    def test_copies_of_a_message_in_one_batch_are_handled_once(self, harness: Any) -> None:
-        from test_bus_port import drive
-
+    def test_copies_of_a_message_in_one_batch_are_handled_once(self, harness: Harness) -> None:
         calls: Counter[int] = Counter()
 
-        async def handle(ctx: Context, command: BusTestCommand) -> None:
+        async def handle(ctx: Context, command: ConformanceCommand) -> None:
             calls[command.seq] += 1
             await record(ctx, command)
-            ctx.publish(BusTestEvent(key=command.key, seq=command.seq))
+            ctx.publish(ConformanceEvent(key=command.key, seq=command.seq))
 
         async def scenario() -> None:
             system = await _alpha(harness, handle)
-            first, second = (BusTestCommand(key=f"K-{k}", seq=k) for k in range(2))
-            envelopes = [system._accept(first), system._accept(second)]
+            first, second = (ConformanceCommand(key=f"K-{k}", seq=k) for k in range(2))
+            envelopes = [Envelope.wrap(m, source="client") for m in (first, second)]
             # A relay that republishes after a crash between the broker's confirm and marking
             # its rows sent: the copies travel in one publication and arrive in one batch.
             await cast(BrokerBus, harness.port).publish(
@@ -181,17 +171,18 @@ class StoreFaultConformance:
         drive(scenario)
 
 
-async def _alpha(harness: Any, handle: Handler) -> System:
-    """The harness opened, with one service ``alpha`` handling BusTestCommand with ``handle``."""
+async def _alpha(harness: Harness, handle: Handler) -> System:
+    """The harness opened, with one service ``alpha`` handling ConformanceCommand by ``handle``
+    (two attempts per message)."""
     await harness.open()
     service = Service("alpha", retry=TWO_ATTEMPTS)
-    service.handles(BusTestCommand)(handle)
+    service.handles(ConformanceCommand)(handle)
     system = System([service])
     await harness.prepare(system)
     return system
 
 
-async def _caused_events(harness: Any) -> Counter[str | None]:
+async def _caused_events(harness: Harness) -> Counter[str | None]:
     """How many events each message caused, in the event log (the broker's replay, or the store's
     log when the bus is the store's database)."""
     if harness.bus is None:

@@ -1,0 +1,150 @@
+"""A store and a bus driven together by real services: what the message-path suites run on.
+
+A :class:`Harness` holds one store and one bus (none when the bus is in the store's database),
+puts messages on the bus as a client or a broken producer would, runs services on them and reads
+back what they recorded. :func:`drive` runs a test's scenario and closes every harness it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any, cast
+
+from sagaline.handling import Runtime, System
+from sagaline.messages import Envelope
+from sagaline.ports import Backend, BrokerBus, DeadLetter, StoredEvent
+
+__all__ = ["Harness", "MakeHarness", "both", "drive", "handled_all", "run_until"]
+
+
+class Harness:
+    """One store and one bus (the same object when the bus is in the store's database)."""
+
+    def __init__(self, store: Backend, bus: BrokerBus | None) -> None:
+        self.store = store
+        self.bus = bus
+        self.extra_buses: list[BrokerBus] = []
+        _OPEN.append(self)
+
+    @property
+    def entry(self) -> Any:
+        """Where clients submit: the bus (or the store that is the bus)."""
+        return self.bus if self.bus is not None else self.store
+
+    @property
+    def port(self) -> Any:
+        """The object that claims and completes: the bus (or the store that is the bus)."""
+        return self.bus if self.bus is not None else self.store
+
+    async def open(self) -> None:
+        """Open the store and the bus (those that have something to open)."""
+        await _open(self.store)
+        if self.bus is not None:
+            await _open(self.bus)
+
+    async def close(self) -> None:
+        """Delete what the test declared on a broker, and close the buses and the store."""
+        if self.bus is not None and hasattr(self.bus, "delete_topology"):
+            # What the test declared on a broker goes with it (it holds the broker's resources).
+            with contextlib.suppress(Exception):
+                await self.bus.delete_topology(
+                    [c for b in self.extra_buses for c in getattr(b, "prepared_consumers", [])]
+                )
+        for bus in [*self.extra_buses, *([self.bus] if self.bus is not None else [])]:
+            with contextlib.suppress(Exception):
+                await bus.close()
+        await self.store.close()
+
+    async def prepare(self, system: System) -> None:
+        """Declare the queues and subscriptions of ``system`` on the bus."""
+        consumers = [spec for service in system.services.values() for spec in service.consumers()]
+        await cast(BrokerBus, self.port).prepare(consumers, system.routes)
+
+    async def inject(self, envelopes: list[Envelope], system: System) -> None:
+        """Put hand-made envelopes on the bus as they are, unchecked (what a broken or hostile
+        producer could do)."""
+        await self.prepare(system)
+        await cast(BrokerBus, self.port).publish(envelopes, system.routes)
+
+    def runtime(
+        self, system: System, services: list[str] | None = None, member: str = "m"
+    ) -> Runtime:
+        """The services of ``system`` (or those named) as one member, on this store and bus."""
+        return Runtime(
+            self.store, system, services, bus=self.bus, member=member, poll_interval=0.05
+        )
+
+    def recorded(self, service: str) -> dict[str, list[int]]:
+        """What ``service`` recorded (see :func:`~.services.record`): per key, its seqs."""
+        rows = cast(Any, self.store).query_documents(f"bus.{service}")
+        return {row["key"]: row["seqs"] for row in rows}
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The store's dead letters, oldest first."""
+        return list(cast(Any, self.store).dead_letters())
+
+    async def replay(self, after: int = 0) -> list[StoredEvent]:
+        """The bus's event log after ``after``."""
+        return [stored async for stored in cast(BrokerBus, self.port).replay(after)]
+
+
+#: Harnesses made by the running test; closed in the test's event loop when it ends.
+_OPEN: list[Harness] = []
+
+
+def drive(scenario: Callable[[], Any]) -> None:
+    """Run a test's scenario, then close every harness it made, in the same event loop."""
+
+    async def go() -> None:
+        try:
+            await scenario()
+        finally:
+            while _OPEN:
+                with contextlib.suppress(Exception):
+                    await _OPEN.pop().close()
+
+    asyncio.run(go())
+
+
+async def _open(resource: object) -> None:
+    opener = getattr(resource, "open", None)
+    if opener is not None:
+        await opener()
+
+
+#: Makes one more harness on the test's storage (a second member of the same deployment).
+MakeHarness = Callable[[], Harness]
+
+
+async def run_until(
+    harness: Harness,
+    system: System,
+    done: Callable[[], bool],
+    services: list[str] | None = None,
+    timeout: float = 30,
+    member: str = "m",
+) -> Runtime:
+    """Prepare the bus and run ``system``'s services until ``done`` (or fail after ``timeout``)."""
+    await harness.prepare(system)
+    runtime = harness.runtime(system, services, member)
+    await runtime.run_until(done, timeout=timeout)
+    return runtime
+
+
+def handled_all(
+    harness: Harness, service: str, expected: dict[str, list[int]]
+) -> Callable[[], bool]:
+    """Whether ``service`` recorded at least as many messages per key as ``expected``."""
+
+    def done() -> bool:
+        found = harness.recorded(service)
+        return all(len(found.get(key, [])) >= len(seqs) for key, seqs in expected.items())
+
+    return done
+
+
+def both(*conditions: Callable[[], bool]) -> Callable[[], bool]:
+    """Whether every condition holds."""
+    return lambda: all(condition() for condition in conditions)

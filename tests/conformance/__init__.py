@@ -1,0 +1,1 @@
+"""sagaline's own adapters joining the conformance suites of ``sagaline.testing.conformance``."""

@@ -1,0 +1,54 @@
+"""The test kit as a user's project meets it: what ``sagaline.testing`` exports, and the
+conformance suites' need of pytest, named with the extra that brings it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import sagaline.testing
+import sagaline.testing.conformance as conformance
+
+
+def test_the_kit_exports_the_invariant_checker() -> None:
+    assert sagaline.testing.__all__ == [
+        "Violation",
+        "check_deployment",
+        "check_deployment_async",
+        "check_invariants",
+        "check_invariants_async",
+        "format_violations",
+    ]
+
+
+def test_the_conformance_package_exports_a_suite_per_port() -> None:
+    for name in (
+        "StoreConformance",
+        "OutboxConformance",
+        "BusConformance",
+        "BusPortConformance",
+        "StoreFaultConformance",
+    ):
+        suite = getattr(conformance, name)
+        assert name in conformance.__all__
+        # Not collected where it is defined: only a backend's subclass (``Test...``) runs.
+        assert not suite.__name__.startswith("Test")
+        assert any(attribute.startswith("test_") for attribute in dir(suite))
+
+
+def _import_without_pytest(module: str) -> subprocess.CompletedProcess[str]:
+    program = f"import sys; sys.modules['pytest'] = None; import {module}"
+    return subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_suites_without_pytest_name_the_extra_to_install() -> None:
+    result = _import_without_pytest("sagaline.testing.conformance")
+    assert result.returncode != 0
+    assert "pip install sagaline[testing]" in result.stderr
+
+
+def test_the_invariant_checker_does_not_need_pytest() -> None:
+    result = _import_without_pytest("sagaline.testing")
+    assert result.returncode == 0, result.stderr
