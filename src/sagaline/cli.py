@@ -99,6 +99,7 @@ from sagaline.saga.engine import saga_id
 
 __all__ = [
     "DEFAULT_STORE_URL",
+    "STATUS_STYLES",
     "BusOption",
     "JsonOption",
     "StoreOption",
@@ -165,7 +166,7 @@ err = Console(stderr=True, highlight=False, emoji=False)
 
 app = typer.Typer(
     name="sagaline",
-    help="Sagas on CQRS: run the order flow, submit commands, query read models, trace sagas.",
+    help="Sagas on CQRS: run an app's services, submit commands, trace transactions and sagas.",
     no_args_is_help=True,
     add_completion=False,
     # Tracebacks with local variables could show message bodies or secrets.
@@ -456,16 +457,17 @@ def _clock(timestamp: object) -> str:
     return match.group(1) + (match.group(2) or "")
 
 
+#: The colour of a status word; an app adds its own words (its read model's statuses).
+STATUS_STYLES: dict[str, str] = {
+    "COMPLETED": "green",
+    "COMPENSATED": "red",
+    "COMPENSATING": "yellow",
+    "RUNNING": "yellow",
+}
+
+
 def _status_style(status: object) -> str:
-    return {
-        "CONFIRMED": "green",
-        "COMPLETED": "green",
-        "CANCELLED": "red",
-        "COMPENSATED": "red",
-        "COMPENSATING": "yellow",
-        "RUNNING": "yellow",
-        "PENDING": "yellow",
-    }.get(str(status), "white")
+    return STATUS_STYLES.get(str(status), "white")
 
 
 def _styled_status(status: object) -> str:

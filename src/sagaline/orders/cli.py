@@ -19,6 +19,7 @@ from rich.table import Table
 
 from sagaline.cli import (
     DEFAULT_STORE_URL,
+    STATUS_STYLES,
     BusOption,
     JsonOption,
     StoreOption,
@@ -55,6 +56,7 @@ __all__ = ["commands"]
 MAX_STOCK = 10**12
 
 commands = typer.Typer()
+STATUS_STYLES.update(CONFIRMED="green", CANCELLED="red", PENDING="yellow")
 stock_commands = typer.Typer(help="Inventory stock levels.", no_args_is_help=True)
 commands.add_typer(stock_commands, name="stock")
 
