@@ -120,6 +120,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from sagaline.backends._broker import take_prefix
 from sagaline.config import redact, redact_url
 from sagaline.errors import (
     BusUnavailable,
@@ -142,6 +143,7 @@ __all__ = [
     "BusUnavailable",
     "MessageTooLarge",
     "NatsBus",
+    "open_bus",
 ]
 
 log = logging.getLogger("sagaline.nats")
@@ -1220,3 +1222,12 @@ if TYPE_CHECKING:
 
     def _implements_port(bus: NatsBus) -> BrokerBus:
         return bus
+
+
+def open_bus(url: str, *, instance: tuple[int, int] | None = None, **options: Any) -> NatsBus:
+    """The NATS JetStream bus ``url`` names (the scheme registry's factory; see
+    :mod:`sagaline.config`): ``?prefix=NAME`` in the URL is taken as that option (an explicit
+    option wins). Its members share partitions by leases, so ``instance`` is not needed."""
+    options = dict(options)
+    url = take_prefix(url, options)
+    return NatsBus(url, **options)

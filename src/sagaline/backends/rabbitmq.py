@@ -114,6 +114,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import AbstractChannel, DeliveredMessage
 from pamqp.commands import Basic
 
+from sagaline.backends._broker import take_bundle, take_prefix
 from sagaline.backends.bundles import (
     BUNDLE_BYTES,
     POSITIONS_PER_OFFSET,
@@ -137,6 +138,7 @@ __all__ = [
     "UnroutableMessage",
     "decode_bundle",
     "encode_bundle",
+    "open_bus",
 ]
 
 log = logging.getLogger("sagaline.rabbitmq")
@@ -1287,3 +1289,12 @@ class RabbitBus:
             with suppress(Exception):
                 await channel.close()
         return found
+
+
+def open_bus(url: str, **options: Any) -> RabbitBus:
+    """The RabbitMQ bus ``url`` names (the scheme registry's factory; see
+    :mod:`sagaline.config`): ``?prefix=NAME`` and ``?bundle=N`` in the URL are taken as those
+    options (an explicit option wins)."""
+    options = dict(options)
+    url = take_bundle(take_prefix(url, options), options)
+    return RabbitBus(url, **options)
