@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import subprocess
 import sys
@@ -218,3 +219,44 @@ def test_a_missing_driver_names_its_extra(tmp_path: Path) -> None:
 
 def test_a_missing_driver_is_a_configuration_error() -> None:
     assert issubclass(MissingDriver, ConfigurationError)
+
+
+# ------------------------------------------------------------------------------ structure
+
+
+def _imported(path: Path) -> set[str]:
+    """The modules a source file imports, at its top level or inside functions."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+_BACKENDS = ("sqlite", "postgres", "rabbitmq", "nats")
+
+
+@pytest.mark.parametrize("backend", _BACKENDS)
+def test_a_backend_imports_no_other_backend(backend: str) -> None:
+    root = SRC / "backends"
+    files = [root / f"{backend}.py"] if (root / f"{backend}.py").exists() else []
+    files += sorted((root / backend).rglob("*.py")) if (root / backend).is_dir() else []
+    assert files
+    others = [f"sagaline.backends.{other}" for other in _BACKENDS if other != backend]
+    for path in files:
+        for module in _imported(path):
+            assert not any(module == o or module.startswith(f"{o}.") for o in others), (
+                f"{path.relative_to(SRC)} imports {module}"
+            )
+
+
+def test_what_backends_share_imports_no_backend() -> None:
+    root = SRC / "backends"
+    shared = [*sorted((root / "_sql").glob("*.py")), root / "_broker.py", root / "bundles.py"]
+    for path in shared:
+        for module in _imported(path):
+            assert not any(module.startswith(f"sagaline.backends.{b}") for b in _BACKENDS), (
+                f"{path.relative_to(SRC)} imports {module}"
+            )

@@ -29,6 +29,7 @@ import psycopg_pool
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.postgres.bus import PostgresBus
 from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.postgres.queries import PostgresQueries
@@ -46,7 +47,6 @@ from sagaline.backends.postgres.schema import (
     validate_url,
 )
 from sagaline.backends.postgres.transaction import PostgresTransaction, envelope_arrays
-from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.ports import OutboxEntry
 
 if TYPE_CHECKING:

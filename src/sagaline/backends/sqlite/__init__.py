@@ -22,6 +22,7 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row, partition_of
 from sagaline.backends.sqlite.bus import SqliteBus
 from sagaline.backends.sqlite.failures import gone, unavailable
 from sagaline.backends.sqlite.files import (
@@ -31,12 +32,7 @@ from sagaline.backends.sqlite.files import (
     create_owner_only,
 )
 from sagaline.backends.sqlite.queries import SqliteQueries
-from sagaline.backends.sqlite.rows import (
-    ENVELOPE_COLUMNS,
-    envelope_from_row,
-    partition_of,
-    path_from_url,
-)
+from sagaline.backends.sqlite.rows import path_from_url
 from sagaline.backends.sqlite.schema import (
     BACKSTOP_CHECKPOINT_PAGES,
     LEASE_SECONDS,
