@@ -296,15 +296,20 @@ class NatsBus:
             try:
                 self._kv = await js.key_value(self.lease_bucket)
             except NotFoundError:
-                self._kv = await js.create_key_value(
-                    KeyValueConfig(
-                        bucket=self.lease_bucket,
-                        history=1,
-                        storage=StorageType.FILE,
-                        replicas=self.replicas,
-                        description="sagaline partition leases",
+                try:
+                    self._kv = await js.create_key_value(
+                        KeyValueConfig(
+                            bucket=self.lease_bucket,
+                            history=1,
+                            storage=StorageType.FILE,
+                            replicas=self.replicas,
+                            description="sagaline partition leases",
+                        )
                     )
-                )
+                except APIError:
+                    # Another process created the bucket between the look-up and the creation
+                    # (the server refuses a second one: its subjects overlap): use that one.
+                    self._kv = await js.key_value(self.lease_bucket)
             self._streams_ready = True
 
     def _consumer_name(self, spec: ConsumerSpec, partition: int) -> str:
