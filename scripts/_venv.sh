@@ -1,5 +1,6 @@
 # Shared by the scripts: make ./.venv with sagaline and the given extras installed.
-# Usage: source scripts/_venv.sh EXTRAS   (EXTRAS: "" or "dev")
+# Usage: source scripts/_venv.sh EXTRAS   (EXTRAS: "all" for every driver, or "dev", which
+# includes them; "" installs the core only, SQLite)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"

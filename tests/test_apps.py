@@ -150,8 +150,8 @@ def test_the_trip_example_runs_through_the_cli_on_sqlite(trip_dir: Path) -> None
     assert "trip:T-2" in listed.stdout and "trip:T-1" not in listed.stdout
     described = sagaline("--app", "trip:app", "describe", "trip", "--mermaid", cwd=trip_dir)
     assert described.returncode == 0, described.stderr
-    for command in ("ReserveFlightCommand", "ReserveHotelCommand", "RentCarCommand"):
-        assert command in described.stdout  # named although the saga builds them in lambdas
+    for name in ("ReserveFlightCommand", "ReserveHotelCommand", "RentCarCommand"):
+        assert name in described.stdout  # named although the saga builds them in lambdas
     schema = sagaline("--app", "trip:app", "schema", "BookTripCommand", cwd=trip_dir)
     assert json.loads(schema.stdout)["$defs"]["BookTripCommand"]["required"]
     # The reference app's business commands are not the CLI's: they are the order app's.

@@ -40,14 +40,20 @@ from rich.table import Table
 from rich.tree import Tree
 
 from sagaline.app import APP_ENV, App, find_app, load_app
+from sagaline.backends import BrokerTopology
 from sagaline.backends.sqlite import LEASE_SECONDS, NotAStore, path_from_url
 from sagaline.config import (
+    ADAPTERS,
     BUS_URL_ENV,
     CONNECT_TIMEOUT_ENV,
     DEFAULT_CONNECT_TIMEOUT,
     STORE_URL_ENV,
+    Role,
+    adapter_for,
     redact,
     redact_url,
+    scheme_of,
+    schemes_for,
 )
 from sagaline.deploy import (
     Deployment,
@@ -227,10 +233,6 @@ def _arrow() -> str:
     return "→" if out.encoding.lower().startswith("utf") else "->"
 
 
-_STORE_SCHEMES = ("sqlite", "postgresql", "postgres")
-_BUS_SCHEMES = (*_STORE_SCHEMES, "amqp", "amqps", "nats")
-
-
 def _queries(deployment: Deployment, service: str) -> StoreQueries:
     """The query methods of ``service``'s store (every backend offers the same ones)."""
     return cast(StoreQueries, deployment.store(service))
@@ -247,17 +249,20 @@ def _all_queries(deployment: Deployment) -> list[StoreQueries]:
 
 def _check_urls(store: str, bus: str | None) -> None:
     """Exit with a clear error unless ``store`` and ``bus`` are URLs sagaline supports."""
-    for url, kind, schemes in ((store, "store", _STORE_SCHEMES), (bus, "bus", _BUS_SCHEMES)):
+    roles: tuple[tuple[str | None, Role], ...] = ((store, "store"), (bus, "bus"))
+    for url, kind in roles:
         if url is None:
             continue
         shown = _inert(redact_url(url))
-        scheme = url.partition("://")[0].lower()
-        if "://" not in url or scheme not in schemes:
+        try:
+            adapter_for(url, kind)
+        except ConfigurationError:
             _fail(
                 f"unsupported {kind} URL {shown}: use "
-                + ", ".join(f"{name}://" for name in schemes if name != "postgres"),
+                + ", ".join(f"{name}://" for name in schemes_for(kind)),
                 2,
             )
+        scheme = scheme_of(url)
         if scheme == "sqlite":
             try:
                 path_from_url(url)
@@ -942,19 +947,18 @@ def teardown(
     if bus is None:
         _fail("--bus URL: the broker whose topology to delete (amqp:// or nats://)", 2)
     shown = _inert(redact_url(bus))
-    if urlsplit(bus).scheme not in ("amqp", "amqps", "nats"):
-        _fail(f"--bus {shown}: teardown deletes a broker's topology (amqp:// or nats://)", 2)
+    brokers = dict.fromkeys(adapter for adapter in ADAPTERS.values() if adapter.broker)
+    if urlsplit(bus).scheme.lower() not in [s for broker in brokers for s in broker.schemes]:
+        listed = " or ".join(f"{broker.schemes[0]}://" for broker in brokers)
+        _fail(f"--bus {shown}: teardown deletes a broker's topology ({listed})", 2)
     if not yes and not typer.confirm(
         f"Delete the queues, exchanges and streams of {redact_url(bus)}, with their messages?"
     ):
         _fail("nothing deleted", 1)
 
     async def delete() -> None:
-        from sagaline.backends.nats import NatsBus
-        from sagaline.backends.rabbitmq import RabbitBus
-
         opened = open_bus(bus, connect_timeout=_settings.connect_timeout)
-        assert isinstance(opened, RabbitBus | NatsBus)
+        assert isinstance(opened, BrokerTopology)
         system = current_app().default
         consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
         try:

@@ -9,6 +9,9 @@ where messages travel:
   and acknowledgements join each unit of work (SQLite file, PostgreSQL schema ``sagaline_bus``);
 * any other bus (``amqp://`` RabbitMQ, ``nats://`` NATS JetStream, or another SQLite file or
   PostgreSQL database): stores are opened in outbox mode and a relay publishes what they emit.
+
+Which adapter opens a URL is looked up in the scheme registry (:mod:`sagaline.config`), so a
+new adapter needs no change here.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sagaline.backends import BUS_SCHEMA, open_bus
-from sagaline.config import BUS_URL_ENV, STORE_URL_ENV, redact_url
+from sagaline.backends import open_bus
+from sagaline.config import BUS_URL_ENV, STORE_URL_ENV, adapter_for, redact_url, scheme_of
 from sagaline.errors import ConfigurationError
 from sagaline.handling import DEFAULT_BATCH, Runtime, System
 from sagaline.ports import Backend, BrokerBus
@@ -43,54 +46,10 @@ log = logging.getLogger("sagaline.deploy")
 #: Replaced by the service's name in a store URL.
 SERVICE_PLACEHOLDER = "{service}"
 
-_POSTGRES = ("postgresql", "postgres")
-
-
-def scheme_of(url: str) -> str:
-    """The URL's scheme, lower-cased (``sqlite``, ``postgresql``, ``amqp``, ``nats``)."""
-    scheme, sep, _ = url.partition("://")
-    if not sep:
-        raise ConfigurationError("a store or bus URL must have a scheme, e.g. sqlite:///file.db")
-    return scheme.lower()
-
 
 def service_url(url: str, service: str) -> str:
     """``url`` with the service placeholder filled in."""
     return url.replace(SERVICE_PLACEHOLDER, service)
-
-
-def _schema_for(service: str) -> str:
-    return f"sagaline_{service}"
-
-
-def _open_store(
-    url: str,
-    service: str,
-    *,
-    outbox: bool,
-    colocated_bus: bool,
-    connect_timeout: float | None = None,
-    **options: Any,
-) -> Any:
-    scheme = scheme_of(url)
-    if scheme == "sqlite":
-        from sagaline.backends.sqlite import SqliteDatabase
-
-        return SqliteDatabase(service_url(url, service), outbox=outbox, **options)
-    if scheme in _POSTGRES:
-        from sagaline.backends.postgres import PostgresDatabase
-
-        return PostgresDatabase(
-            url,
-            schema=_schema_for(service),
-            bus_schema=BUS_SCHEMA if colocated_bus else None,
-            outbox=outbox,
-            connect_timeout=connect_timeout,
-            **options,
-        )
-    raise ConfigurationError(
-        f"no store for URL scheme {scheme!r}; stores are sqlite:///path or postgresql://..."
-    )
 
 
 @dataclass
@@ -113,7 +72,7 @@ class Deployment:
     bus: BrokerBus | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        store_scheme = scheme_of(self.store_url)
+        adapter = adapter_for(self.store_url, "store")
         if self.bus_url is not None and self.bus_url == self.store_url:
             self.bus_url = None
         if self.bus_url is None and SERVICE_PLACEHOLDER in self.store_url:
@@ -122,19 +81,17 @@ class Deployment:
                 " for the bus between them"
             )
         colocated = self.bus_url is None
-        # One database object per distinct database: services sharing a SQLite file share it.
+        # One store object per distinct database: services sharing a SQLite file share it,
+        # while an adapter that gives each service its own schema opens one per service.
         opened: dict[str, Backend] = {}
         for service in self.services:
-            key = (
-                service_url(self.store_url, service)
-                if store_scheme == "sqlite"
-                else f"{self.store_url}#{service}"
-            )
+            url = service_url(self.store_url, service)
+            key = f"{url}#{service}" if adapter.store_per_service else url
             store = opened.get(key)
             if store is None:
-                store = opened[key] = _open_store(
-                    self.store_url,
-                    service,
+                store = opened[key] = adapter.factory("store", url)(
+                    url,
+                    service=service,
                     outbox=not colocated,
                     colocated_bus=colocated,
                     connect_timeout=self.connect_timeout,

@@ -29,6 +29,7 @@ import psycopg_pool
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.postgres.bus import PostgresBus
 from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.postgres.queries import PostgresQueries
@@ -46,13 +47,13 @@ from sagaline.backends.postgres.schema import (
     validate_url,
 )
 from sagaline.backends.postgres.transaction import PostgresTransaction, envelope_arrays
-from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.ports import OutboxEntry
 
 if TYPE_CHECKING:
     from sagaline.ports import Backend, BrokerBus, Outbox, StoreTransaction
 
 __all__ = [
+    "BUS_SCHEMA",
     "LEASE_SECONDS",
     "PARTITIONS",
     "SCHEMA_VERSION",
@@ -60,6 +61,8 @@ __all__ = [
     "PostgresTransaction",
     "envelope_arrays",
     "migrate",
+    "open_bus",
+    "open_store",
     "redact_url",
 ]
 
@@ -383,6 +386,44 @@ OUTBOX_CONSUMER = "outbox"
 
 #: The tables of a service's schema that hold its data (a store without rows in any is empty).
 _DATA_TABLES = ("streams", "documents", "sagas", "inbox", "outbox", "dead_letters")
+
+#: The schema of the bus: beside the services' schemas, or alone for stores elsewhere.
+BUS_SCHEMA = "sagaline_bus"
+
+
+def open_store(
+    url: str,
+    *,
+    service: str | None = None,
+    outbox: bool = False,
+    colocated_bus: bool = True,
+    connect_timeout: float | None = None,
+    **options: Any,
+) -> PostgresDatabase:
+    """The store of ``service`` at ``url`` (the scheme registry's factory; see
+    :mod:`sagaline.config`): its own schema ``sagaline_SERVICE``, beside the bus's schema
+    :data:`BUS_SCHEMA` when ``colocated_bus``. Without a service: the schema ``sagaline``.
+    """
+    if service is None:
+        return PostgresDatabase(url, outbox=outbox, connect_timeout=connect_timeout, **options)
+    return PostgresDatabase(
+        url,
+        schema=f"sagaline_{service}",
+        bus_schema=BUS_SCHEMA if colocated_bus else None,
+        outbox=outbox,
+        connect_timeout=connect_timeout,
+        **options,
+    )
+
+
+def open_bus(
+    url: str, *, instance: tuple[int, int] | None = None, **options: Any
+) -> PostgresDatabase:
+    """A PostgreSQL database as the bus (schema :data:`BUS_SCHEMA`) between stores elsewhere
+    (the scheme registry's factory). Its subscribers share partitions by themselves, so
+    ``instance`` is not needed."""
+    return PostgresDatabase(url, schema=BUS_SCHEMA, **options)
+
 
 if TYPE_CHECKING:
 

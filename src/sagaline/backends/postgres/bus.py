@@ -27,11 +27,11 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
+from sagaline.backends._sql.constants import SCAN_FACTOR
+from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.postgres.schema import MEMBERSHIP_INTERVAL, PARTITIONS, Names
 from sagaline.backends.postgres.transaction import PostgresTransaction
-from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
-from sagaline.backends.sqlite.schema import SCAN_FACTOR
 from sagaline.messages import Envelope, check_message_id
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, StoredEvent
 

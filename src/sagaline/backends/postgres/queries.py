@@ -13,15 +13,15 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sagaline.backends.postgres.schema import Names
-from sagaline.backends.postgres.transaction import SAGA_COLUMNS
-from sagaline.backends.sqlite.rows import (
+from sagaline.backends._sql.rows import (
     ENVELOPE_COLUMNS,
     JSON,
     decode_json,
     envelope_from_row,
     saga_from_row,
 )
+from sagaline.backends.postgres.schema import Names
+from sagaline.backends.postgres.transaction import SAGA_COLUMNS
 from sagaline.messages import Envelope, registry
 from sagaline.ports import DeadLetter, Document, SagaRecord, StoredEvent
 

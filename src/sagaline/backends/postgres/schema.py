@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from sagaline.backends.sqlite.schema import LEASE_SECONDS, MEMBERSHIP_INTERVAL, PARTITIONS
+from sagaline.backends._sql.constants import LEASE_SECONDS, MEMBERSHIP_INTERVAL, PARTITIONS
 from sagaline.config import redact, redact_url
 from sagaline.errors import ConfigurationError, StoreUnavailable
 

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psycopg
 from psycopg import AsyncConnection
 
-from sagaline.backends.postgres.failures import unavailable
-from sagaline.backends.sqlite.rows import (
+from sagaline.backends._sql.rows import (
     ENVELOPE_COLUMNS,
     JSON,
     decode_json,
     envelope_from_row,
     partition_of,
 )
+from sagaline.backends.postgres.failures import unavailable
 from sagaline.errors import ConcurrencyError, DuplicateMessageId, SagalineError
 from sagaline.messages import Envelope, utc_timestamp
 from sagaline.ports import (

@@ -20,8 +20,9 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row, partition_of
 from sagaline.backends.sqlite.bus import SqliteBus
 from sagaline.backends.sqlite.failures import gone, unavailable
 from sagaline.backends.sqlite.files import (
@@ -31,12 +32,7 @@ from sagaline.backends.sqlite.files import (
     create_owner_only,
 )
 from sagaline.backends.sqlite.queries import SqliteQueries
-from sagaline.backends.sqlite.rows import (
-    ENVELOPE_COLUMNS,
-    envelope_from_row,
-    partition_of,
-    path_from_url,
-)
+from sagaline.backends.sqlite.rows import path_from_url
 from sagaline.backends.sqlite.schema import (
     BACKSTOP_CHECKPOINT_PAGES,
     LEASE_SECONDS,
@@ -58,6 +54,8 @@ __all__ = [
     "NotAStore",
     "SqliteDatabase",
     "SqliteTransaction",
+    "open_bus",
+    "open_store",
     "partition_of",
     "path_from_url",
 ]
@@ -346,6 +344,37 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
         self.connection.execute(
             "UPDATE documents SET namespace = ? WHERE namespace = ?", (target, source)
         )
+
+
+def open_store(
+    url: str,
+    *,
+    service: str | None = None,
+    outbox: bool = False,
+    colocated_bus: bool = True,
+    connect_timeout: float | None = None,
+    **options: Any,
+) -> SqliteDatabase:
+    """The store at ``url`` (the scheme registry's factory; see :mod:`sagaline.config`).
+
+    A file holds its services' tables side by side, and the bus too unless ``outbox``; a local
+    file needs no ``connect_timeout``.
+    """
+    return SqliteDatabase(url, outbox=outbox, **options)
+
+
+def open_bus(
+    url: str,
+    *,
+    connect_timeout: float | None = None,
+    instance: tuple[int, int] | None = None,
+    **options: Any,
+) -> SqliteDatabase:
+    """A SQLite file as the bus between stores elsewhere (the scheme registry's factory).
+
+    Its subscribers share partitions by themselves, so ``instance`` is not needed.
+    """
+    return SqliteDatabase(url, **options)
 
 
 if TYPE_CHECKING:

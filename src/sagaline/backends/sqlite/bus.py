@@ -18,9 +18,9 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+from sagaline.backends._sql.constants import MEMBERSHIP_INTERVAL, PARTITIONS, SCAN_FACTOR
+from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.sqlite.failures import unavailable
-from sagaline.backends.sqlite.rows import ENVELOPE_COLUMNS, envelope_from_row
-from sagaline.backends.sqlite.schema import MEMBERSHIP_INTERVAL, PARTITIONS, SCAN_FACTOR
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome
 
 __all__ = ["SqliteBus"]

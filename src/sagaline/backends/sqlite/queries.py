@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from sagaline.backends.sqlite.rows import (
+from sagaline.backends._sql.rows import (
     ENVELOPE_COLUMNS,
     decode_json,
     envelope_from_row,

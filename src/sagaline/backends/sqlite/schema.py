@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import sqlite3
 
+from sagaline.backends._sql.constants import (
+    LEASE_SECONDS,
+    MEMBERSHIP_INTERVAL,
+    PARTITIONS,
+    SCAN_FACTOR,
+)
 from sagaline.errors import ConfigurationError
 
 __all__ = [
@@ -18,16 +24,9 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
-PARTITIONS = 8
-LEASE_SECONDS = 10.0
-#: How often a subscriber refreshes its membership and partition leases.
-MEMBERSHIP_INTERVAL = 1.0
 #: WAL pages past which a committing connection checkpoints itself (when a background
 #: checkpointer runs, it normally keeps the WAL well below this).
 BACKSTOP_CHECKPOINT_PAGES = 20000
-#: A subscription claim reads at most this many wanted log rows per delivery it may return
-#: (rows of partitions another member leases are read and passed over).
-SCAN_FACTOR = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sagaline_meta (

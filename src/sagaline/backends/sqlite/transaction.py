@@ -8,8 +8,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from sagaline.backends.sqlite.failures import gone, unavailable
-from sagaline.backends.sqlite.rows import (
+from sagaline.backends._sql.rows import (
     ENVELOPE_COLUMNS,
     JSON,
     body_value,
@@ -17,6 +16,7 @@ from sagaline.backends.sqlite.rows import (
     envelope_params,
     partition_of,
 )
+from sagaline.backends.sqlite.failures import gone, unavailable
 from sagaline.errors import ConcurrencyError, DuplicateMessageId, StoreUnavailable
 from sagaline.messages import Envelope, utc_timestamp
 from sagaline.ports import (

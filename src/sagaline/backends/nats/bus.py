@@ -1,84 +1,5 @@
-"""NATS JetStream as sagaline's bus (``nats://host:4222``), fed by each service's outbox relay.
-
-Wire format. A message's body is the envelope's body, the message JSON exactly. Its metadata
-travels in NATS headers: ``Nats-Msg-Id`` (the message id, so JetStream drops a message published
-again within the stream's duplicate window), ``Sagaline-Type``, ``Sagaline-Correlation-Id``,
-``Sagaline-Causation-Id``, ``Sagaline-Timestamp``, ``Sagaline-Source`` and the W3C
-``traceparent``. Header values are written as they are when they are printable ASCII; anything else
-is percent-encoded UTF-8 (RFC 3986). A message that lacks these headers (published by a foreign
-client) is still delivered, as type ``unknown``, so that the worker dead-letters it with a reason.
-
-Streams, both with file storage:
-
-- ``{prefix}_commands``: subjects ``{prefix}.cmd.{queue}.{partition}``, work-queue retention (an
-  acknowledged command is deleted; the services' stores keep the audit trail).
-- ``{prefix}_events``: subjects ``{prefix}.evt.{type}.{partition}``, limits retention: events stay,
-  so a subscriber that joins late reads them from the start and :meth:`NatsBus.replay` rebuilds
-  projections from them.
-
-The partition of a message is ``zlib.crc32(correlation_id) % partitions``, as in the SQLite bus.
-
-Consumers. Every consumer (a service's command queue, a service's subscription) has one durable pull
-consumer per partition, with explicit acks, ``max_deliver`` = the retry policy's ``delivery_limit``
-as a backstop and ``ack_wait`` as the time after which a delivery that nobody settled is delivered
-again (10 s by default). A member keeps what it holds and what it is handling alive with progress
-acknowledgements every ``ack_wait / 4``, so however long a batch takes nothing is delivered again
-while it lives (a batch whose transaction failed is handed out again at its next claim), and
-``ack_wait`` is how long what a member that died held waits. A subscription's consumers see only the
-event types it subscribes to: a subscription of one type filters on its subjects, one of several on
-all of theirs (``filter_subjects``, NATS 2.10 on). Before 2.10 a consumer has a single filter, so a
-subscription of several types is sent every type and the bus acknowledges the others itself as they
-arrive, which costs a delivery and an ack each. The worker counts in its store the times it handed a
-redelivered message to its handler and dead-letters the one that keeps killing its consumer long
-before ``max_deliver``. A message that reaches ``max_deliver`` anyway is announced by the server
-with a ``MAX_DELIVERIES`` advisory: the member owning its partition reads it back from the stream
-and hands it to the worker once more, which handles it or records it as a dead letter.
-
-Partition ownership. The members of a consumer share its partitions through one lease document per
-consumer in the KV bucket named ``{prefix}`` (compare-and-set on its revision): each live member
-heartbeats and holds a fair share, ``ceil(partitions / live members)``; a member that stops
-heartbeating loses its leases ``lease_seconds`` later (wall-clock expiry times: the members' clocks
-must agree to well within that), and :meth:`NatsBus.leave` gives them back at once. Only the owner
-pulls from a partition, so at any time one member handles a key.
-
-Ordering. Within a partition JetStream delivers in stream order. When a delivery must be retried
-it is nacked with the retry policy's delay; the later messages of its key that the member has or
-pulls meanwhile are held in the member's hands (unacknowledged, kept alive with progress acks) until
-the retried message has come back and been settled. A member that takes over a partition first
-waits until every message its predecessor left unacknowledged has been delivered to it again
-(``num_ack_pending`` of the partition's consumer equals what it holds), then goes on in stream
-order. So the partitions of a member that died with deliveries in hand wait for the server to
-deliver them again, ``ack_wait`` after it last touched them; a process that ``sagaline up``
-restarts in its place holds its leases at once (it keeps its member name). Change consumer
-settings (a new sagaline version, another retry policy: :meth:`NatsBus.prepare` updates them)
-with ``sagaline migrate`` while the services are stopped. The worker counts in its store the times
-it handed out a message delivered before, and one handed out before without being settled goes
-to its handler alone, so that a message that kills its consumer never takes a batch of others
-with it.
-
-A NATS 2.9 fault: after redeliveries, the server can lose count of a filtered pull consumer's
-pending messages and answer every pull with "no messages" while some wait (its consumer info
-still lists them, and reading that info recounts them). A member whose lane has brought nothing
-for 5 s therefore reads its consumer's info, at most every 5 s, and the next pull brings what
-was stuck.
-
-Durability. JetStream acknowledges a publish once the message is in the stream's file, but by
-default the server fsyncs only every two minutes (``sync_interval``, configurable since NATS 2.10):
-an acknowledged message can be lost to a power failure or an OS crash. sagaline marks an outbox
-entry sent when the publish is acknowledged, so production servers must run with::
-
-    jetstream { store_dir: /var/lib/nats, sync_interval: always }
-
-(NATS >= 2.10), which fsyncs before acknowledging. The machine these tests run on has NATS 2.9.10,
-which has no such setting and fsyncs on its default interval: the bus works there, without that
-guarantee against power loss.
-
-Size. NATS refuses a message larger than the server's ``max_payload`` (1 MiB by default, headers
-included), so a body of exactly sagaline's limit (1 MiB) does not fit next to its headers on a
-default server. :meth:`NatsBus.publish` refuses such a message before sending anything, with
-:class:`MessageTooLarge` naming both sizes; raise ``max_payload`` in the server's configuration
-(up to 8 MiB is reasonable) to carry bodies up to sagaline's own limit.
-"""
+"""The NATS JetStream bus: connection, streams and consumers, publishing, claims over leased
+lanes, settling, and replay of the event stream (see :mod:`sagaline.backends.nats`)."""
 
 from __future__ import annotations
 
@@ -86,16 +7,14 @@ import asyncio
 import itertools
 import json
 import logging
-import math
 import re
 import time
 import zlib
 from bisect import insort
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import nats
 from nats.aio.client import Client
@@ -120,222 +39,37 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
-from sagaline.config import redact, redact_url
-from sagaline.errors import (
-    BusUnavailable,
-    ConfigurationError,
-    InvalidMessage,
+from sagaline.backends._broker import take_prefix
+from sagaline.backends.nats.lanes import _Group, _Item, _Lane, _Pull, _Token
+from sagaline.backends.nats.leases import _without, rebalance
+from sagaline.backends.nats.wire import (
+    _STATUS_HEARTBEAT,
+    _TOKEN,
+    HEADER_CAUSATION,
+    HEADER_CORRELATION,
+    HEADER_MESSAGE_ID,
+    HEADER_SOURCE,
+    HEADER_TIMESTAMP,
+    HEADER_TRACEPARENT,
+    HEADER_TYPE,
+    UNKNOWN_TYPE,
+    MessageTooLarge,
+    _ack_numbers,
+    _envelope_of,
+    _headers_of,
+    _headers_size,
 )
+from sagaline.config import redact, redact_url
+from sagaline.errors import BusUnavailable, ConfigurationError
 from sagaline.messages import Envelope, registry, utc_timestamp
 from sagaline.ports import Batch, BrokerBus, ConsumerSpec, Delivery, Outcome, StoredEvent
 
-__all__ = [
-    "HEADER_CAUSATION",
-    "HEADER_CORRELATION",
-    "HEADER_MESSAGE_ID",
-    "HEADER_SOURCE",
-    "HEADER_TIMESTAMP",
-    "HEADER_TRACEPARENT",
-    "HEADER_TYPE",
-    "UNKNOWN_TYPE",
-    "BusUnavailable",
-    "MessageTooLarge",
-    "NatsBus",
-]
-
 log = logging.getLogger("sagaline.nats")
 
-HEADER_MESSAGE_ID = "Nats-Msg-Id"
-HEADER_TYPE = "Sagaline-Type"
-HEADER_CORRELATION = "Sagaline-Correlation-Id"
-HEADER_CAUSATION = "Sagaline-Causation-Id"
-HEADER_TIMESTAMP = "Sagaline-Timestamp"
-HEADER_SOURCE = "Sagaline-Source"
-HEADER_TRACEPARENT = "traceparent"
-
-#: The type of a delivery whose message carries no ``Sagaline-Type`` header.
-UNKNOWN_TYPE = "unknown"
-
-#: Printable ASCII but the space and ``%``: header values made of these are sent as they are.
-_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) != "%")
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
-_STATUS_HEARTBEAT = "100"
 _DUPLICATE_WINDOW = 120.0
 #: Seconds a lane's pulls bring nothing before the server is asked about its consumer.
 _NUDGE_AFTER = 5.0
 _REPLAY_BATCH = 1000
-
-
-class MessageTooLarge(InvalidMessage):
-    """A message bigger than the NATS server accepts (its ``max_payload``, headers included)."""
-
-    code = "message_too_large"
-
-
-def _encode(value: str) -> str:
-    return quote(value, safe=_SAFE)
-
-
-def _ack_numbers(reply: str) -> tuple[int, int]:
-    """(times delivered, stream sequence) from a JetStream delivery's ack subject."""
-    tokens = reply.split(".")
-    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>
-        return int(tokens[4]), int(tokens[5])
-    return int(tokens[6]), int(tokens[7])  # with domain and account hash
-
-
-def _envelope_of(msg: Msg, stream: str, sequence: int) -> Envelope:
-    """The envelope a delivered message carries; ``unknown`` when sagaline's headers are missing."""
-    headers = msg.headers or {}
-    message_id = headers.get(HEADER_MESSAGE_ID)
-    message_type = headers.get(HEADER_TYPE)
-    correlation = headers.get(HEADER_CORRELATION)
-    causation = headers.get(HEADER_CAUSATION)
-    source = headers.get(HEADER_SOURCE)
-    return Envelope(
-        message_id=unquote(message_id) if message_id else f"nats:{stream}:{sequence}",
-        message_type=unquote(message_type) if message_type else UNKNOWN_TYPE,
-        body=msg.data,
-        correlation_id=unquote(correlation) if correlation is not None else "",
-        causation_id=unquote(causation) if causation else None,
-        timestamp=headers.get(HEADER_TIMESTAMP) or utc_timestamp(),
-        traceparent=headers.get(HEADER_TRACEPARENT) or None,
-        source=unquote(source) if source else f"nats:{msg.subject}",
-    ).screen_id(lambda: f"nats:{stream}:{sequence}")
-
-
-def _headers_of(envelope: Envelope) -> dict[str, str]:
-    headers = {
-        HEADER_MESSAGE_ID: _encode(envelope.message_id),
-        HEADER_TYPE: _encode(envelope.message_type),
-        HEADER_CORRELATION: _encode(envelope.correlation_id),
-        HEADER_TIMESTAMP: _encode(envelope.timestamp),
-    }
-    if envelope.causation_id:
-        headers[HEADER_CAUSATION] = _encode(envelope.causation_id)
-    if envelope.source:
-        headers[HEADER_SOURCE] = _encode(envelope.source)
-    if envelope.traceparent:
-        headers[HEADER_TRACEPARENT] = _encode(envelope.traceparent)
-    return headers
-
-
-def _headers_size(headers: Mapping[str, str]) -> int:
-    """Bytes the headers take on the wire (``NATS/1.0`` line, ``Key: value`` lines, blank line)."""
-    return 12 + sum(len(key) + len(value) + 4 for key, value in headers.items())
-
-
-def rebalance(
-    document: Mapping[str, Any], member: str, now: float, lease: float, partitions: int
-) -> tuple[list[int], dict[str, Any]]:
-    """One member's turn on a consumer's lease document: heartbeat, then hold a fair share.
-
-    Returns the partitions ``member`` now holds and the document to write back. Members and
-    leases whose expiry time has passed are dropped; a member holding more than
-    ``ceil(partitions / live members)`` gives the surplus up, one holding fewer takes free ones.
-    """
-    members = {
-        str(name): float(expires)
-        for name, expires in dict(document.get("members", {})).items()
-        if float(expires) > now
-    }
-    members[member] = now + lease
-    owners: dict[int, tuple[str, float]] = {}
-    for part, (owner, expires) in dict(document.get("owners", {})).items():
-        if float(expires) > now and owner in members and int(part) < partitions:
-            owners[int(part)] = (str(owner), float(expires))
-    share = math.ceil(partitions / len(members))
-    mine = sorted(part for part, (owner, _) in owners.items() if owner == member)
-    if len(mine) > share:
-        for part in mine[share:]:
-            del owners[part]
-        mine = mine[:share]
-    elif len(mine) < share:
-        free = [part for part in range(partitions) if part not in owners]
-        mine = sorted(mine + free[: share - len(mine)])
-    for part in mine:
-        owners[part] = (member, now + lease)
-    return mine, {
-        "members": members,
-        "owners": {
-            str(part): [owner, expires] for part, (owner, expires) in sorted(owners.items())
-        },
-    }
-
-
-def _without(document: Mapping[str, Any], member: str) -> dict[str, Any]:
-    """The lease document with ``member`` and its leases removed."""
-    members = {k: v for k, v in dict(document.get("members", {})).items() if k != member}
-    owners = {k: v for k, v in dict(document.get("owners", {})).items() if v[0] != member}
-    return {"members": members, "owners": owners}
-
-
-@dataclass(eq=False, slots=True)
-class _Item:
-    """A message in a member's hands: pulled, not yet handed to the worker or settled."""
-
-    msg: Msg | None
-    sequence: int
-    delivered: int
-    key: str
-    envelope: Envelope
-    touched: float
-
-
-@dataclass(eq=False, slots=True)
-class _Lane:
-    """One partition of one consumer, while a member of this process holds it."""
-
-    partition: int
-    stream: str
-    consumer: str
-    next_subject: str
-    #: In stream order: what is ready to be handed out.
-    ready: list[_Item] = field(default_factory=list)
-    #: Per key, the messages waiting behind a retried one.
-    held: dict[str, list[_Item]] = field(default_factory=dict)
-    #: Per key, the stream sequence of the retried message that must come back first.
-    blocked: dict[str, int] = field(default_factory=dict)
-    #: Every message in hand (ready or held), by stream sequence.
-    items: dict[int, _Item] = field(default_factory=dict)
-    #: Messages handed to the worker and not settled yet, by stream sequence.
-    out: dict[int, _Item] = field(default_factory=dict)
-    incoming: list[Msg] = field(default_factory=list)
-    #: Stream sequences the server gave up on (max deliveries), to be dead-lettered.
-    exhausted: list[tuple[int, int]] = field(default_factory=list)
-    #: Taken over: nothing is handed out until every message left unsettled is back in hand.
-    fenced: bool = True
-    released: bool = False
-    pull: _Pull | None = None
-    #: Since when the lane's pulls brought nothing (None: the last one brought messages).
-    empty_since: float | None = None
-    #: When the server was last asked about the consumer of an empty lane.
-    nudged: float = 0.0
-
-
-@dataclass(eq=False, slots=True)
-class _Group:
-    """A member's membership of one consumer: the lanes it holds."""
-
-    spec: ConsumerSpec
-    member: str
-    lease_key: str
-    lanes: dict[int, _Lane] = field(default_factory=dict)
-    refreshed: float = -math.inf
-    valid_until: float = -math.inf
-    rotation: int = 0
-
-
-@dataclass(slots=True)
-class _Token:
-    lane: _Lane
-    item: _Item
-
-
-@dataclass(eq=False, slots=True)
-class _Pull:
-    remaining: int
-    done: asyncio.Future[None]
 
 
 class NatsBus:
@@ -562,15 +296,20 @@ class NatsBus:
             try:
                 self._kv = await js.key_value(self.lease_bucket)
             except NotFoundError:
-                self._kv = await js.create_key_value(
-                    KeyValueConfig(
-                        bucket=self.lease_bucket,
-                        history=1,
-                        storage=StorageType.FILE,
-                        replicas=self.replicas,
-                        description="sagaline partition leases",
+                try:
+                    self._kv = await js.create_key_value(
+                        KeyValueConfig(
+                            bucket=self.lease_bucket,
+                            history=1,
+                            storage=StorageType.FILE,
+                            replicas=self.replicas,
+                            description="sagaline partition leases",
+                        )
                     )
-                )
+                except APIError:
+                    # Another process created the bucket between the look-up and the creation
+                    # (the server refuses a second one: its subjects overlap): use that one.
+                    self._kv = await js.key_value(self.lease_bucket)
             self._streams_ready = True
 
     def _consumer_name(self, spec: ConsumerSpec, partition: int) -> str:
@@ -1215,3 +954,12 @@ if TYPE_CHECKING:
 
     def _implements_port(bus: NatsBus) -> BrokerBus:
         return bus
+
+
+def open_bus(url: str, *, instance: tuple[int, int] | None = None, **options: Any) -> NatsBus:
+    """The NATS JetStream bus ``url`` names (the scheme registry's factory; see
+    :mod:`sagaline.config`): ``?prefix=NAME`` in the URL is taken as that option (an explicit
+    option wins). Its members share partitions by leases, so ``instance`` is not needed."""
+    options = dict(options)
+    url = take_prefix(url, options)
+    return NatsBus(url, **options)

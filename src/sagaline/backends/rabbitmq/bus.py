@@ -1,0 +1,644 @@
+"""The RabbitMQ bus: connection, topology, publishing with confirms, claims, replay from the
+log stream and the broker's dead letters (see :mod:`sagaline.backends.rabbitmq`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import suppress
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import AbstractChannel, DeliveredMessage
+from pamqp.commands import Basic
+
+from sagaline.backends._broker import take_bundle, take_prefix
+from sagaline.backends.bundles import POSITIONS_PER_OFFSET, bundled
+from sagaline.backends.rabbitmq.consumer import _Consumption
+from sagaline.backends.rabbitmq.wire import (
+    _MARKER_HEADER,
+    BrokerDeadLetter,
+    UnroutableMessage,
+    _body_and_properties,
+    _count,
+    _Route,
+    _text,
+    messages_of,
+    partition_of,
+)
+from sagaline.config import redact, redact_url
+from sagaline.errors import BusUnavailable, ConfigurationError
+from sagaline.messages import Envelope
+from sagaline.ports import Batch, ConsumerSpec, Outcome, StoredEvent
+
+log = logging.getLogger("sagaline.rabbitmq")
+
+
+class RabbitBus:
+    """A :class:`~sagaline.ports.BrokerBus` on RabbitMQ (``amqp://user:pass@host:5672/vhost``).
+
+    One connection per bus object (reconnecting by itself), one confirming channel to publish and
+    one channel per consumer and member to consume. The connection opens on first use, or with
+    :meth:`open`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "sagaline",
+        partitions: int = 8,
+        prefetch: int = 128,
+        publish_timeout: float = 30.0,
+        reconnect_interval: float = 1.0,
+        connection_name: str | None = None,
+        instance: tuple[int, int] | None = None,
+        share_delay: float = 5.0,
+        bundle: int = 100,
+        connect_timeout: float | None = None,
+    ) -> None:
+        if partitions < 1:
+            raise ConfigurationError("partitions must be at least 1")
+        if not 1 <= bundle < POSITIONS_PER_OFFSET:
+            raise ConfigurationError(
+                f"bundle {bundle}: from 1 (every message alone) to {POSITIONS_PER_OFFSET - 1}"
+            )
+        if instance is not None and not 1 <= instance[0] <= instance[1]:
+            raise ConfigurationError(
+                f"instance {instance[0]}/{instance[1]}: not I/N with 1 <= I <= N"
+            )
+        scheme = urlsplit(url).scheme
+        if scheme not in ("amqp", "amqps"):
+            raise ConfigurationError(
+                f"a RabbitMQ URL starts with amqp:// or amqps://, not {redact_url(url)!r}"
+            )
+        self.url = url
+        #: The URL as logs and errors show it (without its password).
+        self.shown_url = redact_url(url)
+        #: Seconds :meth:`open` waits for the broker to accept the connection (None: the
+        #: driver's own limits); a failure raises :class:`BusUnavailable` either way.
+        self.connect_timeout = connect_timeout
+        self.prefix = prefix
+        self.partitions = partitions
+        #: Unacknowledged AMQP messages in flight per consumer, spread over its partition queues
+        #: (at least 4 each). A bundle is one of them: 128 lets a consumer hold up to 12,800
+        #: messages when bundles are full, and keeps a single-message consumer busy too.
+        self.prefetch = prefetch
+        self.publish_timeout = publish_timeout
+        self.reconnect_interval = reconnect_interval
+        self.connection_name = connection_name or f"sagaline {prefix}"
+        #: ``(i, n)``: this process is instance i of n of its services. Each consumes its own
+        #: share of the partitions at once and the others ``share_delay`` seconds later, so that
+        #: instances started together split the work instead of one taking every partition.
+        self.instance = instance
+        self.share_delay = share_delay
+        #: The most messages of one route (and ``BUNDLE_BYTES`` of bodies) published as one AMQP
+        #: message; 1 publishes every message as an AMQP message of its own.
+        self.bundle = bundle
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._open_lock = asyncio.Lock()
+        self._prepare_lock = asyncio.Lock()
+        self._declared: set[str] = set()
+        self._prepared: dict[str, ConsumerSpec] = {}
+        self._consumptions: dict[tuple[str, str, str], _Consumption] = {}
+        self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"RabbitBus({self.shown_url!r}, prefix={self.prefix!r}, partitions={self.partitions})"
+        )
+
+    # Names ----------------------------------------------------------------------------------
+
+    @property
+    def commands_exchange(self) -> str:
+        """The direct exchange commands are published to."""
+        return f"{self.prefix}.commands"
+
+    @property
+    def events_exchange(self) -> str:
+        """The fanout exchange events are published to (it feeds the stream and the routing)."""
+        return f"{self.prefix}.events"
+
+    @property
+    def log_stream(self) -> str:
+        """The stream queue that retains every event for replay."""
+        return f"{self.prefix}.log"
+
+    @property
+    def _events_route(self) -> str:
+        return f"{self.prefix}.events.route"
+
+    @property
+    def _dead_exchange(self) -> str:
+        return f"{self.prefix}.dead"
+
+    def _base(self, name: str, source: str) -> str:
+        return f"{self.prefix}.{'cmd' if source == 'queue' else 'sub'}.{name}"
+
+    def queue_names(self, consumer: ConsumerSpec) -> list[str]:
+        """The partition queues of a consumer, partition 0 first."""
+        base = self._base(consumer.name, consumer.source)
+        return [f"{base}.{part}" for part in range(self.partitions)]
+
+    def dead_letter_queue(self, consumer: ConsumerSpec) -> str:
+        """The queue where the broker puts a consumer's messages past their delivery limit."""
+        return f"{self._base(consumer.name, consumer.source)}.dead"
+
+    def partition_of(self, key: str) -> int:
+        """The partition of a correlation key."""
+        return partition_of(key, self.partitions)
+
+    def home_partitions(self) -> frozenset[int] | None:
+        """The partitions this instance consumes first (None: all of them at once)."""
+        if self.instance is None or self.instance[1] == 1:
+            return None
+        index, count = self.instance
+        return frozenset(p for p in range(self.partitions) if p % count == (index - 1) % count)
+
+    # Connection -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect (idempotent); later connection losses are repaired in the background."""
+        async with self._open_lock:
+            if self._connection is not None:
+                return
+            options: dict[str, Any] = {}
+            if self.connect_timeout is not None:
+                options["timeout"] = self.connect_timeout
+            try:
+                connection = await aio_pika.connect_robust(
+                    self.url,
+                    reconnect_interval=self.reconnect_interval,
+                    client_properties={"connection_name": self.connection_name},
+                    **options,
+                )
+            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                raise self._unavailable(exc) from None
+            try:
+                self._publisher = await connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection = connection
+
+    def _unavailable(self, exc: BaseException) -> BusUnavailable:
+        """The error that says on one line, without the password, why the broker cannot be used."""
+        parts = urlsplit(self.url)
+        if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+            reason = str(exc.args[0] if exc.args else exc)
+            reason = reason.partition(". For details")[0]
+            problem = f"refused the connection: {reason}"
+        elif isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(
+            exc
+        ):
+            # RabbitMQ answers the opening of a virtual host it lacks, or that the user may not
+            # use, by closing the connection (NOT_ALLOWED); the driver keeps only the frame's name.
+            vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+            problem = (
+                f"refused the connection: virtual host {vhost!r} not found, or not open to"
+                " this user (NOT_ALLOWED)"
+            )
+        elif isinstance(exc, aiormq.exceptions.ConnectionClosed):
+            problem = f"refused the connection: {exc.args[-1] if exc.args else exc}"
+        elif isinstance(exc, TimeoutError):
+            waited = f" within {self.connect_timeout:g}s" if self.connect_timeout else ""
+            problem = f"is unreachable: no answer{waited}"
+        else:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            problem = f"is unreachable: {reason or type(exc).__name__}"
+        return BusUnavailable(f"RabbitMQ at {self.shown_url} {redact(problem, self.url)}")
+
+    async def _connected(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            await self.open()
+        assert self._connection is not None
+        return self._connection
+
+    async def close(self) -> None:
+        """Stop every consumption (unacknowledged messages go back) and close the connection."""
+        for state in list(self._consumptions.values()):
+            await state.close()
+        self._consumptions.clear()
+        connection, self._connection = self._connection, None
+        self._publisher = None
+        self._declared.clear()
+        if connection is not None:
+            with suppress(Exception):
+                await connection.close()
+
+    # Topology -------------------------------------------------------------------------------
+
+    def _partition_arguments(self, consumer: ConsumerSpec) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-delivery-limit": consumer.retry.delivery_limit,
+            "x-dead-letter-exchange": self._dead_exchange,
+            "x-dead-letter-routing-key": self._base(consumer.name, consumer.source),
+        }
+
+    async def prepare(self, consumers: Sequence[ConsumerSpec], routes: Mapping[str, str]) -> None:
+        """Declare the exchanges, the stream, and every consumer's queues and bindings.
+
+        Idempotent, and safe from several processes at once (declarations of equal things agree).
+        ``routes`` is not needed to declare: commands are routed by their service's name.
+        """
+        async with self._prepare_lock:
+            for consumer in consumers:
+                self._prepared.setdefault(self._declaration_key(consumer), consumer)
+            steps = self._declarations(consumers)
+            if not steps:
+                return
+            connection = await self._connected()
+            for attempt in range(1, 4):
+                channel = await connection.channel(publisher_confirms=False)
+                try:
+                    raw = await channel.get_underlay_channel()
+                    for key, declare in steps:
+                        if key not in self._declared:
+                            await declare(raw)
+                            self._declared.add(key)
+                    return
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    raise ConfigurationError(
+                        f"RabbitMQ refused a declaration that differs from what exists: {exc}."
+                        " Queue arguments (partitions, max_attempts) cannot change in place."
+                    ) from exc
+                except aiormq.exceptions.ChannelClosed:
+                    # Two processes declaring the same new quorum queue may collide: try again.
+                    if attempt == 3:
+                        raise
+                    log.debug("declaration failed, trying again", exc_info=True)
+                    await asyncio.sleep(0.1 * attempt)
+                finally:
+                    with suppress(Exception):
+                        await channel.close()
+
+    @property
+    def prepared_consumers(self) -> list[ConsumerSpec]:
+        """The consumers this bus object has declared queues for."""
+        return list(self._prepared.values())
+
+    async def delete_topology(self, consumers: Sequence[ConsumerSpec] = ()) -> None:
+        """Delete this prefix's queues (with the messages in them), its stream and exchanges.
+
+        For tearing down a deployment or a test: the queues of ``consumers`` and of every consumer
+        this bus object declared go, with the event stream and the exchanges. A queue or exchange
+        that does not exist is passed over. Consumers still attached elsewhere are cancelled.
+        """
+        for state in list(self._consumptions.values()):
+            await state.close()
+        self._consumptions.clear()
+        wanted = {self._declaration_key(c): c for c in [*self._prepared.values(), *consumers]}
+        queues = [self.log_stream]
+        for consumer in wanted.values():
+            queues.extend(self.queue_names(consumer))
+            queues.append(self.dead_letter_queue(consumer))
+        exchanges = [
+            self._events_route,
+            self.events_exchange,
+            self.commands_exchange,
+            self._dead_exchange,
+        ]
+        connection = await self._connected()
+        channel = await connection.channel(publisher_confirms=False)
+        try:
+            raw = await channel.get_underlay_channel()
+            for queue in queues:
+                await raw.queue_delete(queue)
+            for exchange in exchanges:
+                await raw.exchange_delete(exchange)
+        finally:
+            with suppress(Exception):
+                await channel.close()
+        self._declared.clear()
+        self._prepared.clear()
+
+    def _declarations(self, consumers: Sequence[ConsumerSpec]) -> list[tuple[str, Any]]:
+        """What :meth:`prepare` declares, in order, each under a key remembered once done."""
+        steps: list[tuple[str, Any]] = []
+
+        def step(key: str, declare: Any) -> None:
+            if key not in self._declared:
+                steps.append((key, declare))
+
+        step("exchanges", self._declare_exchanges)
+        for consumer in consumers:
+            step(
+                self._declaration_key(consumer),
+                lambda raw, consumer=consumer: self._declare_consumer(raw, consumer),
+            )
+        return steps
+
+    @staticmethod
+    def _declaration_key(consumer: ConsumerSpec) -> str:
+        return f"{consumer.source}:{consumer.name}:{sorted(consumer.message_types)}"
+
+    async def _declare_exchanges(self, raw: AbstractChannel) -> None:
+        await raw.exchange_declare(self.commands_exchange, exchange_type="direct", durable=True)
+        await raw.exchange_declare(self.events_exchange, exchange_type="fanout", durable=True)
+        await raw.exchange_declare(
+            self._events_route, exchange_type="direct", durable=True, internal=True
+        )
+        await raw.exchange_declare(self._dead_exchange, exchange_type="direct", durable=True)
+        await raw.exchange_bind(self._events_route, self.events_exchange, "")
+        await raw.queue_declare(self.log_stream, durable=True, arguments={"x-queue-type": "stream"})
+        await raw.queue_bind(self.log_stream, self.events_exchange, "")
+
+    async def _declare_consumer(self, raw: AbstractChannel, consumer: ConsumerSpec) -> None:
+        base = self._base(consumer.name, consumer.source)
+        dead = self.dead_letter_queue(consumer)
+        await raw.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
+        await raw.queue_bind(dead, self._dead_exchange, base)
+        arguments = self._partition_arguments(consumer)
+        for part, queue in enumerate(self.queue_names(consumer)):
+            await raw.queue_declare(queue, durable=True, arguments=arguments)
+            if consumer.source == "queue":
+                await raw.queue_bind(queue, self.commands_exchange, f"{consumer.name}.{part}")
+            else:
+                for message_type in sorted(consumer.message_types):
+                    await raw.queue_bind(queue, self._events_route, f"{message_type}.{part}")
+
+    # Publishing -----------------------------------------------------------------------------
+
+    async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
+        """Publish persistently; returns once the broker confirmed every message.
+
+        Commands (types in ``routes``) go to their service's partition queue, ``mandatory``;
+        events to every subscriber's partition queue and to the stream. The publications are
+        pipelined in order on one channel and their confirms awaited together. Raises
+        :class:`UnroutableMessage` for a command no queue is bound for, and
+        :class:`BusUnavailable` when the broker does not confirm within ``publish_timeout``
+        (disconnected): the caller keeps the messages and publishes them again.
+        """
+        if not envelopes:
+            return
+        routed: list[tuple[Envelope, _Route]] = []
+        for envelope in envelopes:
+            part = self.partition_of(envelope.correlation_id)
+            service = routes.get(envelope.message_type)
+            if service is not None:
+                routed.append((envelope, (self.commands_exchange, f"{service}.{part}", True)))
+            else:
+                key = f"{envelope.message_type}.{part}"
+                routed.append((envelope, (self.events_exchange, key, False)))
+        outgoing = bundled(routed, self.bundle)
+        await self._connected()
+        if "exchanges" not in self._declared:
+            # Publishing to an exchange that does not exist would close the channel.
+            await self.prepare([], routes)
+        publisher = self._publisher
+        if publisher is None:
+            raise BusUnavailable("the bus is closed")
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                await publisher.ready()
+                raw = cast(aiormq.Channel, await publisher.get_underlay_channel())
+                results = await asyncio.gather(
+                    *(
+                        raw.basic_publish(
+                            body,
+                            exchange=exchange,
+                            routing_key=routing_key,
+                            properties=properties,
+                            mandatory=mandatory,
+                            wait=False,
+                        )
+                        for publication in outgoing
+                        for (exchange, routing_key, mandatory) in [publication.route]
+                        for body, properties in [_body_and_properties(publication)]
+                    ),
+                    return_exceptions=True,
+                )
+        except TimeoutError as exc:
+            raise BusUnavailable(
+                f"RabbitMQ did not confirm within {self.publish_timeout} seconds"
+            ) from exc
+        for publication, result in zip(outgoing, results, strict=True):
+            if isinstance(result, aiormq.exceptions.PublishError):
+                raise UnroutableMessage(
+                    f"{publication.describe()} was returned: no queue is bound for"
+                    f" {publication.route[1]!r} (declare the topology with prepare())"
+                )
+            if isinstance(result, aiormq.exceptions.DeliveryError):
+                raise BusUnavailable(f"RabbitMQ refused {publication.describe()}: {result}")
+            if isinstance(result, BaseException):
+                raise BusUnavailable(f"publishing failed: {result!r}") from result
+
+    # Consuming ------------------------------------------------------------------------------
+
+    def _wakeup(self, consumer: ConsumerSpec) -> asyncio.Event:
+        key = (consumer.name, consumer.source)
+        event = self._wakeups.get(key)
+        if event is None:
+            event = self._wakeups[key] = asyncio.Event()
+        return event
+
+    async def _consumption(self, consumer: ConsumerSpec, member: str) -> _Consumption:
+        key = (consumer.name, consumer.source, member)
+        state = self._consumptions.get(key)
+        if state is not None and not state.broken:
+            return state
+        if state is not None:
+            # Its queues may have been deleted: declare them again before consuming.
+            del self._consumptions[key]
+            self._declared.discard(self._declaration_key(consumer))
+            await state.close()
+        connection = await self._connected()
+        # The queues must exist before consuming them (a robust channel would retry forever).
+        await self.prepare([consumer], {})
+        per_queue = max(4, -(-self.prefetch // self.partitions))
+        state = _Consumption(
+            consumer,
+            member,
+            self.queue_names(consumer),
+            per_queue,
+            self._wakeup(consumer),
+            self.home_partitions(),
+            self.share_delay,
+            self.instance[1] if self.instance else 1,
+            f"{self._base(consumer.name, consumer.source)}.members",
+        )
+        try:
+            await state.start(connection)
+        except BaseException:
+            self._declared.discard(self._declaration_key(consumer))
+            await state.close()
+            raise
+        self._consumptions[key] = state
+        return state
+
+    async def claim(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
+        """Up to ``limit`` deliveries already received for ``consumer``; empty when none.
+
+        The first claim of a member starts consuming the consumer's partition queues.
+        """
+        self._wakeup(consumer).clear()
+        state = await self._consumption(consumer, member)
+        await state.reattach()
+        await state.give_back()
+        deliveries = state.take(limit)
+        if not deliveries:
+            return Batch(consumer=consumer, deliveries=[])
+        return Batch(consumer=consumer, deliveries=deliveries, cursor=state)
+
+    async def complete(self, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]) -> None:
+        """Settle a batch whose handling committed: ACK and DEAD are acknowledged, RETRY comes
+        back after ``retry.delay(attempt)`` ahead of its key's later messages, SKIP after it."""
+        state = batch.cursor
+        if isinstance(state, _Consumption) and not state.closed:
+            await state.settle(batch.deliveries, outcomes)
+
+    async def leave(self, consumer: ConsumerSpec, member: str) -> None:
+        """Stop ``member`` consuming ``consumer``; what it had not acknowledged goes back."""
+        state = self._consumptions.pop((consumer.name, consumer.source, member), None)
+        if state is not None:
+            await state.close()
+
+    async def wait_for_work(self, consumer: ConsumerSpec, timeout: float) -> None:
+        """Return when a delivery can be claimed (or a retry delay ends), or after ``timeout``."""
+        for (name, source, _member), state in list(self._consumptions.items()):
+            if name == consumer.name and source == consumer.source and state.has_work():
+                return
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup(consumer).wait(), timeout)
+
+    # Replay and inspection ------------------------------------------------------------------
+
+    async def replay(self, after: int = 0) -> AsyncIterator[StoredEvent]:
+        """Every event retained in the stream at position > ``after``, up to the end as of now.
+
+        An event's position is its stream offset x :data:`POSITIONS_PER_OFFSET` + its index in
+        its bundle + 1: increasing, not dense. The stream's end is found by publishing a marker
+        into it and reading up to that marker.
+        """
+        connection = await self._connected()
+        await self.prepare([], {})
+        channel = await connection.channel(publisher_confirms=False)
+        received: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
+        marker = uuid.uuid4().hex
+        try:
+            raw = await channel.get_underlay_channel()
+            await raw.basic_qos(prefetch_count=1000)
+
+            async def on_message(message: DeliveredMessage) -> None:
+                received.put_nowait(message)
+
+            start = max(0, after) // POSITIONS_PER_OFFSET
+            offset: int | str = start if start > 0 else "first"
+            await raw.basic_consume(
+                self.log_stream,
+                on_message,
+                no_ack=False,
+                arguments={"x-stream-offset": offset},
+            )
+            await self._publish_marker(marker)
+            closing = raw.closing
+            while True:
+                message = await self._next_message(received, closing)
+                tag = getattr(message.delivery, "delivery_tag", None)
+                if isinstance(tag, int):
+                    await raw.basic_ack(tag, wait=False)
+                properties = message.header.properties
+                headers = properties.headers if isinstance(properties.headers, dict) else {}
+                seen = headers.get(_MARKER_HEADER)
+                if seen is not None:
+                    if _text(seen) == marker:
+                        return
+                    continue
+                stream_offset = headers.get("x-stream-offset")
+                if not isinstance(stream_offset, int) or stream_offset < start:
+                    continue
+                first = stream_offset * POSITIONS_PER_OFFSET + 1
+                for index, envelope in enumerate(messages_of(properties, message.body)):
+                    if first + index > after:
+                        yield StoredEvent(
+                            position=first + index, stream=None, version=None, envelope=envelope
+                        )
+        finally:
+            with suppress(Exception):
+                await channel.close()
+
+    @staticmethod
+    async def _next_message(
+        received: asyncio.Queue[DeliveredMessage], closing: asyncio.Future[Any]
+    ) -> DeliveredMessage:
+        if not received.empty():
+            return received.get_nowait()
+        getter = asyncio.ensure_future(received.get())
+        await asyncio.wait({getter, closing}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        raise BusUnavailable("the channel closed during a replay")
+
+    async def _publish_marker(self, marker: str) -> None:
+        await self._connected()
+        publisher = self._publisher
+        if publisher is None:
+            raise BusUnavailable("the bus is closed")
+        async with asyncio.timeout(self.publish_timeout):
+            await publisher.ready()
+            raw = await publisher.get_underlay_channel()
+            await raw.basic_publish(
+                b"",
+                exchange="",
+                routing_key=self.log_stream,
+                properties=Basic.Properties(
+                    delivery_mode=2, message_id=marker, headers={_MARKER_HEADER: marker}
+                ),
+                mandatory=True,
+            )
+
+    async def broker_dead_letters(self, consumer: ConsumerSpec) -> list[BrokerDeadLetter]:
+        """The messages the broker dead-lettered for ``consumer`` (looked at, left in place)."""
+        connection = await self._connected()
+        await self.prepare([consumer], {})
+        channel = await connection.channel(publisher_confirms=False)
+        queue = self.dead_letter_queue(consumer)
+        found: list[BrokerDeadLetter] = []
+        try:
+            raw = await channel.get_underlay_channel()
+            while True:
+                message = await raw.basic_get(queue, no_ack=False)
+                if not isinstance(message.delivery, Basic.GetOk):
+                    break
+                properties = message.header.properties
+                headers = properties.headers if isinstance(properties.headers, dict) else {}
+                deaths = headers.get("x-death")
+                death = deaths[0] if isinstance(deaths, list) and deaths else {}
+                death = death if isinstance(death, dict) else {}
+                found.extend(
+                    BrokerDeadLetter(
+                        queue=_text(death.get("queue")) or "",
+                        envelope=envelope,
+                        reason=_text(headers.get("x-first-death-reason"))
+                        or _text(death.get("reason"))
+                        or "",
+                        count=_count(death.get("count")),
+                    )
+                    for envelope in messages_of(properties, message.body)
+                )
+        finally:
+            # Closing the channel puts every message it got back into the queue.
+            with suppress(Exception):
+                await channel.close()
+        return found
+
+
+def open_bus(url: str, **options: Any) -> RabbitBus:
+    """The RabbitMQ bus ``url`` names (the scheme registry's factory; see
+    :mod:`sagaline.config`): ``?prefix=NAME`` and ``?bundle=N`` in the URL are taken as those
+    options (an explicit option wins)."""
+    options = dict(options)
+    url = take_bundle(take_prefix(url, options), options)
+    return RabbitBus(url, **options)
