@@ -1,0 +1,118 @@
+"""The runtime: a process's workers for a set of services, and the outbox relay beside them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from typing import cast
+
+from sagaline.errors import ConfigurationError
+from sagaline.handling.system import System
+from sagaline.handling.worker import DEFAULT_BATCH, Worker
+from sagaline.ports import Backend, BrokerBus, Outbox
+from sagaline.relay import Relay
+
+__all__ = ["Runtime"]
+
+
+class Runtime:
+    """Runs the workers of a set of services in this process against one store (and bus).
+
+    Without ``bus`` the store's database is the bus too. With a separate ``bus``, the store must be
+    opened in outbox mode; the runtime declares the system's topology on the bus and runs the
+    outbox relay beside the workers.
+    """
+
+    def __init__(
+        self,
+        db: Backend,
+        system: System,
+        services: Iterable[str] | None = None,
+        *,
+        bus: BrokerBus | None = None,
+        member: str | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        poll_interval: float = 0.1,
+    ) -> None:
+        self.db = db
+        self.bus = None if bus is None or cast(object, bus) is db else bus
+        self.system = system
+        self.member = member or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        names = list(services) if services is not None else list(system.services)
+        self.workers = [
+            Worker(
+                db,
+                system,
+                system.services[name],
+                spec,
+                member=self.member,
+                batch_size=batch_size,
+                poll_interval=poll_interval,
+                bus=self.bus,
+            )
+            for name in names
+            for spec in system.services[name].consumers()
+        ]
+        self.relay: Relay | None = None
+        if self.bus is not None:
+            if not isinstance(db, Outbox) or not getattr(db, "outbox", False):
+                raise ConfigurationError(
+                    "a store used with a separate bus must be opened in outbox mode"
+                )
+            self.relay = Relay(db, self.bus, system.routes, owner=self.member)
+        self.stop_event = asyncio.Event()
+        self._relay_stop = asyncio.Event()
+
+    async def run(self) -> None:
+        """Run every worker until :meth:`stop`; in-flight batches finish first."""
+        start_checkpointer = getattr(self.db, "start_checkpointer", None)
+        if start_checkpointer is not None:
+            start_checkpointer()
+        if self.bus is not None:
+            consumers = [
+                spec for service in self.system.services.values() for spec in service.consumers()
+            ]
+            await self.bus.prepare(consumers, self.system.routes)
+        runs = [worker.run(self.stop_event) for worker in self.workers]
+        tasks = [asyncio.create_task(run) for run in runs]
+        relay = None
+        if self.relay is not None:
+            relay = asyncio.create_task(self.relay.run(self._relay_stop))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            if relay is not None:
+                # The workers are done: the relay publishes what they emitted last, then stops.
+                self._relay_stop.set()
+                await relay
+
+    def stop(self) -> None:
+        """Ask every worker to finish its batch and return."""
+        self.stop_event.set()
+
+    async def run_until(
+        self, done: Callable[[], bool], *, check_every: float = 0.05, timeout: float = 300.0
+    ) -> None:
+        """Run until ``done()`` is true (checked between batches), then stop."""
+        runner = asyncio.create_task(self.run())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while not done():
+                if runner.done():
+                    runner.result()
+                if loop.time() > deadline:
+                    raise TimeoutError(f"not done after {timeout} seconds")
+                await asyncio.sleep(check_every)
+        finally:
+            self.stop()
+            await runner
+
+    @property
+    def handled(self) -> int:
+        """Deliveries handled by this runtime's workers."""
+        return sum(worker.handled for worker in self.workers)
