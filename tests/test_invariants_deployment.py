@@ -26,6 +26,7 @@ from sagaline.orders.demo import (
     run_until_settled,
     stock_demo,
 )
+from sagaline.orders.invariants import ORDER_ANSWERS
 from sagaline.orders.messages import CreateOrderCommand
 from sagaline.testing.invariants import (
     CLIENT_SOURCE,
@@ -287,7 +288,9 @@ def test_a_settled_deployment_keeps_every_invariant(deployment: Deployment) -> N
 
 
 def test_the_snapshot_accounts_for_every_message(deployment: Deployment) -> None:
-    snapshot = asyncio.run(AuditSnapshot.from_deployment(deployment))
+    snapshot = asyncio.run(
+        AuditSnapshot.from_deployment(deployment, build_system(), answers=ORDER_ANSWERS)
+    )
     assert snapshot.layout == OUTBOX
     assert snapshot.bus is not None and snapshot.bus.cursors
     assert {command.state for command in snapshot.commands} == {HANDLED}
@@ -310,7 +313,9 @@ def test_the_checker_needs_no_readable_bus(deployment: Deployment) -> None:
             (name, deployment.store(name).audit_rows())  # type: ignore[attr-defined]
             for name in SERVICE_NAMES
         ]
-        snapshot = AuditSnapshot.from_rows(sources, routes=build_system().routes, outbox=True)
+        snapshot = AuditSnapshot.from_rows(
+            sources, routes=build_system().routes, outbox=True, answers=ORDER_ANSWERS
+        )
         assert snapshot.bus is None
         return await check_snapshot(snapshot, initial_stock=INITIAL_STOCK)
 
@@ -360,7 +365,7 @@ def test_a_colocated_deployment_is_checked_as_one_store(tmp_path: Path) -> None:
         deployment = await open_demo_deployment(f"sqlite:///{tmp_path}/demo.db")
         try:
             await run_demo(deployment)
-            snapshot = await AuditSnapshot.from_deployment(deployment)
+            snapshot = await AuditSnapshot.from_deployment(deployment, build_system())
             return await check_deployment_async(deployment), snapshot.layout
         finally:
             await deployment.close()

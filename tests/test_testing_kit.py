@@ -12,7 +12,12 @@ import sagaline.testing.conformance as conformance
 
 def test_the_kit_exports_the_invariant_checker() -> None:
     assert sagaline.testing.__all__ == [
+        "AuditSnapshot",
         "Violation",
+        "check_app",
+        "check_app_async",
+        "check_app_deployment",
+        "check_app_deployment_async",
         "check_deployment",
         "check_deployment_async",
         "check_invariants",

@@ -53,7 +53,7 @@ class App:
     ``build(settings)`` returns the system; it is called with the settings given on the command
     line (``--set payment_limit=500``), or none. ``projections`` can be rebuilt from the log.
     ``commands`` is a ``typer.Typer`` whose commands join the CLI's own. ``invariants`` are
-    checked after the generic ones by the test kit.
+    checked after the generic ones by the test kit (:func:`sagaline.testing.check_app`).
     """
 
     name: str
@@ -67,6 +67,9 @@ class App:
     #: Every message type of the app, for ``sagaline schema``: the system's own (handled,
     #: subscribed to, accepted from clients) join them, and so do events only published.
     messages: Sequence[type[Message]] = ()
+    #: For each command type clients submit, the event types that answer it: how the test kit
+    #: finds, in a deployment with a database per service, the submissions no outbox holds.
+    answers: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
     def system(self, settings: Settings | None = None) -> System:
         """The app's system, built with ``settings`` (checked against those it declares)."""

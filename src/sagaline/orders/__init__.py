@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from sagaline.app import App
 from sagaline.handling import System
+from sagaline.orders.invariants import ORDER_ANSWERS, order_invariants
 from sagaline.orders.inventory import build_inventory_service
 from sagaline.orders.messages import MESSAGES, CreateOrderCommand
 from sagaline.orders.order import build_order_service
@@ -65,4 +66,6 @@ app = App(
     description="The seed's order flow: order write, inventory, payment, the saga, order read.",
     settings=SETTINGS,
     messages=MESSAGES,
+    invariants=order_invariants(),
+    answers=ORDER_ANSWERS,
 )

@@ -32,6 +32,7 @@ from decimal import Decimal
 
 from sagaline.app import App
 from sagaline.handling import Context, Service, System
+from sagaline.orders.invariants import ORDER_ANSWERS, order_invariants
 from sagaline.orders.inventory import (
     RESERVATIONS,
     STOCK,
@@ -234,4 +235,6 @@ app = App(
     description="The seed's order flow as a choreography, followed by a saga monitor.",
     settings=SETTINGS,
     messages=MESSAGES,
+    invariants=order_invariants(),
+    answers=ORDER_ANSWERS,
 )

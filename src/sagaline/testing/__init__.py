@@ -1,13 +1,20 @@
 """Tools for testing systems built with sagaline: the invariant checker of RELIABILITY.md.
 
-``check_invariants`` checks one store (the embedded default, bus included); ``check_deployment``
-checks a deployment of a store per service and a bus (SQLite, PostgreSQL, RabbitMQ, NATS).
+``check_app`` checks any app on one store (the embedded default, bus included), and
+``check_app_deployment`` on a deployment of a store per service and a bus (SQLite, PostgreSQL,
+RabbitMQ, NATS): the invariants any app keeps, then the app's own (``App.invariants``).
+``check_invariants`` and ``check_deployment`` do so for the reference order app.
 """
 
 from __future__ import annotations
 
 from sagaline.testing.invariants import (
+    AuditSnapshot,
     Violation,
+    check_app,
+    check_app_async,
+    check_app_deployment,
+    check_app_deployment_async,
     check_deployment,
     check_deployment_async,
     check_invariants,
@@ -16,7 +23,12 @@ from sagaline.testing.invariants import (
 )
 
 __all__ = [
+    "AuditSnapshot",
     "Violation",
+    "check_app",
+    "check_app_async",
+    "check_app_deployment",
+    "check_app_deployment_async",
     "check_deployment",
     "check_deployment_async",
     "check_invariants",
