@@ -149,9 +149,7 @@ async def raw_rate(bus_url: str, count: int, batch: int = 500, **options: Any) -
     from sagaline.ports import Outcome
 
     bus = open_bus(bus_url, **options)
-    opener = getattr(bus, "open", None)
-    if opener is not None:
-        await opener()
+    await bus.open()
     spec = RAW_CONSUMER
     routes = {"ProcessPaymentCommand": "rawbench"}
     await bus.prepare([spec], routes)
@@ -227,7 +225,7 @@ async def run_deployment(
     if deployment.bus is not None:
         consumers = [spec for svc in system.services.values() for spec in svc.consumers()]
         await deployment.bus.prepare(consumers, system.routes)
-    orchestrator = deployment.store("orchestrator")
+    orchestrator = deployment.queries("orchestrator")
     supervisor = None
     runner = None
     runtimes = []
@@ -251,7 +249,7 @@ async def run_deployment(
         runner = asyncio.gather(*(runtime.run() for runtime in runtimes))
 
     def terminal() -> int:
-        counts = orchestrator.saga_counts()  # type: ignore[attr-defined]
+        counts = orchestrator.saga_counts()
         return int(counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0))
 
     while terminal() < sagas:
@@ -269,7 +267,7 @@ async def run_deployment(
     handled = sum(runtime.handled for runtime in runtimes)
     latencies = [
         _seconds(record.updated_at) - submitted_at[record.saga_id.split(":", 1)[1]]
-        for record in orchestrator.list_sagas()  # type: ignore[attr-defined]
+        for record in orchestrator.list_sagas()
     ]
     run_seconds = finished - submitted
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -278,7 +276,7 @@ async def run_deployment(
     print(f"store / bus           {store} / {bus or '(the store)'}")
     print(f"services              {f'{instances} process(es) each' if instances else 'in-process'}")
     print(f"flow                  {_flow(choreography)}")
-    print(f"sagas                 {sagas:,} ({orchestrator.saga_counts()})")  # type: ignore[attr-defined]
+    print(f"sagas                 {sagas:,} ({orchestrator.saga_counts()})")
     print(f"submit                {submitted - started:.2f} s")
     print(f"all sagas terminal    {run_seconds:.2f} s")
     print(f"completed sagas/s     {rate:,.0f}")

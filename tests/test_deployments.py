@@ -195,10 +195,10 @@ def settled(order_ids: Sequence[str]) -> Callable[[Deployment], bool]:
 
 def statuses(order_ids: Sequence[str]) -> Callable[[Deployment], dict[str, Any]]:
     def read(deployment: Deployment) -> dict[str, Any]:
-        view = deployment.store("read")
+        view = deployment.queries("read")
         found = {}
         for order_id in order_ids:
-            document = view.get_document_sync(ORDER_VIEW, order_id)  # type: ignore[attr-defined]
+            document = view.get_document_sync(ORDER_VIEW, order_id)
             found[order_id] = document.data["status"] if document else None
         return found
 

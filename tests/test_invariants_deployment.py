@@ -309,10 +309,7 @@ def test_the_snapshot_accounts_for_every_message(deployment: Deployment) -> None
 def test_the_checker_needs_no_readable_bus(deployment: Deployment) -> None:
     # As with a broker for a bus: only the stores' own rows are read.
     async def check() -> list[Violation]:
-        sources = [
-            (name, deployment.store(name).audit_rows())  # type: ignore[attr-defined]
-            for name in SERVICE_NAMES
-        ]
+        sources = [(name, deployment.store(name).audit_rows()) for name in SERVICE_NAMES]
         snapshot = AuditSnapshot.from_rows(
             sources, routes=build_system().routes, outbox=True, answers=ORDER_ANSWERS
         )

@@ -27,6 +27,7 @@ A third-party adapter registers itself with one call, made when its package is i
         bus="sagaline_redis:open_redis_bus",
         install="sagaline-redis",
         drivers=("redis",),
+        errors=("redis.exceptions:RedisError",),
         example="redis://host:6379/0",
     )
 
@@ -38,7 +39,8 @@ first time an unknown scheme is met). The factories it names are called as:
   of ``service`` (None: a standalone backend, as :func:`~sagaline.backends.open_backend`
   opens), where ``url`` has ``{service}`` already filled in; ``outbox``: its messages leave
   through another bus (a relay publishes them); ``colocated_bus``: the bus lives in the same
-  database. It returns a :class:`~sagaline.ports.Backend`.
+  database. It returns a :class:`~sagaline.ports.Database` (a store that is also a bus, with
+  its outbox, query tools, metadata and idleness).
 * ``bus(url, *, connect_timeout, instance, **options)``: a
   :class:`~sagaline.ports.BrokerBus` not yet connected; ``instance=(i, n)`` says this process
   is instance i of n of its services. A factory ignores the options it has no use for.
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -172,7 +175,9 @@ class Adapter:
     ``store_per_service``: each service gets its own store object on one URL (its own schema);
     otherwise services whose URLs are the same share one store (one SQLite file). ``broker``:
     a message broker whose bus declares queues and streams, which ``sagaline teardown``
-    deletes (its bus is a :class:`~sagaline.backends.BrokerTopology`).
+    deletes (its bus is a :class:`~sagaline.backends.BrokerTopology`). ``errors``: the base
+    classes of what the driver raises once connected, as ``"module:Name"`` references, which
+    the command line reports as one line rather than a traceback (see :meth:`error_types`).
     """
 
     schemes: tuple[str, ...]
@@ -184,6 +189,19 @@ class Adapter:
     drivers: tuple[str, ...] = ()
     store_per_service: bool = False
     broker: bool = False
+    errors: tuple[str, ...] = ()
+
+    def error_types(self) -> tuple[type[Exception], ...]:
+        """The driver's error classes that ``errors`` names, from modules already imported:
+        a driver not in use is not imported for them (nothing of it can have been raised)."""
+        found: list[type[Exception]] = []
+        for reference in self.errors:
+            module_name, _, name = reference.partition(":")
+            module = sys.modules.get(module_name)
+            error = getattr(module, name, None) if module is not None else None
+            if isinstance(error, type) and issubclass(error, Exception):
+                found.append(error)
+        return tuple(found)
 
     def provides(self, role: Role) -> bool:
         """Whether this adapter opens stores (``"store"``) or a bus (``"bus"``)."""
@@ -228,6 +246,7 @@ def register_scheme(
     drivers: tuple[str, ...] = (),
     store_per_service: bool = False,
     broker: bool = False,
+    errors: tuple[str, ...] = (),
     replace: bool = False,
 ) -> Adapter:
     """Make URLs of ``schemes`` open the adapter whose factories ``store``/``bus`` name.
@@ -248,6 +267,7 @@ def register_scheme(
         drivers,
         store_per_service,
         broker,
+        errors,
     )
     for scheme in adapter.schemes:
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
@@ -318,6 +338,7 @@ register_scheme(
     example="sqlite:///path/to/file.db",
     store="sagaline.backends.sqlite:open_store",
     bus="sagaline.backends.sqlite:open_bus",
+    errors=("sqlite3:Error",),
 )
 register_scheme(
     "postgresql",
@@ -329,6 +350,7 @@ register_scheme(
     install="sagaline[postgres]",
     drivers=("psycopg", "psycopg_pool", "psycopg_binary"),
     store_per_service=True,
+    errors=("psycopg:Error",),
 )
 register_scheme(
     "amqp",
@@ -339,6 +361,7 @@ register_scheme(
     install="sagaline[rabbitmq]",
     drivers=("aio_pika", "aiormq", "pamqp"),
     broker=True,
+    errors=("aiormq:AMQPError",),
 )
 register_scheme(
     "nats",
@@ -348,4 +371,5 @@ register_scheme(
     install="sagaline[nats]",
     drivers=("nats",),
     broker=True,
+    errors=("nats.errors:Error",),
 )

@@ -29,7 +29,7 @@ from sagaline.backends import open_bus
 from sagaline.config import BUS_URL_ENV, STORE_URL_ENV, adapter_for, redact_url, scheme_of
 from sagaline.errors import ConfigurationError
 from sagaline.handling import DEFAULT_BATCH, Runtime, System
-from sagaline.ports import Backend, BrokerBus
+from sagaline.ports import BrokerBus, Database, StoreQueries
 
 __all__ = [
     "SERVICE_PLACEHOLDER",
@@ -68,7 +68,7 @@ class Deployment:
     store_options: Mapping[str, Any] = field(default_factory=dict)
     bus_options: Mapping[str, Any] = field(default_factory=dict)
     connect_timeout: float | None = None
-    stores: dict[str, Backend] = field(default_factory=dict, init=False)
+    stores: dict[str, Database] = field(default_factory=dict, init=False)
     bus: BrokerBus | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
@@ -83,7 +83,7 @@ class Deployment:
         colocated = self.bus_url is None
         # One store object per distinct database: services sharing a SQLite file share it,
         # while an adapter that gives each service its own schema opens one per service.
-        opened: dict[str, Backend] = {}
+        opened: dict[str, Database] = {}
         for service in self.services:
             url = service_url(self.store_url, service)
             key = f"{url}#{service}" if adapter.store_per_service else url
@@ -110,7 +110,7 @@ class Deployment:
         )
 
     @classmethod
-    def of(cls, store: Backend, services: Sequence[str]) -> Deployment:
+    def of(cls, store: Database, services: Sequence[str]) -> Deployment:
         """A deployment of ``services`` all on one already opened store that is also the bus."""
         deployment = cls.__new__(cls)
         deployment.store_url = store.url
@@ -128,22 +128,35 @@ class Deployment:
         """Whether the bus lives in the stores' database (no relay, acks in the unit of work)."""
         return self.bus is None
 
-    def distinct_stores(self) -> list[Backend]:
+    def distinct_stores(self) -> list[Database]:
         """Each store once (services on one SQLite file share one)."""
-        seen: dict[int, Backend] = {}
+        seen: dict[int, Database] = {}
         for store in self.stores.values():
             seen.setdefault(id(store), store)
         return list(seen.values())
 
-    def store(self, service: str) -> Backend:
+    def store(self, service: str) -> Database:
         """The store ``service`` owns."""
         try:
             return self.stores[service]
         except KeyError:
             raise ConfigurationError(f"no store opened for service {service!r}") from None
 
+    def queries(self, service: str) -> StoreQueries:
+        """The query tools of the store ``service`` owns."""
+        return self.store(service)
+
+    def audit_sources(self) -> list[StoreQueries]:
+        """The query tools of every distinct store, and of a bus that is a database (it also
+        holds the commands that clients submitted, where an audit trail starts)."""
+        sources: list[StoreQueries] = list(self.distinct_stores())
+        database = self.bus.database() if self.bus is not None else None
+        if database is not None:
+            sources.append(database)
+        return sources
+
     @property
-    def entry(self) -> Backend | BrokerBus:
+    def entry(self) -> Database | BrokerBus:
         """Where messages from outside are submitted: the bus."""
         if self.bus is not None:
             return self.bus
@@ -152,9 +165,9 @@ class Deployment:
     async def open(self) -> None:
         """Connect every store and the bus (creating their schemas)."""
         for store in self.distinct_stores():
-            await _open(store)
+            await store.open()
         if self.bus is not None:
-            await _open(self.bus)
+            await self.bus.open()
 
     async def prepare_bus(self, system: System) -> None:
         """Declare on a separate bus what ``system`` needs (queues, streams, bindings), as
@@ -197,12 +210,6 @@ class Deployment:
             )
             for group in groups.values()
         ]
-
-
-async def _open(resource: object) -> None:
-    opener = getattr(resource, "open", None)
-    if opener is not None:
-        await opener()
 
 
 async def run_runtimes(runtimes: Sequence[Runtime]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -20,17 +20,23 @@ from sagaline.messages import Envelope
 __all__ = [
     "DEAD_LETTERED",
     "DEAD_LETTER_BODY_BYTES",
+    "AuditRows",
     "Backend",
     "Batch",
     "BrokerBus",
     "Bus",
     "ConsumerSpec",
+    "Database",
     "DeadLetter",
     "Delivery",
+    "Disposable",
     "Document",
+    "Idleness",
+    "Metadata",
     "Outbox",
     "OutboxEntry",
     "Outcome",
+    "ProjectionSwap",
     "Reads",
     "RetryPolicy",
     "SagaRecord",
@@ -334,6 +340,18 @@ class Store(Protocol):
     """A service's own durable state."""
 
     url: str
+    #: True when the store's messages go out through its outbox to a separate bus (a relay
+    #: publishes them); False when the store's database is its bus.
+    outbox: bool
+
+    async def open(self) -> None:
+        """Connect and create or check the schema; idempotent (may have nothing to do)."""
+        ...
+
+    def start_checkpointer(self) -> None:
+        """Start whatever background upkeep the store wants while services run on it (SQLite
+        checkpoints its write-ahead log from a thread); does nothing where there is none."""
+        ...
 
     def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]:
         """One unit of work; commits on success, rolls back on error."""
@@ -394,6 +412,80 @@ class StoreQueries(Protocol):
         """The position of the last event of the store's log (0 when empty)."""
         ...
 
+    def read_stream_sync(self, stream: str) -> list[StoredEvent]:
+        """Every event of one stream, in version order."""
+        ...
+
+
+class AuditRows(Protocol):
+    """Every row of a database, table by table, for checkers that audit a whole system
+    (:mod:`sagaline.testing.invariants`)."""
+
+    def audit_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row the invariant checker reads, in one consistent read; the keys and column
+        orders are the contract documented on the SQLite adapter's ``audit_rows``."""
+        ...
+
+
+class Metadata(Protocol):
+    """A database's own key-value metadata (its schema version, a tool's mark)."""
+
+    def get_meta(self, key: str) -> str | None:
+        """The value of ``key``, or None."""
+        ...
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """Set ``key`` to ``value`` (in a transaction of its own)."""
+        ...
+
+
+class Idleness(Protocol):
+    """How much work a database still holds, for checks that wait for a system to settle."""
+
+    def outbox_pending(self) -> int:
+        """How many outbox entries are not published yet (0 for a store that is its bus)."""
+        ...
+
+    def pending_counts(self) -> dict[str, int]:
+        """Per queue of this database, how many commands wait to be handled (empty queues are
+        left out)."""
+        ...
+
+    def subscription_lag(self) -> dict[str, int]:
+        """Per subscriber, how many log positions its slowest partition is behind."""
+        ...
+
+    def is_idle(self, subscribers: Iterable[str] = ()) -> bool:
+        """Whether nothing is left to deliver: no command pending, every subscriber at the head
+        of the log. ``subscribers`` must have a cursor (one that never claimed has none, and
+        would otherwise look caught up)."""
+        ...
+
+
+class ProjectionSwap(Protocol):
+    """What a projection rebuild needs besides units of work: put the rebuilt view in place of
+    the live one, and move the projection's cursor. Called inside a unit of work of the same
+    task, each joins it (it takes effect when that unit commits)."""
+
+    def rename_namespace(self, source: str, target: str) -> None:
+        """Move every document of ``source`` to ``target``."""
+        ...
+
+    def reset_subscription(self, subscriber: str, position: int) -> None:
+        """Move every partition cursor of ``subscriber`` to ``position``."""
+        ...
+
+
+@runtime_checkable
+class Disposable(Protocol):
+    """A store whose tables live in schemas it can drop in place (PostgreSQL), so that a tool
+    (the demo) can start afresh; a SQLite file is replaced whole by its owner instead."""
+
+    async def drop_if_marked(self, key: str) -> bool:
+        """Drop the store's schemas if they carry the metadata mark ``key``, hold no data yet,
+        or do not exist; False, leaving everything as it was, when they hold data unmarked."""
+        ...
+
 
 @runtime_checkable
 class Outbox(Protocol):
@@ -427,6 +519,18 @@ class Bus(Protocol):
 
     url: str
 
+    async def open(self) -> None:
+        """Connect (a database bus also creates its schema); idempotent."""
+        ...
+
+    async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
+        """Put messages on the bus durably; returns once the bus has confirmed every message.
+
+        A database that is its own bus writes them in a transaction of its own. A message id
+        already there with the same message is a retry and changes nothing.
+        """
+        ...
+
     async def claim(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         """Lease up to ``limit`` deliveries for ``consumer``; empty when there is no work."""
         ...
@@ -456,8 +560,9 @@ class BrokerBus(Bus, Protocol):
         """Declare what the system needs (queues, streams, bindings); idempotent."""
         ...
 
-    async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
-        """Publish durably; returns once the bus has confirmed every message."""
+    def database(self) -> Database | None:
+        """This bus as a database (SQLite, PostgreSQL), which also keeps the commands clients
+        submitted (the start of an audit trail); None for a message broker."""
         ...
 
     async def complete(self, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]) -> None:
@@ -482,3 +587,24 @@ class Backend(Store, Bus, Protocol):
     ) -> None:
         """Record each delivery's outcome inside ``tx`` (ack, retry with backoff, dead letter)."""
         ...
+
+
+@runtime_checkable
+class Database(
+    Backend,
+    BrokerBus,
+    Outbox,
+    StoreQueries,
+    AuditRows,
+    Metadata,
+    Idleness,
+    ProjectionSwap,
+    Protocol,
+):
+    """A database adapter with every capability: a service's store, its own bus or the bus of
+    stores elsewhere, its outbox, the query tools, audit rows, metadata, idleness and
+    projection swaps.
+
+    SQLite and PostgreSQL are databases; a :class:`~sagaline.deploy.Deployment` opens one per
+    service (or one shared by the services on one SQLite file).
+    """

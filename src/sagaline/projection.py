@@ -9,13 +9,12 @@ replayed event leaves the view as it was.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 from sagaline.handling import Context, Service
 from sagaline.messages import Envelope, Event, MessageRegistry
-from sagaline.ports import Backend, BrokerBus, Reads, StoredEvent, StoreQueries, StoreTransaction
+from sagaline.ports import BrokerBus, Database, Reads, StoredEvent, StoreTransaction
 
 __all__ = ["Projection", "Views", "rebuild"]
 
@@ -108,7 +107,7 @@ class Projection:
 
 
 async def rebuild(
-    db: Backend,
+    db: Database,
     projection: Projection,
     *,
     bus: BrokerBus | None = None,
@@ -127,8 +126,7 @@ async def rebuild(
     shadow = f"{projection.namespace}.rebuild"
     async with db.transaction() as tx:
         await tx.delete_namespace(shadow)
-    queries = cast(StoreQueries, db)
-    head = queries.head_position() if bus is None else 0
+    head = db.head_position() if bus is None else 0
     position = 0
     replayed: list[str] = []
 
@@ -166,15 +164,10 @@ async def rebuild(
             await apply(tx, events)
             position = events[-1].position
         await tx.delete_namespace(projection.namespace)
-        await _maybe_await(db.rename_namespace(shadow, projection.namespace))  # type: ignore[attr-defined]
+        db.rename_namespace(shadow, projection.namespace)
         if bus is None:
-            await _maybe_await(db.reset_subscription(projection.name, position))  # type: ignore[attr-defined]
+            db.reset_subscription(projection.name, position)
         else:
             fresh = [m for m in replayed if m not in await tx.seen(projection.name, replayed)]
             await tx.record_inbox_many(projection.name, fresh)
     return projection.namespace
-
-
-async def _maybe_await(result: object) -> None:
-    if inspect.isawaitable(result):
-        await result

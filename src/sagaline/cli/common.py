@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, cast
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -17,6 +17,7 @@ from sagaline.app import APP_ENV, App, find_app, load_app
 from sagaline.backends.sqlite import LEASE_SECONDS, NotAStore, path_from_url
 from sagaline.cli.render import describe_invalid, fail, inert
 from sagaline.config import (
+    ADAPTERS,
     BUS_URL_ENV,
     CONNECT_TIMEOUT_ENV,
     DEFAULT_CONNECT_TIMEOUT,
@@ -111,16 +112,13 @@ BusOption = Annotated[
 
 def _queries(deployment: Deployment, service: str) -> StoreQueries:
     """The query methods of ``service``'s store (every backend offers the same ones)."""
-    return cast(StoreQueries, deployment.store(service))
+    return deployment.queries(service)
 
 
 def all_queries(deployment: Deployment) -> list[StoreQueries]:
     """The query methods of every distinct store of the deployment, and of a database bus
     (which also holds the commands that clients submitted)."""
-    sources = [cast(StoreQueries, store) for store in deployment.distinct_stores()]
-    if deployment.bus is not None and hasattr(deployment.bus, "trace_rows"):
-        sources.append(cast(StoreQueries, deployment.bus))
-    return sources
+    return deployment.audit_sources()
 
 
 def check_urls(store: str, bus: str | None) -> None:
@@ -230,17 +228,11 @@ def _database_errors() -> tuple[type[Exception], ...]:
     """Errors of the databases and brokers in use, shown as one line rather than a traceback.
 
     The adapters report a server they cannot reach as :class:`StoreUnavailable` or
-    :class:`BusUnavailable`; these are what a driver may still raise once connected."""
-    errors: list[type[Exception]] = [sqlite3.Error, OSError]
-    for module, name in (("psycopg", "Error"), ("aiormq", "AMQPError"), ("nats", "errors")):
-        loaded = sys.modules.get(module)
-        found = getattr(loaded, name, None) if loaded is not None else None
-        if isinstance(found, type) and issubclass(found, Exception):
-            errors.append(found)
-        elif module == "nats" and found is not None:
-            base = getattr(found, "Error", None)
-            if isinstance(base, type) and issubclass(base, Exception):
-                errors.append(base)
+    :class:`BusUnavailable`; these are what a driver may still raise once connected, as each
+    adapter's row of the scheme registry names them (:attr:`~sagaline.config.Adapter.errors`)."""
+    errors: list[type[Exception]] = [OSError]
+    for adapter in dict.fromkeys(ADAPTERS.values()):
+        errors.extend(adapter.error_types())
     return tuple(errors)
 
 

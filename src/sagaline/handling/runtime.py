@@ -57,7 +57,7 @@ class Runtime:
         ]
         self.relay: Relay | None = None
         if self.bus is not None:
-            if not isinstance(db, Outbox) or not getattr(db, "outbox", False):
+            if not db.outbox or not isinstance(db, Outbox):
                 raise ConfigurationError(
                     "a store used with a separate bus must be opened in outbox mode"
                 )
@@ -67,9 +67,7 @@ class Runtime:
 
     async def run(self) -> None:
         """Run every worker until :meth:`stop`; in-flight batches finish first."""
-        start_checkpointer = getattr(self.db, "start_checkpointer", None)
-        if start_checkpointer is not None:
-            start_checkpointer()
+        self.db.start_checkpointer()
         if self.bus is not None:
             consumers = [
                 spec for service in self.system.services.values() for spec in service.consumers()

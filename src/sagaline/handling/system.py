@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from sagaline.errors import ConfigurationError, DuplicateMessageId, NotAcceptedFromClients
 from sagaline.handling.service import Service, decode_in
@@ -170,12 +170,7 @@ class System:
                 known = first.setdefault(envelope.message_id, envelope)
                 if known.message_type != envelope.message_type or known.body != envelope.body:
                     raise DuplicateMessageId(envelope.message_id)
-        publish = getattr(bus, "publish", None)
-        if publish is not None:
-            await publish(envelopes, self.routes)
-        else:
-            async with cast(Backend, bus).transaction() as tx:
-                await tx.emit(envelopes, self.routes)
+        await bus.publish(envelopes, self.routes)
 
 
 #: The source of messages submitted from outside the system (:meth:`System.submit`).

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, cast
 
 from sagaline.backends.sqlite import SqliteDatabase, path_from_url
 from sagaline.deploy import Deployment, scheme_of, service_url
@@ -25,7 +24,7 @@ from sagaline.orders.inventory import STOCK, set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 from sagaline.orders.order import Order
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.ports import Backend, BrokerBus
+from sagaline.ports import Backend, BrokerBus, Database, Disposable
 
 __all__ = [
     "DEMO_META_KEY",
@@ -205,17 +204,18 @@ async def open_demo_deployment(
     await reset_demo_schemas(deployment)
     await deployment.open()
     for store in deployment.distinct_stores():
-        await cast(Any, store).set_meta(DEMO_META_KEY, "1")
-    if deployment.bus is not None and scheme_of(bus_url or "") == "sqlite":
-        await cast(Any, deployment.bus).set_meta(DEMO_META_KEY, "1")
+        await store.set_meta(DEMO_META_KEY, "1")
+    bus_database = deployment.bus.database() if deployment.bus is not None else None
+    if bus_database is not None and scheme_of(bus_url or "") == "sqlite":
+        await bus_database.set_meta(DEMO_META_KEY, "1")
     return deployment
 
 
 async def reset_demo_schemas(deployment: Deployment) -> None:
     """Drop the PostgreSQL schemas of an earlier demo (refusing schemas without the mark)."""
     for store in deployment.distinct_stores():
-        reset = getattr(store, "drop_if_marked", None)
-        if reset is not None and not await reset(DEMO_META_KEY):
+        # A SQLite file is not Disposable: the demo deletes its earlier files itself.
+        if isinstance(store, Disposable) and not await store.drop_if_marked(DEMO_META_KEY):
             raise NotADemoStore(
                 "the PostgreSQL schemas hold data that is not the demo's; the demo will not"
                 " replace them"
@@ -238,7 +238,7 @@ async def submit_demo_orders(
     return [await system.submit(bus, order) for order in orders]
 
 
-def is_settled(db: SqliteDatabase, sagas: int) -> bool:
+def is_settled(db: Database, sagas: int) -> bool:
     """Whether ``sagas`` sagas have ended and nothing is left to deliver.
 
     Terminal sagas alone are not enough: the confirmation or cancellation still has to reach
@@ -258,29 +258,26 @@ def is_deployment_settled(deployment: Deployment, order_ids: Sequence[str]) -> b
     model shows every order's final status, no stock is left reserved, the order aggregate
     recorded the outcome, and no outbox holds anything unpublished.
     """
-    orchestrator = cast(Any, deployment.store("orchestrator"))
     if deployment.colocated and len(deployment.distinct_stores()) == 1:
-        return is_settled(orchestrator, len(order_ids))
-    counts = orchestrator.saga_counts()
+        return is_settled(deployment.store("orchestrator"), len(order_ids))
+    counts = deployment.queries("orchestrator").saga_counts()
     ended = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
     if not ended == len(order_ids) == sum(counts.values()):
         return False
-    read = cast(Any, deployment.store("read"))
+    read = deployment.queries("read")
     for order_id in order_ids:
         view = read.get_document_sync(ORDER_VIEW, order_id)
         if view is None or view.data.get("status") not in ("CONFIRMED", "CANCELLED"):
             return False
-    inventory = cast(Any, deployment.store("inventory"))
+    inventory = deployment.queries("inventory")
     if any(row.get("reserved") for row in inventory.query_documents(STOCK)):
         return False
-    order_store = cast(Any, deployment.store("order"))
+    order_store = deployment.queries("order")
     for order_id in order_ids:
         stream = order_store.read_stream_sync(Order.stream_name(order_id))
         if not stream or stream[-1].envelope.message_type not in _ORDER_FINAL_EVENTS:
             return False
-    return all(
-        not getattr(store, "outbox_pending", lambda: 0)() for store in deployment.distinct_stores()
-    )
+    return all(not store.outbox_pending() for store in deployment.distinct_stores())
 
 
 async def run_until_settled(

@@ -891,6 +891,10 @@ class NatsBus:
             event = self._wakeups[key] = asyncio.Event()
         return event
 
+    def database(self) -> None:
+        """None: a broker, not a database (it keeps no record of what clients submitted)."""
+        return None
+
     async def replay(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """The retained events after stream sequence ``after``, up to the last one at the start.
 

@@ -50,7 +50,19 @@ from sagaline.backends.postgres.transaction import PostgresTransaction, envelope
 from sagaline.ports import OutboxEntry
 
 if TYPE_CHECKING:
-    from sagaline.ports import Backend, BrokerBus, Outbox, StoreTransaction
+    from sagaline.ports import (
+        AuditRows,
+        Backend,
+        BrokerBus,
+        Database,
+        Disposable,
+        Idleness,
+        Metadata,
+        Outbox,
+        ProjectionSwap,
+        StoreQueries,
+        StoreTransaction,
+    )
 
 __all__ = [
     "BUS_SCHEMA",
@@ -123,6 +135,13 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
     async def open(self) -> None:
         """Migrate the schemas (once), open the pool and the listening connection."""
         await self._ready()
+
+    def start_checkpointer(self) -> None:
+        """Nothing to do: the server checkpoints its own write-ahead log."""
+
+    def database(self) -> PostgresDatabase:
+        """This database: a bus that is a database, which keeps the commands clients submitted."""
+        return self
 
     def _sync(self) -> psycopg.Connection[Any]:
         """The synchronous tools' connection, opened (and the schemas migrated) on first use."""
@@ -429,5 +448,17 @@ if TYPE_CHECKING:
 
     def _implements_ports(
         db: PostgresDatabase, tx: PostgresTransaction
-    ) -> tuple[Backend, StoreTransaction, Outbox, BrokerBus]:
-        return db, tx, db, db
+    ) -> tuple[
+        Backend,
+        StoreTransaction,
+        Outbox,
+        BrokerBus,
+        StoreQueries,
+        AuditRows,
+        Metadata,
+        Idleness,
+        ProjectionSwap,
+        Disposable,
+        Database,
+    ]:
+        return db, tx, db, db, db, db, db, db, db, db, db

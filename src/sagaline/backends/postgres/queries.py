@@ -47,7 +47,7 @@ class PostgresQueries:
         ``events``, ``commands`` and ``subscriptions`` are the bus's; in outbox mode ``events``
         are this store's streams and the outbox is listed."""
         s, b = self.names.store, self.names.bus
-        outbox = bool(getattr(self, "outbox", False))
+        outbox = self.outbox
         queries: dict[str, str] = {
             "outbox": f"SELECT id, message_id, type, body, correlation_id, causation_id, timestamp,"
             f" traceparent, source, (sent_at IS NOT NULL)::int FROM {s}.outbox ORDER BY id",

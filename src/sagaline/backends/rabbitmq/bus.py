@@ -8,7 +8,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import suppress
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -35,6 +35,9 @@ from sagaline.config import redact, redact_url
 from sagaline.errors import BusUnavailable, ConfigurationError
 from sagaline.messages import Envelope
 from sagaline.ports import Batch, ConsumerSpec, Outcome, StoredEvent
+
+if TYPE_CHECKING:
+    from sagaline.ports import BrokerBus
 
 log = logging.getLogger("sagaline.rabbitmq")
 
@@ -514,6 +517,10 @@ class RabbitBus:
 
     # Replay and inspection ------------------------------------------------------------------
 
+    def database(self) -> None:
+        """None: a broker, not a database (it keeps no record of what clients submitted)."""
+        return None
+
     async def replay(self, after: int = 0) -> AsyncIterator[StoredEvent]:
         """Every event retained in the stream at position > ``after``, up to the end as of now.
 
@@ -633,6 +640,12 @@ class RabbitBus:
             with suppress(Exception):
                 await channel.close()
         return found
+
+
+if TYPE_CHECKING:
+
+    def _implements_port(bus: RabbitBus) -> BrokerBus:
+        return bus
 
 
 def open_bus(url: str, **options: Any) -> RabbitBus:

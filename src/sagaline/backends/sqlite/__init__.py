@@ -46,7 +46,18 @@ from sagaline.messages import Envelope, check_message_id
 from sagaline.ports import Batch, ConsumerSpec, OutboxEntry, Outcome, StoredEvent
 
 if TYPE_CHECKING:
-    from sagaline.ports import Backend, BrokerBus, Outbox, StoreTransaction
+    from sagaline.ports import (
+        AuditRows,
+        Backend,
+        BrokerBus,
+        Database,
+        Idleness,
+        Metadata,
+        Outbox,
+        ProjectionSwap,
+        StoreQueries,
+        StoreTransaction,
+    )
 
 __all__ = [
     "LEASE_SECONDS",
@@ -257,6 +268,10 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
         async with self.transaction() as tx:
             tx.to_bus(envelopes, routes)
 
+    def database(self) -> SqliteDatabase:
+        """This file: a bus that is a database, which keeps the commands clients submitted."""
+        return self
+
     async def complete(self, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]) -> None:
         """Settle a batch whose handling committed in another store."""
         async with self.transaction() as tx:
@@ -381,5 +396,16 @@ if TYPE_CHECKING:
 
     def _implements_ports(
         db: SqliteDatabase, tx: SqliteTransaction
-    ) -> tuple[Backend, BrokerBus, Outbox, StoreTransaction]:
-        return db, db, db, tx
+    ) -> tuple[
+        Backend,
+        BrokerBus,
+        Outbox,
+        StoreQueries,
+        AuditRows,
+        Metadata,
+        Idleness,
+        ProjectionSwap,
+        Database,
+        StoreTransaction,
+    ]:
+        return db, db, db, db, db, db, db, db, db, tx

@@ -39,10 +39,10 @@ class Harness:
         return self.bus if self.bus is not None else self.store
 
     async def open(self) -> None:
-        """Open the store and the bus (those that have something to open)."""
-        await _open(self.store)
+        """Open the store and the bus."""
+        await self.store.open()
         if self.bus is not None:
-            await _open(self.bus)
+            await self.bus.open()
 
     async def close(self) -> None:
         """Delete what the test declared on a broker, and close the buses and the store."""
@@ -106,12 +106,6 @@ def drive(scenario: Callable[[], Any]) -> None:
                     await _OPEN.pop().close()
 
     asyncio.run(go())
-
-
-async def _open(resource: object) -> None:
-    opener = getattr(resource, "open", None)
-    if opener is not None:
-        await opener()
 
 
 #: Makes one more harness on the test's storage (a second member of the same deployment).

@@ -53,6 +53,13 @@ class RecordingBus:
         self.refused: set[str] = set()
         self.outages = 0
 
+    async def open(self) -> None:
+        """Nothing to connect."""
+
+    def database(self) -> None:
+        """Not a database."""
+        return None
+
     async def publish(self, envelopes: Sequence[Envelope], routes: Mapping[str, str]) -> None:
         """Keep ``envelopes``, all or none (a refused one or an outage fails the whole call)."""
         self.publications += 1
