@@ -334,8 +334,8 @@ def _setup(
             "--app",
             envvar=APP_ENV,
             metavar="MODULE:ATTR",
-            help="The app to work on (default: [tool.sagaline] app in pyproject.toml, else the"
-            " reference order system).",
+            help="The app to work on (default: app in the tool.sagaline table of"
+            " pyproject.toml, else the reference order system).",
         ),
     ] = None,
 ) -> None:
