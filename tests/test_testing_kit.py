@@ -10,9 +10,14 @@ import sagaline.testing
 import sagaline.testing.conformance as conformance
 
 
-def test_the_kit_exports_the_invariant_checker() -> None:
+def test_the_kit_exports_the_invariant_checker_and_the_harness() -> None:
     assert sagaline.testing.__all__ == [
         "AuditSnapshot",
+        "Delivered",
+        "Faults",
+        "Harness",
+        "InjectedCrash",
+        "InjectedFailure",
         "Violation",
         "check_app",
         "check_app_async",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
 from typing import Any, cast
 
 from sagaline.errors import ConcurrencyError, InvalidMessage, NonRetryableError, StoreUnavailable
@@ -27,13 +27,18 @@ from sagaline.ports import (
     StoreTransaction,
 )
 
-__all__ = ["DEFAULT_BATCH", "Worker"]
+__all__ = ["DEFAULT_BATCH", "BeforeCommit", "Worker"]
 
 log = logging.getLogger("sagaline.handling")
 
 #: Deliveries claimed and committed together. Under load a bigger batch spreads one commit over
 #: more messages; when idle a batch holds what is there, so latency does not wait for it.
 DEFAULT_BATCH = 500
+
+#: Called inside a batch's unit of work, handled and settled, just before it commits, with the
+#: outcome of each delivery. An exception it raises abandons the unit of work as a crash there
+#: would: nothing of the batch is kept, and its deliveries come again.
+BeforeCommit = Callable[[Batch, Sequence[tuple[Outcome, str | None]]], None]
 
 
 class Worker:
@@ -69,6 +74,8 @@ class Worker:
             service.command_handlers if spec.source == "queue" else service.event_handlers
         )
         self.handled = 0
+        #: An observer of every batch just before its commit (the test kit's harness).
+        self.before_commit: BeforeCommit | None = None
         #: A batch the store failed under, with the redeliveries counted for it, to give back.
         self._unreleased: tuple[Batch, list[str]] | None = None
 
@@ -271,6 +278,8 @@ class Worker:
             if self.broker is None:
                 await self.db.settle(tx, batch, outcomes)
             crash_point("before-commit")
+            if self.before_commit is not None:
+                self.before_commit(batch, outcomes)
         crash_point("after-commit")
         if blocked is not None:
             blocked |= held

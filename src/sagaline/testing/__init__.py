@@ -4,10 +4,15 @@
 ``check_app_deployment`` on a deployment of a store per service and a bus (SQLite, PostgreSQL,
 RabbitMQ, NATS): the invariants any app keeps, then the app's own (``App.invariants``).
 ``check_invariants`` and ``check_deployment`` do so for the reference order app.
+
+:class:`Harness` runs an app on a temporary store with a :class:`~sagaline.clock.FakeClock` it
+moves to each next due retry, and with :class:`Faults` a seed decides (duplicate deliveries,
+crashes before commit, failing handlers): one seed replays one history.
 """
 
 from __future__ import annotations
 
+from sagaline.testing.harness import Delivered, Faults, Harness, InjectedCrash, InjectedFailure
 from sagaline.testing.invariants import (
     AuditSnapshot,
     Violation,
@@ -24,6 +29,11 @@ from sagaline.testing.invariants import (
 
 __all__ = [
     "AuditSnapshot",
+    "Delivered",
+    "Faults",
+    "Harness",
+    "InjectedCrash",
+    "InjectedFailure",
     "Violation",
     "check_app",
     "check_app_async",

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
@@ -41,6 +40,7 @@ from sagaline.backends.sqlite.schema import (
     migrate,
 )
 from sagaline.backends.sqlite.transaction import SqliteTransaction
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.errors import ConfigurationError, StoreUnavailable
 from sagaline.messages import Envelope, check_message_id
 from sagaline.ports import Batch, ConsumerSpec, OutboxEntry, Outcome, StoredEvent
@@ -88,15 +88,18 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
         outbox: bool = False,
         adopt: bool = False,
         read_only: bool = False,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         """Open (or create) the store at ``url``.
 
         An existing file that holds data and is not a sagaline store is refused
         (:class:`NotAStore`) and left untouched, unless ``adopt`` (``sagaline migrate``) asks
         for sagaline's tables to be added to a SQLite database. ``read_only`` opens an existing
-        store for queries only: nothing is written, not even its journal mode.
+        store for queries only: nothing is written, not even its journal mode. ``clock`` is what
+        leases and retry due times are read from (a test kit's :class:`~sagaline.clock.FakeClock`).
         """
         self.url = url
+        self.clock = clock
         #: True when this file is a service's store whose messages go out through another bus.
         self.outbox = outbox
         self._outbox_ready = asyncio.Event()
@@ -198,7 +201,7 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
         self._outbox_ready.clear()
         async with self._lock:
             conn = self.connection
-            now = time.time()
+            now = self.clock.time()
             with self._without_fsync():
                 conn.execute("BEGIN IMMEDIATE")
                 try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from typing import Any
 from sagaline.backends._sql.constants import MEMBERSHIP_INTERVAL, PARTITIONS, SCAN_FACTOR
 from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.sqlite.failures import unavailable
+from sagaline.clock import Clock
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome
 
 __all__ = ["SqliteBus"]
@@ -37,7 +37,8 @@ class _SubscriptionCursor:
 
 @dataclass(slots=True)
 class _Membership:
-    refreshed: float = 0.0
+    # Never refreshed: due at once, whatever the clock's monotonic reading (a fake one starts at 0).
+    refreshed: float = -math.inf
     owned: list[int] = field(default_factory=list)
 
 
@@ -48,6 +49,7 @@ class SqliteBus:
     path: str
     url: str
     lease_seconds: float
+    clock: Clock
     _lock: asyncio.Lock
     _wakeups: dict[tuple[str, str], asyncio.Event]
     _members: dict[tuple[str, str], _Membership]
@@ -91,7 +93,7 @@ class SqliteBus:
 
     def _claim_queue_rows(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         conn = self.connection
-        now = time.time()
+        now = self.clock.time()
         conn.execute("BEGIN IMMEDIATE")
         try:
             candidates = conn.execute(
@@ -193,8 +195,8 @@ class SqliteBus:
 
     def _claim_subscription_rows(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         conn = self.connection
-        now = time.monotonic()
-        wall = time.time()
+        now = self.clock.monotonic()
+        wall = self.clock.time()
         membership = self._members.setdefault((consumer.name, member), _Membership())
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -332,7 +334,7 @@ class SqliteBus:
     ) -> None:
         """Acknowledge, schedule retries and dead-letter inside the handling transaction."""
         conn = self.connection
-        wall = time.time()
+        wall = self.clock.time()
         policy = batch.consumer.retry
         if batch.consumer.source == "queue":
             done: list[tuple[Any, ...]] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -307,7 +306,7 @@ class SqliteTransaction:
         """Put messages on this file's own queues and log (a message id already there is kept)."""
         commands: list[tuple[Any, ...]] = []
         events: list[tuple[Any, ...]] = []
-        now = time.time()
+        now = self._db.clock.time()
         for envelope in envelopes:
             queue = routes.get(envelope.message_type)
             if queue is not None:
