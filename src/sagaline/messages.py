@@ -574,8 +574,10 @@ class Envelope:
             self.message_id = stand_in if isinstance(stand_in, str) else stand_in()
         return self
 
-    def decode(self) -> Message:
-        """The typed body; raises :class:`InvalidMessage` if it does not validate."""
+    def decode(self, types: MessageRegistry | None = None) -> Message:
+        """The typed body, decoded once (as ``types``' class of its type: a system's registry;
+        by default the process-wide one); raises :class:`InvalidMessage` if it does not
+        validate."""
         if self._message is None:
-            self._message = registry.decode(self.message_type, self.body)
+            self._message = (types or registry).decode(self.message_type, self.body)
         return self._message

@@ -102,7 +102,7 @@ class Projection:
         handler = self.handlers.get(envelope.message_type)
         if handler is None:
             return False
-        await handler(views, self.registry.decode(envelope.message_type, envelope.body), envelope)
+        await handler(views, envelope.decode(self.registry), envelope)
         return True
 
 

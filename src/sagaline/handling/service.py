@@ -25,7 +25,7 @@ ReadsOf = Callable[[Any, Reads], None]
 def decode_in(registry: MessageRegistry | None, envelope: Envelope) -> Message:
     """``envelope``'s message, decoded as ``registry``'s class of its type when it knows it."""
     if registry is not None and envelope.message_type in registry:
-        return registry.decode(envelope.message_type, envelope.body)
+        return envelope.decode(registry)
     return envelope.decode()
 
 

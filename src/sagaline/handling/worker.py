@@ -352,7 +352,7 @@ class Worker:
             await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
             return Outcome.DEAD, reason
         try:
-            message = self.system.registry.decode(envelope.message_type, envelope.body)
+            message = envelope.decode(self.system.registry)
             if self.broker is not None or envelope.source not in self.system.services:
                 # Anyone may publish onto a broker, and anything may be published onto a
                 # database bus as a client's message; what a service emitted into a database
