@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from sagaline.errors import ConfigurationError, DuplicateMessageId, NotAcceptedFromClients
 from sagaline.handling.service import Service, decode_in
-from sagaline.messages import Command, Envelope, Message, MessageRegistry
+from sagaline.messages import Command, Envelope, Message, MessageRegistry, registry
 from sagaline.ports import Backend, BrokerBus
 
 if TYPE_CHECKING:
@@ -107,8 +107,10 @@ class System:
         else:
             self.check_submittable(message)
         envelope = Envelope.wrap(message, source=source or CLIENT, message_id=message_id)
-        # Constructing a struct in Python skips its constraints; decoding applies them.
-        decode_in(self.registry, envelope)
+        # Constructing a struct in Python skips its constraints (and the body's size); decoding
+        # the body applies them. The envelope's cached message is not a check: decode afresh.
+        types = self.registry if envelope.message_type in self.registry else registry
+        types.decode(envelope.message_type, envelope.body)
         return envelope
 
     async def submit(
