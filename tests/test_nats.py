@@ -44,7 +44,6 @@ from sagaline.testing.conformance import (
     ConformanceOtherEvent,
     Harness,
     drive,
-    hand_made,
     padded,
     queue_service,
     record,
@@ -238,7 +237,9 @@ async def _consumers(bus: NatsBus, stream: str) -> Any:
 # ------------------------------------------------------------------------------------ queues
 
 
-def test_commands_are_delivered_to_the_queue_they_are_routed_to(kit: NatsKit) -> None:
+def test_commands_wait_in_their_queues_consumer_and_leave_the_stream_once_acknowledged(
+    kit: NatsKit,
+) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
         system = System(
@@ -254,15 +255,12 @@ def test_commands_are_delivered_to_the_queue_they_are_routed_to(kit: NatsKit) ->
             + [ConformanceOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
         )
         await run(bus, system, {"alpha": alpha}, lambda: recorded(alpha, "alpha") != {})
-        assert recorded(alpha, "alpha") == {"K-1": [0, 1, 2]}
-        assert recorded(beta, "beta") == {}
         [alpha_queue] = system.services["alpha"].consumers()
         [beta_queue] = system.services["beta"].consumers()
         await expect_unsettled(bus, alpha_queue, 0)
         await expect_unsettled(bus, beta_queue, 2)
 
         await run(bus, system, {"beta": beta}, lambda: recorded(beta, "beta") != {})
-        assert recorded(beta, "beta") == {"K-1": [10, 11]}
         await expect_unsettled(bus, beta_queue, 0)
         # A work queue: what was acknowledged is gone from the stream.
         assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
@@ -282,44 +280,13 @@ def test_a_command_without_a_route_is_refused(kit: NatsKit) -> None:
     kit.run(scenario)
 
 
-def test_commands_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -> None:
-    calls: Counter[tuple[str, int]] = Counter()
-
-    async def flaky(ctx: Context, command: ConformanceCommand) -> None:
-        calls[command.key, command.seq] += 1
-        await record(ctx, command)
-        if command.seq % 4 == 1 and calls[command.key, command.seq] <= 2:
-            raise RuntimeError(f"transient failure of {command.key}/{command.seq}")
-
-    async def scenario() -> None:
-        bus = await kit.bus()
-        service = Service("alpha", retry=FAST_RETRY)
-        service.handles(ConformanceCommand)(flaky)
-        system = System([service])
-        store = kit.store("alpha")
-        keys = [f"K-{k}" for k in range(4)]
-        await system.submit_many(
-            bus, [ConformanceCommand(key=key, seq=seq) for seq in range(15) for key in keys]
-        )
-        expected = {key: list(range(15)) for key in keys}
-        await run(bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == expected)
-        assert all(calls[key, seq] >= 3 for key in keys for seq in range(1, 15, 4))
-        assert not store.dead_letters()
-
-    kit.run(scenario)
-
-
-def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(kit: NatsKit) -> None:
-    policy = RetryPolicy(max_attempts=3, initial_delay=0.05, multiplier=2.0, max_delay=1.0)
-    poison_calls: list[float] = []
-    progress_when_handled: dict[tuple[str, int], int] = {}
+def test_a_message_the_worker_dead_letters_is_settled_on_the_server(kit: NatsKit) -> None:
+    """The worker dead-letters it in the store and acknowledges it: the server holds nothing of
+    it any more (it will not deliver it again)."""
+    policy = RetryPolicy(max_attempts=2, initial_delay=0.01)
 
     async def handler(ctx: Context, command: ConformanceCommand) -> None:
-        if command.key == "K-poison" and command.seq == 0:
-            poison_calls.append(asyncio.get_running_loop().time())
-            raise RuntimeError("poison-boom: cannot handle this one")
-        progress_when_handled[command.key, command.seq] = len(poison_calls)
-        await record(ctx, command)
+        raise RuntimeError("poison-boom")
 
     async def scenario() -> None:
         bus = await kit.bus()
@@ -328,56 +295,12 @@ def test_a_poison_command_is_retried_with_backoff_then_dead_lettered(kit: NatsKi
         system = System([service])
         store = kit.store("alpha")
         poison = await system.submit(bus, ConformanceCommand(key="K-poison", seq=0))
-        await system.submit(bus, ConformanceCommand(key="K-poison", seq=1))
-        await system.submit_many(
-            bus, [ConformanceCommand(key=f"K-{k}", seq=s) for s in range(5) for k in range(3)]
-        )
-        expected = {**{f"K-{k}": list(range(5)) for k in range(3)}, "K-poison": [1]}
-        await run(bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == expected)
-
+        await run(bus, system, {"alpha": store}, lambda: bool(store.dead_letters()))
         [dead] = store.dead_letters()
-        assert dead.consumer == "alpha"
-        assert dead.envelope.message_id == poison.message_id
-        assert dead.envelope.body == poison.body
-        assert dead.attempts == policy.max_attempts
-        assert "poison-boom: cannot handle this one" in dead.reason
-        assert "RuntimeError" in dead.reason
-        assert poison_calls[-1] - poison_calls[0] >= (policy.delay(1) + policy.delay(2)) * 0.9
-        others = [n for (key, _), n in progress_when_handled.items() if key != "K-poison"]
-        assert max(others) < len(poison_calls)
-        # The poison's own key went on only after it was dead-lettered.
-        assert progress_when_handled["K-poison", 1] == len(poison_calls)
+        assert (dead.envelope.message_id, dead.attempts) == (poison.message_id, 2)
         [queue] = service.consumers()
         await expect_unsettled(bus, queue, 0)
-
-    kit.run(scenario)
-
-
-def test_an_invalid_command_body_is_dead_lettered_and_the_queue_goes_on(kit: NatsKit) -> None:
-    async def scenario() -> None:
-        bus = await kit.bus()
-        system = System([queue_service("alpha", ConformanceCommand)])
-        store = kit.store("alpha")
-        bad = hand_made(
-            "ConformanceCommand",
-            "K-1",
-            b'{"commandType":"ConformanceCommand","key":"K-1","seq":"one"}',
-        )
-        await bus.publish([bad], system.routes)
-        await system.submit_many(
-            bus, [ConformanceCommand(key="K-1", seq=1), ConformanceCommand(key="K-2", seq=2)]
-        )
-        expected = {"K-1": [1], "K-2": [2]}
-        await run(
-            bus,
-            system,
-            {"alpha": store},
-            lambda: recorded(store, "alpha") == expected and bool(store.dead_letters()),
-        )
-        [dead] = store.dead_letters()
-        assert dead.envelope.message_id == bad.message_id
-        assert dead.envelope.body == bad.body
-        assert "invalid" in dead.reason and "$.seq" in dead.reason
+        assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
 
     kit.run(scenario)
 
@@ -418,19 +341,15 @@ def test_a_message_without_sagaline_headers_is_dead_lettered(kit: NatsKit) -> No
 
 
 def test_a_message_published_twice_is_stored_once(kit: NatsKit) -> None:
+    """The server's duplicate window (the message id as ``Nats-Msg-Id``) keeps one copy."""
+
     async def scenario() -> None:
         bus = await kit.bus()
         system = System([queue_service("alpha", ConformanceCommand)])
-        store = kit.store("alpha")
         first = await system.submit(bus, ConformanceCommand(key="K-1", seq=1), message_id="order-1")
-        again = await system.submit(bus, ConformanceCommand(key="K-1", seq=1), message_id="order-1")
+        await system.submit(bus, ConformanceCommand(key="K-1", seq=1), message_id="order-1")
         await bus.publish([first], system.routes)  # the relay publishing after a crash
-        assert first.message_id == again.message_id == "order-1"
         assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 1
-        await system.submit(bus, ConformanceCommand(key="K-1", seq=2))
-        await run(
-            bus, system, {"alpha": store}, lambda: recorded(store, "alpha") == {"K-1": [1, 2]}
-        )
 
     kit.run(scenario)
 
@@ -736,38 +655,6 @@ def test_a_stopped_member_hands_its_partitions_over_at_once(kit: NatsKit) -> Non
 # ------------------------------------------------------------------------------------ events
 
 
-def test_events_reach_every_subscriber_of_their_type(kit: NatsKit) -> None:
-    async def scenario() -> None:
-        bus = await kit.bus()
-        system = System(
-            [
-                subscriber("first", ConformanceEvent),
-                subscriber("second", ConformanceEvent, ConformanceOtherEvent),
-                subscriber("third", ConformanceOtherEvent),
-            ]
-        )
-        stores = {name: kit.store(name) for name in ("first", "second", "third")}
-        events: list[Any] = [ConformanceEvent(key=f"K-{i % 3}", seq=i) for i in range(12)]
-        events += [ConformanceOtherEvent(key="K-0", seq=100 + i) for i in range(2)]
-        await system.submit_many(bus, events)
-        expected = {f"K-{k}": list(range(k, 12, 3)) for k in range(3)}
-        wanted = {
-            "first": expected,
-            "second": {**expected, "K-0": [0, 3, 6, 9, 100, 101]},
-            "third": {"K-0": [100, 101]},
-        }
-        await run(
-            bus,
-            system,
-            stores,
-            lambda: all(recorded(stores[n], n) == wanted[n] for n in stores),
-        )
-        for name in stores:
-            assert not stores[name].dead_letters()
-
-    kit.run(scenario)
-
-
 def test_a_subscriber_of_one_type_is_sent_nothing_else(kit: NatsKit) -> None:
     """Its consumers filter on that type's subjects, so the server never delivers other types
     (before NATS 2.10 a consumer has one filter; a subscriber of several types gets every type
@@ -791,50 +678,21 @@ def test_a_subscriber_of_one_type_is_sent_nothing_else(kit: NatsKit) -> None:
     kit.run(scenario)
 
 
-def test_events_of_one_key_are_handled_in_order_despite_failures(kit: NatsKit) -> None:
-    calls: Counter[tuple[str, int]] = Counter()
-
-    async def flaky(ctx: Context, event: ConformanceEvent) -> None:
-        calls[event.key, event.seq] += 1
-        await record(ctx, event)
-        if event.seq % 5 == 2 and calls[event.key, event.seq] <= 2:
-            raise RuntimeError("transient")
-
-    async def scenario() -> None:
-        bus = await kit.bus()
-        service = Service("watcher", retry=FAST_RETRY)
-        service.subscribes(ConformanceEvent)(flaky)
-        system = System([service])
-        store = kit.store("watcher")
-        keys = [f"K-{k}" for k in range(6)]
-        await system.submit_many(
-            bus, [ConformanceEvent(key=key, seq=seq) for seq in range(12) for key in keys]
-        )
-        expected = {key: list(range(12)) for key in keys}
-        await run(bus, system, {"watcher": store}, lambda: recorded(store, "watcher") == expected)
-        assert all(calls[key, 2] >= 3 for key in keys)
-        assert not store.dead_letters()
-
-    kit.run(scenario)
-
-
-def test_the_log_can_be_replayed_from_any_position(kit: NatsKit) -> None:
+def test_the_log_is_in_publish_order_and_a_replay_ends_where_it_ended_when_it_began(
+    kit: NatsKit,
+) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
         system = System([subscriber("early", ConformanceEvent)])
         envelopes = await system.submit_many(
             bus, [ConformanceEvent(key=f"K-{i % 4}", seq=i) for i in range(25)]
         )
+        # One stream: the order published across keys too.
         log = [e async for e in bus.replay(0)]
         assert [e.envelope.message_id for e in log] == [e.message_id for e in envelopes]
         assert [e.envelope.body for e in log] == [e.body for e in envelopes]
         assert [e.envelope.correlation_id for e in log] == [e.correlation_id for e in envelopes]
         positions = [e.position for e in log]
-        assert positions == sorted(set(positions))
-        middle = positions[9]
-        tail = [e async for e in bus.replay(middle)]
-        assert [e.envelope.message_id for e in tail] == [e.message_id for e in envelopes[10:]]
-        assert [e async for e in bus.replay(positions[-1])] == []
 
         # The replay ends where the log ended when it began.
         replay = bus.replay(0)
@@ -858,38 +716,21 @@ def test_the_log_can_be_replayed_from_any_position(kit: NatsKit) -> None:
 # ------------------------------------------------------------------------------------- sizes
 
 
-def test_the_size_limit_is_the_servers_max_payload(kit: NatsKit) -> None:
+def test_a_message_over_the_servers_max_payload_is_refused_before_anything_is_sent(
+    kit: NatsKit,
+) -> None:
     async def scenario() -> None:
         bus = await kit.bus()
-        system = System(
-            [queue_service("alpha", ConformanceCommand), subscriber("watcher", ConformanceEvent)]
-        )
-        alpha, watcher = kit.store("alpha"), kit.store("watcher")
+        system = System([queue_service("alpha", ConformanceCommand)])
         limit = bus.max_payload
-        biggest = padded(ConformanceCommand, "K-big", MAX_MESSAGE_BYTES)
-        if limit < MAX_MESSAGE_BYTES + 4096:
-            # A default server (max_payload 1 MiB): sagaline's largest body does not fit next to
-            # its headers. Refused before anything is sent, with both sizes named.
-            with pytest.raises(MessageTooLarge) as refused:
-                await system.submit(bus, biggest)
-            assert str(limit) in str(refused.value) and "max_payload" in str(refused.value)
-            assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
-            size = limit - 4096
-        else:
-            size = MAX_MESSAGE_BYTES
-        command = padded(ConformanceCommand, "K-big", size)
-        event = padded(ConformanceEvent, "K-big", size - 10)
-        await system.submit(bus, command)
-        await system.submit(bus, event)
-
-        def done() -> bool:
-            return bool(recorded(alpha, "alpha")) and bool(recorded(watcher, "watcher"))
-
-        await run(bus, system, {"alpha": alpha, "watcher": watcher}, done)
-        alpha_doc = alpha.get_document_sync("bus.alpha", "K-big")
-        watcher_doc = watcher.get_document_sync("bus.watcher", "K-big")
-        assert alpha_doc is not None and alpha_doc.data["sizes"] == [len(command.payload)]
-        assert watcher_doc is not None and watcher_doc.data["sizes"] == [len(event.payload)]
+        if limit >= MAX_MESSAGE_BYTES + 4096:
+            pytest.skip(f"the server's max_payload ({limit}) holds sagaline's largest message")
+        # A default server (max_payload 1 MiB): sagaline's largest body does not fit next to its
+        # headers. Refused before anything is sent, with both sizes named.
+        with pytest.raises(MessageTooLarge) as refused:
+            await system.submit(bus, padded(ConformanceCommand, "K-big", MAX_MESSAGE_BYTES))
+        assert str(limit) in str(refused.value) and "max_payload" in str(refused.value)
+        assert (await bus.jetstream.stream_info(bus.command_stream)).state.messages == 0
 
     kit.run(scenario)
 

@@ -123,6 +123,7 @@ class BusPortConformance(StoreFaultConformance):
             assert harness.recorded("first") == expected
             assert harness.recorded("second") == second
             assert harness.recorded("third") == {"K-0": [100, 101]}
+            assert not harness.dead_letters()
 
         drive(scenario)
 
@@ -163,11 +164,13 @@ class BusPortConformance(StoreFaultConformance):
     ) -> None:
         policy = RetryPolicy(max_attempts=3, initial_delay=0.1, multiplier=2.0, max_delay=1.0)
         poison_calls: list[float] = []
+        progress_when_handled: dict[tuple[str, int], int] = {}
 
         async def handler(ctx: Context, command: ConformanceCommand) -> None:
             if command.key == "K-poison" and command.seq == 0:
                 poison_calls.append(asyncio.get_running_loop().time())
                 raise RuntimeError("poison-boom: cannot handle this one")
+            progress_when_handled[command.key, command.seq] = len(poison_calls)
             await record(ctx, command)
 
         async def scenario() -> None:
@@ -196,6 +199,10 @@ class BusPortConformance(StoreFaultConformance):
             assert len(poison_calls) >= policy.max_attempts
             assert poison_calls[-1] - poison_calls[0] >= (policy.delay(1) + policy.delay(2)) * 0.9
             assert harness.recorded("alpha") == expected
+            # Other keys were not held up behind it; the poison's own key went on after it.
+            others = [n for (key, _), n in progress_when_handled.items() if key != "K-poison"]
+            assert max(others) < len(poison_calls)
+            assert progress_when_handled["K-poison", 1] == len(poison_calls)
 
         drive(scenario)
 
@@ -210,11 +217,13 @@ class BusPortConformance(StoreFaultConformance):
                 kind: Any = ConformanceCommand
                 bad_body = b'{"commandType":"ConformanceCommand","key":"K-1","seq":"one"}'
                 type_name = "ConformanceCommand"
+                problem = "$.seq"
             else:
                 system = System([subscriber("alpha", ConformanceEvent)])
                 kind = ConformanceEvent
                 bad_body = b'{"eventType":"ConformanceEvent","key":"K-1","seq":1,"x":2}'
                 type_name = "ConformanceEvent"
+                problem = "unknown field `x`"
             bad = hand_made(type_name, "K-1", bad_body)
             not_json = hand_made(type_name, "K-2", b"\xff\xfe not json")
             # JSON keeps the last of a repeated key; another reader may keep the first.
@@ -238,7 +247,9 @@ class BusPortConformance(StoreFaultConformance):
             )
             dead = {letter.envelope.message_id: letter for letter in harness.dead_letters()}
             assert set(dead) == {bad.message_id, not_json.message_id, repeated.message_id}
+            assert {letter.consumer for letter in dead.values()} == {"alpha"}
             assert "invalid" in dead[bad.message_id].reason
+            assert problem in dead[bad.message_id].reason
             assert dead[bad.message_id].envelope.body == bad.body
             assert "invalid" in dead[not_json.message_id].reason
             assert "'seq' appears twice" in dead[repeated.message_id].reason
