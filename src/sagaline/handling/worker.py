@@ -309,7 +309,7 @@ class Worker:
             if declare is None or envelope.message_id in duplicates:
                 continue
             try:
-                declare(self.system.decode(envelope), reads)
+                declare(envelope.decode(self.system.registry), reads)
             except InvalidMessage:
                 continue  # dead-lettered when its turn comes
             except Exception:
