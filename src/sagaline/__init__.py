@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sagaline.aggregate import Aggregate
-from sagaline.app import App
+from sagaline.app import App, Invariant
 from sagaline.deploy import Deployment
 from sagaline.errors import (
     BusUnavailable,
@@ -20,8 +20,17 @@ from sagaline.errors import (
     UnknownMessageType,
 )
 from sagaline.handling import Context, Runtime, Service, System
-from sagaline.messages import Command, Envelope, Event, parse_document, registry
-from sagaline.ports import Reads, RetryPolicy
+from sagaline.messages import (
+    Command,
+    Envelope,
+    Event,
+    check_money,
+    parse_document,
+    registry,
+    utc_now,
+    utc_timestamp,
+)
+from sagaline.ports import Document, Reads, RetryPolicy, StoreTransaction
 from sagaline.projection import Projection, Views, rebuild
 from sagaline.saga import (
     Orchestrator,
@@ -30,6 +39,7 @@ from sagaline.saga import (
     SagaStatus,
     Step,
     StepKind,
+    saga_id,
 )
 
 __all__ = [
@@ -41,10 +51,12 @@ __all__ = [
     "ConfigurationError",
     "Context",
     "Deployment",
+    "Document",
     "DuplicateMessageId",
     "Envelope",
     "Event",
     "InvalidMessage",
+    "Invariant",
     "MessageRefused",
     "NonRetryableError",
     "NotAcceptedFromClients",
@@ -61,13 +73,18 @@ __all__ = [
     "Service",
     "Step",
     "StepKind",
+    "StoreTransaction",
     "StoreUnavailable",
     "System",
     "UnknownMessageType",
     "Views",
+    "check_money",
     "parse_document",
     "rebuild",
     "registry",
+    "saga_id",
+    "utc_now",
+    "utc_timestamp",
 ]
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sagaline.errors import ConfigurationError
 from sagaline.handling import System
@@ -37,8 +37,14 @@ __all__ = ["APP_ENV", "DEFAULT_APP", "App", "Invariant", "Settings", "find_app",
 
 #: Settings an app's system is built with: ``--set NAME=VALUE`` on the command line.
 Settings = Mapping[str, str]
-#: An app's own invariant: the violations it finds in a snapshot of the stores.
-Invariant = Callable[["AuditSnapshot"], Iterable["Violation"]]
+
+
+class Invariant(Protocol):
+    """An app's own invariant: a pure function of a snapshot of the stores that returns the
+    violations it finds there, with their evidence (see :mod:`sagaline.testing`)."""
+
+    def __call__(self, snapshot: AuditSnapshot, /) -> Iterable[Violation]: ...
+
 
 #: The environment variable naming the app (``module:attribute``).
 APP_ENV = "SAGALINE_APP"

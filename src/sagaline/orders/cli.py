@@ -17,6 +17,7 @@ import msgspec
 import typer
 from rich.table import Table
 
+from sagaline import Deployment, Document, saga_id
 from sagaline.cli import (
     DEFAULT_STORE_URL,
     STATUS_STYLES,
@@ -40,15 +41,12 @@ from sagaline.cli import (
     with_deployment,
 )
 from sagaline.config import redact_url
-from sagaline.deploy import Deployment
 from sagaline.observability import TransactionTrace, load_trace, stock_violations
 from sagaline.orders.demo import DEMO_STOCK, NotADemoStore, open_demo_deployment, run_demo
 from sagaline.orders.inventory import STOCK, set_stock
 from sagaline.orders.messages import Id
 from sagaline.orders.read import ORDER_VIEW
 from sagaline.orders.saga import ORDER_SAGA
-from sagaline.ports import Document
-from sagaline.saga.engine import saga_id
 
 __all__ = ["commands"]
 

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from sagaline import SagaStatus
-from sagaline.app import Invariant
+from sagaline import Invariant, SagaStatus
 from sagaline.orders.inventory import RESERVATIONS, STOCK
 from sagaline.orders.messages import (
     CreateOrderCommand,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sagaline import Reads, StoreTransaction
 from sagaline.handling import Context, Service
 from sagaline.orders.messages import (
     InventoryReleasedEvent,
@@ -19,7 +20,6 @@ from sagaline.orders.messages import (
     ReleaseInventoryCommand,
     ReserveInventoryCommand,
 )
-from sagaline.ports import Reads, StoreTransaction
 
 __all__ = [
     "RESERVATIONS",

@@ -15,7 +15,7 @@ from typing import Annotated, ClassVar
 
 import msgspec
 
-from sagaline.messages import Command, Event, check_money, utc_now
+from sagaline import Command, Event, check_money, utc_now
 
 __all__ = [
     "MESSAGES",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sagaline.messages import Envelope, utc_timestamp
+from sagaline import Envelope, utc_timestamp
 from sagaline.orders.messages import OrderCancelledEvent, OrderConfirmedEvent, OrderCreatedEvent
 from sagaline.projection import Projection, Views
 
