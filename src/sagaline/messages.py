@@ -27,17 +27,20 @@ from sagaline.errors import ConfigurationError, InvalidMessage, UnknownMessageTy
 __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_MESSAGE_ID_LENGTH",
+    "SAGA_COMMAND_PREFIX",
     "Command",
     "Envelope",
     "Event",
     "Message",
     "MessageKind",
     "MessageRegistry",
+    "check_client_message_id",
     "check_message_id",
     "check_money",
     "check_unique_keys",
     "decode_body",
     "encode_body",
+    "idempotency_key_of",
     "json_schema",
     "message_id_problem",
     "new_message_id",
@@ -124,6 +127,31 @@ def message_id_problem(message_id: object) -> str | None:
             " characters . _ : -"
         )
     return None
+
+
+#: The prefix of the ids of the commands sagas send (``saga:<saga id>:<step>:<try>``); a client
+#: may not use it (see :func:`check_client_message_id`).
+SAGA_COMMAND_PREFIX = "saga:"
+
+
+def idempotency_key_of(message_id: str) -> str:
+    """The idempotency key of the message with id ``message_id``: for a saga's command the id
+    without its try (every try of one step shares it); for any other message its id."""
+    if message_id.startswith(SAGA_COMMAND_PREFIX):
+        return message_id.rpartition(":")[0]
+    return message_id
+
+
+def check_client_message_id(message_id: str) -> str:
+    """:func:`check_message_id`, and not one of the ids reserved for sagas' commands."""
+    check_message_id(message_id)
+    if message_id.startswith(SAGA_COMMAND_PREFIX):
+        raise InvalidMessage(
+            f"message ids starting with {SAGA_COMMAND_PREFIX!r} are reserved for the commands"
+            " sagas send",
+            field="messageId",
+        )
+    return message_id
 
 
 def check_message_id(message_id: str) -> str:

@@ -10,6 +10,7 @@ from typing import cast
 
 from sagaline.errors import ConfigurationError
 from sagaline.handling.system import System
+from sagaline.handling.timers import TimerPoller
 from sagaline.handling.worker import DEFAULT_BATCH, Worker
 from sagaline.ports import Backend, BrokerBus, Outbox
 from sagaline.relay import Relay
@@ -62,6 +63,8 @@ class Runtime:
                     "a store used with a separate bus must be opened in outbox mode"
                 )
             self.relay = Relay(db, self.bus, system.routes, owner=self.member)
+        #: Fires the store's due timers (see :mod:`sagaline.handling.timers`).
+        self.timers = TimerPoller(db, system)
         self.stop_event = asyncio.Event()
         self._relay_stop = asyncio.Event()
 
@@ -75,6 +78,7 @@ class Runtime:
             await self.bus.prepare(consumers, self.system.routes)
         runs = [worker.run(self.stop_event) for worker in self.workers]
         tasks = [asyncio.create_task(run) for run in runs]
+        tasks.append(asyncio.create_task(self.timers.run(self.stop_event)))
         relay = None
         if self.relay is not None:
             relay = asyncio.create_task(self.relay.run(self._relay_stop))

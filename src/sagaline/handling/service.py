@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from sagaline.aggregate import Aggregate
-from sagaline.messages import Command, Envelope, Event, Message, MessageRegistry
+from sagaline.messages import Command, Envelope, Event, Message, MessageRegistry, idempotency_key_of
 from sagaline.ports import ConsumerSpec, Reads, RetryPolicy, StoreTransaction
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def decode_in(registry: MessageRegistry | None, envelope: Envelope) -> Message:
 class Context:
     """What a handler sees: the incoming message's metadata, its store transaction, its outbox."""
 
-    __slots__ = ("envelope", "outgoing", "registry", "service", "tx")
+    __slots__ = ("cancelled", "envelope", "outgoing", "registry", "service", "timers", "tx")
 
     def __init__(
         self,
@@ -47,12 +47,43 @@ class Context:
         #: The system's message types (the aggregates' events are decoded by it).
         self.registry = registry
         self.outgoing: list[Envelope] = []
+        #: Timers this unit sets: (timer id, the message it fires, seconds from now).
+        self.timers: list[tuple[str, Envelope, float]] = []
+        #: Ids of the timers this unit cancels.
+        self.cancelled: list[str] = []
 
-    def send(self, command: Command) -> Envelope:
-        """Send a command, caused by the message being handled, once this unit commits."""
-        envelope = Envelope.wrap(command, causation=self.envelope, source=self.service)
+    @property
+    def idempotency_key(self) -> str:
+        """The key of the work the message asks for: the same for every try of one saga step
+        (its command is sent again with a new message id), else the message id. A handler that
+        calls an outside provider passes it along, so a step tried again is done once."""
+        return idempotency_key_of(self.envelope.message_id)
+
+    def send(self, command: Command, *, message_id: str | None = None) -> Envelope:
+        """Send a command, caused by the message being handled, once this unit commits
+        (``message_id``: its id, when the sender makes one that a redo must repeat)."""
+        envelope = Envelope.wrap(
+            command, causation=self.envelope, source=self.service, message_id=message_id
+        )
         self.outgoing.append(envelope)
         return envelope
+
+    def schedule(
+        self, message: Message, *, after: float, timer_id: str, message_id: str | None = None
+    ) -> Envelope:
+        """Set timer ``timer_id``: ``message`` goes out ``after`` seconds from now (read from
+        the store's clock), through the usual path, once. The timer is durable once this unit
+        commits; setting an id already set moves it."""
+        envelope = Envelope.wrap(
+            message, causation=self.envelope, source=self.service, message_id=message_id
+        )
+        self.timers.append((timer_id, envelope, after))
+        return envelope
+
+    def cancel(self, timer_id: str) -> None:
+        """Cancel timer ``timer_id`` (nothing if it fired or was never set), once this unit
+        commits."""
+        self.cancelled.append(timer_id)
 
     def publish(self, event: Event) -> Envelope:
         """Publish an event, caused by the message being handled, once this unit commits."""

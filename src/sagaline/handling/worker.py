@@ -11,6 +11,7 @@ from typing import Any, cast
 
 from sagaline.errors import ConcurrencyError, InvalidMessage, NonRetryableError, StoreUnavailable
 from sagaline.handling.crash import crash_point
+from sagaline.handling.notices import dead_letter_notice
 from sagaline.handling.isolation import _isolated, _RetryBatch
 from sagaline.handling.service import Context, Service
 from sagaline.handling.system import CLIENT, System
@@ -78,6 +79,8 @@ class Worker:
         self.before_commit: BeforeCommit | None = None
         #: A batch the store failed under, with the redeliveries counted for it, to give back.
         self._unreleased: tuple[Batch, list[str]] | None = None
+        # The timers the batch in hand set (an entry) and cancelled (None), latest word last.
+        self._timers: dict[str, tuple[str, Envelope, float] | None] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; the batch in hand is finished first."""
@@ -226,6 +229,7 @@ class Worker:
         async with self.db.transaction() as tx:
             outcomes: list[tuple[Outcome, str | None]] = []
             outgoing: list[Envelope] = []
+            self._timers.clear()
             # Keys held back by a retry, from the earlier parts of the claimed batch too.
             held: set[Any] = set() if blocked is None else set(blocked)
             # Fast pass: one inbox lookup and one inbox insert for the whole batch.
@@ -274,6 +278,14 @@ class Worker:
                 if received:
                     await tx.record_received(spec.name, received)
             crash_point("before-emit")
+            if self._timers:
+                cancelled = [t for t, entry in self._timers.items() if entry is None]
+                timers = [entry for entry in self._timers.values() if entry is not None]
+                self._timers.clear()
+                if cancelled:
+                    await tx.cancel_timers(cancelled)
+                if timers:
+                    await tx.schedule_timers(timers)
             await tx.emit(outgoing, self.system.routes)
             if self.broker is None:
                 await self.db.settle(tx, batch, outcomes)
@@ -341,15 +353,15 @@ class Worker:
                 f"handed to its handler {delivery.attempt - 1} times without completing"
                 " (the consumer died while handling it)"
             )
-            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt - 1)
+            await self._dead_letter(tx, envelope, reason, delivery.attempt - 1, outgoing)
             return Outcome.DEAD, reason
         if envelope.defect is not None:
-            await tx.dead_letter(spec.name, envelope, envelope.defect, delivery.attempt)
+            await self._dead_letter(tx, envelope, envelope.defect, delivery.attempt, outgoing)
             return Outcome.DEAD, envelope.defect
         handler = self.handlers.get(envelope.message_type)
         if handler is None:
             reason = f"{spec.name} has no handler for {envelope.message_type}"
-            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            await self._dead_letter(tx, envelope, reason, delivery.attempt, outgoing)
             return Outcome.DEAD, reason
         try:
             message = envelope.decode(self.system.registry)
@@ -361,7 +373,7 @@ class Worker:
                 check_unique_keys(envelope.message_type, envelope.body, message)
         except InvalidMessage as exc:
             reason = f"invalid message: {exc.reason}"
-            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            await self._dead_letter(tx, envelope, reason, delivery.attempt, outgoing)
             return Outcome.DEAD, reason
         if envelope.source == CLIENT and not self.system.accepts_from_clients(
             envelope.message_type
@@ -374,7 +386,7 @@ class Worker:
                 f"internal {kind} {envelope.message_type} not accepted from clients"
                 f" (source {CLIENT!r})"
             )
-            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            await self._dead_letter(tx, envelope, reason, delivery.attempt, outgoing)
             return Outcome.DEAD, reason
         ctx = Context(tx, envelope, self.service.name, self.system.registry)
         if not careful:
@@ -391,7 +403,7 @@ class Worker:
             # A second copy of it in this batch (a broker delivers a republished message as a
             # message of its own) is a duplicate like one handled in an earlier batch.
             duplicates.add(envelope.message_id)
-            outgoing.extend(ctx.outgoing)
+            self._keep(ctx, outgoing)
             return Outcome.ACK, None
         try:
             async with tx.savepoint():
@@ -401,18 +413,39 @@ class Worker:
             raise
         except NonRetryableError as exc:
             reason = f"{type(exc).__name__}: {exc}"
-            await tx.dead_letter(spec.name, envelope, reason, delivery.attempt)
+            await self._dead_letter(tx, envelope, reason, delivery.attempt, outgoing)
             return Outcome.DEAD, reason
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"
             if delivery.attempt >= spec.retry.max_attempts:
-                await tx.dead_letter(
-                    spec.name,
-                    envelope,
-                    f"failed {delivery.attempt} times; last error: {reason}",
-                    delivery.attempt,
-                )
+                reason = f"failed {delivery.attempt} times; last error: {reason}"
+                await self._dead_letter(tx, envelope, reason, delivery.attempt, outgoing)
                 return Outcome.DEAD, reason
             return Outcome.RETRY, reason
-        outgoing.extend(ctx.outgoing)
+        self._keep(ctx, outgoing)
         return Outcome.ACK, None
+
+    def _keep(self, ctx: Context, outgoing: list[Envelope]) -> None:
+        """What a handler emitted, and the timers it set or cancelled, for the unit's commit."""
+        outgoing.extend(ctx.outgoing)
+        if ctx.timers or ctx.cancelled:
+            # The handler cancels what the transition ended, then sets what it began.
+            for timer_id in ctx.cancelled:
+                self._timers[timer_id] = None
+            for entry in ctx.timers:
+                self._timers.pop(entry[0], None)
+                self._timers[entry[0]] = entry
+
+    async def _dead_letter(
+        self,
+        tx: StoreTransaction,
+        envelope: Envelope,
+        reason: str,
+        attempts: int,
+        outgoing: list[Envelope],
+    ) -> None:
+        """Dead-letter ``envelope`` and tell the system (see :mod:`sagaline.handling.notices`)."""
+        await tx.dead_letter(self.spec.name, envelope, reason, attempts)
+        notice = dead_letter_notice(self.spec.name, envelope, reason, attempts)
+        if notice is not None:
+            outgoing.append(Envelope.wrap(notice, causation=envelope, source=self.service.name))

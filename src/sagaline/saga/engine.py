@@ -1,10 +1,15 @@
 """The orchestrator: a service that drives saga instances through their definitions.
 
 Every transition is one message handled through the unit of work: the saga row (with its
-version), the history entry and the commands it sends commit together, so the orchestrator is as
-crash-safe as any handler, and a redelivered event finds its inbox mark and changes nothing. The
-transitions themselves are :func:`sagaline.saga.state.advance`, shared with the passive monitor
-of a choreography; the orchestrator adds the commands they call for.
+version), the history entry, the commands it sends and the timers it sets or cancels commit
+together, so the orchestrator is as crash-safe as any handler, and a redelivered signal finds
+its inbox mark and changes nothing. The transitions themselves are :mod:`sagaline.saga.state`,
+shared with the passive monitor of a choreography; the orchestrator does what they call for.
+
+Each command it sends has an id made of the saga, the step and the try
+(:func:`~sagaline.saga.follower.command_id`), and so an idempotency key made of the saga and the
+step (``ctx.idempotency_key`` in the handler): every try of one step shares it, which is what a
+handler passes to an outside provider so that a step tried again does its work once.
 """
 
 from __future__ import annotations
@@ -12,17 +17,21 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sagaline.handling import Context
+from sagaline.messages import idempotency_key_of
 from sagaline.ports import RetryPolicy
 from sagaline.saga.definition import SagaDefinition
-from sagaline.saga.state import SagaFollower, Transition, saga_id
+from sagaline.saga.follower import SagaFollower, command_id, timer_message_id
+from sagaline.saga.messages import SagaTimerFired
+from sagaline.saga.state import SagaView, Transition, saga_id
 
 __all__ = ["Orchestrator", "saga_id"]
 
 
 class Orchestrator(SagaFollower):
-    """Hosts saga definitions as the event handlers of one service, and sends their commands:
-    each step's command when it is due, each compensation in the order of the plan, and the
-    definition's completion event."""
+    """Hosts saga definitions (every version given) as the handlers of one service, and sends
+    their commands: each step's command when it is due (a group's at once), each compensation
+    in the order of the plan, the definition's completion event; and sets the timers of step
+    timeouts, retries and deadlines."""
 
     def __init__(
         self,
@@ -34,19 +43,49 @@ class Orchestrator(SagaFollower):
         super().__init__(definitions, name=name, retry=retry)
 
     def act(self, ctx: Context, definition: SagaDefinition, transition: Transition) -> None:
-        """Send the command, compensation or completion event ``transition`` calls for."""
+        """Send the commands, set and cancel the timers, publish the completion ``transition``
+        calls for."""
         record = transition.record
-        assert record is not None
-        if transition.run is not None:
-            command = definition.steps[transition.run].command
-            assert command is not None
-            sent = ctx.send(command(record.data))
-            record.new_history[-1].setdefault("sent", []).append(sent.message_type)
-        elif transition.compensate is not None:
-            compensation = definition.steps[transition.compensate].compensation
-            assert compensation is not None
-            sent = ctx.send(compensation(record.data))
-            record.new_history[-1].setdefault("sent", []).append(sent.message_type)
-        elif transition.completed and definition.on_completed is not None:
-            published = ctx.publish(definition.on_completed(record.data))
-            record.new_history[-1].setdefault("sent", []).append(published.message_type)
+        if record is None:
+            return
+        sent: list[str] = []
+        failure = record.data.get("_failure")
+        for send in transition.sends:
+            step = definition.step(send.step)
+            builder = step.compensation if send.undo else step.command
+            assert builder is not None
+            message_id = command_id(record.saga_id, send)
+            view = SagaView(
+                saga_id=record.saga_id,
+                step=send.step,
+                attempt=send.attempt,
+                idempotency_key=idempotency_key_of(message_id),
+                failure=failure,
+            )
+            command = definition.build(builder, record.data, view)
+            sent.append(ctx.send(command, message_id=message_id).message_type)
+        key = record.saga_id.partition(":")[2]
+        for timer in transition.timers:
+            fired = SagaTimerFired(
+                saga_id=record.saga_id,
+                key=key,
+                timer_id=timer.timer_id,
+                kind=timer.kind,
+                step=timer.step,
+                attempt=timer.attempt,
+                undo=timer.undo,
+            )
+            ctx.schedule(
+                fired,
+                after=timer.after,
+                timer_id=timer.timer_id,
+                message_id=timer_message_id(timer.timer_id),
+            )
+        for timer_id in transition.cancels:
+            ctx.cancel(timer_id)
+        if transition.completed and definition.on_completed is not None:
+            view = SagaView(record.saga_id, "", 0, "", failure)
+            completion = definition.build(definition.on_completed, record.data, view)
+            sent.append(ctx.publish(completion).message_type)
+        if sent and record.new_history:
+            record.new_history[-1].setdefault("sent", []).extend(sent)

@@ -4,7 +4,7 @@ In a choreography each service reacts to the others' events and no one drives th
 The monitor subscribes to the events of the same :class:`~sagaline.saga.definition.SagaDefinition`
 an orchestrator would run and keeps, per transaction, the saga record an orchestrator would keep
 (status, step, data, a history entry per event with its message id), through the same state
-machine (:func:`sagaline.saga.state.advance`). So the saga queries, the trace and the invariant
+machine (:mod:`sagaline.saga.state`). So the saga queries, the trace and the invariant
 checks read one kind of record whichever style ran the transaction. The one difference: the
 services of a choreography compensate as they hear of a failure, not one after the other on
 request, so the monitor accepts the planned compensations in any order.
@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 from sagaline.ports import RetryPolicy
 from sagaline.saga.definition import SagaDefinition
-from sagaline.saga.state import SagaFollower
+from sagaline.saga.follower import SagaFollower
 
 __all__ = ["SagaMonitor"]
 

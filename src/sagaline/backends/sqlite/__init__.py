@@ -251,6 +251,11 @@ class SqliteDatabase(SqliteBus, SqliteQueries):
 
     # The file as a bus for services whose stores are elsewhere ---------------------------------
 
+    async def next_timer_due(self) -> float | None:
+        """When the next timer is due (seconds since the epoch), None when none is set."""
+        row = self.connection.execute("SELECT MIN(due_at) FROM timers").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     async def open(self) -> None:
         """Nothing to do: the file is opened and migrated by the constructor."""
 

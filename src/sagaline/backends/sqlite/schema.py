@@ -173,6 +173,19 @@ CREATE TABLE IF NOT EXISTS received (
     received_at TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS received_correlation ON received (correlation_id);
+CREATE TABLE IF NOT EXISTS timers (
+    timer_id TEXT PRIMARY KEY,
+    due_at REAL NOT NULL,
+    message_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    body TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    causation_id TEXT,
+    timestamp TEXT NOT NULL,
+    traceparent TEXT,
+    source TEXT
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS timers_due ON timers (due_at);
 CREATE TABLE IF NOT EXISTS relay_lease (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     owner TEXT,

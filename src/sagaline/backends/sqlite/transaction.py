@@ -12,6 +12,7 @@ from sagaline.backends._sql.rows import (
     JSON,
     body_value,
     decode_json,
+    envelope_from_row,
     envelope_params,
     partition_of,
 )
@@ -353,6 +354,32 @@ class SqliteTransaction:
             for message_id, message_type, body in chunk:
                 if stored.get(message_id, (message_type, body)) != (message_type, body):
                     raise DuplicateMessageId(message_id)
+
+    async def schedule_timers(self, timers: Sequence[tuple[str, Envelope, float]]) -> None:
+        now = self._db.clock.time()
+        self._conn.executemany(
+            f"INSERT INTO timers (timer_id, due_at, {ENVELOPE_COLUMNS})"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (timer_id) DO UPDATE SET"
+            " due_at = excluded.due_at, message_id = excluded.message_id, type = excluded.type,"
+            " body = excluded.body, correlation_id = excluded.correlation_id,"
+            " causation_id = excluded.causation_id, timestamp = excluded.timestamp,"
+            " traceparent = excluded.traceparent, source = excluded.source",
+            [(timer_id, now + after, *envelope_params(e)) for timer_id, e, after in timers],
+        )
+
+    async def cancel_timers(self, timer_ids: Sequence[str]) -> None:
+        self._conn.executemany(
+            "DELETE FROM timers WHERE timer_id = ?", [(timer_id,) for timer_id in timer_ids]
+        )
+
+    async def take_due_timers(self, limit: int) -> list[Envelope]:
+        rows = self._conn.execute(
+            f"DELETE FROM timers WHERE timer_id IN (SELECT timer_id FROM timers"
+            f" WHERE due_at <= ? ORDER BY due_at LIMIT ?) RETURNING due_at, {ENVELOPE_COLUMNS}",
+            (self._db.clock.time(), limit),
+        ).fetchall()
+        rows.sort(key=lambda row: row[0])
+        return [envelope_from_row(row, 1) for row in rows]
 
     async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
         self._conn.executemany(

@@ -1,0 +1,43 @@
+"""What the framework tells the system about its own handling: a message dead-lettered.
+
+When a worker dead-letters a message (its retries exhausted, a poison, an unknown type, a body
+that does not decode), it publishes :class:`MessageDeadLettered` in the same unit of work, so
+whoever waits for that message learns it never will be handled: a saga whose command is
+dead-lettered fails that step and compensates. A notice about a notice is never published.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from sagaline.messages import Envelope, Event
+
+__all__ = ["MessageDeadLettered", "dead_letter_notice"]
+
+
+class MessageDeadLettered(Event):
+    """Message ``message_id`` (of type ``message_type``, for business key ``correlation_id``)
+    was dead-lettered by consumer ``consumer`` after ``attempts`` tries, for ``reason``."""
+
+    correlation: ClassVar[str] = "correlation_id"
+
+    message_id: str
+    message_type: str
+    correlation_id: str
+    consumer: str
+    reason: str
+    attempts: int
+
+
+def dead_letter_notice(consumer: str, envelope: Envelope, reason: str, attempts: int) -> Event | None:
+    """The notice of ``envelope`` dead-lettered by ``consumer``; None for a notice itself."""
+    if envelope.message_type == MessageDeadLettered.type_name():
+        return None
+    return MessageDeadLettered(
+        message_id=envelope.message_id,
+        message_type=envelope.message_type,
+        correlation_id=envelope.correlation_id,
+        consumer=consumer,
+        reason=reason[:2000],
+        attempts=attempts,
+    )
