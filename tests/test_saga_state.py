@@ -92,7 +92,7 @@ class Play:
         self.record: SagaRecord | None = None
         self.count = 0
 
-    def _ids(self) -> dict[str, str]:
+    def _ids(self) -> dict[str, Any]:
         self.count += 1
         return {"at": f"t{self.count}", "message_id": f"m-{self.count}"}
 
@@ -163,7 +163,8 @@ class Play:
         )
 
     @property
-    def status(self) -> SagaStatus:
+    def status(self) -> Any:
+        """The saga's status now (typed loosely: it changes between two reads)."""
         assert self.record is not None
         return SagaStatus(self.record.status)
 
@@ -195,13 +196,13 @@ def test_a_step_timeout_fails_the_step_and_compensates() -> None:
     [timer] = moved.timers
     assert (timer.kind, timer.step, timer.after) == ("timeout", "b", 30)
     moved = play.fire(moved, "timeout", "b")
-    assert play.status is SagaStatus.COMPENSATING
+    assert play.status == SagaStatus.COMPENSATING
     assert sends(moved) == [("a", True, 1)]
     assert play.record is not None
     assert play.record.data["_failure"]["reason"] == "step b timed out after 30 s"
     play.undone("A")
     play.undone("Start")
-    assert play.status is SagaStatus.COMPENSATED
+    assert play.status == SagaStatus.COMPENSATED
 
 
 def test_an_answer_in_time_cancels_the_timeout() -> None:
@@ -220,11 +221,11 @@ def test_a_late_success_after_a_timeout_is_compensated_too() -> None:
     assert sends(moved) == [("a", True, 1)]
     play.undone("A")
     play.undone("Start")
-    assert play.status is SagaStatus.COMPENSATED
+    assert play.status == SagaStatus.COMPENSATED
     # The payment service answers after all: the charge is refunded.
     late = play.done("Pay")
     assert sends(late) == [("pay", True, 1)]
-    assert play.status is SagaStatus.COMPENSATED
+    assert play.status == SagaStatus.COMPENSATED
     play.undone("Pay")
     assert "step pay compensated (after its late success)" in list(play.transitions)
 
@@ -248,12 +249,12 @@ def test_retries_give_up_after_their_attempts_and_a_permanent_failure_is_not_ret
     play.start()
     play.fire(play.failed("A", "busy"), "retry", "a")
     moved = play.failed("A", "busy")
-    assert play.status is SagaStatus.COMPENSATING and sends(moved) == [("start", True, 1)]
+    assert play.status == SagaStatus.COMPENSATING and sends(moved) == [("start", True, 1)]
 
     again = Play(define(step("A", retry=policy)))
     again.start()
     again.failed("A", "card stolen")
-    assert again.status is SagaStatus.COMPENSATING
+    assert again.status == SagaStatus.COMPENSATING
 
 
 def test_jitter_is_the_same_for_the_same_saga_step_and_try() -> None:
@@ -269,7 +270,7 @@ def test_a_dead_lettered_command_fails_the_step_and_compensates() -> None:
     play.start()
     play.done("A")
     moved = play.dead("b")
-    assert play.status is SagaStatus.COMPENSATING
+    assert play.status == SagaStatus.COMPENSATING
     assert sends(moved) == [("a", True, 1)]
     assert play.record is not None
     assert "dead-lettered: poison" in play.record.data["_failure"]["reason"]
@@ -282,20 +283,20 @@ def test_a_compensation_failing_past_its_policy_leaves_the_saga_stuck_until_retr
     play.done("A")
     play.failed("B")
     moved = play.dead("a", undo=True)
-    assert play.status is SagaStatus.COMPENSATING and [t.kind for t in moved.timers] == ["retry"]
+    assert play.status == SagaStatus.COMPENSATING and [t.kind for t in moved.timers] == ["retry"]
     assert sends(play.fire(moved, "retry", "a")) == [("a", True, 2)]
     play.dead("a", undo=True)
-    assert play.status is SagaStatus.STUCK
+    assert play.status == SagaStatus.STUCK
     assert play.record is not None
     stuck = play.record.data["_stuck"]
     assert stuck["step"] == "a" and stuck["deadLetter"] == "saga:job:J-1:x:1"
     assert "compensation of a failed" in stuck["reason"]
     # Nothing moves it on its own; an operator retries, and this time it works.
     assert sends(play.act("retry")) == [("a", True, 3)]
-    assert play.status is SagaStatus.COMPENSATING
+    assert play.status == SagaStatus.COMPENSATING
     play.undone("A")
     play.undone("Start")
-    assert play.status is SagaStatus.COMPENSATED
+    assert play.status == SagaStatus.COMPENSATED
 
 
 def test_a_compensation_timeout_without_retries_leaves_the_saga_stuck() -> None:
@@ -304,7 +305,7 @@ def test_a_compensation_timeout_without_retries_leaves_the_saga_stuck() -> None:
     play.done("A")
     moved = play.failed("B")
     play.fire(moved, "timeout", "a")
-    assert play.status is SagaStatus.STUCK
+    assert play.status == SagaStatus.STUCK
 
 
 def test_operator_skip_marks_the_compensation_done_by_hand() -> None:
@@ -313,11 +314,11 @@ def test_operator_skip_marks_the_compensation_done_by_hand() -> None:
     play.done("A")
     play.failed("B")
     play.dead("a", undo=True)
-    assert play.status is SagaStatus.STUCK
+    assert play.status == SagaStatus.STUCK
     moved = play.act("skip")
     assert sends(moved) == [("start", True, 1)]
     play.undone("Start")
-    assert play.status is SagaStatus.COMPENSATED
+    assert play.status == SagaStatus.COMPENSATED
     assert play.record is not None
     assert play.record.data["_steps"]["a"]["s"] == "skipped"
     [entry] = [e for e in play.record.history if "skipped by" in e["transition"]]
@@ -329,7 +330,7 @@ def test_operator_compensate_gives_up_on_a_running_saga() -> None:
     play.start()
     play.done("A")
     moved = play.act("compensate")
-    assert play.status is SagaStatus.COMPENSATING and sends(moved) == [("a", True, 1)]
+    assert play.status == SagaStatus.COMPENSATING and sends(moved) == [("a", True, 1)]
     # B answers after all: it is compensated too, after A's compensation.
     play.done("B")
     assert play.record is not None and play.record.data["_compensations"] == ["a", "b", "start"]
@@ -339,7 +340,7 @@ def test_operator_abort_ends_the_saga_failed_and_cancels_its_timers() -> None:
     play = Play(define(step("A", timeout=5), deadline=600))
     started = play.start()
     moved = play.act("abort")
-    assert play.status is SagaStatus.FAILED
+    assert play.status == SagaStatus.FAILED
     assert sorted(moved.cancels) == sorted(t.timer_id for t in started.timers)
     assert play.done("A").sends == []
 
@@ -375,7 +376,7 @@ def test_the_deadline_fails_a_running_saga() -> None:
     play = Play(define(step("A"), deadline=120))
     started = play.start()
     moved = play.fire(started, "deadline")
-    assert play.status is SagaStatus.COMPENSATING
+    assert play.status == SagaStatus.COMPENSATING
     assert play.record is not None
     assert play.record.data["_failure"]["reason"] == "the saga's deadline of 120 s passed"
     assert sends(moved) == [("start", True, 1)]
@@ -390,13 +391,13 @@ def test_a_parallel_group_with_one_failure_and_one_late_success() -> None:
     play.done("A")
     moved = play.failed("B")
     # A succeeded: compensated; C is still running: compensated when it answers.
-    assert play.status is SagaStatus.COMPENSATING and sends(moved) == [("a", True, 1)]
+    assert play.status == SagaStatus.COMPENSATING and sends(moved) == [("a", True, 1)]
     moved = play.done("C")
     play.undone("A")
     assert play.record is not None and play.record.data["_compensations"][0] == "c"
     play.undone("C")
     play.undone("Start")
-    assert play.status is SagaStatus.COMPENSATED
+    assert play.status == SagaStatus.COMPENSATED
     assert play.record.data["_steps"]["c"]["s"] == "compensated"
 
 

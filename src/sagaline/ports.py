@@ -15,6 +15,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from sagaline.clock import Clock
 from sagaline.messages import Envelope
 
 __all__ = [
@@ -326,6 +327,20 @@ class StoreTransaction(Protocol):
         """Record a message that could not be processed."""
         ...
 
+    async def schedule_timers(self, timers: Sequence[tuple[str, Envelope, float]]) -> None:
+        """Set timers ``(timer id, message, seconds from now)``: each message goes out once
+        when due (see :mod:`sagaline.handling.timers`); an id already set is moved."""
+        ...
+
+    async def cancel_timers(self, timer_ids: Sequence[str]) -> None:
+        """Cancel timers by id; one that fired or was never set is passed over."""
+        ...
+
+    async def take_due_timers(self, limit: int) -> list[Envelope]:
+        """Remove up to ``limit`` timers due now (the store's clock) and return their messages,
+        earliest first, for this unit of work to emit."""
+        ...
+
     async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
         """Keep messages submitted from outside (a client) that arrived through a broker.
 
@@ -346,6 +361,13 @@ class Store(Protocol):
 
     async def open(self) -> None:
         """Connect and create or check the schema; idempotent (may have nothing to do)."""
+        ...
+
+    #: What due times and leases are read from (a test kit's fake clock, or the machine's).
+    clock: Clock
+
+    async def next_timer_due(self) -> float | None:
+        """When the store's next timer is due (seconds since the epoch); None when none is."""
         ...
 
     def start_checkpointer(self) -> None:

@@ -15,7 +15,7 @@ from sagaline.messages import Envelope, Event
 __all__ = ["MessageDeadLettered", "dead_letter_notice"]
 
 
-class MessageDeadLettered(Event):
+class MessageDeadLettered(Event, kw_only=True, frozen=True):
     """Message ``message_id`` (of type ``message_type``, for business key ``correlation_id``)
     was dead-lettered by consumer ``consumer`` after ``attempts`` tries, for ``reason``."""
 
@@ -29,7 +29,9 @@ class MessageDeadLettered(Event):
     attempts: int
 
 
-def dead_letter_notice(consumer: str, envelope: Envelope, reason: str, attempts: int) -> Event | None:
+def dead_letter_notice(
+    consumer: str, envelope: Envelope, reason: str, attempts: int
+) -> Event | None:
     """The notice of ``envelope`` dead-lettered by ``consumer``; None for a notice itself."""
     if envelope.message_type == MessageDeadLettered.type_name():
         return None

@@ -11,8 +11,8 @@ from typing import Any, cast
 
 from sagaline.errors import ConcurrencyError, InvalidMessage, NonRetryableError, StoreUnavailable
 from sagaline.handling.crash import crash_point
-from sagaline.handling.notices import dead_letter_notice
 from sagaline.handling.isolation import _isolated, _RetryBatch
+from sagaline.handling.notices import dead_letter_notice
 from sagaline.handling.service import Context, Service
 from sagaline.handling.system import CLIENT, System
 from sagaline.messages import Envelope, check_unique_keys

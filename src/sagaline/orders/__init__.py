@@ -15,9 +15,11 @@ from sagaline.orders.payment import (
     PaymentRules,
     build_payment_service,
     rules_from_settings,
+    step_timeout_from_settings,
 )
+from sagaline.orders.provider import PaymentProvider
 from sagaline.orders.read import build_order_projection
-from sagaline.orders.saga import ORDER_SAGA
+from sagaline.orders.saga import ORDER_SAGA, order_saga
 from sagaline.saga.engine import Orchestrator
 
 __all__ = [
@@ -35,18 +37,25 @@ SERVICE_NAMES = ("order", "inventory", "payment", "orchestrator", "read")
 SUBSCRIBER_NAMES = ("order", "inventory", "orchestrator", "read")
 
 
-def build_system(payment_rules: PaymentRules | None = None) -> System:
+def build_system(
+    payment_rules: PaymentRules | None = None,
+    *,
+    step_timeout: float | None = None,
+    provider: PaymentProvider | None = None,
+) -> System:
     """The five services of the order flow, wired for one bus.
 
-    Clients may submit a ``CreateOrderCommand`` and nothing else: reserving, paying, cancelling
-    and releasing are the saga's own commands, and every event is a service's.
+    Clients may submit a ``CreateOrderCommand`` and nothing else: reserving, paying, cancelling,
+    releasing and refunding are the saga's own commands, and every event is a service's.
+    ``step_timeout`` gives each step of the saga that many seconds; ``provider`` is the payment
+    provider charged (one in memory by default).
     """
     return System(
         [
             build_order_service(),
             build_inventory_service(),
-            build_payment_service(payment_rules),
-            Orchestrator([ORDER_SAGA]).service,
+            build_payment_service(payment_rules, provider),
+            Orchestrator([order_saga(step_timeout)]).service,
             build_order_projection().service(),
         ],
         accepts=[CreateOrderCommand],
@@ -54,7 +63,12 @@ def build_system(payment_rules: PaymentRules | None = None) -> System:
 
 
 def _from_settings(settings: Mapping[str, str]) -> System:
-    return build_system(rules_from_settings(settings))
+    provider = settings.get("payment_provider")
+    return build_system(
+        rules_from_settings(settings),
+        step_timeout=step_timeout_from_settings(settings),
+        provider=PaymentProvider(provider) if provider else None,
+    )
 
 
 #: The order system as an app: what ``sagaline`` runs when no other app is named.

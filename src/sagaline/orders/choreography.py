@@ -65,6 +65,7 @@ from sagaline.orders.payment import (
     charge,
     rules_from_settings,
 )
+from sagaline.orders.provider import PaymentProvider
 from sagaline.orders.read import build_order_projection
 from sagaline.orders.saga import ORDER_SAGA, cancellation_reason
 from sagaline.ports import Reads
@@ -195,6 +196,7 @@ def _terms_and_payment(event: InventoryReservedEvent, reads: Reads) -> None:
 
 def _payment_service(rules: PaymentRules) -> Service:
     service = Service("payment")
+    provider = PaymentProvider()
 
     @service.subscribes(OrderCreatedEvent, reads=_terms)
     async def order_created(ctx: Context, event: OrderCreatedEvent) -> None:
@@ -220,6 +222,7 @@ def _payment_service(rules: PaymentRules) -> Service:
             event.order_id,
             str(terms.data["customerId"]),
             Decimal(str(terms.data["amount"])),
+            provider=provider,
         )
 
     return service

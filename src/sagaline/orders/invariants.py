@@ -28,6 +28,7 @@ from sagaline.orders.messages import (
     OrderCreatedEvent,
     OrderRejectedEvent,
     PaymentProcessedEvent,
+    PaymentRefundedEvent,
 )
 from sagaline.orders.payment import PAYMENTS
 from sagaline.orders.read import ORDER_VIEW
@@ -49,6 +50,7 @@ _CONFIRMED = OrderConfirmedEvent.type_name()
 _CONFIRMATION_RECORDED = OrderConfirmationRecordedEvent.type_name()
 _CANCELLED = OrderCancelledEvent.type_name()
 _PAYMENT_PROCESSED = PaymentProcessedEvent.type_name()
+_PAYMENT_REFUNDED = PaymentRefundedEvent.type_name()
 _CREATE_ORDER = CreateOrderCommand.type_name()
 _STOCK_FIELDS = ("available", "reserved", "sold", "stocked")
 
@@ -265,10 +267,12 @@ def _check_exclusive(snapshot: AuditSnapshot, facts: _Facts) -> Iterator[Violati
 
 
 def _check_money(snapshot: AuditSnapshot, facts: _Facts) -> Iterator[Violation]:
-    """I4: one payment per order, of the order's amount; no charge of an order not confirmed.
+    """I4: one payment per order, of the order's amount; no charge kept of an order not
+    confirmed.
 
     The order saga takes payment as its pivot and last step, so a processed payment means the
-    saga completed and nothing is ever refunded: a charge of a compensated order is a loss.
+    saga completed, unless the payment came after its step timed out: then the saga compensated
+    and the charge must be refunded. A charge kept by a compensated order is a loss.
     """
     payments = _documents(snapshot, PAYMENTS)
     for order_id, payment in payments.items():
@@ -288,6 +292,12 @@ def _check_money(snapshot: AuditSnapshot, facts: _Facts) -> Iterator[Violation]:
                 evidence,
             )
         outcome = facts.outcomes.get(order_id)
+        if payment.get("status") == "REFUNDED" and outcome == SagaStatus.COMPLETED:
+            yield Violation(
+                "I4",
+                f"{order_id} was refunded, but its saga completed",
+                {**evidence, "saga": outcome},
+            )
         if payment.get("status") == "PROCESSED" and outcome != SagaStatus.COMPLETED:
             yield Violation(
                 "I4",
@@ -306,14 +316,17 @@ def _check_money(snapshot: AuditSnapshot, facts: _Facts) -> Iterator[Violation]:
             continue
         payment = payments.get(order_id, {})
         positions = [e.at for e in processed]
-        if facts.outcomes.get(order_id) == SagaStatus.COMPENSATED:
+        refunded = facts.of(order_id, _PAYMENT_REFUNDED)
+        if facts.outcomes.get(order_id) == SagaStatus.COMPENSATED and not refunded:
             yield Violation(
                 "I4",
-                f"{order_id} was charged (PaymentProcessedEvent) but its saga compensated",
+                f"{order_id} was charged (PaymentProcessedEvent) but its saga compensated and"
+                " nothing was refunded",
                 {"orderId": order_id, "positions": positions},
             )
         transactions = {e.body.get("transactionId") for e in processed}
-        if payment.get("status") != "PROCESSED" or transactions != {payment.get("transactionId")}:
+        kept = "REFUNDED" if refunded else "PROCESSED"
+        if payment.get("status") != kept or transactions != {payment.get("transactionId")}:
             yield Violation(
                 "I4",
                 f"{order_id}: PaymentProcessedEvent transactions {sorted(map(str, transactions))}"

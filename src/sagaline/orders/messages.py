@@ -33,7 +33,9 @@ __all__ = [
     "OrderRejectedEvent",
     "PaymentFailedEvent",
     "PaymentProcessedEvent",
+    "PaymentRefundedEvent",
     "ProcessPaymentCommand",
+    "RefundPaymentCommand",
     "ReleaseInventoryCommand",
     "ReserveInventoryCommand",
 ]
@@ -110,6 +112,15 @@ class ReleaseInventoryCommand(Command, kw_only=True, frozen=True):
 
     order_id: Id
     items: Items
+
+
+class RefundPaymentCommand(Command, kw_only=True, frozen=True):
+    """Give back what the order was charged, if anything (payment); the compensation of a
+    payment that succeeded after the saga had given up on it."""
+
+    correlation: ClassVar[str] = "order_id"
+
+    order_id: Id
 
 
 # ------------------------------------------------------------------- events
@@ -189,6 +200,15 @@ class PaymentFailedEvent(Event, kw_only=True, frozen=True):
     timestamp: datetime = msgspec.field(default_factory=utc_now)
 
 
+class PaymentRefundedEvent(Event, kw_only=True, frozen=True):
+    """What the order was charged is given back (or nothing had been charged)."""
+
+    correlation: ClassVar[str] = "order_id"
+
+    order_id: Id
+    timestamp: datetime = msgspec.field(default_factory=utc_now)
+
+
 class OrderConfirmedEvent(Event, kw_only=True, frozen=True):
     """The saga completed: the order is confirmed."""
 
@@ -224,6 +244,7 @@ MESSAGES: tuple[type[Command] | type[Event], ...] = (
     ProcessPaymentCommand,
     CancelOrderCommand,
     ReleaseInventoryCommand,
+    RefundPaymentCommand,
     OrderCreatedEvent,
     OrderRejectedEvent,
     InventoryReservedEvent,
@@ -231,6 +252,7 @@ MESSAGES: tuple[type[Command] | type[Event], ...] = (
     InventoryReleasedEvent,
     PaymentProcessedEvent,
     PaymentFailedEvent,
+    PaymentRefundedEvent,
     OrderConfirmedEvent,
     OrderConfirmationRecordedEvent,
     OrderCancelledEvent,

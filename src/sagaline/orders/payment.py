@@ -1,19 +1,26 @@
-"""The payment service: charges once per order, declines above the customer's limit."""
+"""The payment service: charges once per order, declines above the customer's limit, refunds
+a charge the saga gave up on.
+
+It charges through a :class:`~sagaline.orders.provider.PaymentProvider` (an outside system) with
+the step's idempotency key, so that a ProcessPayment handled twice (redelivered after a crash
+between the provider's answer and the commit, or retried by the saga) charges once.
+"""
 
 from __future__ import annotations
 
-import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 
-from sagaline.handling import Context, Service
+from sagaline import Context, Reads, Service
 from sagaline.orders.messages import (
     PaymentFailedEvent,
     PaymentProcessedEvent,
+    PaymentRefundedEvent,
     ProcessPaymentCommand,
+    RefundPaymentCommand,
 )
-from sagaline.ports import Reads
+from sagaline.orders.provider import PaymentProvider
 
 __all__ = [
     "PAYMENTS",
@@ -22,6 +29,7 @@ __all__ = [
     "build_payment_service",
     "charge",
     "rules_from_settings",
+    "step_timeout_from_settings",
 ]
 
 PAYMENTS = "payment.payment"
@@ -42,24 +50,46 @@ class PaymentRules:
         return None
 
 
-def _payment(command: ProcessPaymentCommand, reads: Reads) -> None:
+def _payment(command: ProcessPaymentCommand | RefundPaymentCommand, reads: Reads) -> None:
     reads.document(PAYMENTS, command.order_id)
 
 
-def build_payment_service(rules: PaymentRules | None = None) -> Service:
-    """ProcessPayment answered by PaymentProcessed (with a transactionId) or PaymentFailed."""
+def build_payment_service(
+    rules: PaymentRules | None = None, provider: PaymentProvider | None = None
+) -> Service:
+    """ProcessPayment answered by PaymentProcessed (with a transactionId) or PaymentFailed;
+    RefundPayment by PaymentRefunded."""
     chosen = rules or PaymentRules()
+    outside = provider or PaymentProvider()
     service = Service("payment")
 
     @service.handles(ProcessPaymentCommand, reads=_payment)
     async def process(ctx: Context, command: ProcessPaymentCommand) -> None:
-        await charge(ctx, chosen, command.order_id, command.customer_id, command.amount)
+        await charge(
+            ctx, chosen, command.order_id, command.customer_id, command.amount, provider=outside
+        )
+
+    @service.handles(RefundPaymentCommand, reads=_payment)
+    async def refund(ctx: Context, command: RefundPaymentCommand) -> None:
+        existing = await ctx.tx.get_document(PAYMENTS, command.order_id)
+        if existing is not None and existing.data.get("status") == "PROCESSED":
+            outside.refund(str(existing.data.get("providerKey", command.order_id)))
+            payment = {**existing.data, "status": "REFUNDED"}
+            await ctx.tx.put_document(PAYMENTS, command.order_id, payment, existing.version)
+        # Nothing charged (declined, or never asked): nothing to give back.
+        ctx.publish(PaymentRefundedEvent(order_id=command.order_id))
 
     return service
 
 
 async def charge(
-    ctx: Context, rules: PaymentRules, order_id: str, customer_id: str, amount: Decimal
+    ctx: Context,
+    rules: PaymentRules,
+    order_id: str,
+    customer_id: str,
+    amount: Decimal,
+    *,
+    provider: PaymentProvider,
 ) -> None:
     """Charge the order once (or decline it under ``rules``) and answer PaymentProcessed or
     PaymentFailed; an order charged or declined before is answered the same way again."""
@@ -71,7 +101,11 @@ async def charge(
         reason = rules.decline_reason(customer_id, amount)
         payment = {"orderId": order_id, "customerId": customer_id, "amount": amount}
         if reason is None:
-            payment.update(status="PROCESSED", transactionId=f"TRN-{random.getrandbits(48):012X}")
+            # The provider is outside this unit of work: the key makes a second call (this
+            # message again after a crash, or a retry of the step) return the first charge.
+            key = ctx.idempotency_key
+            transaction = provider.charge(key, customer_id, amount)
+            payment.update(status="PROCESSED", transactionId=transaction, providerKey=key)
         else:
             payment.update(status="FAILED", reason=reason)
         await ctx.tx.put_document(PAYMENTS, order_id, payment, 0)
@@ -84,7 +118,25 @@ async def charge(
 
 
 #: The order apps' settings (``sagaline run --set payment_limit=500``).
-SETTINGS = {"payment_limit": "payments above this amount are declined (default 1000.00)"}
+SETTINGS = {
+    "payment_limit": "payments above this amount are declined (default 1000.00)",
+    "step_timeout": "seconds each step of the order saga may take before it fails (default: none)",
+    "payment_provider": "a file where the simulated payment provider keeps its charges",
+}
+
+
+def step_timeout_from_settings(settings: Mapping[str, str]) -> float | None:
+    """The ``step_timeout`` setting in seconds (None when unset); ValueError when bad."""
+    text = settings.get("step_timeout")
+    if text is None or text == "":
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"step_timeout must be a positive number of seconds, not {text!r}")
+    return seconds
 
 
 def rules_from_settings(settings: Mapping[str, str]) -> PaymentRules:

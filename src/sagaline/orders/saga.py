@@ -4,6 +4,10 @@ OrderCreated starts it. Reserve inventory (compensated by ReleaseInventory, also
 failure, since a failed reservation may have been partial), then process payment (the pivot);
 success publishes OrderConfirmed. InventoryReservationFailed compensates with ReleaseInventory
 and CancelOrder; PaymentFailed with ReleaseInventory and CancelOrder.
+
+With a step timeout (the app's ``step_timeout`` setting), a step that gets no answer in time
+fails: the order is cancelled with a reason that says so. A payment that goes through after its
+step timed out is refunded (RefundPayment, the pivot's compensation for a late success).
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from sagaline.orders.messages import (
     OrderItem,
     PaymentFailedEvent,
     PaymentProcessedEvent,
+    PaymentRefundedEvent,
     ProcessPaymentCommand,
+    RefundPaymentCommand,
     ReleaseInventoryCommand,
     ReserveInventoryCommand,
 )
 from sagaline.saga.definition import SagaDefinition, Step, StepKind
 
-__all__ = ["ORDER_SAGA", "cancellation_reason"]
+__all__ = ["ORDER_SAGA", "cancellation_reason", "order_saga"]
 
 _FAILURE_WORDS = {
     "reserve_inventory": "Inventory reservation failed",
@@ -75,6 +81,10 @@ def _cancel(data: Mapping[str, Any]) -> CancelOrderCommand:
     return CancelOrderCommand(order_id=data["orderId"], reason=_cancel_reason(data))
 
 
+def _refund(data: Mapping[str, Any]) -> RefundPaymentCommand:
+    return RefundPaymentCommand(order_id=data["orderId"])
+
+
 def _confirmed(data: Mapping[str, Any]) -> OrderConfirmedEvent:
     return OrderConfirmedEvent(order_id=data["orderId"])
 
@@ -106,7 +116,14 @@ ORDER_SAGA = SagaDefinition(
             failures=(PaymentFailedEvent,),
             kind=StepKind.PIVOT,
             keep=("transactionId",),
+            compensation=_refund,
+            compensated=PaymentRefundedEvent,
         ),
     ),
     on_completed=_confirmed,
 )
+
+
+def order_saga(step_timeout: float | None = None) -> SagaDefinition:
+    """The order saga, each step timing out after ``step_timeout`` seconds when given."""
+    return ORDER_SAGA if step_timeout is None else ORDER_SAGA.with_timeouts(step_timeout)

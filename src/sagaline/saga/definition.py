@@ -16,7 +16,7 @@ import enum
 import hashlib
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import msgspec
@@ -317,17 +317,12 @@ class SagaDefinition:
                     f"{where}: a compensatable step needs a compensation command and the"
                     " event that confirms it"
                 )
-        if step.kind is StepKind.RETRIABLE:
-            if step.failures:
-                raise SagaDefinitionError(
-                    f"{where}: a retriable step may not fail; it is retried until it succeeds"
-                )
-        if step.kind is StepKind.PIVOT and step.compensation is not None:
-            if step.compensated is None:
-                raise SagaDefinitionError(
-                    f"{where}: a pivot's compensation (for a late success) needs the event that"
-                    " confirms it"
-                )
+        if step.kind is StepKind.RETRIABLE and step.failures:
+            raise SagaDefinitionError(
+                f"{where}: a retriable step may not fail; it is retried until it succeeds"
+            )
+        if step.compensation is not None and step.compensated is None:
+            raise SagaDefinitionError(f"{where}: a compensation needs the event that confirms it")
         if step.compensate_on_failure and step.compensation is None:
             raise SagaDefinitionError(f"{where}: compensate_on_failure needs a compensation")
         for what, seconds in (
@@ -407,6 +402,33 @@ class SagaDefinition:
         if id(builder) in self._extended:
             return builder(state, view)
         return builder(state)
+
+    def with_timeouts(
+        self, step: float | None = None, *, compensation: float | None = None
+    ) -> SagaDefinition:
+        """This definition with ``step`` as the timeout of every step that sends a command and
+        has none of its own, and ``compensation`` that of every compensation (a setting of an
+        app, so that timeouts need no code)."""
+
+        def timed(one: Step) -> Step:
+            changes: dict[str, Any] = {}
+            if step is not None and one.command is not None and one.timeout is None:
+                changes["timeout"] = step
+            if (
+                compensation is not None
+                and one.compensation is not None
+                and one.compensation_timeout is None
+            ):
+                changes["compensation_timeout"] = compensation
+            return replace(one, **changes) if changes else one
+
+        steps = tuple(
+            Parallel(item.name, tuple(timed(s) for s in item.steps))
+            if isinstance(item, Parallel)
+            else timed(item)
+            for item in self.steps
+        )
+        return replace(self, steps=steps)
 
     def to_mermaid(self) -> str:
         """The saga as a Mermaid state diagram, naming the command each step sends (see

@@ -24,7 +24,8 @@ import msgspec
 
 from sagaline.handling import System
 from sagaline.messages import Command, Event, Message
-from sagaline.saga.definition import SagaDefinition, Step
+from sagaline.saga.definition import Parallel, SagaDefinition, Step, StepKind
+from sagaline.saga.state import SagaView
 
 __all__ = [
     "UNKNOWN",
@@ -55,12 +56,20 @@ class StepDescription:
     compensated: str | None
     compensate_on_failure: bool
     keep: tuple[str, ...]
+    #: The parallel group the step belongs to (None: a step of its own).
+    group: str | None = None
+    timeout: float | None = None
+    #: How many times its command may be sent (0: until it succeeds).
+    attempts: int = 1
+    compensation_timeout: float | None = None
+    compensation_attempts: int = 1
 
     def to_json(self) -> dict[str, Any]:
         """The step as JSON-ready data (camelCase keys, as the wire's)."""
         return {
             "name": self.name,
             "kind": self.kind,
+            "group": self.group,
             "command": self.command,
             "success": self.success,
             "failures": list(self.failures),
@@ -68,6 +77,10 @@ class StepDescription:
             "compensated": self.compensated,
             "compensateOnFailure": self.compensate_on_failure,
             "keep": list(self.keep),
+            "timeout": self.timeout,
+            "attempts": self.attempts,
+            "compensationTimeout": self.compensation_timeout,
+            "compensationAttempts": self.compensation_attempts,
         }
 
 
@@ -84,6 +97,7 @@ class SagaDescription:
     on_completed: str | None
     problems: tuple[str, ...]
     mermaid: str
+    deadline: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The saga as JSON-ready data (camelCase keys, as the wire's)."""
@@ -95,6 +109,7 @@ class SagaDescription:
             "correlationField": self.correlation_field,
             "steps": [step.to_json() for step in self.steps],
             "onCompleted": self.on_completed,
+            "deadline": self.deadline,
             "problems": list(self.problems),
             "mermaid": self.mermaid,
         }
@@ -110,22 +125,28 @@ def describe(definition: SagaDefinition, system: System | None = None) -> SagaDe
     commands (a problem otherwise)."""
     data = sample_data(definition)
     steps = []
-    for step in definition.steps:
+    groups = {s.name: g.name for g in definition.steps if isinstance(g, Parallel) for s in g.steps}
+    for step in definition.all_steps():
         steps.append(
             StepDescription(
                 name=step.name,
                 kind=step.kind.value,
-                command=_name_of(step.command, data, step, Command),
+                command=_name_of(definition, step.command, data, step, Command),
                 success=_type_name(step.success),
                 failures=tuple(failure.type_name() for failure in step.failures),
-                compensation=_name_of(step.compensation, data, step, Command),
+                compensation=_name_of(definition, step.compensation, data, step, Command),
                 compensated=_type_name(step.compensated),
                 compensate_on_failure=step.compensate_on_failure,
                 keep=step.keep,
+                group=groups.get(step.name),
+                timeout=step.timeout,
+                attempts=step.tries(),
+                compensation_timeout=step.compensation_timeout,
+                compensation_attempts=step.compensation_tries(),
             )
         )
     on_completed = (
-        _name_of(definition.on_completed, data, definition.steps[-1], Event)
+        _name_of(definition, definition.on_completed, data, definition.all_steps()[-1], Event)
         if definition.on_completed is not None
         else None
     )
@@ -151,6 +172,7 @@ def describe(definition: SagaDefinition, system: System | None = None) -> SagaDe
         on_completed=on_completed,
         problems=tuple(problems),
         mermaid=to_mermaid(definition, steps),
+        deadline=definition.deadline,
     )
 
 
@@ -158,9 +180,11 @@ def built_type(
     builder: Callable[[Mapping[str, Any]], Message],
     data: Mapping[str, Any],
     base: type[Message] = Command,
+    *,
+    annotated: Callable[..., Any] | None = None,
 ) -> type[Message] | None:
-    """The message type ``builder`` makes: that of what it builds from ``data``, else its
-    return annotation; None when neither tells."""
+    """The message type ``builder`` makes: that of what it builds from ``data``, else the return
+    annotation of ``annotated`` (``builder`` itself by default); None when neither tells."""
     try:
         built = builder(_Probe(data))
     except Exception:
@@ -168,7 +192,7 @@ def built_type(
     if isinstance(built, base):
         return type(built)
     try:
-        returned = typing.get_type_hints(builder).get("return")
+        returned = typing.get_type_hints(annotated or builder).get("return")
     except Exception:
         return None
     if isinstance(returned, type) and issubclass(returned, base):
@@ -181,7 +205,7 @@ def sample_data(definition: SagaDefinition) -> dict[str, Any]:
     event's fields, the fields steps keep from their success events, and the engine's own."""
     data: dict[str, Any] = dict(_sample_struct(definition.start))
     data.pop(definition.start.discriminator, None)
-    for step in definition.steps:
+    for step in definition.all_steps():
         if step.keep and step.success is not None:
             success = _sample_struct(step.success)
             for name in step.keep:
@@ -192,36 +216,61 @@ def sample_data(definition: SagaDefinition) -> dict[str, Any]:
 
 def to_mermaid(definition: SagaDefinition, steps: Iterable[StepDescription] | None = None) -> str:
     """The saga as a Mermaid state diagram: each step with the command it sends, the events
-    that move it on or fail it, and the compensations with their commands."""
+    that move it on or fail it, a parallel group as a fork and a join, and the compensations
+    with their commands."""
     described = {s.name: s for s in (steps if steps is not None else describe(definition).steps)}
-    first = definition.steps[0].name
-    lines = ["stateDiagram-v2", f"    [*] --> {first}: {definition.start.type_name()}"]
-    for position, step in enumerate(definition.steps):
-        command = described[step.name].command
-        if command is not None:
-            lines.append(f"    {step.name}: {step.name} sends {command}")
-        following = (
-            definition.steps[position + 1].name if position + 1 < len(definition.steps) else None
-        )
-        if step.command is not None and step.success is not None:
-            target = following or "completed"
-            lines.append(f"    {step.name} --> {target}: {step.success.type_name()}")
-        elif following:
-            lines.append(f"    {step.name} --> {following}")
-        for failure in step.failures:
-            lines.append(f"    {step.name} --> compensating: {failure.type_name()}")
+    entries = [_entry(item) for item in definition.steps]
+    lines = ["stateDiagram-v2", f"    [*] --> {entries[0]}: {definition.start.type_name()}"]
+    for position, item in enumerate(definition.steps):
+        following = entries[position + 1] if position + 1 < len(entries) else "completed"
+        members = item.steps if isinstance(item, Parallel) else (item,)
+        if isinstance(item, Parallel):
+            lines.append(f"    state {item.name}_fork <<fork>>")
+            lines.append(f"    state {item.name}_join <<join>>")
+            lines.append(f"    {item.name}_join --> {following}")
+        for step in members:
+            target = f"{item.name}_join" if isinstance(item, Parallel) else following
+            if isinstance(item, Parallel):
+                lines.append(f"    {item.name}_fork --> {step.name}")
+            command = described[step.name].command
+            if command is not None:
+                timing = _timing(step.timeout, step.tries())
+                lines.append(f"    {step.name}: {step.name} sends {command}{timing}")
+            if step.command is not None and step.success is not None:
+                lines.append(f"    {step.name} --> {target}: {step.success.type_name()}")
+            else:
+                lines.append(f"    {step.name} --> {target}")
+            for failure in step.failures:
+                lines.append(f"    {step.name} --> compensating: {failure.type_name()}")
+            if step.timeout is not None:
+                lines.append(f"    {step.name} --> compensating: no answer in {step.timeout:g} s")
     lines.append("    completed --> [*]")
-    for step in reversed(definition.steps):
+    for step in reversed(definition.all_steps()):
         if step.compensation is None or step.compensated is None:
             continue
         command = described[step.name].compensation or UNKNOWN
+        when = " after a late success" if step.kind is StepKind.PIVOT else ""
         lines.append(
-            f"    compensating --> compensating: undo {step.name}"
+            f"    compensating --> compensating: undo {step.name}{when}"
             f" ({command}, then {step.compensated.type_name()})"
         )
     lines.append("    compensating --> compensated: every compensation confirmed")
+    lines.append("    compensating --> stuck: a compensation failed past its policy")
     lines.append("    compensated --> [*]")
     return "\n".join(lines)
+
+
+def _entry(item: Step | Parallel) -> str:
+    return f"{item.name}_fork" if isinstance(item, Parallel) else item.name
+
+
+def _timing(timeout: float | None, tries: int) -> str:
+    parts = []
+    if timeout is not None:
+        parts.append(f"timeout {timeout:g} s")
+    if tries != 1:
+        parts.append("tried until it succeeds" if tries == 0 else f"up to {tries} tries")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def _type_name(cls: type[Message] | None) -> str | None:
@@ -229,7 +278,8 @@ def _type_name(cls: type[Message] | None) -> str | None:
 
 
 def _name_of(
-    builder: Callable[[Mapping[str, Any]], Message] | None,
+    definition: SagaDefinition,
+    builder: Callable[..., Message] | None,
     data: Mapping[str, Any],
     step: Step,
     base: type[Message],
@@ -237,8 +287,12 @@ def _name_of(
     if builder is None:
         return None
     # Compensations run after a failure: the engine has recorded which step failed, and why.
-    probe = {**data, "_failure": {"step": step.name, "event": "", "reason": "x"}}
-    found = built_type(builder, probe, base)
+    failure = {"step": step.name, "event": "", "reason": "x"}
+    probe = {**data, "_failure": failure}
+    view = SagaView(f"{definition.name}:x", step.name, 1, f"saga:{definition.name}:x", failure)
+    found = built_type(
+        lambda state: definition.build(builder, state, view), probe, base, annotated=builder
+    )
     return found.type_name() if found is not None else UNKNOWN
 
 

@@ -70,7 +70,7 @@ class Orchestrator(SagaFollower):
                 saga_id=record.saga_id,
                 key=key,
                 timer_id=timer.timer_id,
-                kind=timer.kind,
+                purpose=timer.kind,
                 step=timer.step,
                 attempt=timer.attempt,
                 undo=timer.undo,

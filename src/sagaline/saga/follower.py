@@ -215,7 +215,7 @@ class SagaFollower:
             moved = on_timer(
                 definition,
                 record,
-                kind=fired.kind,
+                kind=fired.purpose,
                 step=fired.step,
                 attempt=fired.attempt,
                 undo=fired.undo,

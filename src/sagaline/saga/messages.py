@@ -17,8 +17,8 @@ from sagaline.messages import Event
 __all__ = ["SagaActionRequested", "SagaTimerFired"]
 
 
-class SagaTimerFired(Event):
-    """Timer ``timer_id`` of saga ``saga_id`` fired: ``kind`` is ``timeout`` (of try
+class SagaTimerFired(Event, kw_only=True, frozen=True):
+    """Timer ``timer_id`` of saga ``saga_id`` fired: ``purpose`` is ``timeout`` (of try
     ``attempt`` of ``step``, or of its compensation when ``undo``), ``retry`` (the next try is
     due) or ``deadline`` (of the whole saga)."""
 
@@ -27,13 +27,13 @@ class SagaTimerFired(Event):
     saga_id: str
     key: str
     timer_id: str
-    kind: str
+    purpose: str
     step: str = ""
     attempt: int = 0
     undo: bool = False
 
 
-class SagaActionRequested(Event):
+class SagaActionRequested(Event, kw_only=True, frozen=True):
     """An operator asks ``action`` (retry, compensate, skip, abort) of saga ``saga_id``: who
     (``by``) and why (``reason``) go to its history."""
 

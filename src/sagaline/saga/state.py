@@ -31,8 +31,8 @@ from sagaline.saga.definition import SagaDefinition, SagaStatus, Step, StepKind
 
 __all__ = [
     "ACTIONS",
-    "Send",
     "SagaView",
+    "Send",
     "Timer",
     "Transition",
     "action_refused",
@@ -708,12 +708,12 @@ class _Machine:
                 self.cancel_step_timers(step.name)
                 self.send(step)
             return
-        head = self.definition.step(self.plan[0])
+        undo = self.definition.step(self.plan[0])
         self.record.data.pop("_stuck", None)
-        self.note(f"retry of compensation {head.name} asked by {by}: {reason}", **who)
+        self.note(f"retry of compensation {undo.name} asked by {by}: {reason}", **who)
         self._set_status(SagaStatus.COMPENSATING)
-        self.cancel_step_timers(head.name)
-        self.send_compensation(head)
+        self.cancel_step_timers(undo.name)
+        self.send_compensation(undo)
 
 
 def _reason(event: Message) -> str:

@@ -47,6 +47,7 @@ from sagaline.backends.postgres.schema import (
     validate_url,
 )
 from sagaline.backends.postgres.transaction import PostgresTransaction, envelope_arrays
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.ports import OutboxEntry
 
 if TYPE_CHECKING:
@@ -98,8 +99,11 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         max_connections: int = 4,
         locked_namespaces: Iterable[str] = (),
         connect_timeout: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.url = validate_url(url)
+        #: What due times and leases are read from (a test kit's fake clock, or the machine's).
+        self.clock = clock
         #: Seconds to wait for the server when connecting (None: the driver's own limits).
         self.connect_timeout = connect_timeout
         #: Document namespaces read with ``FOR UPDATE`` in a unit of work, so that units of work
@@ -263,6 +267,20 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
             self._wake(tx.queues, tx.wrote_events)
         if tx.wrote_outbox and self._outbox_ready is not None:
             self._outbox_ready.set()
+
+    async def next_timer_due(self) -> float | None:
+        """When the next timer is due (seconds since the epoch), None when none is set."""
+        pool = await self._ready()
+        try:
+            async with pool.connection() as conn:
+                cursor = await conn.execute(f"SELECT min(due_at) FROM {self.names.store}.timers")
+                row = await cursor.fetchone()
+        except psycopg.Error as exc:
+            translated = unavailable(exc, f"in PostgreSQL schema {self.names.store}")
+            if translated is None:
+                raise
+            raise translated from exc
+        return None if row is None or row[0] is None else float(row[0])
 
     async def set_meta(self, key: str, value: str) -> None:
         """Set a value of the store schema's metadata table (its own transaction)."""

@@ -31,9 +31,9 @@ __all__ = [
     "validate_url",
 ]
 
-#: The version of both schemas this code writes (2 added ``received``, 3 ``handling_starts``;
-#: an older schema is upgraded in place by creating what it lacks).
-SCHEMA_VERSION = 3
+#: The version of both schemas this code writes (2 added ``received``, 3 ``handling_starts``,
+#: 4 ``timers``; an older schema is upgraded in place by creating what it lacks).
+SCHEMA_VERSION = 4
 #: The key of the advisory lock that serializes migrations across processes.
 MIGRATION_LOCK = 0x5A6A11E
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
@@ -171,6 +171,18 @@ def _store_ddl(s: str) -> list[str]:
             consumer text NOT NULL,
             received_at text NOT NULL)""",
         f"CREATE INDEX IF NOT EXISTS received_correlation ON {s}.received (correlation_id)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.timers (
+            timer_id text PRIMARY KEY,
+            due_at double precision NOT NULL,
+            message_id text NOT NULL,
+            type text NOT NULL,
+            body text NOT NULL,
+            correlation_id text NOT NULL,
+            causation_id text,
+            timestamp text NOT NULL,
+            traceparent text,
+            source text)""",
+        f"CREATE INDEX IF NOT EXISTS timers_due ON {s}.timers (due_at)",
         # One row: the relay that holds it publishes this store's outbox, and no other.
         f"""CREATE TABLE IF NOT EXISTS {s}.outbox_relay (
             id boolean PRIMARY KEY DEFAULT true CHECK (id),

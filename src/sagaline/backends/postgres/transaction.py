@@ -417,6 +417,42 @@ class PostgresTransaction(StatementBuilders, Prefetch):
         self._outbox.extend(envelopes)
         self.wrote_outbox = True
 
+    async def schedule_timers(self, timers: Sequence[tuple[str, Envelope, float]]) -> None:
+        """Set timers (written at commit); an id already set is moved."""
+        now = self._db.clock.time()
+        envelopes = [envelope for _, envelope, _ in timers]
+        self.defer(
+            f"INSERT INTO {self._s}.timers (timer_id, due_at, {ENVELOPE_COLUMNS})"
+            f" SELECT * FROM unnest(%s::text[], %s::float8[], {ENVELOPE_ARRAYS})"
+            " ON CONFLICT (timer_id) DO UPDATE SET due_at = excluded.due_at,"
+            " message_id = excluded.message_id, type = excluded.type, body = excluded.body,"
+            " correlation_id = excluded.correlation_id, causation_id = excluded.causation_id,"
+            " timestamp = excluded.timestamp, traceparent = excluded.traceparent,"
+            " source = excluded.source",
+            (
+                [timer_id for timer_id, _, _ in timers],
+                [now + after for _, _, after in timers],
+                *envelope_arrays(envelopes),
+            ),
+        )
+
+    async def cancel_timers(self, timer_ids: Sequence[str]) -> None:
+        """Cancel timers (at commit)."""
+        self.defer(
+            f"DELETE FROM {self._s}.timers WHERE timer_id = ANY(%s::text[])", (list(timer_ids),)
+        )
+
+    async def take_due_timers(self, limit: int) -> list[Envelope]:
+        """Take the due timers at once; another unit of work taking them skips these."""
+        cursor = await self.connection.execute(
+            f"DELETE FROM {self._s}.timers WHERE timer_id IN (SELECT timer_id FROM"
+            f" {self._s}.timers WHERE due_at <= %s ORDER BY due_at LIMIT %s"
+            f" FOR UPDATE SKIP LOCKED) RETURNING due_at, {ENVELOPE_COLUMNS}",
+            (self._db.clock.time(), limit),
+        )
+        rows = sorted(await cursor.fetchall(), key=lambda row: row[0])
+        return [envelope_from_row(row, 1) for row in rows]
+
     async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
         if envelopes:
             self.defer(
