@@ -199,7 +199,7 @@ def on_timer(
 ) -> Transition:
     """The timer ``timer_id`` of ``record`` fired: a try timed out, a retry is due, or the
     deadline passed. A timer that no longer matches what the instance waits for is noted only."""
-    machine = _Machine(definition, record, at, message_id, f"timer {kind}")
+    machine = _Machine(definition, record, at, message_id, "SagaTimerFired")
     machine.on_timer(kind, step, attempt, undo, timer_id)
     return machine.transition
 
@@ -217,7 +217,7 @@ def on_dead_letter(
 ) -> Transition:
     """A command of ``record`` (step ``step``'s, or its compensation) was dead-lettered: the
     step fails (a compensation is tried again within its policy, else the saga is STUCK)."""
-    machine = _Machine(definition, record, at, message_id, "dead letter")
+    machine = _Machine(definition, record, at, message_id, "MessageDeadLettered")
     machine.on_dead_letter(step, undo, reason, dead_letter)
     return machine.transition
 
@@ -267,7 +267,7 @@ def on_action(
     done by hand; ``abort`` ends the saga FAILED without compensating. Each is noted in the
     history with who and why; one the state does not allow is noted as refused.
     """
-    machine = _Machine(definition, record, at, message_id, f"operator {action}")  # type: ignore[arg-type]
+    machine = _Machine(definition, record, at, message_id, "SagaActionRequested")  # type: ignore[arg-type]
     refused = action_refused(action, record, definition)
     if refused:
         machine.note(f"refused {action} by {by}: {refused}", by=by, reason=reason)

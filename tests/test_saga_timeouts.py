@@ -1,0 +1,154 @@
+"""Step timeouts through the real message path, on the test kit's clock: a step whose service is
+down fails when its timeout passes and the saga compensates; the service's late answer is
+compensated too. On SQLite and on PostgreSQL; no test sleeps, the fake clock is moved instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import servers
+
+from sagaline.backends.postgres import PostgresDatabase
+from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.clock import FakeClock
+from sagaline.handling import Runtime, System
+from sagaline.orders import build_system
+from sagaline.orders.inventory import set_stock
+from sagaline.orders.messages import CreateOrderCommand, OrderItem
+from sagaline.orders.payment import PAYMENTS
+from sagaline.orders.provider import PaymentProvider
+from sagaline.orders.read import ORDER_VIEW
+from sagaline.ports import Backend, SagaRecord, StoreTransaction
+from sagaline.saga import SagaStatus
+
+ORDER = CreateOrderCommand(
+    order_id="ORD-T1",
+    customer_id="CUST-1",
+    items=[OrderItem(product_id="PROD-A", quantity=2)],
+    total_amount=Decimal("20.00"),
+)
+WITHOUT_PAYMENT = ("order", "inventory", "orchestrator", "read")
+
+
+@pytest.fixture(scope="module")
+def pg_url() -> Iterator[str]:
+    yield from servers.postgres_database()
+
+
+Opener = Callable[[FakeClock], Backend]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    opened: list[Backend] = []
+
+    def make(clock: FakeClock) -> Backend:
+        db: Backend
+        if request.param == "sqlite":
+            db = SqliteDatabase(f"sqlite:///{tmp_path}/s.db", clock=clock)
+        else:
+            url = request.getfixturevalue("pg_url")
+            db = PostgresDatabase(url, schema=f"t_{uuid.uuid4().hex[:10]}", clock=clock)
+        opened.append(db)
+        return db
+
+    yield make
+    for db in opened:
+        asyncio.run(db.close())
+
+
+async def saga_of(db: Backend, order_id: str) -> SagaRecord | None:
+    async with db.transaction() as tx:
+        return await tx.get_saga(f"order:{order_id}")
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
+    """Wait until ``check()`` holds (the workers run meanwhile); fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not so after {timeout} s: {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _views(tx: StoreTransaction) -> list[dict[str, Any]]:
+    document = await tx.get_document(ORDER_VIEW, "ORD-T1")
+    return [] if document is None else [document.data]
+
+
+@asynccontextmanager
+async def running(db: Backend, system: System, services: Sequence[str]) -> AsyncIterator[Runtime]:
+    runtime = Runtime(db, system, services, poll_interval=0.02)
+    task = asyncio.create_task(runtime.run())
+    try:
+        yield runtime
+    finally:
+        runtime.stop()
+        await task
+
+
+def test_a_step_timeout_cancels_the_order_and_the_late_charge_is_refunded(
+    open_store: Opener,
+) -> None:
+    async def scenario() -> None:
+        clock = FakeClock()
+        db = open_store(clock)
+        await db.open()
+        provider = PaymentProvider()
+        system = build_system(step_timeout=30, provider=provider)
+        async with db.transaction() as tx:
+            await set_stock(tx, "PROD-A", 5)
+        await system.submit(db, ORDER)
+
+        async def waiting_for_payment() -> bool:
+            saga = await saga_of(db, "ORD-T1")
+            steps = saga.data.get("_steps", {}) if saga else {}
+            return steps.get("process_payment", {}).get("s") == "running"
+
+        async def status_is(status: SagaStatus) -> bool:
+            saga = await saga_of(db, "ORD-T1")
+            return saga is not None and saga.status == status
+
+        async with running(db, system, WITHOUT_PAYMENT):
+            await until(waiting_for_payment, "the saga sent ProcessPayment")
+            # Nothing answers. The step's timer is due 30 seconds after it was sent.
+            due = await db.next_timer_due()
+            assert due is not None and due == pytest.approx(clock.time() + 30, abs=0.01)
+            clock.advance(29)
+            assert await status_is(SagaStatus.RUNNING)
+            clock.advance(2)
+            await until(lambda: status_is(SagaStatus.COMPENSATED), "the order compensated")
+        saga = await saga_of(db, "ORD-T1")
+        assert saga is not None
+        assert saga.data["_failure"]["reason"] == "step process_payment timed out after 30 s"
+        async with db.transaction() as tx:
+            [view] = [d for d in await _views(tx)]
+        assert view["status"] == "CANCELLED"
+        assert view["reason"] == "Payment failed: step process_payment timed out after 30 s"
+        assert provider.charges() == []
+
+        # The payment service comes back: it charges (the command was still queued), and the
+        # saga, which gave up on the payment, has it refunded.
+        async def refunded() -> bool:
+            async with db.transaction() as tx:
+                payment = await tx.get_document(PAYMENTS, "ORD-T1")
+            return payment is not None and payment.data["status"] == "REFUNDED"
+
+        async with running(db, system, [*WITHOUT_PAYMENT, "payment"]):
+            await until(refunded, "the late charge refunded")
+        [charge] = provider.charges()
+        assert charge.refunded and charge.key == "saga:order:ORD-T1:process_payment"
+        saga = await saga_of(db, "ORD-T1")
+        assert saga is not None and saga.status == SagaStatus.COMPENSATED
+        assert await db.next_timer_due() is None
+
+    asyncio.run(scenario())
