@@ -104,3 +104,11 @@ class BusUnavailable(SagalineError):
     a publication in time; nothing is lost (an outbox keeps what was not published)."""
 
     code = "bus_unavailable"
+
+
+class SagaNotFound(SagalineError):
+    """No saga instance has the id an operator named."""
+
+
+class ActionRefused(MessageRefused):
+    """An operator's action that the saga's state does not allow (the message says why)."""

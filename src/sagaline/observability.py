@@ -99,6 +99,12 @@ def saga_summary(record: SagaRecord, *, history: bool = False) -> dict[str, Any]
         "step": record.step,
         "failedStep": failure.get("step") if failure else None,
         "reason": failure.get("reason") if failure else None,
+        "stuck": record.data.get("_stuck"),
+        "steps": {
+            name: {"state": state.get("s"), "tries": state.get("n"), "undoTries": state.get("c")}
+            for name, state in (record.data.get("_steps") or {}).items()
+        },
+        "timers": list(record.data.get("_timers") or []),
         "createdAt": record.created_at,
         "updatedAt": record.updated_at,
     }

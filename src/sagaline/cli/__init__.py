@@ -30,6 +30,9 @@ from sagaline.cli import run as run
 
 # isort: split
 from sagaline.cli import audit as audit
+
+# isort: split
+from sagaline.cli import saga as saga
 from sagaline.cli.audit import load_transaction
 from sagaline.cli.common import (
     DEFAULT_STORE_URL,

@@ -76,6 +76,8 @@ STATUS_STYLES: dict[str, str] = {
     "COMPENSATED": "red",
     "COMPENSATING": "yellow",
     "RUNNING": "yellow",
+    "STUCK": "bold red",
+    "FAILED": "bold red",
 }
 
 
