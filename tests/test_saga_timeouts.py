@@ -111,8 +111,8 @@ def test_a_step_timeout_cancels_the_order_and_the_late_charge_is_refunded(
 
         async def waiting_for_payment() -> bool:
             saga = await saga_of(db, "ORD-T1")
-            steps = saga.data.get("_steps", {}) if saga else {}
-            return steps.get("process_payment", {}).get("s") == "running"
+            steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
+            return bool(steps.get("process_payment", {}).get("s") == "running")
 
         async def status_is(status: SagaStatus) -> bool:
             saga = await saga_of(db, "ORD-T1")
