@@ -439,16 +439,16 @@ class SagaDefinition:
 
 
 def _takes_view(builder: Callable[..., Any]) -> bool:
-    """Whether ``builder`` accepts a second positional argument (the saga's view)."""
+    """Whether ``builder`` wants a second positional argument (the saga's view): one without a
+    default (a lambda's ``k=kind`` binding a loop variable is not asking for it)."""
     try:
         parameters = list(inspect.signature(builder).parameters.values())
     except (TypeError, ValueError):
         return False
-    positional = [
+    required = [
         p
         for p in parameters
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        and p.default is inspect.Parameter.empty
     ]
-    return len(positional) >= 2 or any(
-        p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters
-    )
+    return len(required) >= 2
