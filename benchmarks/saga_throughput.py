@@ -64,19 +64,28 @@ def _orders(count: int) -> list[CreateOrderCommand]:
     return orders
 
 
-def _system(choreography: bool) -> System:
-    """The order flow, orchestrated or choreographed, with the default payment limit."""
+def _system(choreography: bool, step_timeout: float | None = None) -> System:
+    """The order flow, orchestrated or choreographed, with the default payment limit (and a
+    timeout on every step of the orchestrated saga when ``step_timeout`` is given)."""
     rules = PaymentRules(default_limit=Decimal("1000.00"))
-    return build_choreography_system(rules) if choreography else build_system(rules)
+    if choreography:
+        return build_choreography_system(rules)
+    return build_system(rules, step_timeout=step_timeout)
 
 
 def _seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-async def run(sagas: int, batch_size: int, path: str, choreography: bool = False) -> None:
+async def run(
+    sagas: int,
+    batch_size: int,
+    path: str,
+    choreography: bool = False,
+    step_timeout: float | None = None,
+) -> None:
     db = SqliteDatabase(f"sqlite:///{path}")
-    system = _system(choreography)
+    system = _system(choreography, step_timeout)
     async with db.transaction() as tx:
         await set_stock(tx, "PROD-A", sagas * 2)
         await set_stock(tx, "PROD-X", 0)
@@ -214,9 +223,10 @@ async def run_deployment(
     raw: int,
     check: bool = False,
     choreography: bool = False,
+    step_timeout: float | None = None,
 ) -> None:
     """N sagas through a deployment: services in this process, or ``instances`` processes each."""
-    system = _system(choreography)
+    system = _system(choreography, step_timeout)
     deployment = Deployment(store, bus, SERVICE_NAMES)
     await deployment.open()
     async with deployment.store("inventory").transaction() as tx:
@@ -234,6 +244,8 @@ async def run_deployment(
         argv += [str(instances), "--batch-size", str(batch_size)]
         if bus is not None:
             argv += ["--bus", bus]
+        if step_timeout is not None:
+            argv += ["--set", f"step_timeout={step_timeout}"]
         supervisor = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     orders = _orders(sagas)
     started = time.perf_counter()
@@ -368,13 +380,24 @@ def main() -> None:
         help="run the order flow as a choreography (not with --instances: `sagaline up` runs"
         " the orchestrated flow)",
     )
+    parser.add_argument(
+        "--step-timeout",
+        type=float,
+        default=None,
+        help="give every step of the order saga this timeout in seconds (a timer set and"
+        " cancelled per step)",
+    )
     args = parser.parse_args()
+    if args.choreography and args.step_timeout is not None:
+        parser.error("--step-timeout applies to the orchestrated saga: drop --choreography")
     if args.choreography and args.instances:
         parser.error("--choreography runs the services in this process: drop --instances")
     with tempfile.TemporaryDirectory(prefix="sagaline-bench-") as tmp:
         if args.store is None and args.bus is None and not args.instances:
             path = args.path or str(Path(tmp) / "bench.db")
-            asyncio.run(run(args.sagas, args.batch_size, path, args.choreography))
+            asyncio.run(
+                run(args.sagas, args.batch_size, path, args.choreography, args.step_timeout)
+            )
         else:
             store = args.store or f"sqlite:///{tmp}/{{service}}.db"
             bus = _own_prefix(args.bus)
@@ -391,6 +414,7 @@ def main() -> None:
                         args.raw,
                         args.check,
                         args.choreography,
+                        args.step_timeout,
                     )
                 )
             finally:

@@ -6,6 +6,7 @@ from sagaline.aggregate import Aggregate
 from sagaline.app import App, Invariant
 from sagaline.deploy import Deployment
 from sagaline.errors import (
+    ActionRefused,
     BusUnavailable,
     ConcurrencyError,
     ConfigurationError,
@@ -16,10 +17,12 @@ from sagaline.errors import (
     NotAcceptedFromClients,
     SagaDefinitionError,
     SagalineError,
+    SagaNotFound,
     StoreUnavailable,
     UnknownMessageType,
 )
 from sagaline.handling import Context, Runtime, Service, System
+from sagaline.handling.notices import MessageDeadLettered
 from sagaline.messages import (
     Command,
     Envelope,
@@ -34,15 +37,22 @@ from sagaline.ports import Document, Reads, RetryPolicy, StoreTransaction
 from sagaline.projection import Projection, Views, rebuild
 from sagaline.saga import (
     Orchestrator,
+    Parallel,
+    SagaActionRequested,
     SagaDefinition,
     SagaMonitor,
     SagaStatus,
+    SagaTimerFired,
+    SagaView,
     Step,
     StepKind,
+    StepRetry,
     saga_id,
 )
+from sagaline.saga.operator import find_saga, request_action
 
 __all__ = [
+    "ActionRefused",
     "Aggregate",
     "App",
     "BusUnavailable",
@@ -57,31 +67,40 @@ __all__ = [
     "Event",
     "InvalidMessage",
     "Invariant",
+    "MessageDeadLettered",
     "MessageRefused",
     "NonRetryableError",
     "NotAcceptedFromClients",
     "Orchestrator",
+    "Parallel",
     "Projection",
     "Reads",
     "RetryPolicy",
     "Runtime",
+    "SagaActionRequested",
     "SagaDefinition",
     "SagaDefinitionError",
     "SagaMonitor",
+    "SagaNotFound",
     "SagaStatus",
+    "SagaTimerFired",
+    "SagaView",
     "SagalineError",
     "Service",
     "Step",
     "StepKind",
+    "StepRetry",
     "StoreTransaction",
     "StoreUnavailable",
     "System",
     "UnknownMessageType",
     "Views",
     "check_money",
+    "find_saga",
     "parse_document",
     "rebuild",
     "registry",
+    "request_action",
     "saga_id",
     "utc_now",
     "utc_timestamp",

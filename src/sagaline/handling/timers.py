@@ -15,6 +15,7 @@ import asyncio
 import logging
 from contextlib import suppress
 
+from sagaline.handling.crash import crash_point
 from sagaline.handling.system import System
 from sagaline.ports import Backend
 
@@ -48,6 +49,7 @@ class TimerPoller:
             due = await tx.take_due_timers(self.batch_size)
             if due:
                 await tx.emit(due, self.system.routes)
+                crash_point("timers-before-commit")
         self.fired += len(due)
         return len(due)
 
