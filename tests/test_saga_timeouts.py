@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import servers
 
+from sagaline import Deployment
 from sagaline.backends.postgres import PostgresDatabase
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.clock import FakeClock
@@ -150,5 +151,62 @@ def test_a_step_timeout_cancels_the_order_and_the_late_charge_is_refunded(
         saga = await saga_of(db, "ORD-T1")
         assert saga is not None and saga.status == SagaStatus.COMPENSATED
         assert await db.next_timer_due() is None
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    yield from servers.nats_prefix()
+
+
+def test_on_a_broker_deployment_the_timer_lives_in_the_store_of_its_saga(
+    pg_url: str, nats_url: str
+) -> None:
+    """PostgreSQL stores (one schema per service) and NATS between them: the orchestrator's
+    timers are kept in its own store and fired through its outbox."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        store_url = pg_url  # the module's own database: a schema per service in it
+        provider = PaymentProvider()
+        system = build_system(step_timeout=30, provider=provider)
+        deployment = Deployment(
+            store_url, nats_url, list(system.services), store_options={"clock": clock}
+        )
+        await deployment.open()
+        await deployment.prepare_bus(system)
+        orchestrator = deployment.store("orchestrator")
+        try:
+            async with deployment.store("inventory").transaction() as tx:
+                await set_stock(tx, "PROD-A", 5)
+            await system.submit(deployment.entry, ORDER)
+
+            async def waiting_for_payment() -> bool:
+                saga = await saga_of(orchestrator, "ORD-T1")
+                steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
+                return bool(steps.get("process_payment", {}).get("s") == "running")
+
+            async def compensated() -> bool:
+                saga = await saga_of(orchestrator, "ORD-T1")
+                return saga is not None and saga.status == SagaStatus.COMPENSATED
+
+            runtimes = deployment.runtimes(system, WITHOUT_PAYMENT, poll_interval=0.02)
+            tasks = [asyncio.create_task(r.run()) for r in runtimes]
+            try:
+                await until(waiting_for_payment, "the payment step's timer set")
+                assert await orchestrator.next_timer_due() == clock.time() + 30
+                for other in WITHOUT_PAYMENT[:2]:
+                    assert await deployment.store(other).next_timer_due() is None
+                clock.advance(31)
+                await until(compensated, "the order compensated")
+            finally:
+                for runtime in runtimes:
+                    runtime.stop()
+                await asyncio.gather(*tasks)
+            assert await orchestrator.next_timer_due() is None
+            assert provider.charges() == []
+        finally:
+            await deployment.close()
 
     asyncio.run(scenario())
