@@ -580,7 +580,7 @@ class _Machine:
                     self.try_failed(step, event.type_name(), reason, transient=transient)
                     return
             if role == "compensated" and self.accepts_compensated(name, state, in_order):
-                if status is SagaStatus.STUCK:
+                if status is SagaStatus.STUCK and name in self.plan:
                     # Compensated after all (by hand, or by a try that outlived its timeout).
                     self.record.data.pop("_stuck", None)
                     self._set_status(SagaStatus.COMPENSATING)
