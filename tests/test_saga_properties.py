@@ -78,14 +78,14 @@ class World:
         return OrderCancelledEvent(order_id=ORDER, reason=command.reason)
 
 
-SERVICE = {
+SERVICE: dict[type[Command], str] = {
     ReserveInventoryCommand: "inventory",
     ReleaseInventoryCommand: "inventory",
     ProcessPaymentCommand: "payment",
     RefundPaymentCommand: "payment",
     CancelOrderCommand: "order",
 }
-STEP = {
+STEP: dict[type[Command], tuple[str, bool]] = {
     ReserveInventoryCommand: ("reserve_inventory", False),
     ReleaseInventoryCommand: ("reserve_inventory", True),
     ProcessPaymentCommand: ("process_payment", False),
