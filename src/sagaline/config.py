@@ -35,15 +35,20 @@ and becomes available by URL once its package is imported, or without any import
 declares an entry point in the ``sagaline.adapters`` group naming that package (looked up the
 first time an unknown scheme is met). The factories it names are called as:
 
-* ``store(url, *, service, outbox, colocated_bus, connect_timeout, **options)``: the store
+* ``store(url, *, service, outbox, colocated_bus, connect_timeout, clock, **options)``: the store
   of ``service`` (None: a standalone backend, as :func:`~sagaline.backends.open_backend`
   opens), where ``url`` has ``{service}`` already filled in; ``outbox``: its messages leave
   through another bus (a relay publishes them); ``colocated_bus``: the bus lives in the same
   database. It returns a :class:`~sagaline.ports.Database` (a store that is also a bus, with
   its outbox, query tools, metadata and idleness).
-* ``bus(url, *, connect_timeout, instance, **options)``: a
+* ``bus(url, *, connect_timeout, instance, clock, **options)``: a
   :class:`~sagaline.ports.BrokerBus` not yet connected; ``instance=(i, n)`` says this process
   is instance i of n of its services. A factory ignores the options it has no use for.
+
+``clock`` (a :class:`~sagaline.clock.Clock`) is what the adapter reads leases, retry due times
+and membership intervals from; it is passed only when it is not the machine's
+(:data:`~sagaline.clock.SYSTEM_CLOCK`, every factory's default), so a factory that does not
+know the option yet still opens on the machine's clock.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sagaline.backends import open_bus
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.config import BUS_URL_ENV, STORE_URL_ENV, adapter_for, redact_url, scheme_of
 from sagaline.errors import ConfigurationError
 from sagaline.handling import DEFAULT_BATCH, Runtime, System
@@ -60,6 +61,10 @@ class Deployment:
     broker before it raises :class:`~sagaline.errors.StoreUnavailable` or
     :class:`~sagaline.errors.BusUnavailable`; None leaves the drivers' own limits (a NATS bus
     then waits until its server answers).
+
+    ``clock`` reaches every store and the bus it opens (what their leases and retry due times
+    are read from) and the runtimes of :meth:`runtimes` (what their workers back off on): one
+    :class:`~sagaline.clock.FakeClock` given here moves the whole deployment's time.
     """
 
     store_url: str
@@ -68,6 +73,7 @@ class Deployment:
     store_options: Mapping[str, Any] = field(default_factory=dict)
     bus_options: Mapping[str, Any] = field(default_factory=dict)
     connect_timeout: float | None = None
+    clock: Clock = SYSTEM_CLOCK
     stores: dict[str, Database] = field(default_factory=dict, init=False)
     bus: BrokerBus | None = field(default=None, init=False)
 
@@ -81,6 +87,9 @@ class Deployment:
                 " for the bus between them"
             )
         colocated = self.bus_url is None
+        # The system clock is every factory's default: an adapter's factory written before the
+        # ``clock`` option is called as it always was, unless a clock of another kind is given.
+        timing: dict[str, Any] = {} if self.clock is SYSTEM_CLOCK else {"clock": self.clock}
         # One store object per distinct database: services sharing a SQLite file share it,
         # while an adapter that gives each service its own schema opens one per service.
         opened: dict[str, Database] = {}
@@ -95,12 +104,13 @@ class Deployment:
                     outbox=not colocated,
                     colocated_bus=colocated,
                     connect_timeout=self.connect_timeout,
+                    **timing,
                     **self.store_options,
                 )
             self.stores[service] = store
         if self.bus_url is not None:
             self.bus = open_bus(
-                self.bus_url, connect_timeout=self.connect_timeout, **self.bus_options
+                self.bus_url, connect_timeout=self.connect_timeout, **timing, **self.bus_options
             )
 
     def __repr__(self) -> str:
@@ -110,8 +120,11 @@ class Deployment:
         )
 
     @classmethod
-    def of(cls, store: Database, services: Sequence[str]) -> Deployment:
-        """A deployment of ``services`` all on one already opened store that is also the bus."""
+    def of(
+        cls, store: Database, services: Sequence[str], *, clock: Clock = SYSTEM_CLOCK
+    ) -> Deployment:
+        """A deployment of ``services`` all on one already opened store that is also the bus
+        (``clock``: the one the store was opened with, for the runtimes)."""
         deployment = cls.__new__(cls)
         deployment.store_url = store.url
         deployment.bus_url = None
@@ -119,6 +132,7 @@ class Deployment:
         deployment.store_options = {}
         deployment.bus_options = {}
         deployment.connect_timeout = None
+        deployment.clock = clock
         deployment.stores = dict.fromkeys(services, store)
         deployment.bus = None
         return deployment
@@ -207,6 +221,7 @@ class Deployment:
                 member=member,
                 batch_size=batch_size,
                 poll_interval=poll_interval,
+                clock=self.clock,
             )
             for group in groups.values()
         ]

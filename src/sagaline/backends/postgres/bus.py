@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.postgres.schema import MEMBERSHIP_INTERVAL, PARTITIONS, Names
 from sagaline.backends.postgres.transaction import PostgresTransaction
+from sagaline.clock import Clock
 from sagaline.messages import Envelope, check_message_id
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, StoredEvent
 
@@ -56,7 +56,8 @@ class _SubscriptionCursor:
 
 @dataclass(slots=True)
 class _Membership:
-    refreshed: float = 0.0
+    # Never refreshed: due at once, whatever the clock's monotonic reading (a fake one starts at 0).
+    refreshed: float = -math.inf
     owned: list[int] = field(default_factory=list)
 
 
@@ -66,6 +67,7 @@ class PostgresBus:
     url: str
     names: Names
     lease_seconds: float
+    clock: Clock
     _wakeups: dict[tuple[str, str], asyncio.Event]
     _members: dict[tuple[str, str], _Membership]
 
@@ -97,7 +99,7 @@ class PostgresBus:
         self, conn: AsyncConnection[Any], consumer: ConsumerSpec, member: str, limit: int
     ) -> Batch:
         b = self.names.bus
-        now = time.time()
+        now = self.clock.time()
         # One statement, one implicit transaction. A message delivered before and not
         # completed may be one that kills its consumer: it goes alone.
         cursor = await conn.execute(
@@ -212,8 +214,8 @@ class PostgresBus:
         self, conn: AsyncConnection[Any], consumer: ConsumerSpec, member: str, limit: int
     ) -> Batch:
         b = self.names.bus
-        now = time.monotonic()
-        wall = time.time()
+        now = self.clock.monotonic()
+        wall = self.clock.time()
         membership = self._members.setdefault((consumer.name, member), _Membership())
         if now - membership.refreshed > MEMBERSHIP_INTERVAL:
             membership.owned = await self._refresh_membership(conn, consumer, member, wall)
@@ -341,7 +343,7 @@ class PostgresBus:
         """
         unit: PostgresTransaction = tx
         b = self.names.bus
-        wall = time.time()
+        wall = self.clock.time()
         policy = batch.consumer.retry
         if batch.consumer.source == "queue":
             done: list[tuple[int, str, str | None]] = []

@@ -8,7 +8,8 @@ and the bus's events in the store's own log, read in order from any position.
 
 A backend joins by subclassing :class:`BusConformance` and providing the ``make_backend``
 fixture: a factory that opens the backend (store and bus) on the test's own storage, with an
-optional lease duration (``make_backend(lease_seconds=0.3)``), and closes what it opened when the
+optional lease duration (``make_backend(lease_seconds=0.3)``) and clock
+(``make_backend(clock=FakeClock())``, see :mod:`.timing`), and closes what it opened when the
 test ends.
 """
 
@@ -17,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
 
@@ -30,14 +31,9 @@ from sagaline.testing.conformance.messages import (
     ConformanceOtherCommand,
 )
 from sagaline.testing.conformance.services import queue_service, record, recorded, subscriber
+from sagaline.testing.conformance.timing import ClockConformance, OpenBackend
 
 __all__ = ["BusConformance", "OpenBackend", "idle", "run"]
-
-
-class OpenBackend(Protocol):
-    """Opens the backend of the test (another handle on the same storage at each call)."""
-
-    def __call__(self, *, lease_seconds: float | None = None) -> InspectableBackend: ...
 
 
 def idle(db: InspectableBackend, subscribers: Iterable[str] = ()) -> Callable[[], bool]:
@@ -74,12 +70,13 @@ def commands_of(db: InspectableBackend, key: str) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["sequence"])
 
 
-class BusConformance:
+class BusConformance(ClockConformance):
     """What a store and bus in one database must show. Subclass it and provide ``make_backend``."""
 
     @pytest.fixture
     def make_backend(self, *args: Any, **kwargs: Any) -> OpenBackend | Iterator[OpenBackend]:
-        """Opens the backend on the test's own storage (``lease_seconds=`` shortens leases)."""
+        """Opens the backend on the test's own storage (``lease_seconds=`` shortens leases,
+        ``clock=`` is the clock it reads them from)."""
         raise NotImplementedError("a backend's test class provides make_backend")
 
     @pytest.fixture
