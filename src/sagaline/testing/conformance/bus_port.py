@@ -32,6 +32,7 @@ from sagaline.testing.conformance.harness import (
     handled_all,
     run_until,
 )
+from sagaline.testing.conformance.isolation import IsolationConformance
 from sagaline.testing.conformance.messages import (
     ConformanceCommand,
     ConformanceEvent,
@@ -51,7 +52,7 @@ from sagaline.testing.conformance.store_faults import StoreFaultConformance
 __all__ = ["BusPortConformance"]
 
 
-class BusPortConformance(StoreFaultConformance):
+class BusPortConformance(IsolationConformance, StoreFaultConformance):
     """What every bus must do on the message path. Subclasses provide ``make_harness``."""
 
     #: True when the bus is a database (its queues and log are tables), False for a broker.
