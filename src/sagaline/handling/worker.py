@@ -12,7 +12,7 @@ from typing import Any, cast
 from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.errors import ConcurrencyError, InvalidMessage, NonRetryableError, StoreUnavailable
 from sagaline.handling.crash import crash_point
-from sagaline.handling.isolation import _isolated, _RetryBatch
+from sagaline.handling.isolation import _isolated, _RetryBatch, _suspects
 from sagaline.handling.service import Context, Service
 from sagaline.handling.system import CLIENT, System
 from sagaline.messages import Envelope, check_unique_keys
@@ -165,7 +165,7 @@ class Worker:
             except StoreUnavailable:
                 self._unreleased = (batch, [])
                 raise
-            suspects = {m for m, n in zip(ids, earlier, strict=True) if n > 0}
+            suspects = _suspects(ids, earlier)
             counted = set(ids)
             blocked: set[Any] = set()
             parts = _isolated(batch, suspects)

@@ -32,6 +32,7 @@ from sagaline.testing.conformance.harness import (
     handled_all,
     run_until,
 )
+from sagaline.testing.conformance.isolation import IsolationConformance
 from sagaline.testing.conformance.messages import (
     ConformanceCommand,
     ConformanceEvent,
@@ -50,7 +51,7 @@ from sagaline.testing.conformance.store_faults import StoreFaultConformance
 __all__ = ["BusPortConformance"]
 
 
-class BusPortConformance(ScreeningConformance, StoreFaultConformance):
+class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultConformance):
     """What every bus must do on the message path. Subclasses provide ``make_harness``.
 
     A broker's subclass sets ``bus_is_a_database = False``; one whose store can tell its size on
