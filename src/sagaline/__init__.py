@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sagaline.aggregate import Aggregate
 from sagaline.app import App, Invariant
-from sagaline.deploy import Deployment
+from sagaline.deploy import Deployment, connect
 from sagaline.errors import (
     ActionRefused,
     BusUnavailable,
@@ -15,6 +15,7 @@ from sagaline.errors import (
     MessageRefused,
     NonRetryableError,
     NotAcceptedFromClients,
+    NotResettable,
     SagaDefinitionError,
     SagalineError,
     SagaNotFound,
@@ -33,7 +34,7 @@ from sagaline.messages import (
     utc_now,
     utc_timestamp,
 )
-from sagaline.ports import Document, Reads, RetryPolicy, StoreTransaction
+from sagaline.ports import BrokerBus, Database, Document, Reads, RetryPolicy, StoreTransaction
 from sagaline.projection import Projection, Views, rebuild
 from sagaline.saga import (
     Orchestrator,
@@ -55,11 +56,13 @@ __all__ = [
     "ActionRefused",
     "Aggregate",
     "App",
+    "BrokerBus",
     "BusUnavailable",
     "Command",
     "ConcurrencyError",
     "ConfigurationError",
     "Context",
+    "Database",
     "Deployment",
     "Document",
     "DuplicateMessageId",
@@ -71,6 +74,7 @@ __all__ = [
     "MessageRefused",
     "NonRetryableError",
     "NotAcceptedFromClients",
+    "NotResettable",
     "Orchestrator",
     "Parallel",
     "Projection",
@@ -96,6 +100,7 @@ __all__ = [
     "UnknownMessageType",
     "Views",
     "check_money",
+    "connect",
     "find_saga",
     "parse_document",
     "rebuild",
