@@ -43,6 +43,7 @@ from sagaline.clock import FakeClock
 from sagaline.config import scheme_of
 from sagaline.errors import ConfigurationError
 from sagaline.handling import Context, Runtime, System, Worker
+from sagaline.handling.timers import TimerPoller
 from sagaline.messages import Envelope, Message, MessageStamps, stamping
 from sagaline.ports import Batch, ConsumerSpec, Database, Delivery, Disposable, Outcome
 from sagaline.testing.invariants import Violation, check_app_async
@@ -172,6 +173,7 @@ class Harness:
         self._disposable: Disposable | None = None
         self._context = ExitStack()
         self.workers: list[Worker] = []
+        self._timers: TimerPoller | None = None
         self._history: list[Delivered] = []
         # Per batch: what its handlers completed, and what was seen just before its commit.
         self._completed: set[tuple[str, str]] = set()
@@ -238,6 +240,7 @@ class Harness:
             store, self.system, member=MEMBER, batch_size=self._batch_size, clock=self.clock
         )
         self.workers = runtime.workers
+        self._timers = runtime.timers
         for worker in self.workers:
             worker.before_commit = self._make_before_commit(worker)
 
@@ -290,7 +293,8 @@ class Harness:
                         raise RuntimeError(f"the app is not quiet after {max_steps} steps")
                     if await self._step_worker(worker):
                         progressed = True
-                if progressed:
+                assert self._timers is not None
+                if progressed or await self._timers.fire_once():
                     continue
                 due = await schedule.next_due(self.clock.time())
                 if due is None:

@@ -35,9 +35,10 @@ class PostgresSchedule:
     async def next_due(self, after: float) -> float | None:
         """The earliest moment later than ``after`` (seconds since the epoch) at which pending
         work falls due: a command's retry or the expiry of its lease, a subscriber's retry of
-        a partition; None when nothing pending waits for a moment after ``after``."""
+        a partition, a timer; None when nothing pending waits for a moment after ``after``."""
         pool = await self._ready()
         b = self.names.bus
+        s = self.names.store
         async with pool.connection() as conn:
             cursor = await conn.execute(
                 "SELECT LEAST("
@@ -45,7 +46,8 @@ class PostgresSchedule:
                 f"  FROM {b}.commands WHERE NOT done"
                 "  AND GREATEST(available_at, COALESCE(lease_expires, 0)) > %(after)s),"
                 f" (SELECT min(available_at) FROM {b}.subscriptions"
-                "  WHERE available_at > %(after)s))",
+                "  WHERE available_at > %(after)s),"
+                f" (SELECT min(due_at) FROM {s}.timers WHERE due_at > %(after)s))",
                 {"after": after},
             )
             row = await cursor.fetchone()

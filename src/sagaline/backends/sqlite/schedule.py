@@ -32,12 +32,13 @@ class SqliteSchedule:
     async def next_due(self, after: float) -> float | None:
         """The earliest moment later than ``after`` (seconds since the epoch) at which pending
         work falls due: a command's retry or the expiry of its lease, a subscriber's retry of
-        a partition; None when nothing pending waits for a moment after ``after``."""
+        a partition, a timer; None when nothing pending waits for a moment after ``after``."""
         async with self._lock:
             row = self.connection.execute(
                 "SELECT (SELECT MIN(MAX(available_at, COALESCE(lease_expires, 0))) FROM commands"
                 "  WHERE done = 0 AND MAX(available_at, COALESCE(lease_expires, 0)) > ?1),"
-                " (SELECT MIN(available_at) FROM subscriptions WHERE available_at > ?1)",
+                " (SELECT MIN(available_at) FROM subscriptions WHERE available_at > ?1),"
+                " (SELECT MIN(due_at) FROM timers WHERE due_at > ?1)",
                 (after,),
             ).fetchone()
         due = [float(moment) for moment in row if moment is not None]
