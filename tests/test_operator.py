@@ -364,3 +364,73 @@ def test_every_operator_action_through_the_cli(jobs_dir: Path) -> None:
     finally:
         worker.terminate()
         worker.wait(timeout=TIMEOUT)
+
+
+def test_dead_letters_are_replayed_and_discarded_through_the_cli(jobs_dir: Path) -> None:
+    cwd = jobs_dir
+    (cwd / "DOWN").touch()
+    submitted = cli(
+        "submit",
+        "-",
+        cwd=cwd,
+        stdin='[{"commandType": "StartJobCommand", "jobId": "J-1", "outcome": "fail"},'
+        ' {"commandType": "StartJobCommand", "jobId": "J-2", "outcome": "fail"}]',
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGALINE_")}
+    env.update(SAGALINE_APP="jobs:app", SAGALINE_STORE_URL=f"sqlite:///{cwd}/s.db")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "sagaline", "run"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for saga_id in ("job:J-1", "job:J-2"):
+            wait_for(cwd, saga_id, "STUCK")
+        listed = json.loads(cli("dead-letters", "--json", cwd=cwd).stdout)
+        by_message = {row["messageId"]: row for row in listed}
+        assert set(by_message) == {"saga:job:J-1:hold:u1", "saga:job:J-2:hold:u1"}
+        one, two = by_message["saga:job:J-1:hold:u1"], by_message["saga:job:J-2:hold:u1"]
+        assert one["consumer"] == "vendor" and "the vendor is down" in one["reason"]
+
+        # Still down: the replay fails again, and the message is a dead letter anew.
+        again = cli("dead-letters", "replay", str(one["id"]), "--reason", "try", cwd=cwd)
+        assert again.returncode == 0 and "failed again" in again.stdout, again.stderr
+        (cwd / "DOWN").unlink()
+        [renewed] = [
+            row
+            for row in json.loads(cli("dead-letters", "--json", cwd=cwd).stdout)
+            if row["messageId"] == "saga:job:J-1:hold:u1"
+        ]
+        replayed = cli(
+            "dead-letters",
+            "replay",
+            str(renewed["id"]),
+            "--reason",
+            "vendor back",
+            "--by",
+            "cy",
+            cwd=cwd,
+        )
+        assert replayed.returncode == 0 and "replayed" in replayed.stdout, replayed.stderr
+        # The release went through: the saga, STUCK on it, compensates to the end.
+        wait_for(cwd, "job:J-1", "COMPENSATED")
+
+        discarded = cli(
+            "dead-letters", "discard", str(two["id"]), "--reason", "done by hand", cwd=cwd
+        )
+        assert discarded.returncode == 0, discarded.stderr
+        assert json.loads(cli("dead-letters", "--json", cwd=cwd).stdout) == []
+        assert show(cwd, "job:J-2")["status"] == "STUCK"  # discarding moves no saga
+
+        # Both actions are in the transactions' audit trails, with who and why.
+        trace = cli("trace", "J-1", "--json", cwd=cwd)
+        assert trace.returncode == 0, trace.stderr
+        assert '"DeadLetterResolved"' in trace.stdout and "vendor back" in trace.stdout
+        missing = cli("dead-letters", "discard", "999", "--reason", "x", cwd=cwd)
+        assert missing.returncode == 1 and "no dead letter 999" in missing.stderr
+    finally:
+        worker.terminate()
+        worker.wait(timeout=TIMEOUT)

@@ -327,6 +327,11 @@ class StoreTransaction(Protocol):
         """Record a message that could not be processed."""
         ...
 
+    async def remove_dead_letters(self, ids: Sequence[int]) -> list[DeadLetter]:
+        """Remove the dead letters ``ids`` of this store in this unit of work (an operator
+        replays or discards them); those that were there, by id."""
+        ...
+
     async def schedule_timers(self, timers: Sequence[tuple[str, Envelope, float]]) -> None:
         """Set timers ``(timer id, message, seconds from now)``: each message goes out once
         when due (see :mod:`sagaline.handling.timers`); an id already set is moved."""

@@ -32,6 +32,9 @@ from sagaline.cli import run as run
 from sagaline.cli import audit as audit
 
 # isort: split
+from sagaline.cli import dead_letters as dead_letters
+
+# isort: split
 from sagaline.cli import saga as saga
 from sagaline.cli.audit import load_transaction
 from sagaline.cli.common import (

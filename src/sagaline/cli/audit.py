@@ -244,28 +244,6 @@ def load_transaction(
     return found if found is not None else load_trace(sources, key)
 
 
-@app.command("dead-letters")
-def dead_letters(
-    store: StoreOption = DEFAULT_STORE_URL, bus: BusOption = None, json_output: JsonOption = False
-) -> None:
-    """Messages that could not be processed, with the reason (from every service's store)."""
-
-    async def query(deployment: Deployment) -> list[dict[str, Any]]:
-        letters = [
-            letter for queries in all_queries(deployment) for letter in queries.dead_letters()
-        ]
-        letters.sort(key=lambda letter: letter.failed_at)
-        return [dead_letter_summary(letter) for letter in letters]
-
-    rows = with_deployment(store, bus, query, read_only=True)
-    if json_output:
-        emit_json(rows)
-    elif rows:
-        out.print(dead_letter_table(rows))
-    else:
-        out.print("no dead letters")
-
-
 @app.command()
 def schema(
     type_name: Annotated[

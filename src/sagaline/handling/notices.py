@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from sagaline.messages import Envelope, Event
 
-__all__ = ["MessageDeadLettered", "dead_letter_notice"]
+__all__ = ["DeadLetterResolved", "MessageDeadLettered", "dead_letter_notice"]
 
 
 class MessageDeadLettered(Event, kw_only=True, frozen=True):
@@ -29,11 +29,27 @@ class MessageDeadLettered(Event, kw_only=True, frozen=True):
     attempts: int
 
 
+class DeadLetterResolved(Event, kw_only=True, frozen=True):
+    """An operator ``action`` (``replayed`` or ``discarded``) on dead letter ``message_id`` of
+    ``consumer``, by ``by`` for ``reason``: in the audit trail of the message's transaction."""
+
+    correlation: ClassVar[str] = "correlation_id"
+
+    message_id: str
+    message_type: str
+    correlation_id: str
+    consumer: str
+    action: str
+    by: str
+    reason: str
+    outcome: str
+
+
 def dead_letter_notice(
     consumer: str, envelope: Envelope, reason: str, attempts: int
 ) -> Event | None:
     """The notice of ``envelope`` dead-lettered by ``consumer``; None for a notice itself."""
-    if envelope.message_type == MessageDeadLettered.type_name():
+    if envelope.message_type in _NOTICES:
         return None
     return MessageDeadLettered(
         message_id=envelope.message_id,
@@ -43,3 +59,6 @@ def dead_letter_notice(
         reason=reason[:2000],
         attempts=attempts,
     )
+
+
+_NOTICES = {MessageDeadLettered.type_name(), DeadLetterResolved.type_name()}

@@ -298,15 +298,7 @@ class Worker:
                 if received:
                     await tx.record_received(spec.name, received)
             crash_point("before-emit")
-            if self._timers:
-                cancelled = [t for t, entry in self._timers.items() if entry is None]
-                timers = [entry for entry in self._timers.values() if entry is not None]
-                self._timers.clear()
-                if cancelled:
-                    await tx.cancel_timers(cancelled)
-                if timers:
-                    await tx.schedule_timers(timers)
-            await tx.emit(outgoing, self.system.routes)
+            await self.emit(tx, outgoing)
             if self.broker is None:
                 await self.db.settle(tx, batch, outcomes)
             crash_point("before-commit")
@@ -444,6 +436,27 @@ class Worker:
             return Outcome.RETRY, reason
         self._keep(ctx, outgoing)
         return Outcome.ACK, None
+
+    async def emit(self, tx: StoreTransaction, outgoing: list[Envelope]) -> None:
+        """Write what the unit's handlers emitted, and the timers they set or cancelled."""
+        if self._timers:
+            cancelled = [t for t, entry in self._timers.items() if entry is None]
+            timers = [entry for entry in self._timers.values() if entry is not None]
+            self._timers.clear()
+            if cancelled:
+                await tx.cancel_timers(cancelled)
+            if timers:
+                await tx.schedule_timers(timers)
+        await tx.emit(outgoing, self.system.routes)
+
+    async def handle_now(
+        self, tx: StoreTransaction, delivery: Delivery, outgoing: list[Envelope]
+    ) -> tuple[Outcome, str | None]:
+        """Handle one delivery in ``tx`` as a careful pass would (inbox and handler under a
+        savepoint, a failure dead-lettered or retried per its attempt): an operator's replay of a
+        dead letter. What it emits is added to ``outgoing``; :meth:`emit` writes it."""
+        self._timers.clear()
+        return await self._handle_one(tx, delivery, outgoing, True, set(), [])
 
     def _keep(self, ctx: Context, outgoing: list[Envelope]) -> None:
         """What a handler emitted, and the timers it set or cancelled, for the unit's commit."""

@@ -671,7 +671,9 @@ class _Machine:
                     name, f"retriable step {name} cannot be delivered: {reason}", dead_letter
                 )
                 return
-            self.fail([name], "dead letter", f"step {name} failed: {reason}")
+            # Abandoned, not failed: an operator may yet replay the dead letter, and a success
+            # that comes of it is compensated like any late one.
+            self.fail([name], "dead letter", f"step {name} failed: {reason}", abandoned=True)
             return
         self.note(f"ignored: {reason}, but the saga no longer waits for it")
 

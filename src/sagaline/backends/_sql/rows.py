@@ -12,13 +12,15 @@ import msgspec
 
 from sagaline.backends._sql.constants import PARTITIONS
 from sagaline.messages import Envelope
-from sagaline.ports import SagaRecord
+from sagaline.ports import DeadLetter, SagaRecord
 
 __all__ = [
+    "DEAD_LETTER_COLUMNS",
     "DECODER",
     "ENVELOPE_COLUMNS",
     "JSON",
     "body_value",
+    "dead_letter_from_row",
     "decode_json",
     "envelope_from_row",
     "envelope_params",
@@ -31,6 +33,34 @@ DECODER: msgspec.json.Decoder[Any] = msgspec.json.Decoder(float_hook=Decimal)
 ENVELOPE_COLUMNS = (
     "message_id, type, body, correlation_id, causation_id, timestamp, traceparent, source"
 )
+
+
+#: The columns :func:`dead_letter_from_row` reads, in its order.
+DEAD_LETTER_COLUMNS = (
+    "id, consumer, message_id, type, body, correlation_id, causation_id, timestamp, source,"
+    " reason, attempts, failed_at"
+)
+
+
+def dead_letter_from_row(row: Sequence[Any]) -> DeadLetter:
+    """The dead letter in ``row`` (see :data:`DEAD_LETTER_COLUMNS`)."""
+    body = row[4]
+    return DeadLetter(
+        id=row[0],
+        consumer=row[1],
+        envelope=Envelope(
+            message_id=row[2],
+            message_type=row[3],
+            body=body.encode() if isinstance(body, str) else body,
+            correlation_id=row[5],
+            causation_id=row[6],
+            timestamp=row[7],
+            source=row[8],
+        ),
+        reason=row[9],
+        attempts=row[10],
+        failed_at=row[11],
+    )
 
 
 def decode_json(text: str | bytes) -> Any:

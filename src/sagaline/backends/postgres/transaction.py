@@ -33,8 +33,10 @@ from typing import Any
 import psycopg
 
 from sagaline.backends._sql.rows import (
+    DEAD_LETTER_COLUMNS,
     ENVELOPE_COLUMNS,
     JSON,
+    dead_letter_from_row,
     decode_json,
     envelope_from_row,
 )
@@ -59,6 +61,7 @@ from sagaline.errors import ConcurrencyError
 from sagaline.messages import Envelope, utc_timestamp
 from sagaline.ports import (
     DEAD_LETTERED,
+    DeadLetter,
     Document,
     SagaRecord,
     StoredEvent,
@@ -452,6 +455,16 @@ class PostgresTransaction(StatementBuilders, Prefetch):
         )
         rows = sorted(await cursor.fetchall(), key=lambda row: row[0])
         return [envelope_from_row(row, 1) for row in rows]
+
+    async def remove_dead_letters(self, ids: Sequence[int]) -> list[DeadLetter]:
+        """Remove dead letters by id at once; those removed."""
+        cursor = await self.connection.execute(
+            f"DELETE FROM {self._s}.dead_letters WHERE id = ANY(%s::bigint[])"
+            f" RETURNING {DEAD_LETTER_COLUMNS}",
+            (list(ids),),
+        )
+        removed = [dead_letter_from_row(row) for row in await cursor.fetchall()]
+        return sorted(removed, key=lambda letter: letter.id)
 
     async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
         if envelopes:

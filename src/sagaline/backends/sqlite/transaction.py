@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from sagaline.backends._sql.rows import (
+    DEAD_LETTER_COLUMNS,
     ENVELOPE_COLUMNS,
     JSON,
     body_value,
+    dead_letter_from_row,
     decode_json,
     envelope_from_row,
     envelope_params,
@@ -21,6 +23,7 @@ from sagaline.errors import ConcurrencyError, DuplicateMessageId, StoreUnavailab
 from sagaline.messages import Envelope, utc_timestamp
 from sagaline.ports import (
     DEAD_LETTERED,
+    DeadLetter,
     Document,
     Reads,
     SagaRecord,
@@ -380,6 +383,17 @@ class SqliteTransaction:
         ).fetchall()
         rows.sort(key=lambda row: row[0])
         return [envelope_from_row(row, 1) for row in rows]
+
+    async def remove_dead_letters(self, ids: Sequence[int]) -> list[DeadLetter]:
+        removed = [
+            dead_letter_from_row(row)
+            for row in self._conn.execute(
+                f"DELETE FROM dead_letters WHERE id IN ({','.join('?' * len(ids))})"
+                f" RETURNING {DEAD_LETTER_COLUMNS}",
+                list(ids),
+            ).fetchall()
+        ]
+        return sorted(removed, key=lambda letter: letter.id)
 
     async def record_received(self, consumer: str, envelopes: Sequence[Envelope]) -> None:
         self._conn.executemany(
