@@ -136,7 +136,10 @@ def test_one_seed_replays_one_history_and_another_seed_another(trip_app: App) ->
     assert other.audit != first.audit
     ids = {d.message_id for d in first.history}
     assert ids == {d.message_id for d in again.history}
-    assert not ids & {d.message_id for d in other.history}
+    # The commands a saga sends are named after the saga, the step and the try, whatever the
+    # seed (so a unit of work redone sends the same message); every other id is the seed's.
+    drawn = {i for i in ids if not i.startswith("saga:")}
+    assert drawn and not drawn & {d.message_id for d in other.history}
     # Stamped by the fake clock, which started in 2023 and moved only through backoffs.
     assert "'2023-11-1" in first.audit
     assert f"'{datetime.now(UTC).year}-" not in first.audit
