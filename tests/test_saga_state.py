@@ -473,3 +473,23 @@ def test_definitions_with_bad_timing_or_groups_are_refused(
 ) -> None:
     with pytest.raises(SagaDefinitionError, match=words):
         define(*steps)
+
+
+def test_describe_draws_a_group_as_a_fork_and_a_join_with_its_timing() -> None:
+    from sagaline.saga.describe import describe
+
+    group = Parallel("book", (step("A", timeout=30), step("B", retry=StepRetry(attempts=4))))
+    described = describe(define(group, step("C"), deadline=600))
+    lines = described.mermaid.splitlines()
+    assert "    state book_fork <<fork>>" in lines
+    assert "    state book_join <<join>>" in lines
+    assert "    start --> book_fork" in lines
+    assert {"    book_fork --> a", "    book_fork --> b", "    book_join --> c"} <= set(lines)
+    assert "    a --> book_join: StateTestADoneEvent" in lines
+    assert "    a: a sends StateTestACommand (timeout 30 s)" in lines
+    assert "    b: b sends StateTestBCommand (up to 4 tries)" in lines
+    assert "    a --> compensating: no answer in 30 s" in lines
+    by_name = {s.name: s for s in described.steps}
+    assert (by_name["a"].group, by_name["a"].timeout) == ("book", 30)
+    assert (by_name["b"].group, by_name["b"].attempts) == ("book", 4)
+    assert by_name["c"].group is None and described.deadline == 600
