@@ -207,7 +207,8 @@ def saga_table(saga: SagaDescription) -> Table:
         f" on completion: {inert(saga.on_completed or 'nothing published')}",
         caption_justify="left",
     )
-    for column in ("#", "step", "kind", "command", "success", "failures", "compensation"):
+    columns = ("#", "step", "kind", "command", "success", "failures", "compensation", "timing")
+    for column in columns:
         # Names are folded, never cut: a cut name would not say which message it is.
         table.add_column(column, overflow="fold")
     for position, step in enumerate(saga.steps, 1):
@@ -216,13 +217,25 @@ def saga_table(saga: SagaDescription) -> Table:
             undo = f"{inert(step.compensation)}\n{_arrow()} {inert(step.compensated or '?')}"
             if step.compensate_on_failure:
                 undo += "\n(also when the step fails)"
+        timing = []
+        if step.timeout is not None:
+            timing.append(f"timeout {step.timeout:g} s")
+        if step.attempts != 1:
+            timing.append(
+                "tries until it succeeds" if not step.attempts else f"{step.attempts} tries"
+            )
+        if step.compensation_timeout is not None:
+            timing.append(f"undo timeout {step.compensation_timeout:g} s")
+        if step.compensation_attempts != 1:
+            timing.append(f"undo {step.compensation_attempts} tries")
         table.add_row(
             str(position),
-            inert(step.name),
+            inert(f"{step.group}/{step.name}" if step.group else step.name),
             inert(step.kind),
             inert(step.command) if step.command else "[dim](the start event)[/]",
             cell(step.success),
             "\n".join(inert(failure) for failure in step.failures),
             undo,
+            "\n".join(timing),
         )
     return table
