@@ -60,7 +60,7 @@ def _run_seeded(app: App, seed: int) -> tuple[list[Delivered], dict[str, int], l
             await _book_all(harness, app)
             await harness.run_until_quiet()
             violations = await _violations(harness)
-            return harness.history(), harness.db.saga_counts(), violations
+            return harness.history(), harness.db.sync.saga_counts(), violations
 
     return asyncio.run(run())
 
@@ -79,7 +79,7 @@ def test_a_failing_handler_is_retried_after_its_backoff_by_moving_the_clock(
         async with harness:
             await harness.submit(book(trip_id="T-1", traveller="ANN", destination="ROME"))
             await harness.run_until_quiet()
-            return harness.history(), harness.db.saga_counts(), await _violations(harness)
+            return harness.history(), harness.db.sync.saga_counts(), await _violations(harness)
 
     started = time.monotonic()
     history, counts, violations = asyncio.run(run())

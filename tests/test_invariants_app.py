@@ -46,9 +46,9 @@ def settled(trip_app: App, tmp_path_factory: pytest.TempPathFactory) -> Path:
     book: Any = trip_app.registry.get("BookTripCommand")
 
     def ended(db: SqliteDatabase) -> bool:
-        counts = db.saga_counts()
+        counts = db.sync.saga_counts()
         done = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
-        return done == len(TRIPS) == sum(counts.values()) and db.is_idle(system.subscribers)
+        return done == len(TRIPS) == sum(counts.values()) and db.sync.is_idle(system.subscribers)
 
     async def run() -> None:
         db = SqliteDatabase(f"sqlite:///{path}")
@@ -58,7 +58,7 @@ def settled(trip_app: App, tmp_path_factory: pytest.TempPathFactory) -> Path:
                     db, book(trip_id=trip_id, traveller=traveller, destination=destination)
                 )
             await Runtime(db, system).run_until(lambda: ended(db), timeout=TIMEOUT)
-            assert db.saga_counts() == {"COMPLETED": 1, "COMPENSATED": 2}
+            assert db.sync.saga_counts() == {"COMPLETED": 1, "COMPENSATED": 2}
         finally:
             await db.close()
 
@@ -82,7 +82,7 @@ def _check(
     try:
         if damage is not None:
             damage(db.connection)
-        return check_app(app, db)
+        return asyncio.run(check_app(app, db))
     finally:
         asyncio.run(db.close())
 

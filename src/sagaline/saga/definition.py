@@ -150,7 +150,7 @@ class SagaDefinition:
 
     @property
     def correlation_attribute(self) -> str:
-        """The Python attribute of ``correlation_field`` (``orderId`` -> ``order_id``)."""
+        """The Python attribute of ``correlation_field`` (``tripId`` -> ``trip_id``)."""
         return self._correlation_attribute
 
     def handles(self, event_type: str) -> list[tuple[int, str]]:

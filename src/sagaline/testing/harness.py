@@ -36,7 +36,7 @@ from sagaline.clock import FakeClock
 from sagaline.handling import Context, Runtime, System, Worker
 from sagaline.messages import Envelope, Message
 from sagaline.ports import Batch, Outcome
-from sagaline.testing.invariants import Violation, check_app_async
+from sagaline.testing.invariants import Violation, check_app
 
 __all__ = ["Delivered", "Faults", "Harness", "InjectedCrash", "InjectedFailure"]
 
@@ -100,7 +100,7 @@ class Harness:
         async with Harness(app, seed=7, faults=Faults(duplicates=0.2)) as harness:
             await harness.submit(BookTripCommand(...))
             await harness.run_until_quiet()
-            assert harness.db.saga_counts() == {"COMPLETED": 1}
+            assert await harness.db.saga_counts() == {"COMPLETED": 1}
             assert await harness.check() == []
 
     ``path`` keeps the store at a file of the caller's (else a temporary directory is removed on
@@ -210,7 +210,7 @@ class Harness:
                 continue
             due = self._next_due()
             if due is None:
-                if not self.db.is_idle(self.system.subscribers):
+                if not await self.db.is_idle(self.system.subscribers):
                     raise RuntimeError("work is pending that never falls due")
                 return taken
             self.clock.set(max(due + _PAST, self.clock.time()))
@@ -221,7 +221,7 @@ class Harness:
 
     async def check(self) -> list[Violation]:
         """The invariants the app breaks in the store: the generic ones, then its own."""
-        return await check_app_async(self.app, self.db, system=self.system)
+        return await check_app(self.app, self.db, system=self.system)
 
     # The stepping -----------------------------------------------------------------------------
 

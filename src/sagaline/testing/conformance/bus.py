@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import pytest
 
 from sagaline.errors import InvalidMessage
-from sagaline.handling import Context, Runtime, Service, System
+from sagaline.handling import Condition, Context, Runtime, Service, System
 from sagaline.messages import MAX_MESSAGE_BYTES, encode_body
 from sagaline.ports import Batch, Bus, Outcome, RetryPolicy
 from sagaline.testing.conformance.adapters import InspectableBackend
@@ -45,14 +45,14 @@ class OpenBackend(Protocol):
     def __call__(self, *, lease_seconds: float | None = None) -> InspectableBackend: ...
 
 
-def idle(db: InspectableBackend, subscribers: Iterable[str] = ()) -> Callable[[], bool]:
+def idle(db: InspectableBackend, subscribers: Iterable[str] = ()) -> Callable[[], Awaitable[bool]]:
     """No command pending and every named subscriber caught up with the log."""
     subscribers = set(subscribers)
 
-    def done() -> bool:
-        lag = db.subscription_lag()
+    async def done() -> bool:
+        lag = await db.subscription_lag()
         return (
-            not db.pending_counts()
+            not await db.pending_counts()
             and set(lag) >= subscribers
             and not any(lag[name] for name in subscribers)
         )
@@ -63,7 +63,7 @@ def idle(db: InspectableBackend, subscribers: Iterable[str] = ()) -> Callable[[]
 async def run(
     db: InspectableBackend,
     system: System,
-    done: Callable[[], bool],
+    done: Condition,
     services: list[str] | None = None,
     timeout: float = 20,
 ) -> Runtime:
@@ -73,9 +73,9 @@ async def run(
     return runtime
 
 
-def commands_of(db: InspectableBackend, key: str) -> list[dict[str, Any]]:
+async def commands_of(db: InspectableBackend, key: str) -> list[dict[str, Any]]:
     """The commands of ``key`` the backend knows, in the order they were sent."""
-    rows = [r for r in db.trace_rows(key) if r["kind"] == "command"]
+    rows = [r for r in await db.trace_rows(key) if r["kind"] == "command"]
     return sorted(rows, key=lambda r: r["sequence"])
 
 
@@ -114,17 +114,20 @@ class BusConformance:
                 [ConformanceCommand(key="K-1", seq=i) for i in range(3)]
                 + [ConformanceOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
             )
-            assert backend.pending_counts() == {"alpha": 3, "beta": 2}
+            assert await backend.pending_counts() == {"alpha": 3, "beta": 2}
 
-            await run(backend, system, lambda: "alpha" not in backend.pending_counts(), ["alpha"])
-            assert recorded(backend, "alpha") == {"K-1": [0, 1, 2]}
-            assert recorded(backend, "beta") == {}
-            assert backend.pending_counts() == {"beta": 2}
+            async def alpha_done() -> bool:
+                return "alpha" not in await backend.pending_counts()
+
+            await run(backend, system, alpha_done, ["alpha"])
+            assert await recorded(backend, "alpha") == {"K-1": [0, 1, 2]}
+            assert await recorded(backend, "beta") == {}
+            assert await backend.pending_counts() == {"beta": 2}
 
             await run(backend, system, idle(backend), ["beta"])
-            assert recorded(backend, "alpha") == {"K-1": [0, 1, 2]}
-            assert recorded(backend, "beta") == {"K-1": [10, 11]}
-            assert {r["queue"] for r in commands_of(backend, "K-1")} == {"alpha", "beta"}
+            assert await recorded(backend, "alpha") == {"K-1": [0, 1, 2]}
+            assert await recorded(backend, "beta") == {"K-1": [10, 11]}
+            assert {r["queue"] for r in await commands_of(backend, "K-1")} == {"alpha", "beta"}
 
         asyncio.run(scenario())
 
@@ -150,12 +153,14 @@ class BusConformance:
                 backend, [ConformanceCommand(key=key, seq=seq) for seq in range(15) for key in keys]
             )
             await run(backend, system, idle(backend))
-            assert recorded(backend, "alpha") == {key: list(range(15)) for key in keys}
+            assert await recorded(backend, "alpha") == {key: list(range(15)) for key in keys}
             for key in keys:
-                deliveries = {r["body"]["seq"]: r["deliveries"] for r in commands_of(backend, key)}
+                deliveries = {
+                    r["body"]["seq"]: r["deliveries"] for r in await commands_of(backend, key)
+                }
                 assert all(deliveries[seq] >= 2 for seq in range(1, 15, 4))
-                assert {r["outcome"] for r in commands_of(backend, key)} == {"handled"}
-            assert not backend.dead_letters()
+                assert {r["outcome"] for r in await commands_of(backend, key)} == {"handled"}
+            assert not await backend.dead_letters()
 
         asyncio.run(scenario())
 
@@ -185,21 +190,21 @@ class BusConformance:
             )
             await run(backend, system, idle(backend))
 
-            [dead] = backend.dead_letters()
+            [dead] = await backend.dead_letters()
             assert dead.consumer == "alpha"
             assert dead.envelope.message_id == poison.message_id
             assert dead.envelope.body == poison.body
             assert dead.attempts == policy.max_attempts
             assert "poison-boom: cannot handle this one" in dead.reason
             assert "RuntimeError" in dead.reason
-            [row] = [r for r in commands_of(backend, "K-poison") if r["body"]["seq"] == 0]
+            [row] = [r for r in await commands_of(backend, "K-poison") if r["body"]["seq"] == 0]
             assert (row["outcome"], row["deliveries"]) == ("dead", policy.max_attempts)
 
             # Backoff: the attempts were spread over at least the policy's delays.
             waited = policy.delay(1) + policy.delay(2)
             assert poison_calls[-1] - poison_calls[0] >= waited * 0.9
             # Other keys were not held up behind it; the poison's own key went on after it.
-            handled = recorded(backend, "alpha")
+            handled = await recorded(backend, "alpha")
             assert handled == {**{f"K-{k}": list(range(5)) for k in range(3)}, "K-poison": [1]}
             others = [n for (key, _), n in progress_when_handled.items() if key != "K-poison"]
             assert max(others) < len(poison_calls)
@@ -224,12 +229,12 @@ class BusConformance:
                 [ConformanceCommand(key="K-1", seq=1), ConformanceCommand(key="K-2", seq=2)],
             )
             await run(backend, system, idle(backend))
-            [dead] = backend.dead_letters()
+            [dead] = await backend.dead_letters()
             assert dead.consumer == "alpha"
             assert dead.envelope.message_id == bad.message_id
             assert dead.envelope.body == bad.body
             assert "invalid" in dead.reason and "$.seq" in dead.reason
-            assert recorded(backend, "alpha") == {"K-1": [1], "K-2": [2]}
+            assert await recorded(backend, "alpha") == {"K-1": [1], "K-2": [2]}
 
         asyncio.run(scenario())
 
@@ -271,7 +276,7 @@ class BusConformance:
             assert redelivery.attempt == 2
             async with db.transaction() as tx:
                 await db.settle(tx, again, [(Outcome.ACK, None)])
-            assert db.pending_counts() == {}
+            assert await db.pending_counts() == {}
             assert (await db.claim(spec, "member-1", 10)).deliveries == []
 
         asyncio.run(scenario())
@@ -292,9 +297,9 @@ class BusConformance:
             await system.submit_many(backend, events)
             await run(backend, system, idle(backend, {"first", "second", "third"}))
             expected = {f"K-{k}": list(range(k, 12, 3)) for k in range(3)}
-            assert recorded(backend, "first") == expected
-            assert recorded(backend, "second") == {**expected, "K-0": [0, 3, 6, 9, 100, 101]}
-            assert recorded(backend, "third") == {"K-0": [100, 101]}
+            assert await recorded(backend, "first") == expected
+            assert await recorded(backend, "second") == {**expected, "K-0": [0, 3, 6, 9, 100, 101]}
+            assert await recorded(backend, "third") == {"K-0": [100, 101]}
 
         asyncio.run(scenario())
 
@@ -318,9 +323,9 @@ class BusConformance:
                 backend, [ConformanceEvent(key=key, seq=seq) for seq in range(12) for key in keys]
             )
             await run(backend, system, idle(backend, {"watcher"}))
-            assert recorded(backend, "watcher") == {key: list(range(12)) for key in keys}
+            assert await recorded(backend, "watcher") == {key: list(range(12)) for key in keys}
             assert all(calls[key, 2] >= 3 for key in keys)
-            assert not backend.dead_letters()
+            assert not await backend.dead_letters()
 
         asyncio.run(scenario())
 
@@ -347,12 +352,12 @@ class BusConformance:
                 + [ConformanceEvent(key=f"K-{k}", seq=s) for s in range(4) for k in range(4)],
             )
             await run(backend, system, idle(backend, {"watcher"}))
-            [dead] = backend.dead_letters()
+            [dead] = await backend.dead_letters()
             assert (dead.consumer, dead.envelope.message_id) == ("watcher", poison.message_id)
             assert dead.attempts == policy.max_attempts
             assert "event-boom" in dead.reason and "ValueError" in dead.reason
             assert set(poison_calls) == {poison.message_id}
-            assert recorded(backend, "watcher") == {
+            assert await recorded(backend, "watcher") == {
                 **{f"K-{k}": list(range(4)) for k in range(4)},
                 "K-poison": [1],
             }
@@ -374,10 +379,10 @@ class BusConformance:
                 await tx.emit([bad], system.routes)
             await system.submit(backend, ConformanceEvent(key="K-1", seq=2))
             await run(backend, system, idle(backend, {"watcher"}))
-            [dead] = backend.dead_letters()
+            [dead] = await backend.dead_letters()
             assert (dead.consumer, dead.envelope.message_id) == ("watcher", bad.message_id)
             assert "invalid" in dead.reason and "`x`" in dead.reason
-            assert recorded(backend, "watcher") == {"K-1": [0, 2]}
+            assert await recorded(backend, "watcher") == {"K-1": [0, 2]}
 
         asyncio.run(scenario())
 
@@ -457,8 +462,8 @@ class BusConformance:
                 [subscriber("early", ConformanceEvent), subscriber("late", ConformanceEvent)]
             )
             await run(backend, late_system, idle(backend, {"early", "late"}), ["late"])
-            assert recorded(backend, "late") == recorded(backend, "early")
-            assert sum(len(v) for v in recorded(backend, "late").values()) == 25
+            assert await recorded(backend, "late") == await recorded(backend, "early")
+            assert sum(len(v) for v in (await recorded(backend, "late")).values()) == 25
 
         asyncio.run(scenario())
 
@@ -477,9 +482,9 @@ class BusConformance:
             await system.submit(backend, command)
             await system.submit(backend, event)
             await run(backend, system, idle(backend, {"watcher"}))
-            assert not backend.dead_letters()
-            alpha = backend.get_document_sync("bus.alpha", "K-big")
-            watcher = backend.get_document_sync("bus.watcher", "K-big")
+            assert not await backend.dead_letters()
+            alpha = await backend.get_document("bus.alpha", "K-big")
+            watcher = await backend.get_document("bus.watcher", "K-big")
             assert alpha is not None and alpha.data["sizes"] == [len(command.payload)]
             assert watcher is not None and watcher.data["sizes"] == [len(event.payload)]
 
@@ -494,7 +499,7 @@ class BusConformance:
                 await system.submit(
                     backend, padded(ConformanceCommand, "K-1", MAX_MESSAGE_BYTES + 1)
                 )
-            assert backend.pending_counts() == {}
+            assert await backend.pending_counts() == {}
 
             huge = padded(ConformanceCommand, "K-1", MAX_MESSAGE_BYTES + 1)
             bad = hand_made("ConformanceCommand", "K-1", encode_body(huge))
@@ -502,10 +507,10 @@ class BusConformance:
                 await tx.emit([bad], system.routes)
             await system.submit(backend, ConformanceCommand(key="K-1", seq=7))
             await run(backend, system, idle(backend))
-            [dead] = backend.dead_letters()
+            [dead] = await backend.dead_letters()
             assert dead.envelope.message_id == bad.message_id
             assert str(MAX_MESSAGE_BYTES) in dead.reason
-            assert recorded(backend, "alpha") == {"K-1": [7]}
+            assert await recorded(backend, "alpha") == {"K-1": [7]}
 
         asyncio.run(scenario())
 
@@ -522,6 +527,6 @@ class BusConformance:
             await system.submit(backend, ConformanceEvent(key="K-1", seq=1))
             # The restarted process has a new member id; it must not wait out the old lease.
             await Runtime(backend, system, member="after-restart").run_until(done, timeout=3)
-            assert recorded(backend, "watcher") == {"K-1": [0, 1]}
+            assert await recorded(backend, "watcher") == {"K-1": [0, 1]}
 
         asyncio.run(scenario())

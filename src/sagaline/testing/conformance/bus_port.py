@@ -28,6 +28,7 @@ from sagaline.testing.conformance.harness import (
     Harness,
     MakeHarness,
     both,
+    dead_lettered,
     drive,
     handled_all,
     run_until,
@@ -90,8 +91,8 @@ class BusPortConformance(StoreFaultConformance):
             )
             expected = {key: list(range(20)) for key in keys}
             await run_until(harness, system, handled_all(harness, "alpha", expected))
-            assert harness.recorded("alpha") == expected
-            assert harness.recorded("watcher") == {}
+            assert await harness.recorded("alpha") == expected
+            assert await harness.recorded("watcher") == {}
 
         drive(scenario)
 
@@ -120,10 +121,10 @@ class BusPortConformance(StoreFaultConformance):
                     handled_all(harness, "third", {"K-0": [100, 101]}),
                 ),
             )
-            assert harness.recorded("first") == expected
-            assert harness.recorded("second") == second
-            assert harness.recorded("third") == {"K-0": [100, 101]}
-            assert not harness.dead_letters()
+            assert await harness.recorded("first") == expected
+            assert await harness.recorded("second") == second
+            assert await harness.recorded("third") == {"K-0": [100, 101]}
+            assert not await harness.dead_letters()
 
         drive(scenario)
 
@@ -153,9 +154,9 @@ class BusPortConformance(StoreFaultConformance):
             )
             expected = {key: list(range(12)) for key in keys}
             await run_until(harness, system, handled_all(harness, "alpha", expected))
-            assert harness.recorded("alpha") == expected
+            assert await harness.recorded("alpha") == expected
             assert all(calls[key, 2] >= 3 for key in keys)
-            assert not harness.dead_letters()
+            assert not await harness.dead_letters()
 
         drive(scenario)
 
@@ -189,16 +190,16 @@ class BusPortConformance(StoreFaultConformance):
             await run_until(
                 harness,
                 system,
-                both(handled_all(harness, "alpha", expected), lambda: bool(harness.dead_letters())),
+                both(handled_all(harness, "alpha", expected), dead_lettered(harness)),
             )
-            [dead] = harness.dead_letters()
+            [dead] = await harness.dead_letters()
             assert (dead.consumer, dead.envelope.message_id) == ("alpha", poison.message_id)
             assert dead.envelope.body == poison.body
             assert dead.attempts == policy.max_attempts
             assert "poison-boom" in dead.reason and "RuntimeError" in dead.reason
             assert len(poison_calls) >= policy.max_attempts
             assert poison_calls[-1] - poison_calls[0] >= (policy.delay(1) + policy.delay(2)) * 0.9
-            assert harness.recorded("alpha") == expected
+            assert await harness.recorded("alpha") == expected
             # Other keys were not held up behind it; the poison's own key went on after it.
             others = [n for (key, _), n in progress_when_handled.items() if key != "K-poison"]
             assert max(others) < len(poison_calls)
@@ -242,10 +243,10 @@ class BusPortConformance(StoreFaultConformance):
                 system,
                 both(
                     handled_all(harness, "alpha", {"K-1": [1], "K-2": [2], "K-3": [5]}),
-                    lambda: len(harness.dead_letters()) >= 3,
+                    dead_lettered(harness, 3),
                 ),
             )
-            dead = {letter.envelope.message_id: letter for letter in harness.dead_letters()}
+            dead = {letter.envelope.message_id: letter for letter in await harness.dead_letters()}
             assert set(dead) == {bad.message_id, not_json.message_id, repeated.message_id}
             assert {letter.consumer for letter in dead.values()} == {"alpha"}
             assert "invalid" in dead[bad.message_id].reason
@@ -254,7 +255,7 @@ class BusPortConformance(StoreFaultConformance):
             assert "invalid" in dead[not_json.message_id].reason
             assert "'seq' appears twice" in dead[repeated.message_id].reason
             assert dead[repeated.message_id].envelope.body == repeated.body
-            assert harness.recorded("alpha") == {"K-1": [1], "K-2": [2], "K-3": [5]}
+            assert await harness.recorded("alpha") == {"K-1": [1], "K-2": [2], "K-3": [5]}
 
         drive(scenario)
 
@@ -327,9 +328,9 @@ class BusPortConformance(StoreFaultConformance):
                     handled_all(harness, "watcher", {"K-1": [1, 5]}),
                 ),
             )
-            assert harness.recorded("alpha") == {"K-1": [1, 5]}
-            assert harness.recorded("watcher") == {"K-1": [1, 5]}
-            assert harness.recorded("beta") == {}
+            assert await harness.recorded("alpha") == {"K-1": [1, 5]}
+            assert await harness.recorded("watcher") == {"K-1": [1, 5]}
+            assert await harness.recorded("beta") == {}
 
         drive(scenario)
 
@@ -362,11 +363,11 @@ class BusPortConformance(StoreFaultConformance):
                 system,
                 both(
                     handled_all(harness, "alpha", {"K-2": [2]}),
-                    lambda: len(harness.dead_letters()) >= expected_dead,
+                    dead_lettered(harness, expected_dead),
                 ),
             )
-            assert harness.recorded("alpha") == {"K-2": [2]}
-            dead = harness.dead_letters()
+            assert await harness.recorded("alpha") == {"K-2": [2]}
+            dead = await harness.dead_letters()
             assert len(dead) == expected_dead
             reasons = sorted(letter.reason for letter in dead)
             if dead:
@@ -424,12 +425,12 @@ class BusPortConformance(StoreFaultConformance):
                     handled_all(harness, "alpha", {"K-3": [3]}),
                     handled_all(harness, "internal", {"K-2": [2]}),
                     handled_all(harness, "watcher", {"K-2": [2]}),
-                    lambda: len(harness.dead_letters()) >= 2,
+                    dead_lettered(harness, 2),
                 ),
             )
-            assert harness.recorded("internal") == {"K-2": [2]}
-            assert harness.recorded("watcher") == {"K-2": [2]}
-            dead = {letter.envelope.message_id: letter for letter in harness.dead_letters()}
+            assert await harness.recorded("internal") == {"K-2": [2]}
+            assert await harness.recorded("watcher") == {"K-2": [2]}
+            dead = {letter.envelope.message_id: letter for letter in await harness.dead_letters()}
             assert set(dead) == {command.message_id, event.message_id}
             assert dead[command.message_id].reason == (
                 "internal command ConformanceOtherCommand not accepted from clients"
@@ -465,8 +466,8 @@ class BusPortConformance(StoreFaultConformance):
                     handled_all(harness, "watcher", {"K-1": [1, 2]}),
                 ),
             )
-            assert harness.recorded("alpha") == {"K-1": [1, 2]}
-            assert harness.recorded("watcher") == {"K-1": [1, 2]}
+            assert await harness.recorded("alpha") == {"K-1": [1, 2]}
+            assert await harness.recorded("watcher") == {"K-1": [1, 2]}
 
         drive(scenario)
 
@@ -509,13 +510,11 @@ class BusPortConformance(StoreFaultConformance):
                 ),
             )
             store = cast(Any, harness.store)
-            assert store.get_document_sync("bus.alpha", "K-big").data["sizes"] == [
-                len(command.payload)
-            ]
-            assert store.get_document_sync("bus.watcher", "K-big").data["sizes"] == [
-                len(event.payload)
-            ]
-            assert not harness.dead_letters()
+            alpha = await store.get_document("bus.alpha", "K-big")
+            watcher = await store.get_document("bus.watcher", "K-big")
+            assert alpha.data["sizes"] == [len(command.payload)]
+            assert watcher.data["sizes"] == [len(event.payload)]
+            assert not await harness.dead_letters()
 
         drive(scenario)
 
@@ -549,17 +548,17 @@ class BusPortConformance(StoreFaultConformance):
                 system,
                 both(
                     handled_all(harness, "alpha", {"K-1": [1]}),
-                    lambda: bool(harness.dead_letters()),
+                    dead_lettered(harness),
                 ),
             )
-            [dead] = harness.dead_letters()
+            [dead] = await harness.dead_letters()
             assert dead.envelope.message_id == big.message_id
             assert dead.envelope.body == body[:DEAD_LETTER_BODY_BYTES]
             assert f"{size:,} bytes" in dead.reason
             assert hashlib.sha256(body).hexdigest() in dead.reason
             if size > MAX_MESSAGE_BYTES:
                 assert str(MAX_MESSAGE_BYTES) in dead.reason
-            assert harness.recorded("alpha") == {"K-1": [1]}
+            assert await harness.recorded("alpha") == {"K-1": [1]}
             after = self.store_bytes(harness.store)
             if before is not None and after is not None:
                 # The service's own store (the bus is elsewhere) keeps the prefix, not the body.

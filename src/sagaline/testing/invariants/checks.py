@@ -1,9 +1,9 @@
 """The invariants any app keeps (RELIABILITY.md), checked over an audit snapshot.
 
-Each check needs no business word: it reads the snapshot, and the system for its routes and
-subscribers. A violation names the message, stream or position at fault (``correlationId`` is the
-transaction the message belongs to). An app adds the rules of its own domain as
-:attr:`sagaline.App.invariants`; :mod:`sagaline.testing.invariants.runner` runs both.
+Each check needs no business word: it reads the snapshot, and the system for its routes,
+subscribers and saga definitions. A violation names the message, stream or position at fault
+(``correlationId`` is the transaction the message belongs to). An app adds the rules of its own
+domain as :attr:`sagaline.App.invariants`; :mod:`sagaline.testing.invariants.runner` runs both.
 """
 
 from __future__ import annotations
