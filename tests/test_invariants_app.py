@@ -98,6 +98,11 @@ def _inbox_mark_removed(conn: sqlite3.Connection) -> None:
     )
 
 
+def _saga_row_deleted(conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM saga_history WHERE saga_id = 'trip:T-1'")
+    conn.execute("DELETE FROM sagas WHERE saga_id = 'trip:T-1'")
+
+
 def _read_model_row_changed(conn: sqlite3.Connection) -> None:
     conn.execute(
         "UPDATE documents SET data = json_set(data, '$.status', 'BOOKED')"
@@ -121,6 +126,16 @@ def test_the_generic_checks_report_damage_to_an_app(
     violations = _check(trip_app, copy, damage)
     assert invariant in {v.invariant for v in violations}, format_violations(violations)
     assert all(v.evidence for v in violations), format_violations(violations)
+
+
+def test_a_start_event_without_its_saga_is_reported(trip_app: App, copy: Path) -> None:
+    # The trip was requested (its start event is in the log), but its saga row is gone: no
+    # saga will ever end it. Only the generic check sees this, through the saga definition.
+    violations = _check(trip_app, copy, _saga_row_deleted)
+    [violation] = [v for v in violations if v.invariant == "I1"]
+    assert violation.evidence["sagaId"] == "trip:T-1", format_violations(violations)
+    assert violation.evidence["correlationId"] == "T-1"
+    assert "TripRequestedEvent" in violation.message and "no trip saga" in violation.message
 
 
 def _no_trip_cancelled(snapshot: AuditSnapshot) -> Iterator[Violation]:

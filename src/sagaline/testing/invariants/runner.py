@@ -19,6 +19,7 @@ from sagaline.testing.invariants.checks import (
     check_delivered,
     check_no_loss,
     check_once,
+    check_started,
     check_terminal,
     check_versions,
 )
@@ -58,6 +59,7 @@ async def check_generic(
 ) -> list[Violation]:
     """The invariants any system keeps (I1, I5 .. I9), each read model rebuilt (I7)."""
     violations: list[Violation] = []
+    violations.extend(check_started(snapshot, system))
     violations.extend(check_terminal(snapshot, system))
     violations.extend(check_once(snapshot))
     violations.extend(check_versions(snapshot, system))
