@@ -6,9 +6,9 @@ events into its log in the store's own transaction, exactly like the SQLite back
 another bus; the same class also serves as such a bus for stores elsewhere (:class:`BrokerBus`).
 
 Connections: an asyncio pool for units of work, claims, the log and the query tools; one
-autocommit connection that LISTENs for wake-ups. The pool and the listener belong to the event
-loop that opened them; used from another loop (each ``asyncio.run`` is one), the database opens
-them again there. The module is
+autocommit connection that LISTENs for wake-ups, on which the schemas are migrated when it is
+first opened. The pool and the listener belong to the event loop that opened them; used from
+another loop (each ``asyncio.run`` is one), the database opens them again there. The module is
 split by responsibility: :mod:`.schema`, :mod:`.transaction` (the unit of work), :mod:`.bus`
 (queues and subscriptions) and :mod:`.queries` (read-only tools).
 """
@@ -273,7 +273,7 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         """Move every document of ``source`` to ``target`` when the unit of work of this task
         commits (called outside one, it raises :class:`RuntimeError`)."""
         sql = f"UPDATE {self.names.store}.documents SET namespace = %s WHERE namespace = %s"
-        self._run_or_defer(sql, (target, source))
+        self._defer(sql, (target, source))
 
     def reset_subscription(self, subscriber: str, position: int) -> None:
         """Move every partition cursor of ``subscriber`` to ``position`` when the unit of work of
@@ -285,9 +285,9 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
             " ON CONFLICT (subscriber, part) DO UPDATE SET position = excluded.position,"
             " attempts = 0, available_at = 0, claimed = 0, last_error = NULL"
         )
-        self._run_or_defer(sql, (subscriber, position, PARTITIONS - 1))
+        self._defer(sql, (subscriber, position, PARTITIONS - 1))
 
-    def _run_or_defer(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _defer(self, sql: str, params: tuple[Any, ...]) -> None:
         tx = _CURRENT.get()
         if tx is None or tx._db is not self:
             raise RuntimeError("a projection swap joins a unit of work of this database: open one")
