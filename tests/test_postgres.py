@@ -490,6 +490,17 @@ def test_tools_called_inside_a_unit_of_work_commit_with_it(
     asyncio.run(scenario())
 
 
+def test_a_projection_swap_outside_a_unit_of_work_is_refused(
+    open_pg: Callable[..., PostgresDatabase],
+) -> None:
+    """It joins a unit of work of the database; there is no connection of its own to run on."""
+    db = open_pg(schema=schema_name("swap"))
+    with pytest.raises(RuntimeError, match="unit of work"):
+        db.rename_namespace("view.rebuild", "view")
+    with pytest.raises(RuntimeError, match="unit of work"):
+        db.reset_subscription("projection", 7)
+
+
 def test_demo_schemas_are_dropped_only_when_marked(
     open_pg: Callable[..., PostgresDatabase],
 ) -> None:
