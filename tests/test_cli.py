@@ -299,8 +299,8 @@ def test_demo_functions_run_in_process_and_the_read_model_rebuilds_the_same(
             run = await run_demo(db, timeout=20.0)
             return (
                 run.order_ids,
-                db.sync.query_documents(ORDER_VIEW),
-                db.sync.query_documents(STOCK),
+                await db.query_documents(ORDER_VIEW),
+                await db.query_documents(STOCK),
             )
         finally:
             await db.close()

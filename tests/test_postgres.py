@@ -438,7 +438,7 @@ def test_the_demo_orders_settle_on_postgres(open_pg: Callable[..., PostgresDatab
 
     async def scenario() -> None:
         await db.open()
-        run = await run_demo(db, timeout=60)  # type: ignore[arg-type]
+        run = await run_demo(db, timeout=60)
         assert run.order_ids == list(DEMO_ORDER_IDS)
         statuses = {}
         for order_id in DEMO_ORDER_IDS:

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 
 import pytest
 
 import sagaline
+import sagaline.orders.demo as demo
 from sagaline.orders import SUBSCRIBER_NAMES, build_system
 
 PUBLIC = [
     "Aggregate",
     "App",
+    "BrokerBus",
     "BusUnavailable",
     "Command",
     "ConcurrencyError",
     "ConfigurationError",
     "Context",
+    "Database",
     "Deployment",
     "Document",
     "DuplicateMessageId",
@@ -28,6 +32,7 @@ PUBLIC = [
     "MessageRefused",
     "NonRetryableError",
     "NotAcceptedFromClients",
+    "NotResettable",
     "Orchestrator",
     "Projection",
     "Reads",
@@ -47,6 +52,7 @@ PUBLIC = [
     "UnknownMessageType",
     "Views",
     "check_money",
+    "connect",
     "parse_document",
     "rebuild",
     "registry",
@@ -99,3 +105,27 @@ def test_the_package_has_a_version() -> None:
 
 def test_the_order_flow_names_its_subscribers() -> None:
     assert sorted(SUBSCRIBER_NAMES) == sorted(build_system().subscribers)
+
+
+def test_the_order_demo_imports_only_the_public_api() -> None:
+    """An app imports ``sagaline``, ``sagaline.testing`` and its own modules, nothing else."""
+    tree = ast.parse(inspect.getsource(demo))
+    imported = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module is not None
+    }
+    imported |= {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    private = {
+        name
+        for name in imported
+        if name.startswith("sagaline")
+        and name != "sagaline"
+        and not name.startswith(("sagaline.testing", "sagaline.orders"))
+    }
+    assert not private, f"sagaline.orders.demo imports private modules: {sorted(private)}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sagaline.aggregate import Aggregate
 from sagaline.app import App, Invariant
-from sagaline.deploy import Deployment
+from sagaline.deploy import Deployment, connect
 from sagaline.errors import (
     BusUnavailable,
     ConcurrencyError,
@@ -14,6 +14,7 @@ from sagaline.errors import (
     MessageRefused,
     NonRetryableError,
     NotAcceptedFromClients,
+    NotResettable,
     SagaDefinitionError,
     SagalineError,
     StoreUnavailable,
@@ -30,7 +31,7 @@ from sagaline.messages import (
     utc_now,
     utc_timestamp,
 )
-from sagaline.ports import Document, Reads, RetryPolicy, StoreTransaction
+from sagaline.ports import BrokerBus, Database, Document, Reads, RetryPolicy, StoreTransaction
 from sagaline.projection import Projection, Views, rebuild
 from sagaline.saga import (
     Orchestrator,
@@ -45,11 +46,13 @@ from sagaline.saga import (
 __all__ = [
     "Aggregate",
     "App",
+    "BrokerBus",
     "BusUnavailable",
     "Command",
     "ConcurrencyError",
     "ConfigurationError",
     "Context",
+    "Database",
     "Deployment",
     "Document",
     "DuplicateMessageId",
@@ -60,6 +63,7 @@ __all__ = [
     "MessageRefused",
     "NonRetryableError",
     "NotAcceptedFromClients",
+    "NotResettable",
     "Orchestrator",
     "Projection",
     "Reads",
@@ -79,6 +83,7 @@ __all__ = [
     "UnknownMessageType",
     "Views",
     "check_money",
+    "connect",
     "parse_document",
     "rebuild",
     "registry",

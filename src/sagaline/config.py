@@ -35,15 +35,28 @@ and becomes available by URL once its package is imported, or without any import
 declares an entry point in the ``sagaline.adapters`` group naming that package (looked up the
 first time an unknown scheme is met). The factories it names are called as:
 
-* ``store(url, *, service, outbox, colocated_bus, connect_timeout, **options)``: the store
+* ``store(url, *, service, outbox, colocated_bus, connect_timeout, clock, **options)``: the store
   of ``service`` (None: a standalone backend, as :func:`~sagaline.backends.open_backend`
   opens), where ``url`` has ``{service}`` already filled in; ``outbox``: its messages leave
   through another bus (a relay publishes them); ``colocated_bus``: the bus lives in the same
   database. It returns a :class:`~sagaline.ports.Database` (a store that is also a bus, with
   its outbox, query tools, metadata and idleness).
-* ``bus(url, *, connect_timeout, instance, **options)``: a
+* ``bus(url, *, connect_timeout, instance, clock, **options)``: a
   :class:`~sagaline.ports.BrokerBus` not yet connected; ``instance=(i, n)`` says this process
   is instance i of n of its services. A factory ignores the options it has no use for.
+
+``clock`` (a :class:`~sagaline.clock.Clock`) is what the adapter reads leases, retry due times
+and membership intervals from; it is passed only when it is not the machine's
+(:data:`~sagaline.clock.SYSTEM_CLOCK`, every factory's default), so a factory that does not
+know the option yet still opens on the machine's clock.
+
+* ``reset(url, *, service, colocated_bus, mark, delete, connect_timeout)``, for a database
+  (optional): awaited, it says whether the data at ``url`` may be deleted to start afresh (it
+  carries the metadata mark ``mark``, holds no data yet, or does not exist) and, when it may and
+  ``delete``, deletes it. ``service`` and ``colocated_bus`` are as for ``store``; ``service``
+  None means the database used as a bus for stores elsewhere. It returns False, leaving
+  everything as it was, when the data may not be deleted
+  (:meth:`~sagaline.deploy.Deployment.reset`).
 """
 
 from __future__ import annotations
@@ -178,6 +191,8 @@ class Adapter:
     deletes (its bus is a :class:`~sagaline.backends.BrokerTopology`). ``errors``: the base
     classes of what the driver raises once connected, as ``"module:Name"`` references, which
     the command line reports as one line rather than a traceback (see :meth:`error_types`).
+    ``reset``: the function that deletes a database's data when it is marked resettable (see
+    the module docstring); a broker has none.
     """
 
     schemes: tuple[str, ...]
@@ -190,6 +205,7 @@ class Adapter:
     store_per_service: bool = False
     broker: bool = False
     errors: tuple[str, ...] = ()
+    reset: str | None = None
 
     def error_types(self) -> tuple[type[Exception], ...]:
         """The driver's error classes that ``errors`` names, from modules already imported:
@@ -217,6 +233,18 @@ class Adapter:
             raise ConfigurationError(
                 f"{self.title} ({self.schemes[0]}://) offers no {role}: {_choices(role)}"
             )
+        return self._load(reference, url)
+
+    def resetter(self, url: str) -> Callable[..., Any]:
+        """The function that resets a database of this adapter at ``url`` (see the module
+        docstring), its module imported now; a :class:`ConfigurationError` when it has none."""
+        if self.reset is None:
+            raise ConfigurationError(
+                f"the data of {self.title} ({self.schemes[0]}://) cannot be reset by sagaline"
+            )
+        return self._load(self.reset, url)
+
+    def _load(self, reference: str, url: str) -> Callable[..., Any]:
         module_name, _, name = reference.partition(":")
         try:
             module = importlib.import_module(module_name)
@@ -248,6 +276,7 @@ def register_scheme(
     broker: bool = False,
     errors: tuple[str, ...] = (),
     replace: bool = False,
+    reset: str | None = None,
 ) -> Adapter:
     """Make URLs of ``schemes`` open the adapter whose factories ``store``/``bus`` name.
 
@@ -268,6 +297,7 @@ def register_scheme(
         store_per_service,
         broker,
         errors,
+        reset,
     )
     for scheme in adapter.schemes:
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
@@ -339,6 +369,7 @@ register_scheme(
     store="sagaline.backends.sqlite:open_store",
     bus="sagaline.backends.sqlite:open_bus",
     errors=("sqlite3:Error",),
+    reset="sagaline.backends.sqlite.files:reset",
 )
 register_scheme(
     "postgresql",
@@ -351,6 +382,7 @@ register_scheme(
     drivers=("psycopg", "psycopg_pool", "psycopg_binary"),
     store_per_service=True,
     errors=("psycopg:Error",),
+    reset="sagaline.backends.postgres.disposal:reset",
 )
 register_scheme(
     "amqp",

@@ -12,6 +12,11 @@ where messages travel:
 
 Which adapter opens a URL is looked up in the scheme registry (:mod:`sagaline.config`), so a
 new adapter needs no change here.
+
+Starting afresh: :meth:`Deployment.connect` with ``replace=MARK`` (what ``sagaline demo`` does)
+deletes the data an earlier deployment marked ``MARK`` left at the same URLs (SQLite files,
+PostgreSQL schemas; see :meth:`Deployment.reset`), then marks its own, and refuses
+(:class:`~sagaline.errors.NotResettable`) data that does not carry the mark.
 """
 
 from __future__ import annotations
@@ -21,13 +26,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sagaline.backends import open_bus
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.config import BUS_URL_ENV, STORE_URL_ENV, adapter_for, redact_url, scheme_of
-from sagaline.errors import ConfigurationError
+from sagaline.errors import ConfigurationError, NotResettable
 from sagaline.handling import DEFAULT_BATCH, Runtime, System
 from sagaline.ports import BrokerBus, Database, StoreQueries
 
@@ -35,6 +41,7 @@ __all__ = [
     "SERVICE_PLACEHOLDER",
     "Deployment",
     "Supervisor",
+    "connect",
     "open_bus",
     "scheme_of",
     "service_url",
@@ -60,6 +67,10 @@ class Deployment:
     broker before it raises :class:`~sagaline.errors.StoreUnavailable` or
     :class:`~sagaline.errors.BusUnavailable`; None leaves the drivers' own limits (a NATS bus
     then waits until its server answers).
+
+    ``clock`` reaches every store and the bus it opens (what their leases and retry due times
+    are read from) and the runtimes of :meth:`runtimes` (what their workers back off on): one
+    :class:`~sagaline.clock.FakeClock` given here moves the whole deployment's time.
     """
 
     store_url: str
@@ -68,19 +79,17 @@ class Deployment:
     store_options: Mapping[str, Any] = field(default_factory=dict)
     bus_options: Mapping[str, Any] = field(default_factory=dict)
     connect_timeout: float | None = None
+    clock: Clock = SYSTEM_CLOCK
     stores: dict[str, Database] = field(default_factory=dict, init=False)
     bus: BrokerBus | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         adapter = adapter_for(self.store_url, "store")
-        if self.bus_url is not None and self.bus_url == self.store_url:
-            self.bus_url = None
-        if self.bus_url is None and SERVICE_PLACEHOLDER in self.store_url:
-            raise ConfigurationError(
-                "a store URL with {service} gives each service its own file: pass --bus URL"
-                " for the bus between them"
-            )
+        self.bus_url = _bus_between(self.store_url, self.bus_url)
         colocated = self.bus_url is None
+        # The system clock is every factory's default: an adapter's factory written before the
+        # ``clock`` option is called as it always was, unless a clock of another kind is given.
+        timing: dict[str, Any] = {} if self.clock is SYSTEM_CLOCK else {"clock": self.clock}
         # One store object per distinct database: services sharing a SQLite file share it,
         # while an adapter that gives each service its own schema opens one per service.
         opened: dict[str, Database] = {}
@@ -95,12 +104,13 @@ class Deployment:
                     outbox=not colocated,
                     colocated_bus=colocated,
                     connect_timeout=self.connect_timeout,
+                    **timing,
                     **self.store_options,
                 )
             self.stores[service] = store
         if self.bus_url is not None:
             self.bus = open_bus(
-                self.bus_url, connect_timeout=self.connect_timeout, **self.bus_options
+                self.bus_url, connect_timeout=self.connect_timeout, **timing, **self.bus_options
             )
 
     def __repr__(self) -> str:
@@ -110,8 +120,11 @@ class Deployment:
         )
 
     @classmethod
-    def of(cls, store: Database, services: Sequence[str]) -> Deployment:
-        """A deployment of ``services`` all on one already opened store that is also the bus."""
+    def of(
+        cls, store: Database, services: Sequence[str], *, clock: Clock = SYSTEM_CLOCK
+    ) -> Deployment:
+        """A deployment of ``services`` all on one already opened store that is also the bus
+        (``clock``: the one the store was opened with, for the runtimes)."""
         deployment = cls.__new__(cls)
         deployment.store_url = store.url
         deployment.bus_url = None
@@ -119,9 +132,106 @@ class Deployment:
         deployment.store_options = {}
         deployment.bus_options = {}
         deployment.connect_timeout = None
+        deployment.clock = clock
         deployment.stores = dict.fromkeys(services, store)
         deployment.bus = None
         return deployment
+
+    @classmethod
+    async def connect(
+        cls,
+        store_url: str,
+        bus_url: str | None = None,
+        *,
+        services: Sequence[str],
+        connect_timeout: float | None = None,
+        replace: str | None = None,
+    ) -> Deployment:
+        """The stores of ``services`` and the bus between them, opened (see :meth:`open`).
+
+        ``replace=MARK`` starts from nothing, for a demo or a scratch run: what an earlier
+        deployment marked ``MARK`` left at these URLs is deleted first (:meth:`reset`, which
+        refuses data without the mark), and the new stores and database bus are marked ``MARK``
+        (:meth:`mark`), so that the next such call replaces them in turn.
+        """
+        if replace is not None:
+            await cls.reset(
+                store_url,
+                bus_url,
+                services=services,
+                mark=replace,
+                connect_timeout=connect_timeout,
+            )
+        deployment = cls(store_url, bus_url, services, connect_timeout=connect_timeout)
+        try:
+            await deployment.open()
+            if replace is not None:
+                await deployment.mark(replace)
+        except BaseException:
+            await deployment.close()
+            raise
+        return deployment
+
+    @classmethod
+    async def reset(
+        cls,
+        store_url: str,
+        bus_url: str | None = None,
+        *,
+        services: Sequence[str],
+        mark: str,
+        connect_timeout: float | None = None,
+    ) -> None:
+        """Delete the data of the deployment of ``services`` at these URLs, to start afresh:
+        its SQLite files, its PostgreSQL schemas, a database bus's too.
+
+        Each store and a database bus may go only if it carries the metadata mark ``mark`` (see
+        :meth:`mark`), holds no data yet, or does not exist; otherwise
+        :class:`~sagaline.errors.NotResettable` is raised before anything is deleted. A
+        message broker (RabbitMQ, NATS) is left as it is: it has no mark to tell a scratch
+        run's queues from another system's.
+        """
+        bus_url = _bus_between(store_url, bus_url)
+        store = adapter_for(store_url, "store")
+        targets: dict[str, _Data] = {}
+        for service in services:
+            url = service_url(store_url, service)
+            key = url
+            where = redact_url(url)
+            if store.store_per_service:
+                key, where = f"{url}#{service}", f"{where} (service {service})"
+            if key not in targets:
+                targets[key] = _Data(store.resetter(url), url, where, service, bus_url is None)
+        if bus_url is not None:
+            bus = adapter_for(bus_url, "bus")
+            if not bus.broker and bus_url not in targets:
+                targets[bus_url] = _Data(bus.resetter(bus_url), bus_url, redact_url(bus_url))
+        # Every one is asked first: a refusal deletes nothing.
+        for delete in (False, True):
+            for data in targets.values():
+                resettable = await data.reset(
+                    data.url,
+                    service=data.service,
+                    colocated_bus=data.colocated_bus,
+                    mark=mark,
+                    delete=delete,
+                    connect_timeout=connect_timeout,
+                )
+                if not resettable:
+                    raise NotResettable(
+                        f"{data.where} holds data not marked {mark!r} as resettable; it was"
+                        " left as it was",
+                        data.where,
+                    )
+
+    async def mark(self, key: str) -> None:
+        """Mark the data of every store, and of a database bus, as resettable under ``key``
+        (metadata ``key`` = ``"1"``): :meth:`reset` with that mark may delete it."""
+        for store in self.distinct_stores():
+            await store.set_meta(key, "1")
+        database = self.bus.database() if self.bus is not None else None
+        if database is not None:
+            await database.set_meta(key, "1")
 
     @property
     def colocated(self) -> bool:
@@ -207,9 +317,54 @@ class Deployment:
                 member=member,
                 batch_size=batch_size,
                 poll_interval=poll_interval,
+                clock=self.clock,
             )
             for group in groups.values()
         ]
+
+
+async def connect(
+    store_url: str,
+    bus_url: str | None = None,
+    *,
+    services: Sequence[str],
+    connect_timeout: float | None = None,
+    replace: str | None = None,
+) -> Deployment:
+    """The stores of ``services`` and the bus between them, opened: see
+    :meth:`Deployment.connect` (``replace=MARK`` starts from nothing)."""
+    return await Deployment.connect(
+        store_url,
+        bus_url,
+        services=services,
+        connect_timeout=connect_timeout,
+        replace=replace,
+    )
+
+
+@dataclass(frozen=True)
+class _Data:
+    """One database of a deployment to reset: its adapter's ``reset`` and how to call it."""
+
+    reset: Callable[..., Awaitable[bool]]
+    url: str
+    where: str
+    #: None: a database used as the bus of stores elsewhere.
+    service: str | None = None
+    colocated_bus: bool = False
+
+
+def _bus_between(store_url: str, bus_url: str | None) -> str | None:
+    """The bus URL, None when the bus lives in the stores' database; a store URL with the
+    service placeholder needs a bus of its own."""
+    if bus_url is not None and bus_url == store_url:
+        bus_url = None
+    if bus_url is None and SERVICE_PLACEHOLDER in store_url:
+        raise ConfigurationError(
+            "a store URL with {service} gives each service its own file: pass --bus URL"
+            " for the bus between them"
+        )
+    return bus_url
 
 
 async def run_runtimes(runtimes: Sequence[Runtime]) -> None:

@@ -47,6 +47,20 @@ class SagaDefinitionError(ConfigurationError):
     code = "invalid_saga_definition"
 
 
+class NotResettable(ConfigurationError):
+    """A deployment's data was to be reset (deleted to start afresh), but a store or bus
+    database there holds data without the mark that makes it resettable; nothing was deleted.
+
+    ``where`` names that database (its URL without the password, or its file).
+    """
+
+    code = "not_resettable"
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+
+
 class StoreUnavailable(SagalineError):
     """The store cannot be used now: unreachable, out of disk space, locked, read-only, failing.
 

@@ -14,7 +14,9 @@ import json
 import random
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -22,6 +24,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
 
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.errors import ConfigurationError, InvalidMessage, UnknownMessageType
 
 __all__ = [
@@ -33,6 +36,7 @@ __all__ = [
     "Message",
     "MessageKind",
     "MessageRegistry",
+    "MessageStamps",
     "check_message_id",
     "check_money",
     "check_unique_keys",
@@ -43,6 +47,7 @@ __all__ = [
     "new_message_id",
     "parse_document",
     "registry",
+    "stamping",
     "utc_now",
     "utc_timestamp",
 ]
@@ -61,15 +66,26 @@ M = TypeVar("M", bound="Message")
 
 
 def utc_now() -> datetime:
-    """The current time, timezone-aware UTC."""
-    return datetime.now(UTC)
+    """The current time, timezone-aware UTC (by the clock of the :func:`stamping` in force)."""
+    stamps = _STAMPS.get()
+    if stamps is None:
+        return datetime.now(UTC)
+    return datetime.fromtimestamp(stamps.clock.time(), UTC)
 
 
-def utc_timestamp(moment: datetime | None = None) -> str:
-    """ISO-8601 UTC with microseconds and a ``Z`` suffix, as the wire contract writes timestamps."""
-    if moment is not None:
+def utc_timestamp(moment: datetime | float | None = None) -> str:
+    """ISO-8601 UTC with microseconds and a ``Z`` suffix, as the wire contract writes timestamps.
+
+    ``moment`` is a datetime or seconds since the epoch (a store's clock reading); without it, the
+    current time by the clock of the :func:`stamping` in force.
+    """
+    if moment is None:
+        stamps = _STAMPS.get()
+        now = time.time() if stamps is None else stamps.clock.time()
+    elif isinstance(moment, datetime):
         return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    now = time.time()
+    else:
+        now = moment
     second = int(now)
     if second != _SECOND[0]:
         _SECOND[0] = second
@@ -86,11 +102,18 @@ def new_message_id() -> str:
 
     Time-ordered ids keep the inbox and the logs' unique indexes appending at their right edge
     instead of touching a random page per insert. The 74 random bits come from the process's
-    PRNG, which Python reseeds in a forked child.
+    PRNG, which Python reseeds in a forked child. Under a :func:`stamping`, the id is its stamps'.
     """
-    bits = random.getrandbits(74)
+    stamps = _STAMPS.get()
+    if stamps is not None:
+        return stamps.message_id()
+    return _uuid7(time.time_ns() // 1_000_000, random.getrandbits(74))
+
+
+def _uuid7(millisecond: int, bits: int) -> str:
+    """The UUIDv7 text of a Unix millisecond and 74 random bits."""
     value = (
-        (time.time_ns() // 1_000_000) << 80
+        (millisecond & _MILLISECONDS) << 80
         | 0x7 << 76
         | (bits >> 62) << 64
         | 0x2 << 62
@@ -101,6 +124,63 @@ def new_message_id() -> str:
 
 
 _LOW_62 = (1 << 62) - 1
+_MILLISECONDS = (1 << 48) - 1
+
+
+class MessageStamps:
+    """Where new messages take their ids and timestamps from, under a :func:`stamping`.
+
+    Ids are UUIDv7s of ``clock``'s milliseconds and 74 bits of ``rng`` (by default the process's
+    PRNG); timestamps (:func:`utc_timestamp`, :func:`utc_now`, an envelope's) are ``clock``'s
+    time. The test kit's harness stamps with its fake clock and a PRNG seeded from its seed, so
+    that one seed gives the same ids and timestamps on every run. ``ids`` replaces the UUIDs by
+    ids of one's own (each is checked against the id rules, :func:`message_id_problem`).
+    """
+
+    __slots__ = ("_ids", "_random", "clock")
+
+    def __init__(
+        self,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        *,
+        ids: Callable[[], str] | None = None,
+    ) -> None:
+        self.clock = clock
+        self._random = rng
+        self._ids = ids
+
+    def message_id(self) -> str:
+        """A fresh message id."""
+        if self._ids is not None:
+            return check_message_id(self._ids())
+        bits = random.getrandbits(74) if self._random is None else self._random.getrandbits(74)
+        return _uuid7(int(self.clock.time() * 1000), bits)
+
+    def __repr__(self) -> str:
+        return f"MessageStamps({self.clock!r})"
+
+
+#: The stamps in force in this context (a task and the tasks it starts); None: the machine's.
+_STAMPS: ContextVar[MessageStamps | None] = ContextVar("sagaline_message_stamps", default=None)
+
+
+@contextmanager
+def stamping(stamps: MessageStamps) -> Iterator[MessageStamps]:
+    """Within the block, new message ids and timestamps come from ``stamps``: in this task, and
+    in the tasks started from it (they copy the context they were started in).
+
+    This reaches what no caller passes a clock to: the ids and timestamps :meth:`Envelope.wrap`
+    gives, and a message field whose default is :func:`utc_now`.
+    """
+    token = _STAMPS.set(stamps)
+    try:
+        yield stamps
+    finally:
+        # Left in another context than entered (a generator closed elsewhere), there is
+        # nothing to undo: that context never saw these stamps.
+        with suppress(ValueError):
+            _STAMPS.reset(token)
 
 
 def message_id_problem(message_id: object) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from sagaline.backends.postgres import PostgresDatabase
+from sagaline.clock import Clock
 from sagaline.deploy import open_bus
 from sagaline.testing.conformance import (
     BusConformance,
@@ -37,9 +38,13 @@ def open_pg(postgres_module_url: str) -> Iterator[Callable[..., PostgresDatabase
     """Opens PostgresDatabase objects on the module's database; all are closed afterwards."""
     opened: list[PostgresDatabase] = []
 
-    def make(*, lease_seconds: float | None = None, **options: Any) -> PostgresDatabase:
+    def make(
+        *, lease_seconds: float | None = None, clock: Clock | None = None, **options: Any
+    ) -> PostgresDatabase:
         if lease_seconds is not None:
             options["lease_seconds"] = lease_seconds
+        if clock is not None:
+            options["clock"] = clock
         db = PostgresDatabase(postgres_module_url, **options)
         opened.append(db)
         return db
@@ -78,8 +83,12 @@ class TestPostgresBus(BusConformance):
     def make_backend(self, open_pg: Callable[..., PostgresDatabase]) -> OpenBackend:
         schema, bus_schema = schema_name("svc"), schema_name("bus")
 
-        def make(*, lease_seconds: float | None = None) -> PostgresDatabase:
-            return open_pg(schema=schema, bus_schema=bus_schema, lease_seconds=lease_seconds)
+        def make(
+            *, lease_seconds: float | None = None, clock: Clock | None = None
+        ) -> PostgresDatabase:
+            return open_pg(
+                schema=schema, bus_schema=bus_schema, lease_seconds=lease_seconds, clock=clock
+            )
 
         return make
 

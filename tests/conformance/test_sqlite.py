@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from sagaline.backends.sqlite import SqliteDatabase
+from sagaline.clock import Clock
 from sagaline.testing.conformance import (
     BusConformance,
     BusPortConformance,
@@ -31,10 +32,16 @@ def open_sqlite(tmp_path: Path) -> Iterator[Callable[..., SqliteDatabase]]:
     opened: list[SqliteDatabase] = []
 
     def open_file(
-        name: str, *, lease_seconds: float | None = None, **options: Any
+        name: str,
+        *,
+        lease_seconds: float | None = None,
+        clock: Clock | None = None,
+        **options: Any,
     ) -> SqliteDatabase:
         if lease_seconds is not None:
             options["lease_seconds"] = lease_seconds
+        if clock is not None:
+            options["clock"] = clock
         db = SqliteDatabase(f"sqlite:///{tmp_path}/{name}.db", **options)
         opened.append(db)
         return db
@@ -68,8 +75,10 @@ class TestSqliteBus(BusConformance):
 
     @pytest.fixture
     def make_backend(self, open_sqlite: Callable[..., SqliteDatabase]) -> OpenBackend:
-        def make(*, lease_seconds: float | None = None) -> SqliteDatabase:
-            return open_sqlite("bus", lease_seconds=lease_seconds)
+        def make(
+            *, lease_seconds: float | None = None, clock: Clock | None = None
+        ) -> SqliteDatabase:
+            return open_sqlite("bus", lease_seconds=lease_seconds, clock=clock)
 
         return make
 

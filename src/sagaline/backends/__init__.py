@@ -29,13 +29,15 @@ class BrokerTopology(Protocol):
         messages they hold."""
 
 
-def open_backend(url: str) -> Backend:
+def open_backend(url: str, **options: Any) -> Backend:
     """The store-and-bus backend a URL names (``sqlite:///path``, ``postgresql://...``).
 
     Call ``await backend.open()`` before use: a PostgreSQL backend connects and migrates its
     schemas there (it would also do so on first use); for SQLite it does nothing more.
+    ``options`` go to the adapter's store factory (``clock=``, ``lease_seconds=``; see
+    :mod:`sagaline.config`).
     """
-    backend: Backend = adapter_for(url, "store").factory("store", url)(url)
+    backend: Backend = adapter_for(url, "store").factory("store", url)(url, **options)
     return backend
 
 

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import cast
 
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.errors import ConfigurationError
 from sagaline.handling.system import System
 from sagaline.handling.worker import DEFAULT_BATCH, Worker
@@ -35,7 +36,9 @@ class Runtime:
 
     Without ``bus`` the store's database is the bus too. With a separate ``bus``, the store must be
     opened in outbox mode; the runtime declares the system's topology on the bus and runs the
-    outbox relay beside the workers.
+    outbox relay beside the workers. ``clock`` is what the workers' backoff and
+    :meth:`run_until`'s checks wait on (a deployment hands its own; a fake one moves only when
+    told).
     """
 
     def __init__(
@@ -48,8 +51,10 @@ class Runtime:
         member: str | None = None,
         batch_size: int = DEFAULT_BATCH,
         poll_interval: float = 0.1,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.db = db
+        self.clock = clock
         self.bus = None if bus is None or cast(object, bus) is db else bus
         self.system = system
         self.member = member or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -64,6 +69,7 @@ class Runtime:
                 batch_size=batch_size,
                 poll_interval=poll_interval,
                 bus=self.bus,
+                clock=clock,
             )
             for name in names
             for spec in system.services[name].consumers()
@@ -108,18 +114,27 @@ class Runtime:
     async def run_until(
         self, done: Condition, *, check_every: float = 0.05, timeout: float = 300.0
     ) -> None:
-        """Run until ``done()`` is true (checked between batches), then stop; ``done`` may
-        answer asynchronously (a store's query)."""
+        """Run until ``done()`` is true, then stop; ``done`` may answer asynchronously (a
+        store's query).
+
+        ``done()`` is checked every ``check_every`` seconds and ``timeout`` counted, both on the
+        runtime's clock; a worker that fails ends the wait at once, with its error.
+        """
         runner = asyncio.create_task(self.run())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        clock = self.clock
+        deadline = clock.monotonic() + timeout
         try:
             while not await holds(done):
                 if runner.done():
                     runner.result()
-                if loop.time() > deadline:
+                if clock.monotonic() > deadline:
                     raise TimeoutError(f"not done after {timeout} seconds")
-                await asyncio.sleep(check_every)
+                pause = asyncio.ensure_future(clock.sleep(check_every))
+                waits = {pause} if runner.done() else {runner, pause}
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    pause.cancel()
         finally:
             self.stop()
             await runner

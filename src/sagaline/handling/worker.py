@@ -9,9 +9,10 @@ import logging
 from collections.abc import Callable, Sequence, Set
 from typing import Any, cast
 
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.errors import ConcurrencyError, InvalidMessage, NonRetryableError, StoreUnavailable
 from sagaline.handling.crash import crash_point
-from sagaline.handling.isolation import _isolated, _RetryBatch
+from sagaline.handling.isolation import _isolated, _RetryBatch, _suspects
 from sagaline.handling.service import Context, Service
 from sagaline.handling.system import CLIENT, System
 from sagaline.messages import Envelope, check_unique_keys
@@ -41,12 +42,19 @@ DEFAULT_BATCH = 500
 BeforeCommit = Callable[[Batch, Sequence[tuple[Outcome, str | None]]], None]
 
 
+def _backoff(failures: int) -> float:
+    """Seconds to wait after the store failed ``failures`` times in a row: 0.1 s, doubling,
+    at most 5 s."""
+    return min(5.0, 0.05 * 2.0**failures)
+
+
 class Worker:
     """One consumer loop: claim a batch, handle it in one transaction, repeat.
 
     With the bus in the store's database (``bus`` omitted), acknowledgements join the handling
     transaction. With a separate bus, outgoing messages go to the store's outbox and the batch is
     completed on the bus after the commit (a crash in between redelivers it; the inbox absorbs it).
+    While the store fails, the worker backs off on ``clock`` (a fake one moves only when told).
     """
 
     def __init__(
@@ -60,8 +68,10 @@ class Worker:
         batch_size: int = DEFAULT_BATCH,
         poll_interval: float = 0.1,
         bus: BrokerBus | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.db = db
+        self.clock = clock
         self.bus: Backend | BrokerBus = db if bus is None else bus
         self.broker = None if bus is None or cast(object, bus) is db else bus
         self.system = system
@@ -105,14 +115,14 @@ class Worker:
                     failures,
                     exc,
                 )
-                await asyncio.sleep(min(5.0, 0.05 * 2**failures))
+                await self._back_off(failures, stop)
                 continue
             except Exception:
                 # The store itself failed (locked past its timeout, disk full, ...): the batch
                 # rolled back and stays claimable; wait a little, then go on.
                 failures += 1
                 log.exception("%s/%s: batch failed, retrying", self.spec.name, self.spec.source)
-                await asyncio.sleep(min(5.0, 0.05 * 2**failures))
+                await self._back_off(failures, stop)
                 continue
             if not progressed:
                 waiter = asyncio.ensure_future(stop.wait())
@@ -120,6 +130,16 @@ class Worker:
                 await asyncio.wait({waiter, work}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
                 work.cancel()
+
+    async def _back_off(self, failures: int, stop: asyncio.Event) -> None:
+        """Wait on the clock after ``failures`` failures in a row, or until ``stop`` is set."""
+        waiter = asyncio.ensure_future(stop.wait())
+        pause = asyncio.ensure_future(self.clock.sleep(_backoff(failures)))
+        try:
+            await asyncio.wait({waiter, pause}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            pause.cancel()
 
     async def run_once(self) -> bool:
         """Claim and handle one batch; False when there was nothing to do.
@@ -145,7 +165,7 @@ class Worker:
             except StoreUnavailable:
                 self._unreleased = (batch, [])
                 raise
-            suspects = {m for m, n in zip(ids, earlier, strict=True) if n > 0}
+            suspects = _suspects(ids, earlier)
             counted = set(ids)
             blocked: set[Any] = set()
             parts = _isolated(batch, suspects)

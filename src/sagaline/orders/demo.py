@@ -1,30 +1,34 @@
 """The demo: the seed's order and two that fail, run through all five services in one process.
 
 ``sagaline demo`` wires these functions and prints the result; tests call them directly. The
-store is a throw-away file marked with the metadata key ``demo``: a demo store is replaced on the
-next run, any other store is refused, so the demo never wipes real data.
+demo's stores are throw-away data marked with the metadata key ``demo``: the next run replaces a
+demo's stores, and refuses any other data, so the demo never wipes real data
+(:meth:`sagaline.Deployment.connect` with ``replace``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from pathlib import Path
 
-from sagaline.backends.sqlite import SqliteDatabase, path_from_url
-from sagaline.deploy import Deployment, scheme_of, service_url
-from sagaline.errors import ConfigurationError
-from sagaline.handling import Runtime, System
-from sagaline.messages import Command, Envelope, parse_document
+from sagaline import (
+    BrokerBus,
+    Command,
+    Database,
+    Deployment,
+    Envelope,
+    NotResettable,
+    Runtime,
+    System,
+    parse_document,
+)
 from sagaline.orders import SERVICE_NAMES, SUBSCRIBER_NAMES, PaymentRules, build_system
 from sagaline.orders.inventory import STOCK, set_stock
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 from sagaline.orders.order import Order
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.ports import Backend, BrokerBus, Database, Disposable
 
 __all__ = [
     "DEMO_META_KEY",
@@ -34,9 +38,7 @@ __all__ = [
     "DemoRun",
     "NotADemoStore",
     "demo_orders",
-    "is_demo_store",
     "is_deployment_settled",
-    "is_empty_store",
     "is_settled",
     "open_demo_deployment",
     "open_demo_store",
@@ -46,7 +48,7 @@ __all__ = [
     "submit_demo_orders",
 ]
 
-#: The metadata key that marks a store as the demo's own (value ``"1"``).
+#: The metadata key that marks the demo's stores as replaceable (value ``"1"``).
 DEMO_META_KEY = "demo"
 
 #: What the demo stocks before any order arrives.
@@ -67,15 +69,13 @@ SEED_ORDER_JSON = """{
 #: The demo's orders: confirmed; cancelled for want of stock; cancelled by a payment decline.
 DEMO_ORDER_IDS = ("ORD-12345", "ORD-12346", "ORD-12347")
 
-_SIDE_FILES = ("-wal", "-shm", "-journal")
-
 #: The order aggregate's last event once it has recorded its saga's outcome.
 _ORDER_FINAL_EVENTS = frozenset(
     {"OrderConfirmationRecordedEvent", "OrderCancelledEvent", "OrderRejectedEvent"}
 )
 
 
-class NotADemoStore(ConfigurationError):
+class NotADemoStore(NotResettable):
     """The demo was pointed at a store it did not create; it refuses to replace it."""
 
     code = "not_a_demo_store"
@@ -107,122 +107,41 @@ def demo_orders() -> list[Command]:
     ]
 
 
-def is_demo_store(path: str | Path) -> bool:
-    """Whether the SQLite file at ``path`` carries the demo's mark.
-
-    The file is opened read-only: a store that is not the demo's must not be touched, not even
-    by creating sagaline's tables in it. A file that is not a SQLite database is not a demo store.
-    """
-    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
-    try:
-        connection = sqlite3.connect(uri, uri=True)
-    except sqlite3.Error:
-        return False
-    try:
-        row = connection.execute(
-            "SELECT value FROM sagaline_meta WHERE key = ?", (DEMO_META_KEY,)
-        ).fetchone()
-    except sqlite3.Error:
-        return False
-    finally:
-        connection.close()
-    return row is not None and row[0] == "1"
-
-
-_DATA_TABLES = ("events", "commands", "documents", "sagas", "inbox", "outbox", "dead_letters")
-
-
-def is_empty_store(path: str | Path) -> bool:
-    """Whether the SQLite file at ``path`` is a sagaline store holding no data yet (migrated
-    only). Opened read-only, like :func:`is_demo_store`."""
-    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
-    try:
-        connection = sqlite3.connect(uri, uri=True)
-    except sqlite3.Error:
-        return False
-    try:
-        return not any(
-            connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
-            for table in _DATA_TABLES
-        )
-    except sqlite3.Error:
-        return False
-    finally:
-        connection.close()
-
-
-async def open_demo_store(url: str) -> SqliteDatabase:
-    """A fresh, empty demo store at ``url``, replacing an earlier demo store there.
-
-    Raises :class:`NotADemoStore` when a file that the demo did not create is in the way.
-    """
-    path = path_from_url(url)
-    if path != ":memory:" and Path(path).exists():
-        if not is_demo_store(path):
-            raise NotADemoStore(
-                f"{path} exists and is not a demo store; the demo will not replace it"
-            )
-        for name in (path, *(path + suffix for suffix in _SIDE_FILES)):
-            Path(name).unlink(missing_ok=True)
-    db = SqliteDatabase(url)
-    await db.set_meta(DEMO_META_KEY, "1")
-    return db
-
-
-def _clear_demo_file(url: str) -> None:
-    """Delete the SQLite file at ``url`` when it is an earlier demo's; refuse any other file."""
-    path = path_from_url(url)
-    if path == ":memory:" or not Path(path).exists():
-        return
-    if not is_demo_store(path) and not is_empty_store(path):
-        raise NotADemoStore(f"{path} exists and is not a demo store; the demo will not replace it")
-    for name in (path, *(path + suffix for suffix in _SIDE_FILES)):
-        Path(name).unlink(missing_ok=True)
-
-
 async def open_demo_deployment(
     store_url: str, bus_url: str | None = None, *, connect_timeout: float | None = None
 ) -> Deployment:
-    """Fresh demo stores for the five services (and a fresh SQLite bus), opened.
+    """Fresh demo stores for the five services (and a fresh database bus), opened.
 
-    Earlier demo stores are replaced; a store the demo did not create is refused with
-    :class:`NotADemoStore`. On PostgreSQL the demo's schemas are dropped and made again only when
-    they carry the demo's mark. ``connect_timeout``: see :class:`Deployment`.
+    What an earlier demo left at these URLs is replaced (SQLite files, PostgreSQL schemas); any
+    other data there is refused with :class:`NotADemoStore`, and nothing is deleted.
+    ``connect_timeout``: see :class:`~sagaline.Deployment`.
     """
-    if bus_url == store_url:
-        bus_url = None
-    if bus_url is None and scheme_of(store_url) == "sqlite" and "{service}" not in store_url:
-        return Deployment.of(await open_demo_store(store_url), SERVICE_NAMES)
-    urls = []
-    if scheme_of(store_url) == "sqlite":
-        urls += [service_url(store_url, name) for name in SERVICE_NAMES]
-    if bus_url is not None and scheme_of(bus_url) == "sqlite":
-        urls.append(bus_url)
-    for url in dict.fromkeys(urls):
-        _clear_demo_file(url)
-    deployment = Deployment(store_url, bus_url, SERVICE_NAMES, connect_timeout=connect_timeout)
-    await reset_demo_schemas(deployment)
-    await deployment.open()
-    for store in deployment.distinct_stores():
-        await store.set_meta(DEMO_META_KEY, "1")
-    bus_database = deployment.bus.database() if deployment.bus is not None else None
-    if bus_database is not None and scheme_of(bus_url or "") == "sqlite":
-        await bus_database.set_meta(DEMO_META_KEY, "1")
-    return deployment
+    try:
+        return await Deployment.connect(
+            store_url,
+            bus_url,
+            services=SERVICE_NAMES,
+            connect_timeout=connect_timeout,
+            replace=DEMO_META_KEY,
+        )
+    except NotADemoStore:
+        raise
+    except NotResettable as exc:
+        raise NotADemoStore(
+            f"{exc.where} exists and is not a demo store; the demo will not replace it", exc.where
+        ) from exc
 
 
-async def reset_demo_schemas(deployment: Deployment) -> None:
-    """Drop the PostgreSQL schemas of an earlier demo (refusing schemas without the mark)."""
-    for store in deployment.distinct_stores():
-        # A SQLite file is not Disposable: the demo deletes its earlier files itself.
-        if isinstance(store, Disposable) and not await store.drop_if_marked(DEMO_META_KEY):
-            raise NotADemoStore(
-                "the PostgreSQL schemas hold data that is not the demo's; the demo will not"
-                " replace them"
-            )
+async def open_demo_store(url: str) -> Database:
+    """A fresh, empty demo store at ``url`` (one SQLite file for every service and the bus),
+    replacing an earlier demo store there.
+
+    Raises :class:`NotADemoStore` when a store that the demo did not create is in the way.
+    """
+    return (await open_demo_deployment(url)).store(SERVICE_NAMES[0])
 
 
-async def stock_demo(db: Backend, stock: Mapping[str, int] = DEMO_STOCK) -> None:
+async def stock_demo(db: Database, stock: Mapping[str, int] = DEMO_STOCK) -> None:
     """Set the demo's stock levels in one transaction (``db``: the inventory's store)."""
     async with db.transaction() as tx:
         for product_id, quantity in stock.items():
@@ -230,7 +149,7 @@ async def stock_demo(db: Backend, stock: Mapping[str, int] = DEMO_STOCK) -> None
 
 
 async def submit_demo_orders(
-    bus: Backend | BrokerBus, system: System, orders: Sequence[Command] | None = None
+    bus: Database | BrokerBus, system: System, orders: Sequence[Command] | None = None
 ) -> list[Envelope]:
     """Submit the demo's orders (or ``orders``) one by one, as clients would."""
     if orders is None:
@@ -284,7 +203,7 @@ async def is_deployment_settled(deployment: Deployment, order_ids: Sequence[str]
 
 
 async def run_until_settled(
-    db: SqliteDatabase | Deployment,
+    db: Database | Deployment,
     system: System,
     sagas: int | Sequence[str],
     *,
@@ -345,7 +264,7 @@ class DemoRun:
 
 
 async def run_demo(
-    db: SqliteDatabase | Deployment,
+    db: Database | Deployment,
     *,
     payment_limit: Decimal = Decimal("1000.00"),
     timeout: float = 60.0,

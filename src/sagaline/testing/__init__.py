@@ -5,9 +5,10 @@ and ``await check_app_deployment(app, deployment)`` on a deployment of a store p
 bus (SQLite, PostgreSQL, RabbitMQ, NATS): the invariants any app keeps, then the app's own
 (``App.invariants``).
 
-:class:`Harness` runs an app on a temporary store with a :class:`~sagaline.clock.FakeClock` it
-moves to each next due retry, and with :class:`Faults` a seed decides (duplicate deliveries,
-crashes before commit, failing handlers): one seed replays one history.
+:class:`Harness` runs an app on a temporary store (a SQLite file, or a PostgreSQL schema) with a
+:class:`~sagaline.clock.FakeClock` it moves to each next due retry, and with :class:`Faults` a
+seed decides (duplicate deliveries, every message twice, crashes before commit, failing
+handlers): one seed replays one history, down to the ids and timestamps of every row.
 """
 
 from __future__ import annotations

@@ -80,8 +80,12 @@ default server. :meth:`NatsBus.publish` refuses such a message before sending an
 (up to 8 MiB is reasonable) to carry bodies up to sagaline's own limit.
 
 The package is split by responsibility: :mod:`.wire` (an envelope as headers and back),
-:mod:`.leases` (sharing a consumer's partitions), :mod:`.lanes` (what a member holds of each
-partition) and :mod:`.bus` (:class:`NatsBus`).
+:mod:`.topology` (streams, subjects, the lease bucket and the durable consumers), :mod:`.leases`
+(sharing a consumer's partitions), :mod:`.lanes` (what a member holds of each partition),
+:mod:`.consumer` (pulling into the lanes, forming batches, settling), :mod:`.replay` (the event log
+read back, and messages the server gave up on) and :mod:`.bus` (:class:`NatsBus`: the connection,
+publishing, and the port's methods over the rest). Leases and in-process intervals are read from
+the bus's ``clock`` (:data:`~sagaline.clock.SYSTEM_CLOCK` unless one is given).
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
 """What a member holds of a consumer: a lane per leased partition, with the messages pulled,
-handed out, held behind a retry or given up by the server (see :mod:`sagaline.backends.nats`)."""
+handed out, held behind a retry or given up by the server, and the moves between those states
+(see :mod:`sagaline.backends.nats`)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+from bisect import insort
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
 from sagaline.messages import Envelope
-from sagaline.ports import ConsumerSpec
+from sagaline.ports import ConsumerSpec, Delivery
 
 
 @dataclass(eq=False, slots=True)
@@ -52,8 +54,8 @@ class _Lane:
     pull: _Pull | None = None
     #: Since when the lane's pulls brought nothing (None: the last one brought messages).
     empty_since: float | None = None
-    #: When the server was last asked about the consumer of an empty lane.
-    nudged: float = 0.0
+    #: When the server was last asked about the consumer of an empty lane (monotonic).
+    nudged: float = -math.inf
 
 
 @dataclass(eq=False, slots=True)
@@ -79,3 +81,49 @@ class _Token:
 class _Pull:
     remaining: int
     done: asyncio.Future[None]
+
+
+def take_back(lane: _Lane, item: _Item) -> None:
+    """A skipped delivery: held behind its key's retry, or ready again in its place."""
+    if lane.released:
+        return
+    lane.items[item.sequence] = item
+    head = lane.blocked.get(item.key)
+    if head is not None and item.sequence > head:
+        insort(lane.held.setdefault(item.key, []), item, key=lambda i: i.sequence)
+    else:
+        insort(lane.ready, item, key=lambda i: i.sequence)
+
+
+def hold_blocked(lane: _Lane) -> None:
+    """Move the ready messages of keys waiting for a retry behind it, in hand."""
+    if not lane.blocked:
+        return
+    keep: list[_Item] = []
+    for item in lane.ready:
+        head = lane.blocked.get(item.key)
+        if head is not None and item.sequence > head:
+            insort(lane.held.setdefault(item.key, []), item, key=lambda i: i.sequence)
+        else:
+            keep.append(item)
+    lane.ready = keep
+
+
+def hand_out(lane: _Lane, item: _Item) -> Delivery:
+    """The delivery of a ready message, now out with the worker until it is settled."""
+    lane.items.pop(item.sequence, None)
+    lane.out[item.sequence] = item
+    return Delivery(
+        envelope=item.envelope,
+        attempt=item.delivered,
+        ordering_key=item.key,
+        token=_Token(lane, item),
+    )
+
+
+def unblock(lane: _Lane, item: _Item) -> None:
+    """``item`` is settled: if its key waited for it, what waited behind it is ready again."""
+    if lane.blocked.get(item.key) == item.sequence:
+        del lane.blocked[item.key]
+        for waiting in lane.held.pop(item.key, []):
+            insort(lane.ready, waiting, key=lambda i: i.sequence)

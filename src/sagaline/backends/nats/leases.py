@@ -3,9 +3,19 @@ document in a key-value bucket (see :mod:`sagaline.backends.nats`)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Mapping
 from typing import Any
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from sagaline.backends.nats.lanes import _Group
+from sagaline.clock import Clock
+
+log = logging.getLogger("sagaline.nats")
 
 
 def rebalance(
@@ -51,3 +61,69 @@ def _without(document: Mapping[str, Any], member: str) -> dict[str, Any]:
     members = {k: v for k, v in dict(document.get("members", {})).items() if k != member}
     owners = {k: v for k, v in dict(document.get("owners", {})).items() if v[0] != member}
     return {"members": members, "owners": owners}
+
+
+class Leases:
+    """A member's turns on its consumers' lease documents: heartbeat and fair share, give back.
+
+    Expiry times in the documents are wall-clock times (:meth:`Clock.time`), compared by every
+    member; how long this process may go on without a refresh is measured on the monotonic clock.
+    """
+
+    def __init__(self, partitions: int, lease_seconds: float, clock: Clock) -> None:
+        self.partitions = partitions
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        #: Seconds between two refreshes of a member's leases.
+        self.refresh_interval = min(1.0, lease_seconds / 4)
+
+    def due(self, group: _Group, now: float) -> bool:
+        """Whether ``group``'s leases are to be refreshed at monotonic time ``now``."""
+        return now - group.refreshed >= self.refresh_interval
+
+    async def refresh(self, kv: KeyValue, group: _Group) -> list[int] | None:
+        """Heartbeat on the consumer's lease document and hold a fair share of its partitions.
+
+        Returns the partitions the member now holds, or None when the document could not be
+        written (what the member holds stays as it is until its validity runs out).
+        """
+        started = self.clock.monotonic()
+        try:
+            for _ in range(10):
+                wall = self.clock.time()
+                try:
+                    entry = await kv.get(group.lease_key)
+                    document = json.loads(entry.value or b"{}")
+                    revision = entry.revision or 0
+                except KeyNotFoundError:
+                    document, revision = {}, 0
+                owned, updated = rebalance(
+                    document, group.member, wall, self.lease_seconds, self.partitions
+                )
+                try:
+                    await kv.update(group.lease_key, json.dumps(updated).encode(), last=revision)
+                except KeyWrongLastSequenceError:
+                    continue
+                break
+            else:
+                return None
+        except Exception as exc:
+            log.warning("NATS: lease refresh of %s failed: %s", group.lease_key, exc)
+            return None
+        group.refreshed = started
+        group.valid_until = started + self.lease_seconds - self.refresh_interval
+        return owned
+
+    async def give_back(self, kv: KeyValue, group: _Group) -> None:
+        """Remove the member and its leases from the consumer's lease document."""
+        for _ in range(10):
+            try:
+                entry = await kv.get(group.lease_key)
+            except KeyNotFoundError:
+                break
+            document = _without(json.loads(entry.value or b"{}"), group.member)
+            try:
+                await kv.update(group.lease_key, json.dumps(document).encode(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            break

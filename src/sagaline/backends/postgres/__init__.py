@@ -33,6 +33,7 @@ from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.postgres.bus import PostgresBus
 from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.postgres.queries import PostgresQueries
+from sagaline.backends.postgres.schedule import PostgresSchedule
 from sagaline.backends.postgres.schema import (
     LEASE_SECONDS,
     MIGRATION_LOCK,
@@ -47,6 +48,7 @@ from sagaline.backends.postgres.schema import (
     validate_url,
 )
 from sagaline.backends.postgres.transaction import PostgresTransaction, envelope_arrays
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.ports import OutboxEntry
 
 if TYPE_CHECKING:
@@ -84,7 +86,7 @@ _CURRENT: contextvars.ContextVar[PostgresTransaction | None] = contextvars.Conte
 )
 
 
-class PostgresDatabase(PostgresBus, PostgresQueries):
+class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
     """A service's store and (or) a bus in PostgreSQL schemas."""
 
     def __init__(
@@ -98,8 +100,13 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         max_connections: int = 4,
         locked_namespaces: Iterable[str] = (),
         connect_timeout: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        """A store (and bus) in ``schema`` of the database at ``url``, the bus in ``bus_schema``
+        when given. ``clock`` is what leases, retry due times and the timestamps the store
+        writes are read from (a test kit's :class:`~sagaline.clock.FakeClock`)."""
         self.url = validate_url(url)
+        self.clock = clock
         #: Seconds to wait for the server when connecting (None: the driver's own limits).
         self.connect_timeout = connect_timeout
         #: Document namespaces read with ``FOR UPDATE`` in a unit of work, so that units of work
@@ -303,7 +310,7 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
         # Armed before looking: a commit from now on wakes the relay's next wait.
         self._outbox_ready.clear()
         s = self.names.store
-        now = time.time()
+        now = self.clock.time()
         async with pool.connection() as conn:
             cursor = await conn.execute(
                 f"WITH lease AS (INSERT INTO {s}.outbox_relay (id, owner, expires)"
@@ -333,7 +340,7 @@ class PostgresDatabase(PostgresBus, PostgresQueries):
             await conn.execute(
                 f"UPDATE {self.names.store}.outbox SET sent_at = %s"
                 " WHERE id = ANY(%s::bigint[]) AND sent_at IS NULL",
-                (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), list(ids)),
+                (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock.time())), list(ids)),
             )
 
     async def outbox_refused(self, entry: OutboxEntry, reason: str) -> None:

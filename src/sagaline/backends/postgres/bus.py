@@ -16,22 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
-from sagaline.backends._sql.constants import SCAN_FACTOR
+from sagaline.backends._sql.planner import (
+    Membership,
+    SubscriptionCursor,
+    SubscriptionState,
+    plan_subscription_claim,
+    scan_length,
+    settle_queue,
+    settle_subscription,
+    share_partitions,
+)
 from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.postgres.failures import unavailable
 from sagaline.backends.postgres.schema import MEMBERSHIP_INTERVAL, PARTITIONS, Names
 from sagaline.backends.postgres.transaction import PostgresTransaction
+from sagaline.clock import Clock
 from sagaline.messages import Envelope, check_message_id
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome, StoredEvent
 
@@ -45,29 +52,15 @@ log = logging.getLogger("sagaline.backends.postgres")
 _QUALIFIED = ", ".join(f"c.{name.strip()}" for name in ENVELOPE_COLUMNS.split(","))
 
 
-@dataclass(slots=True)
-class _SubscriptionCursor:
-    """Adapter state for settling a subscription batch."""
-
-    positions: dict[int, int]
-    attempts: dict[int, int]
-    scanned_to: int
-
-
-@dataclass(slots=True)
-class _Membership:
-    refreshed: float = 0.0
-    owned: list[int] = field(default_factory=list)
-
-
 class PostgresBus:
     """Claims, settlement, wake-ups and the broker-bus methods of a :class:`PostgresDatabase`."""
 
     url: str
     names: Names
     lease_seconds: float
+    clock: Clock
     _wakeups: dict[tuple[str, str], asyncio.Event]
-    _members: dict[tuple[str, str], _Membership]
+    _members: dict[tuple[str, str], Membership]
 
     async def _ready(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
         raise NotImplementedError
@@ -97,9 +90,10 @@ class PostgresBus:
         self, conn: AsyncConnection[Any], consumer: ConsumerSpec, member: str, limit: int
     ) -> Batch:
         b = self.names.bus
-        now = time.time()
-        # One statement, one implicit transaction. A message delivered before and not
-        # completed may be one that kills its consumer: it goes alone.
+        now = self.clock.time()
+        # One statement, one implicit transaction, one round trip. The CTE ``suspect`` is the
+        # poison isolation rule of sagaline.handling.isolation (claim_alone) in SQL: the first
+        # candidate handed out before and not completed (attempts > 0) goes alone.
         cursor = await conn.execute(
             "WITH candidates AS ("
             f" SELECT c.id, c.attempts FROM {b}.commands c"
@@ -171,50 +165,33 @@ class PostgresBus:
             )
             row = await cursor.fetchone()
             live = int(row[0]) if row else 1
-            share = math.ceil(PARTITIONS / max(1, live))
             cursor = await conn.execute(
                 f"SELECT part, lease_owner, lease_expires FROM {b}.subscriptions"
                 " WHERE subscriber = %s ORDER BY part",
                 (name,),
             )
-            leases = await cursor.fetchall()
-            owned = [
-                part
-                for part, owner, expires in leases
-                if owner == member and expires is not None and expires >= now
-            ]
-            release: list[int] = []
-            if len(owned) > share:
-                release = owned[share:]
-                owned = owned[:share]
-            elif len(owned) < share:
-                free = [
-                    part
-                    for part, owner, expires in leases
-                    if owner is None or expires is None or expires < now
-                ]
-                owned.extend(free[: share - len(owned)])
-            if release:
+            share = share_partitions(await cursor.fetchall(), member, live, now)
+            if share.released:
                 await conn.execute(
                     f"UPDATE {b}.subscriptions SET lease_owner = NULL, lease_expires = NULL"
                     " WHERE subscriber = %s AND part = ANY(%s::int[]) AND lease_owner = %s",
-                    (name, release, member),
+                    (name, share.released, member),
                 )
-            if owned:
+            if share.owned:
                 await conn.execute(
                     f"UPDATE {b}.subscriptions SET lease_owner = %s, lease_expires = %s"
                     " WHERE subscriber = %s AND part = ANY(%s::int[])",
-                    (member, now + self.lease_seconds, name, sorted(owned)),
+                    (member, now + self.lease_seconds, name, share.owned),
                 )
-        return sorted(owned)
+        return share.owned
 
     async def _claim_subscription(
         self, conn: AsyncConnection[Any], consumer: ConsumerSpec, member: str, limit: int
     ) -> Batch:
         b = self.names.bus
-        now = time.monotonic()
-        wall = time.time()
-        membership = self._members.setdefault((consumer.name, member), _Membership())
+        now = self.clock.monotonic()
+        wall = self.clock.time()
+        membership = self._members.setdefault((consumer.name, member), Membership())
         if now - membership.refreshed > MEMBERSHIP_INTERVAL:
             membership.owned = await self._refresh_membership(conn, consumer, member, wall)
             membership.refreshed = now
@@ -226,90 +203,37 @@ class PostgresBus:
             " WHERE subscriber = %s AND lease_owner = %s AND part = ANY(%s::int[])",
             (consumer.name, member, membership.owned),
         )
-        state = await cursor.fetchall()
-        eligible = {row[0]: int(row[1]) for row in state if row[3] <= wall}
-        attempts = {row[0]: int(row[2]) for row in state}
-        claimed = {row[0]: int(row[4]) for row in state}
-        if not eligible:
+        rows = await cursor.fetchall()
+        state = SubscriptionState.of(rows, wall)
+        if not state.eligible:
             return Batch(consumer=consumer, deliveries=[])
-        head = int(state[0][5])
-        start = min(eligible.values())
+        head = int(rows[0][5])
+        start = state.start
         if head <= start:
             return Batch(consumer=consumer, deliveries=[])
         wanted = sorted(consumer.message_types)
-        scan = limit * SCAN_FACTOR
         cursor = await conn.execute(
             f"SELECT position, part, {ENVELOPE_COLUMNS} FROM {b}.events"
             " WHERE position > %s AND position <= %s AND type = ANY(%s::text[])"
             " AND part = ANY(%s::smallint[]) ORDER BY position LIMIT %s",
-            (start, head, wanted, sorted(eligible), scan),
+            (start, head, wanted, sorted(state.eligible), scan_length(limit)),
         )
-        rows = await cursor.fetchall()
-        deliveries: list[Delivery] = []
-        first_seen: set[int] = set()
-        marks_claimed: list[tuple[int, int, int]] = []
-        first_of: dict[int, int] = {}
-        scanned_to = head
-        for row in rows:
-            position, part = int(row[0]), int(row[1])
-            cursor_at = eligible.get(part)
-            if cursor_at is None or position <= cursor_at:
-                continue
-            attempt = 1
-            if part not in first_seen:
-                first_seen.add(part)
-                if claimed.get(part) == position:  # handed out before, never settled
-                    attempts[part] = attempts.get(part, 0) + 1
-                attempt = attempts.get(part, 0) + 1
-                marks_claimed.append((part, position, attempts.get(part, 0)))
-                first_of[part] = position
-            deliveries.append(
-                Delivery(
-                    envelope=envelope_from_row(row, 2),
-                    attempt=attempt,
-                    ordering_key=part,
-                    token=position,
-                )
-            )
-            if len(deliveries) >= limit:
-                scanned_to = position
-                break
-        else:
-            if len(rows) == scan:  # the scan stopped short of the head
-                scanned_to = int(rows[-1][0])
-        suspect = next(
-            (d for d in deliveries if d.attempt > 1 and d.token == first_of.get(d.ordering_key)),
-            None,
-        )
-        if suspect is not None:
-            # The head of a partition that failed or killed its consumer goes alone: the other
-            # partitions keep their cursors and are claimed again afterwards.
-            part = suspect.ordering_key
-            deliveries = [suspect]
-            eligible = {part: eligible[part]}
-            scanned_to = suspect.token
-            marks_claimed = [m for m in marks_claimed if m[0] == part]
-        if marks_claimed:
+        plan = plan_subscription_claim(await cursor.fetchall(), state, head, limit)
+        if plan.marks:
             await conn.execute(
                 f"UPDATE {b}.subscriptions s SET claimed = u.claimed, attempts = u.attempts"
                 " FROM unnest(%s::int[], %s::bigint[], %s::int[]) AS u(part, claimed, attempts)"
                 " WHERE s.subscriber = %s AND s.part = u.part",
                 (
-                    [m[0] for m in marks_claimed],
-                    [m[1] for m in marks_claimed],
-                    [m[2] for m in marks_claimed],
+                    [m[0] for m in plan.marks],
+                    [m[1] for m in plan.marks],
+                    [m[2] for m in plan.marks],
                     consumer.name,
                 ),
             )
-        if scanned_to == start:
+        if plan.empty:
             return Batch(consumer=consumer, deliveries=[])
-        return Batch(
-            consumer=consumer,
-            deliveries=deliveries,
-            cursor=_SubscriptionCursor(
-                positions=eligible, attempts=attempts, scanned_to=scanned_to
-            ),
-        )
+        return Batch(consumer=consumer, deliveries=plan.deliveries, cursor=plan.cursor)
 
     async def leave(self, consumer: ConsumerSpec, member: str) -> None:
         """Hand back what ``member`` holds at once: its membership and partition leases."""
@@ -341,21 +265,11 @@ class PostgresBus:
         """
         unit: PostgresTransaction = tx
         b = self.names.bus
-        wall = time.time()
+        wall = self.clock.time()
         policy = batch.consumer.retry
         if batch.consumer.source == "queue":
-            done: list[tuple[int, str, str | None]] = []
-            retry: list[tuple[int, float, str | None]] = []
-            release: list[int] = []
-            for delivery, (outcome, error) in zip(batch.deliveries, outcomes, strict=True):
-                if outcome is Outcome.ACK or outcome is Outcome.DEAD:
-                    done.append(
-                        (delivery.token, "handled" if outcome is Outcome.ACK else "dead", error)
-                    )
-                elif outcome is Outcome.RETRY:
-                    retry.append((delivery.token, wall + policy.delay(delivery.attempt), error))
-                else:
-                    release.append(delivery.token)
+            settled = settle_queue(batch.deliveries, outcomes, policy, wall)
+            done, retry = settled.done, settled.retry
             if done:
                 unit.defer(
                     f"UPDATE {b}.commands c SET done = true, outcome = u.outcome,"
@@ -372,32 +286,15 @@ class PostgresBus:
                     " WHERE c.id = u.id",
                     ([r[0] for r in retry], [r[1] for r in retry], [r[2] for r in retry]),
                 )
-            if release:
+            if settled.release:
                 unit.defer(
                     f"UPDATE {b}.commands SET lease_owner = NULL, lease_expires = NULL,"
                     " attempts = attempts - 1 WHERE id = ANY(%b::bigint[])",
-                    (release,),
+                    (settled.release,),
                 )
             return
-        state: _SubscriptionCursor = batch.cursor
-        # A partition stops at its first retried delivery; before that it moves to the scan's end.
-        stop: dict[int, tuple[int, int, str | None]] = {}
-        for delivery, (outcome, error) in zip(batch.deliveries, outcomes, strict=True):
-            part = delivery.ordering_key
-            if part in stop:
-                continue
-            if outcome is Outcome.RETRY or outcome is Outcome.SKIP:
-                stop[part] = (delivery.token - 1, delivery.attempt, error)
-        updates: list[tuple[int, int, int, float, str | None]] = []
-        for part in sorted(state.positions):
-            if part in stop:
-                position, attempt, error = stop[part]
-                if error is None:  # skipped behind another key's failure: no attempt spent
-                    updates.append((part, position, state.attempts.get(part, 0), 0.0, None))
-                else:
-                    updates.append((part, position, attempt, wall + policy.delay(attempt), error))
-            else:
-                updates.append((part, state.scanned_to, 0, 0.0, None))
+        cursor: SubscriptionCursor = batch.cursor
+        updates = settle_subscription(batch.deliveries, outcomes, cursor, policy, wall)
         unit.defer(
             f"UPDATE {b}.subscriptions s SET position = GREATEST(s.position, u.position),"
             " attempts = u.attempts, available_at = u.due, last_error = u.error, claimed = 0"

@@ -123,7 +123,7 @@ class UnitState:
         self._s = db.names.store
         self._b = db.names.bus
         # One timestamp for the whole unit of work: it commits at one moment.
-        self.now = utc_timestamp()
+        self.now = utc_timestamp(db.clock.time())
         # The identity map: None marks a row known to be absent.
         self._docs: dict[tuple[str, str], _Doc | None] = {}
         self._sagas: dict[str, _Saga | None] = {}

@@ -8,7 +8,6 @@ reach and how to name the conflict when it falls short; the conflict is only loo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, partition_of
@@ -278,7 +277,7 @@ class StatementBuilders(UnitState):
             " SELECT pg_notify(%s, 'q:' || queue) FROM (SELECT DISTINCT queue FROM inserted) q"
             ") SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM notified)",
             (
-                time.time(),
+                self._db.clock.time(),
                 [q for q, _ in commands],
                 [e.correlation_id for _, e in commands],
                 *envelope_arrays(envelopes),

@@ -442,6 +442,6 @@ class PostgresTransaction(StatementBuilders, Prefetch):
                 envelope.source,
                 reason,
                 attempts,
-                utc_timestamp(),
+                utc_timestamp(self._db.clock.time()),
             )
         )

@@ -94,8 +94,12 @@ declaration (:class:`~sagaline.errors.ConfigurationError`) until the old queues 
 deleted.
 
 The package is split by responsibility: :mod:`.wire` (envelopes and bundles as AMQP messages),
-:mod:`.consumer` (a member's partition channels, retries and give-backs) and :mod:`.bus`
-(:class:`RabbitBus`: connection, topology, publishing, claims, replay, dead letters).
+:mod:`.topology` (names, routes and declarations), :mod:`.publish` (publishing with confirms),
+:mod:`.consumer` (a member's partition channels, retries, home partitions and give-backs),
+:mod:`.replay` (the log stream read back, and the broker's dead letters) and :mod:`.bus`
+(:class:`RabbitBus`: the connection, and the port's methods over the rest). Retry holds and the
+counts of members present are timed on the bus's ``clock`` (:data:`~sagaline.clock.SYSTEM_CLOCK`
+unless one is given).
 """
 
 from __future__ import annotations

@@ -1,36 +1,27 @@
-"""The RabbitMQ bus: connection, topology, publishing with confirms, claims, replay from the
-log stream and the broker's dead letters (see :mod:`sagaline.backends.rabbitmq`)."""
+"""The RabbitMQ bus: the connection, and the port's methods over the topology, publishing,
+consumption and what is read back (see :mod:`sagaline.backends.rabbitmq`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import suppress
-from typing import TYPE_CHECKING, Any, cast
+from contextlib import aclosing, suppress
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
-from aiormq.abc import AbstractChannel, DeliveredMessage
-from pamqp.commands import Basic
 
 from sagaline.backends._broker import take_bundle, take_prefix
 from sagaline.backends.bundles import POSITIONS_PER_OFFSET, bundled
-from sagaline.backends.rabbitmq.consumer import _Consumption
-from sagaline.backends.rabbitmq.wire import (
-    _MARKER_HEADER,
-    BrokerDeadLetter,
-    UnroutableMessage,
-    _body_and_properties,
-    _count,
-    _Route,
-    _text,
-    messages_of,
-    partition_of,
-)
+from sagaline.backends.rabbitmq.consumer import _Consumption, home_partitions
+from sagaline.backends.rabbitmq.publish import publish_confirmed, publish_marker
+from sagaline.backends.rabbitmq.replay import read_dead_letters, replay_log
+from sagaline.backends.rabbitmq.topology import Topology
+from sagaline.backends.rabbitmq.wire import BrokerDeadLetter, _Route, partition_of
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.config import redact, redact_url
 from sagaline.errors import BusUnavailable, ConfigurationError
 from sagaline.messages import Envelope
@@ -47,7 +38,7 @@ class RabbitBus:
 
     One connection per bus object (reconnecting by itself), one confirming channel to publish and
     one channel per consumer and member to consume. The connection opens on first use, or with
-    :meth:`open`.
+    :meth:`open`. ``clock`` is what retry holds and member counts are timed by.
     """
 
     def __init__(
@@ -64,6 +55,7 @@ class RabbitBus:
         share_delay: float = 5.0,
         bundle: int = 100,
         connect_timeout: float | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         if partitions < 1:
             raise ConfigurationError("partitions must be at least 1")
@@ -103,12 +95,12 @@ class RabbitBus:
         #: The most messages of one route (and ``BUNDLE_BYTES`` of bodies) published as one AMQP
         #: message; 1 publishes every message as an AMQP message of its own.
         self.bundle = bundle
+        #: What retry holds and the counts of members present are timed by.
+        self.clock = clock
+        self._topology = Topology(prefix, partitions)
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._open_lock = asyncio.Lock()
-        self._prepare_lock = asyncio.Lock()
-        self._declared: set[str] = set()
-        self._prepared: dict[str, ConsumerSpec] = {}
         self._consumptions: dict[tuple[str, str, str], _Consumption] = {}
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
 
@@ -122,37 +114,25 @@ class RabbitBus:
     @property
     def commands_exchange(self) -> str:
         """The direct exchange commands are published to."""
-        return f"{self.prefix}.commands"
+        return self._topology.commands_exchange
 
     @property
     def events_exchange(self) -> str:
         """The fanout exchange events are published to (it feeds the stream and the routing)."""
-        return f"{self.prefix}.events"
+        return self._topology.events_exchange
 
     @property
     def log_stream(self) -> str:
         """The stream queue that retains every event for replay."""
-        return f"{self.prefix}.log"
-
-    @property
-    def _events_route(self) -> str:
-        return f"{self.prefix}.events.route"
-
-    @property
-    def _dead_exchange(self) -> str:
-        return f"{self.prefix}.dead"
-
-    def _base(self, name: str, source: str) -> str:
-        return f"{self.prefix}.{'cmd' if source == 'queue' else 'sub'}.{name}"
+        return self._topology.log_stream
 
     def queue_names(self, consumer: ConsumerSpec) -> list[str]:
         """The partition queues of a consumer, partition 0 first."""
-        base = self._base(consumer.name, consumer.source)
-        return [f"{base}.{part}" for part in range(self.partitions)]
+        return self._topology.queue_names(consumer)
 
     def dead_letter_queue(self, consumer: ConsumerSpec) -> str:
         """The queue where the broker puts a consumer's messages past their delivery limit."""
-        return f"{self._base(consumer.name, consumer.source)}.dead"
+        return self._topology.dead_letter_queue(consumer)
 
     def partition_of(self, key: str) -> int:
         """The partition of a correlation key."""
@@ -160,10 +140,7 @@ class RabbitBus:
 
     def home_partitions(self) -> frozenset[int] | None:
         """The partitions this instance consumes first (None: all of them at once)."""
-        if self.instance is None or self.instance[1] == 1:
-            return None
-        index, count = self.instance
-        return frozenset(p for p in range(self.partitions) if p % count == (index - 1) % count)
+        return home_partitions(self.instance, self.partitions)
 
     # Connection -----------------------------------------------------------------------------
 
@@ -233,21 +210,12 @@ class RabbitBus:
         self._consumptions.clear()
         connection, self._connection = self._connection, None
         self._publisher = None
-        self._declared.clear()
+        self._topology.forget()
         if connection is not None:
             with suppress(Exception):
                 await connection.close()
 
     # Topology -------------------------------------------------------------------------------
-
-    def _partition_arguments(self, consumer: ConsumerSpec) -> dict[str, Any]:
-        return {
-            "x-queue-type": "quorum",
-            "x-single-active-consumer": True,
-            "x-delivery-limit": consumer.retry.delivery_limit,
-            "x-dead-letter-exchange": self._dead_exchange,
-            "x-dead-letter-routing-key": self._base(consumer.name, consumer.source),
-        }
 
     async def prepare(self, consumers: Sequence[ConsumerSpec], routes: Mapping[str, str]) -> None:
         """Declare the exchanges, the stream, and every consumer's queues and bindings.
@@ -255,41 +223,12 @@ class RabbitBus:
         Idempotent, and safe from several processes at once (declarations of equal things agree).
         ``routes`` is not needed to declare: commands are routed by their service's name.
         """
-        async with self._prepare_lock:
-            for consumer in consumers:
-                self._prepared.setdefault(self._declaration_key(consumer), consumer)
-            steps = self._declarations(consumers)
-            if not steps:
-                return
-            connection = await self._connected()
-            for attempt in range(1, 4):
-                channel = await connection.channel(publisher_confirms=False)
-                try:
-                    raw = await channel.get_underlay_channel()
-                    for key, declare in steps:
-                        if key not in self._declared:
-                            await declare(raw)
-                            self._declared.add(key)
-                    return
-                except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                    raise ConfigurationError(
-                        f"RabbitMQ refused a declaration that differs from what exists: {exc}."
-                        " Queue arguments (partitions, max_attempts) cannot change in place."
-                    ) from exc
-                except aiormq.exceptions.ChannelClosed:
-                    # Two processes declaring the same new quorum queue may collide: try again.
-                    if attempt == 3:
-                        raise
-                    log.debug("declaration failed, trying again", exc_info=True)
-                    await asyncio.sleep(0.1 * attempt)
-                finally:
-                    with suppress(Exception):
-                        await channel.close()
+        await self._topology.prepare(self._connected, consumers)
 
     @property
     def prepared_consumers(self) -> list[ConsumerSpec]:
         """The consumers this bus object has declared queues for."""
-        return list(self._prepared.values())
+        return self._topology.prepared_consumers
 
     async def delete_topology(self, consumers: Sequence[ConsumerSpec] = ()) -> None:
         """Delete this prefix's queues (with the messages in them), its stream and exchanges.
@@ -301,75 +240,8 @@ class RabbitBus:
         for state in list(self._consumptions.values()):
             await state.close()
         self._consumptions.clear()
-        wanted = {self._declaration_key(c): c for c in [*self._prepared.values(), *consumers]}
-        queues = [self.log_stream]
-        for consumer in wanted.values():
-            queues.extend(self.queue_names(consumer))
-            queues.append(self.dead_letter_queue(consumer))
-        exchanges = [
-            self._events_route,
-            self.events_exchange,
-            self.commands_exchange,
-            self._dead_exchange,
-        ]
         connection = await self._connected()
-        channel = await connection.channel(publisher_confirms=False)
-        try:
-            raw = await channel.get_underlay_channel()
-            for queue in queues:
-                await raw.queue_delete(queue)
-            for exchange in exchanges:
-                await raw.exchange_delete(exchange)
-        finally:
-            with suppress(Exception):
-                await channel.close()
-        self._declared.clear()
-        self._prepared.clear()
-
-    def _declarations(self, consumers: Sequence[ConsumerSpec]) -> list[tuple[str, Any]]:
-        """What :meth:`prepare` declares, in order, each under a key remembered once done."""
-        steps: list[tuple[str, Any]] = []
-
-        def step(key: str, declare: Any) -> None:
-            if key not in self._declared:
-                steps.append((key, declare))
-
-        step("exchanges", self._declare_exchanges)
-        for consumer in consumers:
-            step(
-                self._declaration_key(consumer),
-                lambda raw, consumer=consumer: self._declare_consumer(raw, consumer),
-            )
-        return steps
-
-    @staticmethod
-    def _declaration_key(consumer: ConsumerSpec) -> str:
-        return f"{consumer.source}:{consumer.name}:{sorted(consumer.message_types)}"
-
-    async def _declare_exchanges(self, raw: AbstractChannel) -> None:
-        await raw.exchange_declare(self.commands_exchange, exchange_type="direct", durable=True)
-        await raw.exchange_declare(self.events_exchange, exchange_type="fanout", durable=True)
-        await raw.exchange_declare(
-            self._events_route, exchange_type="direct", durable=True, internal=True
-        )
-        await raw.exchange_declare(self._dead_exchange, exchange_type="direct", durable=True)
-        await raw.exchange_bind(self._events_route, self.events_exchange, "")
-        await raw.queue_declare(self.log_stream, durable=True, arguments={"x-queue-type": "stream"})
-        await raw.queue_bind(self.log_stream, self.events_exchange, "")
-
-    async def _declare_consumer(self, raw: AbstractChannel, consumer: ConsumerSpec) -> None:
-        base = self._base(consumer.name, consumer.source)
-        dead = self.dead_letter_queue(consumer)
-        await raw.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
-        await raw.queue_bind(dead, self._dead_exchange, base)
-        arguments = self._partition_arguments(consumer)
-        for part, queue in enumerate(self.queue_names(consumer)):
-            await raw.queue_declare(queue, durable=True, arguments=arguments)
-            if consumer.source == "queue":
-                await raw.queue_bind(queue, self.commands_exchange, f"{consumer.name}.{part}")
-            else:
-                for message_type in sorted(consumer.message_types):
-                    await raw.queue_bind(queue, self._events_route, f"{message_type}.{part}")
+        await self._topology.delete(connection, consumers)
 
     # Publishing -----------------------------------------------------------------------------
 
@@ -385,57 +257,18 @@ class RabbitBus:
         """
         if not envelopes:
             return
-        routed: list[tuple[Envelope, _Route]] = []
-        for envelope in envelopes:
-            part = self.partition_of(envelope.correlation_id)
-            service = routes.get(envelope.message_type)
-            if service is not None:
-                routed.append((envelope, (self.commands_exchange, f"{service}.{part}", True)))
-            else:
-                key = f"{envelope.message_type}.{part}"
-                routed.append((envelope, (self.events_exchange, key, False)))
+        routed: list[tuple[Envelope, _Route]] = [
+            (envelope, self._topology.route(envelope, routes)) for envelope in envelopes
+        ]
         outgoing = bundled(routed, self.bundle)
         await self._connected()
-        if "exchanges" not in self._declared:
+        if not self._topology.exchanges_declared:
             # Publishing to an exchange that does not exist would close the channel.
             await self.prepare([], routes)
         publisher = self._publisher
         if publisher is None:
             raise BusUnavailable("the bus is closed")
-        try:
-            async with asyncio.timeout(self.publish_timeout):
-                await publisher.ready()
-                raw = cast(aiormq.Channel, await publisher.get_underlay_channel())
-                results = await asyncio.gather(
-                    *(
-                        raw.basic_publish(
-                            body,
-                            exchange=exchange,
-                            routing_key=routing_key,
-                            properties=properties,
-                            mandatory=mandatory,
-                            wait=False,
-                        )
-                        for publication in outgoing
-                        for (exchange, routing_key, mandatory) in [publication.route]
-                        for body, properties in [_body_and_properties(publication)]
-                    ),
-                    return_exceptions=True,
-                )
-        except TimeoutError as exc:
-            raise BusUnavailable(
-                f"RabbitMQ did not confirm within {self.publish_timeout} seconds"
-            ) from exc
-        for publication, result in zip(outgoing, results, strict=True):
-            if isinstance(result, aiormq.exceptions.PublishError):
-                raise UnroutableMessage(
-                    f"{publication.describe()} was returned: no queue is bound for"
-                    f" {publication.route[1]!r} (declare the topology with prepare())"
-                )
-            if isinstance(result, aiormq.exceptions.DeliveryError):
-                raise BusUnavailable(f"RabbitMQ refused {publication.describe()}: {result}")
-            if isinstance(result, BaseException):
-                raise BusUnavailable(f"publishing failed: {result!r}") from result
+        await publish_confirmed(publisher, outgoing, self.publish_timeout)
 
     # Consuming ------------------------------------------------------------------------------
 
@@ -454,7 +287,7 @@ class RabbitBus:
         if state is not None:
             # Its queues may have been deleted: declare them again before consuming.
             del self._consumptions[key]
-            self._declared.discard(self._declaration_key(consumer))
+            self._topology.forget(consumer)
             await state.close()
         connection = await self._connected()
         # The queues must exist before consuming them (a robust channel would retry forever).
@@ -469,12 +302,13 @@ class RabbitBus:
             self.home_partitions(),
             self.share_delay,
             self.instance[1] if self.instance else 1,
-            f"{self._base(consumer.name, consumer.source)}.members",
+            self._topology.members_queue(consumer),
+            clock=self.clock,
         )
         try:
             await state.start(connection)
         except BaseException:
-            self._declared.discard(self._declaration_key(consumer))
+            self._topology.forget(consumer)
             await state.close()
             raise
         self._consumptions[key] = state
@@ -530,116 +364,23 @@ class RabbitBus:
         """
         connection = await self._connected()
         await self.prepare([], {})
-        channel = await connection.channel(publisher_confirms=False)
-        received: asyncio.Queue[DeliveredMessage] = asyncio.Queue()
-        marker = uuid.uuid4().hex
-        try:
-            raw = await channel.get_underlay_channel()
-            await raw.basic_qos(prefetch_count=1000)
-
-            async def on_message(message: DeliveredMessage) -> None:
-                received.put_nowait(message)
-
-            start = max(0, after) // POSITIONS_PER_OFFSET
-            offset: int | str = start if start > 0 else "first"
-            await raw.basic_consume(
-                self.log_stream,
-                on_message,
-                no_ack=False,
-                arguments={"x-stream-offset": offset},
-            )
-            await self._publish_marker(marker)
-            closing = raw.closing
-            while True:
-                message = await self._next_message(received, closing)
-                tag = getattr(message.delivery, "delivery_tag", None)
-                if isinstance(tag, int):
-                    await raw.basic_ack(tag, wait=False)
-                properties = message.header.properties
-                headers = properties.headers if isinstance(properties.headers, dict) else {}
-                seen = headers.get(_MARKER_HEADER)
-                if seen is not None:
-                    if _text(seen) == marker:
-                        return
-                    continue
-                stream_offset = headers.get("x-stream-offset")
-                if not isinstance(stream_offset, int) or stream_offset < start:
-                    continue
-                first = stream_offset * POSITIONS_PER_OFFSET + 1
-                for index, envelope in enumerate(messages_of(properties, message.body)):
-                    if first + index > after:
-                        yield StoredEvent(
-                            position=first + index, stream=None, version=None, envelope=envelope
-                        )
-        finally:
-            with suppress(Exception):
-                await channel.close()
-
-    @staticmethod
-    async def _next_message(
-        received: asyncio.Queue[DeliveredMessage], closing: asyncio.Future[Any]
-    ) -> DeliveredMessage:
-        if not received.empty():
-            return received.get_nowait()
-        getter = asyncio.ensure_future(received.get())
-        await asyncio.wait({getter, closing}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            return getter.result()
-        getter.cancel()
-        raise BusUnavailable("the channel closed during a replay")
+        events = replay_log(connection, self.log_stream, after, self._publish_marker)
+        async with aclosing(events):
+            async for event in events:
+                yield event
 
     async def _publish_marker(self, marker: str) -> None:
         await self._connected()
         publisher = self._publisher
         if publisher is None:
             raise BusUnavailable("the bus is closed")
-        async with asyncio.timeout(self.publish_timeout):
-            await publisher.ready()
-            raw = await publisher.get_underlay_channel()
-            await raw.basic_publish(
-                b"",
-                exchange="",
-                routing_key=self.log_stream,
-                properties=Basic.Properties(
-                    delivery_mode=2, message_id=marker, headers={_MARKER_HEADER: marker}
-                ),
-                mandatory=True,
-            )
+        await publish_marker(publisher, self.log_stream, marker, self.publish_timeout)
 
     async def broker_dead_letters(self, consumer: ConsumerSpec) -> list[BrokerDeadLetter]:
         """The messages the broker dead-lettered for ``consumer`` (looked at, left in place)."""
         connection = await self._connected()
         await self.prepare([consumer], {})
-        channel = await connection.channel(publisher_confirms=False)
-        queue = self.dead_letter_queue(consumer)
-        found: list[BrokerDeadLetter] = []
-        try:
-            raw = await channel.get_underlay_channel()
-            while True:
-                message = await raw.basic_get(queue, no_ack=False)
-                if not isinstance(message.delivery, Basic.GetOk):
-                    break
-                properties = message.header.properties
-                headers = properties.headers if isinstance(properties.headers, dict) else {}
-                deaths = headers.get("x-death")
-                death = deaths[0] if isinstance(deaths, list) and deaths else {}
-                death = death if isinstance(death, dict) else {}
-                found.extend(
-                    BrokerDeadLetter(
-                        queue=_text(death.get("queue")) or "",
-                        envelope=envelope,
-                        reason=_text(headers.get("x-first-death-reason"))
-                        or _text(death.get("reason"))
-                        or "",
-                        count=_count(death.get("count")),
-                    )
-                    for envelope in messages_of(properties, message.body)
-                )
-        finally:
-            # Closing the channel puts every message it got back into the queue.
-            with suppress(Exception):
-                await channel.close()
-        return found
+        return await read_dead_letters(connection, self.dead_letter_queue(consumer))
 
 
 if TYPE_CHECKING:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 from collections.abc import Sequence
 from contextlib import suppress
 from typing import Any
@@ -16,6 +17,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import AbstractChannel, DeliveredMessage
 
 from sagaline.backends.rabbitmq.wire import _delivery_count, messages_of
+from sagaline.clock import SYSTEM_CLOCK, Clock
 from sagaline.messages import Envelope
 from sagaline.ports import ConsumerSpec, Delivery, Outcome
 
@@ -65,6 +67,15 @@ class _Received:
         return self.redelivered + self.failures + 1
 
 
+def home_partitions(instance: tuple[int, int] | None, partitions: int) -> frozenset[int] | None:
+    """The partitions instance ``i`` of ``n`` consumes first: ``p % n == i - 1`` (None: without
+    an instance number, or alone, all of them at once)."""
+    if instance is None or instance[1] == 1:
+        return None
+    index, count = instance
+    return frozenset(p for p in range(partitions) if p % count == (index - 1) % count)
+
+
 async def _ignore(_message: DeliveredMessage) -> None:
     """Nothing is ever published to a members queue."""
 
@@ -84,6 +95,8 @@ class _Consumption:
     the broker returns what it still held ahead of newer messages and the next consumer in line
     takes over; it then stands by again on a new spare channel. A partition passes from instance to
     instance until its home instance has it.
+
+    Retry holds and the counts of members present are timed on ``clock``'s monotonic reading.
     """
 
     def __init__(
@@ -98,6 +111,8 @@ class _Consumption:
         instances: int = 1,
         members_queue: str = "",
         probe_interval: float = 1.0,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.spec = spec
         self.member = member
@@ -110,6 +125,7 @@ class _Consumption:
         #: its active consumer).
         self.members_queue = members_queue
         self.probe_interval = probe_interval
+        self.clock = clock
         #: The queues of the partitions this member consumes at once (``home``; all without it),
         #: and the others, consumed on the spare channel after ``share_delay``.
         self.first = [q for n, q in enumerate(queues) if home is None or n in home]
@@ -124,7 +140,7 @@ class _Consumption:
         self.borrowing = False
         #: Giving the borrowed partitions back: their messages are not handed out any more.
         self.returning = False
-        self._probed = 0.0
+        self._probed = -math.inf
         self.ready: list[_Received] = []
         self.inflight: dict[int, _Received] = {}
         self.held: dict[str, float] = {}
@@ -209,7 +225,7 @@ class _Consumption:
         if spare_raw is None or self.closed:
             return
         if not self.returning and self.borrowing:
-            now = asyncio.get_running_loop().time()
+            now = self.clock.monotonic()
             if now - self._probed < self.probe_interval:
                 return
             self._probed = now
@@ -301,7 +317,7 @@ class _Consumption:
         """Whether a claim would hand out something now."""
         if not self.ready:
             return False
-        self._release_holds(asyncio.get_running_loop().time())
+        self._release_holds(self.clock.monotonic())
         return any(item.delivery.ordering_key not in self.held for item in self.ready)
 
     def take(self, limit: int) -> list[Delivery]:
@@ -318,7 +334,7 @@ class _Consumption:
         if raw is None or raw.is_closed:
             return []
         spare_raw = None if self.returning else self.spare_raw
-        self._release_holds(asyncio.get_running_loop().time())
+        self._release_holds(self.clock.monotonic())
         chosen: list[_Received] = []
         for item in self.ready:
             if len(chosen) >= limit and (
@@ -348,7 +364,7 @@ class _Consumption:
     ) -> None:
         """Acknowledge ACK and DEAD; hold RETRY's key for its delay; put SKIP back in order."""
         loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = self.clock.monotonic()
         acks: dict[AbstractChannel, list[int]] = {}
         back: list[_Received] = []
         for delivery, (outcome, _error) in zip(deliveries, outcomes, strict=True):

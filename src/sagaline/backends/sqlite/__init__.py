@@ -34,6 +34,7 @@ from sagaline.backends.sqlite.files import (
 )
 from sagaline.backends.sqlite.queries import SqliteQueries, SqliteReader
 from sagaline.backends.sqlite.rows import path_from_url
+from sagaline.backends.sqlite.schedule import SqliteSchedule
 from sagaline.backends.sqlite.schema import (
     BACKSTOP_CHECKPOINT_PAGES,
     LEASE_SECONDS,
@@ -80,7 +81,7 @@ log = logging.getLogger("sagaline.sqlite")
 CHECKPOINT_MAX_BACKOFF = 30.0
 
 
-class SqliteDatabase(SqliteBus, SqliteQueries):
+class SqliteDatabase(SqliteBus, SqliteSchedule, SqliteQueries):
     """Store and bus in one SQLite file (WAL, synchronous=FULL)."""
 
     def __init__(

@@ -10,36 +10,29 @@ subscriber so that several processes share the work while each key stays in orde
 from __future__ import annotations
 
 import asyncio
-import math
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
 from typing import Any
 
-from sagaline.backends._sql.constants import MEMBERSHIP_INTERVAL, PARTITIONS, SCAN_FACTOR
+from sagaline.backends._sql.constants import MEMBERSHIP_INTERVAL, PARTITIONS
+from sagaline.backends._sql.planner import (
+    Membership,
+    SubscriptionCursor,
+    SubscriptionState,
+    claim_alone,
+    plan_subscription_claim,
+    scan_length,
+    settle_queue,
+    settle_subscription,
+    share_partitions,
+)
 from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.sqlite.failures import unavailable
 from sagaline.clock import Clock
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome
 
 __all__ = ["SqliteBus"]
-
-
-@dataclass(slots=True)
-class _SubscriptionCursor:
-    """Adapter state for settling a subscription batch."""
-
-    positions: dict[int, int]
-    attempts: dict[int, int]
-    scanned_to: int
-
-
-@dataclass(slots=True)
-class _Membership:
-    # Never refreshed: due at once, whatever the clock's monotonic reading (a fake one starts at 0).
-    refreshed: float = -math.inf
-    owned: list[int] = field(default_factory=list)
 
 
 class SqliteBus:
@@ -52,7 +45,7 @@ class SqliteBus:
     clock: Clock
     _lock: asyncio.Lock
     _wakeups: dict[tuple[str, str], asyncio.Event]
-    _members: dict[tuple[str, str], _Membership]
+    _members: dict[tuple[str, str], Membership]
 
     def _init_bus(self) -> None:
         """The bus's in-process state: wake-ups per consumer, memberships per subscriber."""
@@ -105,10 +98,9 @@ class SqliteBus:
                 " ORDER BY c.id LIMIT ?",
                 (consumer.name, now, now, limit),
             ).fetchall()
-            # A message delivered before and not completed may be one that kills its consumer:
-            # it goes alone, so that it never takes a batch of others down with it.
-            suspect = next((row[0] for row in candidates if row[1] > 0), None)
-            ids = [suspect] if suspect is not None else [row[0] for row in candidates]
+            # Poison isolation (sagaline.handling.isolation): a command handed out before and
+            # not completed goes alone.
+            ids = [row[0] for row in claim_alone(candidates, _attempts)]
             rows = []
             if ids:
                 rows = conn.execute(
@@ -154,40 +146,23 @@ class SqliteBus:
         live = conn.execute("SELECT COUNT(*) FROM members WHERE consumer = ?", (name,)).fetchone()[
             0
         ]
-        share = math.ceil(PARTITIONS / max(1, live))
-        expires = now + self.lease_seconds
-        owned = [
-            row[0]
-            for row in conn.execute(
-                "SELECT part FROM subscriptions WHERE subscriber = ? AND lease_owner = ?"
-                " AND lease_expires >= ? ORDER BY part",
-                (name, member, now),
-            )
-        ]
-        if len(owned) > share:
-            surplus = owned[share:]
-            owned = owned[:share]
-            conn.executemany(
-                "UPDATE subscriptions SET lease_owner = NULL, lease_expires = NULL"
-                " WHERE subscriber = ? AND part = ? AND lease_owner = ?",
-                [(name, part, member) for part in surplus],
-            )
-        elif len(owned) < share:
-            free = [
-                row[0]
-                for row in conn.execute(
-                    "SELECT part FROM subscriptions WHERE subscriber = ?"
-                    " AND (lease_owner IS NULL OR lease_expires < ?) ORDER BY part LIMIT ?",
-                    (name, now, share - len(owned)),
-                )
-            ]
-            owned.extend(free)
+        leases = conn.execute(
+            "SELECT part, lease_owner, lease_expires FROM subscriptions WHERE subscriber = ?"
+            " ORDER BY part",
+            (name,),
+        ).fetchall()
+        share = share_partitions(leases, member, live, now)
+        conn.executemany(
+            "UPDATE subscriptions SET lease_owner = NULL, lease_expires = NULL"
+            " WHERE subscriber = ? AND part = ? AND lease_owner = ?",
+            [(name, part, member) for part in share.released],
+        )
         conn.executemany(
             "UPDATE subscriptions SET lease_owner = ?, lease_expires = ?"
             " WHERE subscriber = ? AND part = ?",
-            [(member, expires, name, part) for part in owned],
+            [(member, now + self.lease_seconds, name, part) for part in share.owned],
         )
-        return sorted(owned)
+        return share.owned
 
     def _claim_subscription(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         with self._without_fsync():
@@ -197,7 +172,7 @@ class SqliteBus:
         conn = self.connection
         now = self.clock.monotonic()
         wall = self.clock.time()
-        membership = self._members.setdefault((consumer.name, member), _Membership())
+        membership = self._members.setdefault((consumer.name, member), Membership())
         conn.execute("BEGIN IMMEDIATE")
         try:
             if now - membership.refreshed > MEMBERSHIP_INTERVAL:
@@ -207,96 +182,40 @@ class SqliteBus:
                 conn.execute("COMMIT")
                 return Batch(consumer=consumer, deliveries=[])
             marks = ",".join("?" * len(membership.owned))
-            state = conn.execute(
-                "SELECT part, position, attempts, available_at, claimed FROM subscriptions"
-                f" WHERE subscriber = ? AND lease_owner = ? AND part IN ({marks})",
-                (consumer.name, member, *membership.owned),
-            ).fetchall()
-            eligible = {part: position for part, position, _, due, _ in state if due <= wall}
-            attempts = {part: tries for part, _, tries, _, _ in state}
-            claimed = {part: first for part, _, _, _, first in state}
-            if not eligible:
+            state = SubscriptionState.of(
+                conn.execute(
+                    "SELECT part, position, attempts, available_at, claimed FROM subscriptions"
+                    f" WHERE subscriber = ? AND lease_owner = ? AND part IN ({marks})",
+                    (consumer.name, member, *membership.owned),
+                ),
+                wall,
+            )
+            if not state.eligible:
                 conn.execute("COMMIT")
                 return Batch(consumer=consumer, deliveries=[])
-            start = min(eligible.values())
             head = conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0]
             wanted = sorted(consumer.message_types)
             rows = conn.execute(
                 f"SELECT position, part, {ENVELOPE_COLUMNS} FROM events"
                 f" WHERE position > ? AND type IN ({','.join('?' * len(wanted))})"
                 " ORDER BY position LIMIT ?",
-                (start, *wanted, limit * SCAN_FACTOR),
+                (state.start, *wanted, scan_length(limit)),
             )
-            deliveries: list[Delivery] = []
-            first_seen: set[int] = set()
-            marks_claimed: list[tuple[int, int, str, int]] = []
-            first_of: dict[int, int] = {}
-            scanned_to = head
-            seen = 0
-            for row in rows:
-                seen += 1
-                position, part = row[0], row[1]
-                cursor = eligible.get(part)
-                if cursor is None or position <= cursor:
-                    continue
-                attempt = 1
-                if part not in first_seen:
-                    first_seen.add(part)
-                    if claimed.get(part) == position:  # handed out before, never settled
-                        attempts[part] = attempts.get(part, 0) + 1
-                    attempt = attempts.get(part, 0) + 1
-                    marks_claimed.append((position, attempts.get(part, 0), consumer.name, part))
-                    first_of[part] = position
-                deliveries.append(
-                    Delivery(
-                        envelope=envelope_from_row(row, 2),
-                        attempt=attempt,
-                        ordering_key=part,
-                        token=position,
-                    )
-                )
-                if len(deliveries) >= limit:
-                    scanned_to = position
-                    break
-            else:
-                if seen == limit * SCAN_FACTOR:  # the scan stopped short of the head
-                    scanned_to = position
+            plan = plan_subscription_claim(rows, state, head, limit)
             rows.close()
-            suspect = next(
-                (
-                    d
-                    for d in deliveries
-                    if d.attempt > 1 and d.token == first_of.get(d.ordering_key)
-                ),
-                None,
-            )
-            if suspect is not None:
-                # The head of a partition that failed or killed its consumer goes alone: the
-                # other partitions keep their cursors and are claimed again afterwards.
-                part = suspect.ordering_key
-                deliveries = [suspect]
-                eligible = {part: eligible[part]}
-                scanned_to = suspect.token
-                marks_claimed = [m for m in marks_claimed if m[3] == part]
             conn.executemany(
-                "UPDATE subscriptions SET claimed = ?, attempts = ?"
-                " WHERE subscriber = ? AND part = ?",
-                marks_claimed,
+                "UPDATE subscriptions SET claimed = ?2, attempts = ?3"
+                " WHERE subscriber = ?4 AND part = ?1",
+                [(*mark, consumer.name) for mark in plan.marks],
             )
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        if scanned_to == start:
+        if plan.empty:
             return Batch(consumer=consumer, deliveries=[])
-        return Batch(
-            consumer=consumer,
-            deliveries=deliveries,
-            cursor=_SubscriptionCursor(
-                positions=eligible, attempts=attempts, scanned_to=scanned_to
-            ),
-        )
+        return Batch(consumer=consumer, deliveries=plan.deliveries, cursor=plan.cursor)
 
     async def leave(self, consumer: ConsumerSpec, member: str) -> None:
         """Hand back what ``member`` holds at once: its membership and partition leases.
@@ -337,57 +256,29 @@ class SqliteBus:
         wall = self.clock.time()
         policy = batch.consumer.retry
         if batch.consumer.source == "queue":
-            done: list[tuple[Any, ...]] = []
-            retry: list[tuple[Any, ...]] = []
-            release: list[tuple[Any, ...]] = []
-            for delivery, (outcome, error) in zip(batch.deliveries, outcomes, strict=True):
-                if outcome is Outcome.ACK or outcome is Outcome.DEAD:
-                    done.append(
-                        ("handled" if outcome is Outcome.ACK else "dead", error, delivery.token)
-                    )
-                elif outcome is Outcome.RETRY:
-                    retry.append((wall + policy.delay(delivery.attempt), error, delivery.token))
-                else:
-                    release.append((delivery.token,))
+            settled = settle_queue(batch.deliveries, outcomes, policy, wall)
             conn.executemany(
-                "UPDATE commands SET done = 1, outcome = ?, last_error = ?, lease_owner = NULL,"
-                " lease_expires = NULL WHERE id = ?",
-                done,
+                "UPDATE commands SET done = 1, outcome = ?2, last_error = ?3, lease_owner = NULL,"
+                " lease_expires = NULL WHERE id = ?1",
+                settled.done,
             )
             conn.executemany(
-                "UPDATE commands SET available_at = ?, last_error = ?, lease_owner = NULL,"
-                " lease_expires = NULL WHERE id = ?",
-                retry,
+                "UPDATE commands SET available_at = ?2, last_error = ?3, lease_owner = NULL,"
+                " lease_expires = NULL WHERE id = ?1",
+                settled.retry,
             )
             conn.executemany(
                 "UPDATE commands SET lease_owner = NULL, lease_expires = NULL,"
                 " attempts = attempts - 1 WHERE id = ?",
-                release,
+                [(token,) for token in settled.release],
             )
             return
-        state: _SubscriptionCursor = batch.cursor
-        # A partition stops at its first retried delivery; before that it moves to the scan's end.
-        stop: dict[int, tuple[int, int, str | None]] = {}
-        for delivery, (outcome, error) in zip(batch.deliveries, outcomes, strict=True):
-            part = delivery.ordering_key
-            if part in stop:
-                continue
-            if outcome is Outcome.RETRY or outcome is Outcome.SKIP:
-                stop[part] = (delivery.token - 1, delivery.attempt, error)
-        updates: list[tuple[Any, ...]] = []
-        for part in state.positions:
-            if part in stop:
-                position, attempt, error = stop[part]
-                if error is None:  # skipped behind another key's failure: no attempt spent
-                    updates.append((position, state.attempts.get(part, 0), 0.0, None, part))
-                else:
-                    updates.append((position, attempt, wall + policy.delay(attempt), error, part))
-            else:
-                updates.append((state.scanned_to, 0, 0.0, None, part))
+        cursor: SubscriptionCursor = batch.cursor
+        updates = settle_subscription(batch.deliveries, outcomes, cursor, policy, wall)
         conn.executemany(
-            "UPDATE subscriptions SET position = MAX(position, ?), attempts = ?,"
-            " available_at = ?, last_error = ?, claimed = 0 WHERE subscriber = ? AND part = ?",
-            [(p, a, due, err, batch.consumer.name, part) for p, a, due, err, part in updates],
+            "UPDATE subscriptions SET position = MAX(position, ?2), attempts = ?3,"
+            " available_at = ?4, last_error = ?5, claimed = 0 WHERE subscriber = ?6 AND part = ?1",
+            [(*update, batch.consumer.name) for update in updates],
         )
 
     async def wait_for_work(self, consumer: ConsumerSpec, timeout: float) -> None:
@@ -413,3 +304,8 @@ class SqliteBus:
             " last_error = NULL WHERE subscriber = ?",
             (position, subscriber),
         )
+
+
+def _attempts(row: tuple[Any, ...]) -> int:
+    """A queue candidate's ``(id, attempts)``: how many times it was handed out before."""
+    return int(row[1])

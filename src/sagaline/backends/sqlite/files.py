@@ -4,6 +4,8 @@ A file that exists, holds data and is not a sagaline store (another application'
 not a database at all) is refused before anything writes to it: no table, no switch to WAL.
 ``sagaline migrate`` adopts a SQLite database on purpose. A new store file is created readable
 and writable by its owner only; SQLite gives its ``-wal`` and ``-shm`` files the same mode.
+A store file marked resettable (or holding no data yet) may be deleted to start afresh
+(:func:`reset`); any other is left as it is.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import os
 import sqlite3
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
+from sagaline.backends.sqlite.rows import path_from_url
 from sagaline.errors import ConfigurationError, StoreUnavailable
 
 __all__ = [
@@ -20,9 +24,14 @@ __all__ = [
     "check_store_file",
     "connect_read_only",
     "create_owner_only",
+    "reset",
 ]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+#: The files SQLite keeps beside a database file, which go with it.
+_SIDE_FILES = ("-wal", "-shm", "-journal")
+#: The tables that hold a store's data (a store without rows in any is empty).
+_DATA_TABLES = ("events", "commands", "documents", "sagas", "inbox", "outbox", "dead_letters")
 
 
 class NotAStore(ConfigurationError):
@@ -101,3 +110,49 @@ def create_owner_only(path: str) -> None:
         return
     with suppress(FileExistsError):
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+async def reset(url: str, *, mark: str, delete: bool, **_options: Any) -> bool:
+    """Whether the store file at ``url`` may be deleted to start afresh, and, if it may and
+    ``delete``, delete it with the files beside it (the scheme registry's ``reset``; see
+    :mod:`sagaline.config`).
+
+    It may when it carries the metadata mark ``mark`` (value ``"1"``), holds no data yet, or
+    does not exist. It is only read to find out: a file that is not the deployment's is not
+    touched, not even by creating sagaline's tables in it.
+    """
+    path = path_from_url(url)
+    if path == ":memory:" or not Path(path).exists():
+        return True
+    if not _resettable(path, mark):
+        return False
+    if delete:
+        for name in (path, *(path + suffix for suffix in _SIDE_FILES)):
+            Path(name).unlink(missing_ok=True)
+    return True
+
+
+def _resettable(path: str, mark: str) -> bool:
+    """Whether the file at ``path`` is empty, or a sagaline store marked ``mark`` or empty."""
+    try:
+        if os.stat(path).st_size == 0:
+            return True
+        if not _is_sqlite(path):
+            return False
+        connection = connect_read_only(path)
+    except (OSError, sqlite3.Error):
+        return False
+    try:
+        row = connection.execute(
+            "SELECT value FROM sagaline_meta WHERE key = ?", (mark,)
+        ).fetchone()
+        if row is not None and row[0] == "1":
+            return True
+        return not any(
+            connection.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()
+            for table in _DATA_TABLES
+        )
+    except sqlite3.Error:
+        return False  # not a sagaline store
+    finally:
+        connection.close()

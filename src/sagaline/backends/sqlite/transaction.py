@@ -41,7 +41,7 @@ class SqliteTransaction:
         self._conn = db.connection
         self.wrote_messages = False
         # One timestamp for the whole unit of work: it commits at one moment.
-        self.now = utc_timestamp()
+        self.now = utc_timestamp(db.clock.time())
         # Saga history rows are never read inside a unit of work: they are written in one go
         # when it commits (see flush).
         self._history: list[tuple[str, int, int, str]] = []
@@ -380,6 +380,6 @@ class SqliteTransaction:
                 envelope.source,
                 reason,
                 attempts,
-                utc_timestamp(),
+                utc_timestamp(self._db.clock.time()),
             ),
         )

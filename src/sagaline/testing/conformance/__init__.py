@@ -22,9 +22,11 @@ The suites:
 
 - :class:`StoreConformance` (``make_store``): streams, documents, sagas, inbox, atomicity.
 - :class:`OutboxConformance` (``make_outbox_store``): a store in outbox mode and its relay.
-- :class:`BusConformance` (``make_backend``): a store and bus in one database.
 - :class:`BusPortConformance` (``make_harness`` and ``store_outage``): any bus, through the real
-  message path, with a store beside it (see :class:`Harness`).
+  message path, with a store beside it (see :class:`Harness`): delivery, what a bus refuses or
+  dead-letters, store outages.
+- :class:`BusConformance` (``make_backend``): what only a store and bus in one database shows
+  besides (queue counts, command rows, leased claims, the bus's events in the store's log).
 - :class:`StoreFaultConformance` (``harness`` and ``store_outage``): a store outage and copies of
   a message, for a pair of store and bus not run through the whole bus suite.
 
