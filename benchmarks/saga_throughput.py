@@ -99,11 +99,11 @@ async def run(
     runtime = Runtime(db, system, batch_size=batch_size)
 
     def terminal() -> int:
-        counts = db.saga_counts()
+        counts = db.sync.saga_counts()
         return counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
 
     def drained() -> bool:
-        return terminal() >= sagas and db.is_idle(system.subscribers)
+        return terminal() >= sagas and db.sync.is_idle(system.subscribers)
 
     sagas_done_at: list[float] = []
 
@@ -118,12 +118,12 @@ async def run(
     handled = runtime.handled
     latencies = [
         _seconds(updated) - _seconds(ts)
-        for updated, ts in db.execute(
+        for updated, ts in db.sync.execute(
             "SELECT s.updated_at, c.timestamp FROM sagas s JOIN commands c"
             " ON c.correlation_id = substr(s.saga_id, 7) AND c.type = 'CreateOrderCommand'"
         )
     ]
-    counts = db.saga_counts()
+    counts = db.sync.saga_counts()
     run_seconds = sagas_done_at[0] - submitted
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [0.0] * 99
@@ -203,12 +203,12 @@ async def _settled_check(
     deployment: Deployment, sagas: int, system: System, patience: float = 60.0
 ) -> list[Any]:
     """The invariants over every store once the read side caught up (the services still run)."""
-    from sagaline.testing import check_deployment_async
+    from sagaline.orders.checks import check_deployment
 
     stock = {"PROD-A": sagas * 2, "PROD-X": 0}
     deadline = time.perf_counter() + patience
     while True:
-        violations = await check_deployment_async(deployment, initial_stock=stock, system=system)
+        violations = await check_deployment(deployment, initial_stock=stock, system=system)
         if not violations or time.perf_counter() > deadline:
             return violations
         await asyncio.sleep(1.0)
@@ -260,11 +260,11 @@ async def run_deployment(
         runtimes = deployment.runtimes(system, batch_size=batch_size)
         runner = asyncio.gather(*(runtime.run() for runtime in runtimes))
 
-    def terminal() -> int:
-        counts = orchestrator.saga_counts()
+    async def terminal() -> int:
+        counts = await orchestrator.saga_counts()
         return int(counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0))
 
-    while terminal() < sagas:
+    while await terminal() < sagas:
         await asyncio.sleep(0.1)
     finished = time.perf_counter()
     cpu = time.process_time() - cpu_before
@@ -279,7 +279,7 @@ async def run_deployment(
     handled = sum(runtime.handled for runtime in runtimes)
     latencies = [
         _seconds(record.updated_at) - submitted_at[record.saga_id.split(":", 1)[1]]
-        for record in orchestrator.list_sagas()
+        for record in await orchestrator.list_sagas()
     ]
     run_seconds = finished - submitted
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -288,7 +288,7 @@ async def run_deployment(
     print(f"store / bus           {store} / {bus or '(the store)'}")
     print(f"services              {f'{instances} process(es) each' if instances else 'in-process'}")
     print(f"flow                  {_flow(choreography)}")
-    print(f"sagas                 {sagas:,} ({orchestrator.saga_counts()})")
+    print(f"sagas                 {sagas:,} ({await orchestrator.saga_counts()})")
     print(f"submit                {submitted - started:.2f} s")
     print(f"all sagas terminal    {run_seconds:.2f} s")
     print(f"completed sagas/s     {rate:,.0f}")

@@ -185,9 +185,9 @@ class OrderStore:
         conn = self.db.connection
         conn.execute("BEGIN")
         try:
-            counts = self.db.saga_counts()
-            pending = self.db.pending_counts()
-            lag = self.db.subscription_lag()
+            counts = self.db.sync.saga_counts()
+            pending = self.db.sync.pending_counts()
+            lag = self.db.sync.subscription_lag()
         finally:
             conn.execute("COMMIT")
         ended = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
@@ -200,7 +200,7 @@ class OrderStore:
 
     def ended_sagas(self) -> int:
         """How many sagas have completed or compensated."""
-        counts = self.db.saga_counts()
+        counts = self.db.sync.saga_counts()
         return counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
 
     def close(self) -> None:

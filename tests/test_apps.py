@@ -249,9 +249,9 @@ def test_a_users_message_named_like_the_reference_apps_does_not_collide(tmp_path
         try:
             await system.submit(db, parsed)
             await Runtime(db, system).run_until(
-                lambda: db.get_document_sync("bookings", "B-1") is not None, timeout=30
+                lambda: db.sync.get_document("bookings", "B-1") is not None, timeout=30
             )
-            assert db.dead_letters() == []
+            assert db.sync.dead_letters() == []
         finally:
             await db.close()
 

@@ -58,8 +58,8 @@ def test_a_faulty_reads_declaration_costs_no_message(
     async def scenario() -> None:
         await system.submit_many(db, [ConformanceCommand(key="K-1", seq=n) for n in range(5)])
         await run(db, system, idle(db))
-        assert recorded(db, "alpha") == {"K-1": [0, 1, 2, 3, 4]}
-        assert db.dead_letters() == []
+        assert await recorded(db, "alpha") == {"K-1": [0, 1, 2, 3, 4]}
+        assert db.sync.dead_letters() == []
         await db.close()
 
     with caplog.at_level(logging.WARNING, logger="sagaline"):

@@ -15,9 +15,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import cast
 
 import pytest
 import servers
@@ -28,6 +27,7 @@ from sagaline.deploy import Deployment
 from sagaline.handling import Runtime, System
 from sagaline.observability import load_trace, saga_summary
 from sagaline.orders import ORDER_SAGA, SERVICE_NAMES
+from sagaline.orders.checks import check_deployment, check_invariants
 from sagaline.orders.choreography import (
     PAYMENT_TERMS,
     SAGA_SERVICE,
@@ -41,15 +41,8 @@ from sagaline.orders.demo import (
     submit_demo_orders,
 )
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.ports import StoreQueries
 from sagaline.saga import saga_id
-from sagaline.testing import (
-    Violation,
-    check_deployment_async,
-    check_invariants,
-    check_invariants_async,
-    format_violations,
-)
+from sagaline.testing import Violation, format_violations
 
 WORKER = ("-u", str(Path(__file__).with_name("choreography_worker.py")))
 TIMEOUT = 60.0
@@ -75,32 +68,29 @@ EXPECTED = {
 }
 
 
-def _sources(deployment: Deployment) -> list[StoreQueries]:
-    """The stores the CLI's trace reads: every distinct store, and a database bus."""
-    sources = [cast(StoreQueries, store) for store in deployment.distinct_stores()]
-    if deployment.bus is not None and hasattr(deployment.bus, "trace_rows"):
-        sources.append(cast(StoreQueries, deployment.bus))
-    return sources
-
-
-def assert_demo_outcomes(deployment: Deployment) -> None:
+async def assert_demo_outcomes(deployment: Deployment) -> None:
     """Read model, saga records (as ``sagaline sagas`` lists them) and the confirmed order's
-    trace (as ``sagaline trace`` reads it) show the demo's three outcomes."""
-    read = cast(StoreQueries, deployment.store("read"))
-    sagas = cast(StoreQueries, deployment.store(SAGA_SERVICE))
-    summaries = {row["sagaId"]: row for row in map(saga_summary, sagas.list_sagas())}
+    trace (as ``sagaline trace`` reads it, from every store and a database bus) show the demo's
+    three outcomes."""
+    read = deployment.queries("read")
+    sagas = deployment.queries(SAGA_SERVICE)
+    summaries = {row["sagaId"]: row for row in map(saga_summary, await sagas.list_sagas())}
     assert set(summaries) == {saga_id(ORDER_SAGA, key) for key in DEMO_ORDER_IDS}
     for order_id, (status, reason, saga, failed_step) in EXPECTED.items():
-        view = read.get_document_sync(ORDER_VIEW, order_id)
+        view = await read.get_document(ORDER_VIEW, order_id)
         assert view is not None
         assert (view.data["status"], view.data["reason"]) == (status, reason)
         summary = summaries[saga_id(ORDER_SAGA, order_id)]
         assert (summary["status"], summary["failedStep"]) == (saga, failed_step)
-    assert sagas.saga_counts() == {"COMPLETED": 1, "COMPENSATED": 2}
+    assert await sagas.saga_counts() == {"COMPLETED": 1, "COMPENSATED": 2}
 
-    story = load_trace(
-        _sources(deployment), "ORD-12345", saga_id(ORDER_SAGA, "ORD-12345"), saga_store=sagas
-    ).to_json()
+    trace = await load_trace(
+        deployment.audit_sources(),
+        "ORD-12345",
+        saga_id(ORDER_SAGA, "ORD-12345"),
+        saga_store=sagas,
+    )
+    story = trace.to_json()
     assert story["saga"]["status"] == "COMPLETED"
     transitions = [entry["transition"] for entry in story["saga"]["history"]]
     assert transitions == [
@@ -135,8 +125,8 @@ def test_the_demo_orders_end_as_orchestrated_on_one_sqlite_file(tmp_path: Path) 
             await stock_demo(db)
             await submit_demo_orders(db, system)
             await Runtime(db, system).run_until(lambda: _idle(db, system), timeout=TIMEOUT)
-            assert_demo_outcomes(Deployment.of(db, SERVICE_NAMES))
-            return await check_invariants_async(db, initial_stock=DEMO_STOCK, system=system)
+            await assert_demo_outcomes(Deployment.of(db, SERVICE_NAMES))
+            return await check_invariants(db, initial_stock=DEMO_STOCK, system=system)
         finally:
             await db.close()
 
@@ -155,10 +145,10 @@ def test_the_demo_orders_end_as_orchestrated_on_one_sqlite_file(tmp_path: Path) 
     ]
 
 
-def _idle(db: SqliteDatabase, system: System, sagas: int = len(DEMO_ORDER_IDS)) -> bool:
-    counts = db.saga_counts()
+async def _idle(db: SqliteDatabase, system: System, sagas: int = len(DEMO_ORDER_IDS)) -> bool:
+    counts = await db.saga_counts()
     ended = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
-    return ended == sagas == sum(counts.values()) and db.is_idle(system.subscribers)
+    return ended == sagas == sum(counts.values()) and await db.is_idle(system.subscribers)
 
 
 def _sagaline(*args: str, cwd: Path) -> str:
@@ -191,30 +181,30 @@ def postgres_and_nats() -> Iterator[tuple[str, str]]:
         postgres.close()
 
 
-def _choreography_settled(deployment: Deployment, order_ids: Sequence[str]) -> bool:
+async def _choreography_settled(deployment: Deployment, order_ids: Sequence[str]) -> bool:
     """The orchestrated flow's test of a settled deployment, and what only the choreography
     adds: payment kept every order's terms, the read model saw every order's creation."""
-    if not is_deployment_settled(deployment, order_ids):
+    if not await is_deployment_settled(deployment, order_ids):
         return False
-    payment = cast(StoreQueries, deployment.store("payment"))
-    read = cast(StoreQueries, deployment.store("read"))
+    payment = deployment.queries("payment")
+    read = deployment.queries("read")
     for order_id in order_ids:
-        if payment.get_document_sync(PAYMENT_TERMS, order_id) is None:
+        if await payment.get_document(PAYMENT_TERMS, order_id) is None:
             return False
-        view = read.get_document_sync(ORDER_VIEW, order_id)
+        view = await read.get_document(ORDER_VIEW, order_id)
         if view is None or "createdAt" not in view.data:
             return False
     return True
 
 
 async def _run_until(
-    runtimes: Sequence[Runtime], done: Callable[[], bool], timeout: float = TIMEOUT
+    runtimes: Sequence[Runtime], done: Callable[[], Awaitable[bool]], timeout: float = TIMEOUT
 ) -> None:
     tasks = [asyncio.create_task(runtime.run()) for runtime in runtimes]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
-        while not done():
+        while not await done():
             for task in tasks:
                 if task.done():
                     task.result()
@@ -242,8 +232,8 @@ def test_the_demo_orders_end_as_orchestrated_on_postgresql_and_nats(
                 deployment.runtimes(system),
                 lambda: _choreography_settled(deployment, DEMO_ORDER_IDS),
             )
-            assert_demo_outcomes(deployment)
-            return await check_deployment_async(deployment, initial_stock=DEMO_STOCK, system=system)
+            await assert_demo_outcomes(deployment)
+            return await check_deployment(deployment, initial_stock=DEMO_STOCK, system=system)
         finally:
             await deployment.close()
 
@@ -266,13 +256,15 @@ def choreography_store(tmp_path: Path) -> Iterator[OrderStore]:
 
 def assert_outcome_correct(store: OrderStore) -> None:
     """Every invariant holds, nothing was dead-lettered, and every path was taken."""
-    violations = check_invariants(store.db, initial_stock=INITIAL_STOCK, system=store.system)
+    violations = asyncio.run(
+        check_invariants(store.db, initial_stock=INITIAL_STOCK, system=store.system)
+    )
     assert not violations, format_violations(violations)
-    assert store.db.dead_letters() == []
-    assert store.db.saga_counts().get("COMPLETED", 0) > 0
+    assert store.db.sync.dead_letters() == []
+    assert store.db.sync.saga_counts().get("COMPLETED", 0) > 0
     reasons = {
         row["reason"].split(":")[0]
-        for row in store.db.query_documents(ORDER_VIEW)
+        for row in store.db.sync.query_documents(ORDER_VIEW)
         if row["status"] == "CANCELLED"
     }
     assert reasons == {"Inventory reservation failed", "Payment failed"}, reasons
@@ -403,10 +395,10 @@ def test_the_checker_reports_damage_to_a_choreography(
     system = build_choreography_system()
     db = SqliteDatabase(f"sqlite:///{copy}")
     try:
-        assert check_invariants(db, initial_stock=INITIAL_STOCK, system=system) == []
+        assert asyncio.run(check_invariants(db, initial_stock=INITIAL_STOCK, system=system)) == []
         damage(db.connection)
-        violations: list[Violation] = check_invariants(
-            db, initial_stock=INITIAL_STOCK, system=system
+        violations: list[Violation] = asyncio.run(
+            check_invariants(db, initial_stock=INITIAL_STOCK, system=system)
         )
     finally:
         asyncio.run(db.close())

@@ -21,13 +21,7 @@ import pytest
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.config import redact
 from sagaline.messages import Message
-from sagaline.observability import (
-    causal_order,
-    redact_url,
-    stock_violations,
-    strip_control,
-    to_json,
-)
+from sagaline.observability import causal_order, redact_url, strip_control, to_json
 from sagaline.orders import build_system
 from sagaline.orders import messages as order_messages
 from sagaline.orders.demo import (
@@ -39,7 +33,7 @@ from sagaline.orders.demo import (
     stock_demo,
 )
 from sagaline.orders.demo import is_settled as demo_is_settled
-from sagaline.orders.inventory import STOCK
+from sagaline.orders.inventory import STOCK, stock_violations
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 from sagaline.orders.read import ORDER_VIEW
 
@@ -153,7 +147,7 @@ def stop(process: subprocess.Popen[str]) -> tuple[int, str, str]:
 def count_commands(url: str) -> int:
     db = SqliteDatabase(url)
     try:
-        return int(db.execute("SELECT COUNT(*) FROM commands")[0][0])
+        return int(db.sync.execute("SELECT COUNT(*) FROM commands")[0][0])
     finally:
         db.connection.close()
 
@@ -274,8 +268,8 @@ def test_demo_replaces_its_own_store_and_refuses_any_other(tmp_path: Path) -> No
     assert "--store" in refused.stderr
     db = SqliteDatabase(other)
     try:
-        assert [row["productId"] for row in db.query_documents(STOCK)] == ["PROD-Z"]
-        assert db.get_meta("demo") is None
+        assert [row["productId"] for row in db.sync.query_documents(STOCK)] == ["PROD-Z"]
+        assert db.sync.get_meta("demo") is None
     finally:
         db.connection.close()
 
@@ -289,7 +283,7 @@ def test_demo_replaces_its_own_store_and_refuses_any_other(tmp_path: Path) -> No
 def _saga_counts(url: str) -> dict[str, int]:
     db = SqliteDatabase(url)
     try:
-        return db.saga_counts()
+        return db.sync.saga_counts()
     finally:
         db.connection.close()
 
@@ -303,7 +297,11 @@ def test_demo_functions_run_in_process_and_the_read_model_rebuilds_the_same(
         db = await open_demo_store(url)
         try:
             run = await run_demo(db, timeout=20.0)
-            return run.order_ids, db.query_documents(ORDER_VIEW), db.query_documents(STOCK)
+            return (
+                run.order_ids,
+                await db.query_documents(ORDER_VIEW),
+                await db.query_documents(STOCK),
+            )
         finally:
             await db.close()
 
@@ -317,7 +315,7 @@ def test_demo_functions_run_in_process_and_the_read_model_rebuilds_the_same(
     assert "3 rows" in result.stdout
     db = SqliteDatabase(url)
     try:
-        assert db.query_documents(ORDER_VIEW) == live
+        assert db.sync.query_documents(ORDER_VIEW) == live
     finally:
         db.connection.close()
 
@@ -710,7 +708,9 @@ def test_submit_puts_a_command_on_the_bus(tmp_path: Path) -> None:
 
     db = SqliteDatabase(url)
     try:
-        rows = db.execute("SELECT message_id, type, correlation_id, body FROM commands ORDER BY id")
+        rows = db.sync.execute(
+            "SELECT message_id, type, correlation_id, body FROM commands ORDER BY id"
+        )
     finally:
         db.connection.close()
     assert [(r[0], r[1], r[2]) for r in rows] == [
@@ -743,7 +743,7 @@ def test_submit_with_a_message_id_takes_a_retry_once_and_refuses_another_message
     assert reused.stdout == ""
     db = SqliteDatabase(url)
     try:
-        rows = db.execute("SELECT message_id, correlation_id FROM commands")
+        rows = db.sync.execute("SELECT message_id, correlation_id FROM commands")
     finally:
         db.connection.close()
     assert rows == [("web:42", "ORD-12345")]
@@ -849,11 +849,11 @@ def test_run_processes_a_submitted_order_and_stops_on_sigterm(tmp_path: Path) ->
         try:
 
             def confirmed() -> bool:
-                view = db.get_document_sync(ORDER_VIEW, "ORD-12345")
+                view = db.sync.get_document(ORDER_VIEW, "ORD-12345")
                 return view is not None and view.data["status"] == "CONFIRMED"
 
             wait_until(confirmed, processes=[runner])
-            saga = db.get_saga_sync("order:ORD-12345")
+            saga = db.sync.get_saga("order:ORD-12345")
             assert saga is not None and saga.status == "COMPLETED"
         finally:
             db.connection.close()
@@ -876,15 +876,15 @@ def test_two_run_processes_share_one_store(tmp_path: Path) -> None:
         try:
             # Both are up (their signal handlers too) once both have joined as members.
             wait_until(
-                lambda: db.execute("SELECT COUNT(DISTINCT member) FROM members")[0][0] == 2,
+                lambda: db.sync.execute("SELECT COUNT(DISTINCT member) FROM members")[0][0] == 2,
                 processes=runners,
             )
             asyncio.run(_submit_orders(url, orders))
-            wait_until(lambda: demo_is_settled(db, orders), processes=runners)
-            views = db.query_documents(ORDER_VIEW)
-            stock = db.query_documents(STOCK)
-            dead = db.dead_letters()
-            unhandled = db.execute("SELECT COUNT(*) FROM commands WHERE outcome != 'handled'")
+            wait_until(lambda: asyncio.run(demo_is_settled(db, orders)), processes=runners)
+            views = db.sync.query_documents(ORDER_VIEW)
+            stock = db.sync.query_documents(STOCK)
+            dead = db.sync.dead_letters()
+            unhandled = db.sync.execute("SELECT COUNT(*) FROM commands WHERE outcome != 'handled'")
         finally:
             db.connection.close()
     finally:

@@ -211,7 +211,7 @@ def test_a_deployment_s_clock_reaches_its_postgresql_stores(postgres_url: str) -
         [runtime] = deployment.runtimes(system, ["alpha"])
         assert await runtime.workers[0].run_once()
         # The store stamped what it wrote by the deployment's clock.
-        [(consumer, at)] = store.handled_by([sent.message_id])[sent.message_id]
+        [(consumer, at)] = (await store.handled_by([sent.message_id]))[sent.message_id]
         assert consumer == "alpha"
         assert at == utc_timestamp(clock.time())
         await deployment.close()

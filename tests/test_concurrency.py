@@ -18,9 +18,10 @@ from conftest import OrderStore, ServiceProcesses
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.handling import Runtime
 from sagaline.orders import build_system
+from sagaline.orders.checks import check_invariants
 from sagaline.orders.messages import CreateOrderCommand, OrderItem
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.testing import check_invariants, format_violations
+from sagaline.testing import format_violations
 
 TIMEOUT = 60.0
 #: The saga sends each of these at most once per order; the client sends CreateOrder once.
@@ -45,7 +46,7 @@ def start_sharing(
 
     def shared() -> bool:
         owners = dict(
-            store.db.execute(
+            store.db.sync.execute(
                 "SELECT subscriber, COUNT(DISTINCT lease_owner) FROM subscriptions"
                 " WHERE lease_owner IS NOT NULL AND lease_expires > ? GROUP BY subscriber",
                 (time.time(),),
@@ -84,28 +85,30 @@ def test_two_processes_run_each_saga_exactly_once(
     order_store.submit(order_store.mix(0, orders))
     run_to_the_end(order_store, service_processes, workers, orders)
 
-    violations = check_invariants(order_store.db, initial_stock=initial_stock)
+    violations = asyncio.run(check_invariants(order_store.db, initial_stock=initial_stock))
     assert not violations, format_violations(violations)
     db = order_store.db
     order_ids = {f"ORD-{n:05d}" for n in range(orders)}
     created = Counter(
         order_id
-        for (order_id,) in db.execute(
+        for (order_id,) in db.sync.execute(
             "SELECT correlation_id FROM events WHERE type = 'OrderCreatedEvent'"
         )
     )
     assert created == Counter(order_ids)
-    assert {record.saga_id for record in db.list_sagas()} == {f"order:{o}" for o in order_ids}
-    commands = db.execute("SELECT correlation_id, type, outcome, message_id, queue FROM commands")
+    assert {record.saga_id for record in db.sync.list_sagas()} == {f"order:{o}" for o in order_ids}
+    commands = db.sync.execute(
+        "SELECT correlation_id, type, outcome, message_id, queue FROM commands"
+    )
     per_order = Counter((order_id, type_) for order_id, type_, *_ in commands)
     assert {type_ for _, type_ in per_order} == SAGA_COMMANDS
     assert [key for key, count in per_order.items() if count > 1] == []
     # Handled once: acknowledged, marked in its queue's inbox, and answered by exactly one event
     # (a command handled twice is answered twice: the handlers answer a repeat the same way).
-    marks = set(db.execute("SELECT message_id, consumer FROM inbox"))
+    marks = set(db.sync.execute("SELECT message_id, consumer FROM inbox"))
     answers = Counter(
         causation_id
-        for (causation_id,) in db.execute(
+        for (causation_id,) in db.sync.execute(
             "SELECT causation_id FROM events WHERE causation_id IS NOT NULL"
         )
     )
@@ -114,7 +117,7 @@ def test_two_processes_run_each_saga_exactly_once(
         for order_id, type_, outcome, message_id, queue in commands
         if outcome != "handled" or (message_id, queue) not in marks or answers[message_id] != 1
     ] == []
-    assert db.dead_letters() == []
+    assert db.sync.dead_letters() == []
 
 
 def last_units_orders(count: int) -> list[CreateOrderCommand]:
@@ -132,16 +135,16 @@ def last_units_orders(count: int) -> list[CreateOrderCommand]:
 
 def assert_five_sold(store: OrderStore) -> None:
     """Exactly the 5 units were sold: 5 orders confirmed, the other 15 cancelled for stock."""
-    violations = check_invariants(store.db, initial_stock={"PROD-Z": 5})
+    violations = asyncio.run(check_invariants(store.db, initial_stock={"PROD-Z": 5}))
     assert not violations, format_violations(violations)
-    rows = store.db.query_documents(ORDER_VIEW)
+    rows = store.db.sync.query_documents(ORDER_VIEW)
     assert len(rows) == 20
     statuses = Counter(row["status"] for row in rows)
     assert statuses == {"CONFIRMED": 5, "CANCELLED": 15}
     for row in rows:
         if row["status"] == "CANCELLED":
             assert "Insufficient stock for PROD-Z" in row["reason"], row
-    stock = store.db.get_document_sync("inventory.stock", "PROD-Z")
+    stock = store.db.sync.get_document("inventory.stock", "PROD-Z")
     assert stock is not None
     assert {k: stock.data[k] for k in ("available", "reserved", "sold", "stocked")} == {
         "available": 0,

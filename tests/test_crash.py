@@ -21,8 +21,9 @@ from conftest import OrderStore, ServiceProcesses
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.handling import Runtime
 from sagaline.orders import build_system
+from sagaline.orders.checks import check_invariants
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.testing import Violation, check_invariants, format_violations
+from sagaline.testing import Violation, format_violations
 
 ORDERS = 200
 INITIAL_STOCK = {"PROD-A": 300, "PROD-B": 10}
@@ -34,14 +35,14 @@ LEASE_SECONDS = 2.0
 
 def assert_outcome_correct(store: OrderStore, initial_stock: dict[str, int]) -> None:
     """Every invariant holds, nothing was dead-lettered, and every path of the saga was taken."""
-    violations = check_invariants(store.db, initial_stock=initial_stock)
+    violations = asyncio.run(check_invariants(store.db, initial_stock=initial_stock))
     assert not violations, format_violations(violations)
-    assert store.db.dead_letters() == []
-    counts = store.db.saga_counts()
+    assert store.db.sync.dead_letters() == []
+    counts = store.db.sync.saga_counts()
     assert counts.get("COMPLETED", 0) > 0, counts
     reasons = {
         row["reason"].split(":")[0]
-        for row in store.db.query_documents(ORDER_VIEW)
+        for row in store.db.sync.query_documents(ORDER_VIEW)
         if row["status"] == "CANCELLED"
     }
     assert reasons == {"Inventory reservation failed", "Payment failed"}, reasons
@@ -289,9 +290,9 @@ def test_checker_reports_damage(
         source.backup(target)
     db = SqliteDatabase(f"sqlite:///{copy}")
     try:
-        assert check_invariants(db, initial_stock=INITIAL_STOCK) == []
+        assert asyncio.run(check_invariants(db, initial_stock=INITIAL_STOCK)) == []
         damage(db.connection)
-        violations: list[Violation] = check_invariants(db, initial_stock=INITIAL_STOCK)
+        violations: list[Violation] = asyncio.run(check_invariants(db, initial_stock=INITIAL_STOCK))
     finally:
         asyncio.run(db.close())
     assert invariant in {v.invariant for v in violations}, format_violations(violations)

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -32,10 +32,11 @@ from conftest import OrderStore
 from sagaline.config import redact_url
 from sagaline.deploy import Deployment
 from sagaline.orders import SERVICE_NAMES, build_system
+from sagaline.orders.checks import check_deployment
 from sagaline.orders.demo import DEMO_STOCK, demo_orders, is_deployment_settled
 from sagaline.orders.inventory import set_stock
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.testing import check_deployment_async, format_violations
+from sagaline.testing import format_violations
 
 COMBINATIONS = ("sqlite+sqlite", "postgresql+postgresql", "postgresql+rabbitmq", "postgresql+nats")
 
@@ -189,16 +190,16 @@ def submit(commands: Sequence[Any]) -> Callable[[Deployment], Any]:
     return send
 
 
-def settled(order_ids: Sequence[str]) -> Callable[[Deployment], bool]:
+def settled(order_ids: Sequence[str]) -> Callable[[Deployment], Awaitable[bool]]:
     return lambda deployment: is_deployment_settled(deployment, order_ids)
 
 
-def statuses(order_ids: Sequence[str]) -> Callable[[Deployment], dict[str, Any]]:
-    def read(deployment: Deployment) -> dict[str, Any]:
+def statuses(order_ids: Sequence[str]) -> Callable[[Deployment], Awaitable[dict[str, Any]]]:
+    async def read(deployment: Deployment) -> dict[str, Any]:
         view = deployment.queries("read")
         found = {}
         for order_id in order_ids:
-            document = view.get_document_sync(ORDER_VIEW, order_id)
+            document = await view.get_document(ORDER_VIEW, order_id)
             found[order_id] = document.data["status"] if document else None
         return found
 
@@ -306,9 +307,7 @@ def test_a_service_killed_under_load_is_restarted_and_nothing_is_lost(
     assert cluster.stop() == 0
     # RELIABILITY.md I1-I9 over the services' stores (and the bus, when it is a database).
     violations = cluster.run(
-        lambda deployment: check_deployment_async(
-            deployment, initial_stock={"PROD-A": 200, "PROD-B": 10}
-        )
+        lambda deployment: check_deployment(deployment, initial_stock={"PROD-A": 200, "PROD-B": 10})
     )
     assert not violations, format_violations(violations)
 

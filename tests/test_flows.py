@@ -35,9 +35,9 @@ def seed_order(**changes: Any) -> CreateOrderCommand:
     return CreateOrderCommand(**fields)
 
 
-def drained(db: SqliteDatabase, sagas: int) -> bool:
+async def drained(db: SqliteDatabase, sagas: int) -> bool:
     """Every saga ended, no command pending, every subscriber caught up with the log."""
-    return is_settled(db, sagas)
+    return await is_settled(db, sagas)
 
 
 async def run_flow(
@@ -61,13 +61,13 @@ async def run_flow(
 
 
 def stock_of(db: SqliteDatabase, product_id: str) -> dict[str, Any]:
-    document = db.get_document_sync(STOCK, product_id)
+    document = db.sync.get_document(STOCK, product_id)
     assert document is not None
     return document.data
 
 
 def trace_types(db: SqliteDatabase, order_id: str, kind: str) -> list[str]:
-    rows = [r for r in db.trace_rows(order_id) if r["kind"] == kind]
+    rows = [r for r in db.sync.trace_rows(order_id) if r["kind"] == kind]
     return [r["type"] for r in sorted(rows, key=lambda r: r["sequence"])]
 
 
@@ -75,12 +75,12 @@ def assert_history(
     db: SqliteDatabase, events: list[str], sent: list[str], status: SagaStatus
 ) -> None:
     """The saga's recorded story: the events it took, what it sent, how it ended."""
-    saga = db.get_saga_sync("order:ORD-12345")
+    saga = db.sync.get_saga("order:ORD-12345")
     assert saga is not None
     assert [entry["event"] for entry in saga.history] == events
     assert [name for entry in saga.history for name in entry.get("sent", [])] == sent
     assert saga.history[-1]["status"] == status
-    by_id = {row["messageId"]: row["type"] for row in db.trace_rows("ORD-12345")}
+    by_id = {row["messageId"]: row["type"] for row in db.sync.trace_rows("ORD-12345")}
     assert [by_id[entry["messageId"]] for entry in saga.history] == events
 
 
@@ -88,7 +88,7 @@ def test_happy_path_confirms_the_order(tmp_path: Path) -> None:
     async def scenario() -> None:
         db, _ = await run_flow(tmp_path, [seed_order()], stock={"PROD-A": 10, "PROD-B": 5})
 
-        view = db.query_documents(ORDER_VIEW, {"orderId": "ORD-12345"})
+        view = db.sync.query_documents(ORDER_VIEW, {"orderId": "ORD-12345"})
         assert len(view) == 1
         order = view[0]
         assert order["status"] == "CONFIRMED"
@@ -100,7 +100,7 @@ def test_happy_path_confirms_the_order(tmp_path: Path) -> None:
             {"productId": "PROD-B", "quantity": 1},
         ]
 
-        [saga] = db.list_sagas()
+        [saga] = db.sync.list_sagas()
         assert saga.saga_id == "order:ORD-12345"
         assert saga.status == SagaStatus.COMPLETED
         assert saga.data["transactionId"].startswith("TRN-")
@@ -112,10 +112,10 @@ def test_happy_path_confirms_the_order(tmp_path: Path) -> None:
                 0,
                 ordered,
             )
-        reservation = db.get_document_sync(RESERVATIONS, "ORD-12345")
+        reservation = db.sync.get_document(RESERVATIONS, "ORD-12345")
         assert reservation is not None and reservation.data["status"] == "SOLD"
 
-        payment = db.get_document_sync(PAYMENTS, "ORD-12345")
+        payment = db.sync.get_document(PAYMENTS, "ORD-12345")
         assert payment is not None
         assert payment.data["status"] == "PROCESSED"
         assert payment.data["amount"] == Decimal("75.50")
@@ -131,7 +131,7 @@ def test_happy_path_confirms_the_order(tmp_path: Path) -> None:
         ]
         assert "OrderCancelledEvent" not in events
         [processed] = [
-            r for r in db.trace_rows("ORD-12345") if r["type"] == "PaymentProcessedEvent"
+            r for r in db.sync.trace_rows("ORD-12345") if r["type"] == "PaymentProcessedEvent"
         ]
         assert processed["body"]["transactionId"] == transaction_id
         assert trace_types(db, "ORD-12345", "command") == [
@@ -139,7 +139,7 @@ def test_happy_path_confirms_the_order(tmp_path: Path) -> None:
             "ReserveInventoryCommand",
             "ProcessPaymentCommand",
         ]
-        assert not db.dead_letters()
+        assert not db.sync.dead_letters()
         assert_history(
             db,
             ["OrderCreatedEvent", "InventoryReservedEvent", "PaymentProcessedEvent"],
@@ -155,11 +155,11 @@ def test_inventory_failure_cancels_and_reserves_nothing(tmp_path: Path) -> None:
         # One PROD-A in stock: the order wants two.
         db, _ = await run_flow(tmp_path, [seed_order()], stock={"PROD-A": 1, "PROD-B": 5})
 
-        [order] = db.query_documents(ORDER_VIEW, {"orderId": "ORD-12345"})
+        [order] = db.sync.query_documents(ORDER_VIEW, {"orderId": "ORD-12345"})
         assert order["status"] == "CANCELLED"
         assert "Insufficient stock for PROD-A" in order["reason"]
 
-        [saga] = db.list_sagas()
+        [saga] = db.sync.list_sagas()
         assert saga.status == SagaStatus.COMPENSATED
 
         commands = trace_types(db, "ORD-12345", "command")
@@ -176,8 +176,8 @@ def test_inventory_failure_cancels_and_reserves_nothing(tmp_path: Path) -> None:
         for product_id, stocked in (("PROD-A", 1), ("PROD-B", 5)):
             stock = stock_of(db, product_id)
             assert (stock["available"], stock["reserved"], stock["sold"]) == (stocked, 0, 0)
-        assert db.get_document_sync(PAYMENTS, "ORD-12345") is None
-        assert not db.dead_letters()
+        assert db.sync.get_document(PAYMENTS, "ORD-12345") is None
+        assert not db.sync.dead_letters()
         assert_history(
             db,
             [
@@ -200,11 +200,11 @@ def test_payment_failure_releases_the_reservation_and_cancels(tmp_path: Path) ->
             tmp_path, [seed_order()], stock={"PROD-A": 10, "PROD-B": 5}, rules=rules
         )
 
-        [order] = db.query_documents(ORDER_VIEW, {"orderId": "ORD-12345"})
+        [order] = db.sync.query_documents(ORDER_VIEW, {"orderId": "ORD-12345"})
         assert order["status"] == "CANCELLED"
         assert "Payment" in order["reason"]
 
-        [saga] = db.list_sagas()
+        [saga] = db.sync.list_sagas()
         assert saga.status == SagaStatus.COMPENSATED
         assert "transactionId" not in saga.data or saga.data["transactionId"] is None
 
@@ -221,12 +221,12 @@ def test_payment_failure_releases_the_reservation_and_cancels(tmp_path: Path) ->
         assert events.index("InventoryReleasedEvent") < events.index("OrderCancelledEvent")
         assert "OrderConfirmedEvent" not in events
 
-        reservation = db.get_document_sync(RESERVATIONS, "ORD-12345")
+        reservation = db.sync.get_document(RESERVATIONS, "ORD-12345")
         assert reservation is not None and reservation.data["status"] == "RELEASED"
         for product_id, stocked in (("PROD-A", 10), ("PROD-B", 5)):
             stock = stock_of(db, product_id)
             assert (stock["available"], stock["reserved"], stock["sold"]) == (stocked, 0, 0)
-        payment = db.get_document_sync(PAYMENTS, "ORD-12345")
+        payment = db.sync.get_document(PAYMENTS, "ORD-12345")
         assert payment is not None
         assert payment.data["status"] == "FAILED"
         assert "transactionId" not in payment.data
@@ -265,17 +265,17 @@ def test_a_duplicate_order_id_is_rejected_and_the_first_order_is_untouched(
             tmp_path, [first, second], stock={"PROD-A": 10, "PROD-B": 5}, sagas=1
         )
 
-        [order] = db.query_documents(ORDER_VIEW, {"orderId": "ORD-12345"})
+        [order] = db.sync.query_documents(ORDER_VIEW, {"orderId": "ORD-12345"})
         assert order["status"] == "CONFIRMED"
         assert order["customerId"] == "CUST-987"
         assert order["totalAmount"] == Decimal("75.50")
         assert len(order["items"]) == 2
 
-        [saga] = db.list_sagas()
+        [saga] = db.sync.list_sagas()
         assert saga.status == SagaStatus.COMPLETED
         assert saga.data["customerId"] == "CUST-987"
 
-        rows = db.trace_rows("ORD-12345")
+        rows = db.sync.trace_rows("ORD-12345")
         rejected = [r for r in rows if r["type"] == "OrderRejectedEvent"]
         assert len(rejected) == 1
         assert rejected[0]["body"]["customerId"] == "CUST-111"
@@ -285,7 +285,7 @@ def test_a_duplicate_order_id_is_rejected_and_the_first_order_is_untouched(
         assert created[0]["body"]["customerId"] == "CUST-987"
         # The rejection is recorded apart: the order's own stream holds only its own life.
         assert rejected[0]["stream"] != "Order-ORD-12345"
-        assert [e.envelope.message_type for e in db.read_stream_sync("Order-ORD-12345")] == [
+        assert [e.envelope.message_type for e in db.sync.read_stream("Order-ORD-12345")] == [
             "OrderCreatedEvent",
             "OrderConfirmationRecordedEvent",
         ]
@@ -312,7 +312,7 @@ def test_every_message_of_a_saga_is_caused_by_another_in_its_trace(
 ) -> None:
     async def scenario() -> None:
         db, _ = await run_flow(tmp_path, [seed_order()], stock=stock, rules=rules)
-        rows = db.trace_rows("ORD-12345")
+        rows = db.sync.trace_rows("ORD-12345")
         ids = {r["messageId"] for r in rows}
         assert len(ids) == len(rows)
         roots = [r for r in rows if r["causationId"] is None]

@@ -74,7 +74,7 @@ def _run_seeded(app: App, seed: int, faults: Faults = FAULTS) -> Run:
             await harness.run_until_quiet()
             violations = await _violations(harness)
             audit = repr(await harness.audit())
-            return Run(harness.history(), harness.db.saga_counts(), violations, audit)
+            return Run(harness.history(), await harness.db.saga_counts(), violations, audit)
 
     return asyncio.run(run())
 
@@ -93,7 +93,7 @@ def test_a_failing_handler_is_retried_after_its_backoff_by_moving_the_clock(
         async with harness:
             await harness.submit(book(trip_id="T-1", traveller="ANN", destination="ROME"))
             await harness.run_until_quiet()
-            return harness.history(), harness.db.saga_counts(), await _violations(harness)
+            return harness.history(), await harness.db.saga_counts(), await _violations(harness)
 
     started = time.monotonic()
     history, counts, violations = asyncio.run(run())

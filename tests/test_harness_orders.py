@@ -71,7 +71,7 @@ def _run(seed: int, faults: Faults = FAULTS) -> Run:
             await harness.run_until_quiet()
             return Run(
                 harness.history(),
-                harness.db.saga_counts(),
+                await harness.db.saga_counts(),
                 [str(v) for v in await harness.check()],
                 repr(await harness.audit()),
                 clock.time() - START,

@@ -74,7 +74,7 @@ def _run(app: App, url: str, seed: int, faults: Faults = FAULTS) -> Run:
             await harness.run_until_quiet()
             return Run(
                 harness.history(),
-                harness.db.saga_counts(),
+                await harness.db.saga_counts(),
                 [str(v) for v in await harness.check()],
                 repr(await harness.audit()),
                 _harness_schemas(url),
@@ -101,7 +101,7 @@ def test_a_failing_handler_is_retried_after_its_backoff_on_postgresql(
                 d.outcome for d in harness.history() if d.message_type == "ReserveHotelCommand"
             ]
             violations = [str(v) for v in await harness.check()]
-            return hotel, harness.db.saga_counts(), violations
+            return hotel, await harness.db.saga_counts(), violations
 
     hotel, counts, violations = asyncio.run(run())
     assert hotel == ["retry", "retry", "handled"]

@@ -58,12 +58,12 @@ def _run(seed: int) -> Run:
             await harness.run_until_quiet()
             reasons = sorted(
                 str(row["reason"])
-                for row in harness.db.query_documents("read.order")
+                for row in await harness.db.query_documents("read.order")
                 if row["status"] == "CANCELLED"
             )
             refunds = sum(1 for d in harness.history() if d.message_type == "RefundPaymentCommand")
             return Run(
-                harness.db.saga_counts(),
+                await harness.db.saga_counts(),
                 [str(v) for v in await harness.check()],
                 reasons,
                 refunds,

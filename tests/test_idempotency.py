@@ -62,12 +62,12 @@ def order(order_id: str, customer_id: str, quantity: int, amount: str) -> Create
 
 
 def drained(db: SqliteDatabase, subscribers: set[str], sagas: int | None = None) -> bool:
-    counts = db.saga_counts()
-    lag = db.subscription_lag()
+    counts = db.sync.saga_counts()
+    lag = db.sync.subscription_lag()
     return (
         (sagas is None or sum(counts.values()) == sagas)
         and set(counts) <= TERMINAL
-        and not db.pending_counts()
+        and not db.sync.pending_counts()
         and set(lag) >= subscribers
         and not any(lag[name] for name in subscribers)
     )
@@ -76,8 +76,8 @@ def drained(db: SqliteDatabase, subscribers: set[str], sagas: int | None = None)
 def snapshot(db: SqliteDatabase) -> dict[str, Any]:
     """Everything a redelivered message could change by mistake."""
     sagas = []
-    for record in db.list_sagas():
-        full = db.get_saga_sync(record.saga_id)
+    for record in db.sync.list_sagas():
+        full = db.sync.get_saga(record.saga_id)
         assert full is not None
         sagas.append(
             (
@@ -93,14 +93,14 @@ def snapshot(db: SqliteDatabase) -> dict[str, Any]:
             )
         )
     return {
-        "documents": db.execute(
+        "documents": db.sync.execute(
             "SELECT namespace, key, data, version FROM documents ORDER BY namespace, key"
         ),
         "sagas": sorted(sagas, key=lambda s: s[0]),
-        "events": dict(db.execute("SELECT type, COUNT(*) FROM events GROUP BY type")),
-        "head": db.head_position(),
-        "inbox": dict(db.execute("SELECT consumer, COUNT(*) FROM inbox GROUP BY consumer")),
-        "dead": len(db.dead_letters()),
+        "events": dict(db.sync.execute("SELECT type, COUNT(*) FROM events GROUP BY type")),
+        "head": db.sync.head_position(),
+        "inbox": dict(db.sync.execute("SELECT consumer, COUNT(*) FROM inbox GROUP BY consumer")),
+        "dead": len(db.sync.dead_letters()),
     }
 
 
@@ -120,34 +120,36 @@ def test_every_message_delivered_twice_has_no_second_effect(tmp_path: Path) -> N
         await Runtime(db, system, member=MEMBER).run_until(
             lambda: drained(db, SUBSCRIBERS, 3), timeout=30
         )
-        seen_types = {row[0] for row in db.execute("SELECT type FROM events")}
-        seen_types |= {row[0] for row in db.execute("SELECT type FROM commands")}
+        seen_types = {row[0] for row in db.sync.execute("SELECT type FROM events")}
+        seen_types |= {row[0] for row in db.sync.execute("SELECT type FROM commands")}
         assert seen_types == EVERY_TYPE
-        assert db.saga_counts() == {"COMPLETED": 1, "COMPENSATED": 2}
+        assert db.sync.saga_counts() == {"COMPLETED": 1, "COMPENSATED": 2}
         before = snapshot(db)
-        commands = db.execute("SELECT COUNT(*) FROM commands")[0][0]
+        commands = db.sync.execute("SELECT COUNT(*) FROM commands")[0][0]
         log_events = before["head"]
 
         # Deliver everything again: every command back in its queue, every cursor at 0.
         async with db.transaction():
-            db.execute("UPDATE commands SET done = 0, outcome = NULL, attempts = 0")
-            for (name,) in db.execute("SELECT DISTINCT subscriber FROM subscriptions"):
+            db.sync.execute("UPDATE commands SET done = 0, outcome = NULL, attempts = 0")
+            for (name,) in db.sync.execute("SELECT DISTINCT subscriber FROM subscriptions"):
                 db.reset_subscription(name, 0)
-        assert sum(db.pending_counts().values()) == commands
-        assert all(lag == log_events for lag in db.subscription_lag().values())
+        assert sum(db.sync.pending_counts().values()) == commands
+        assert all(lag == log_events for lag in db.sync.subscription_lag().values())
 
         runtime = Runtime(db, system, member=MEMBER)
         await runtime.run_until(lambda: drained(db, SUBSCRIBERS, 3), timeout=30)
         # It was really delivered again: every command, and every event to its subscribers.
         assert runtime.handled >= commands + log_events
         assert snapshot(db) == before
-        assert db.execute("SELECT DISTINCT outcome, attempts FROM commands") == [("handled", 1)]
+        assert db.sync.execute("SELECT DISTINCT outcome, attempts FROM commands") == [
+            ("handled", 1)
+        ]
 
     asyncio.run(scenario())
 
 
 def history_of(db: SqliteDatabase, saga_id: str) -> list[dict[str, Any]]:
-    record = db.get_saga_sync(saga_id)
+    record = db.sync.get_saga(saga_id)
     assert record is not None
     return record.history
 
@@ -162,14 +164,14 @@ def test_late_and_repeated_answers_do_not_move_an_ended_saga(tmp_path: Path) -> 
         await system.submit(db, order("ORD-DECLINED", "CUST-POOR", 1, "10.00"))
         runtime = Runtime(db, system, member=MEMBER)
         await runtime.run_until(lambda: drained(db, SUBSCRIBERS, 2), timeout=30)
-        sagas = {r.saga_id: (r.status, r.step, r.data) for r in db.list_sagas()}
-        history = {r.saga_id: len(history_of(db, r.saga_id)) for r in db.list_sagas()}
-        commands = db.execute("SELECT COUNT(*) FROM commands")[0][0]
-        state = db.execute(
+        sagas = {r.saga_id: (r.status, r.step, r.data) for r in db.sync.list_sagas()}
+        history = {r.saga_id: len(history_of(db, r.saga_id)) for r in db.sync.list_sagas()}
+        commands = db.sync.execute("SELECT COUNT(*) FROM commands")[0][0]
+        state = db.sync.execute(
             "SELECT namespace, key, data, version FROM documents"
             " WHERE namespace IN ('inventory.stock', 'inventory.reservation', 'payment.payment')"
         )
-        statuses = {row["orderId"]: row["status"] for row in db.query_documents(ORDER_VIEW)}
+        statuses = {row["orderId"]: row["status"] for row in db.sync.query_documents(ORDER_VIEW)}
         assert statuses == {"ORD-OK": "CONFIRMED", "ORD-DECLINED": "CANCELLED"}
 
         # The same answers again as new messages (fresh ids): a retried send, a late reply.
@@ -191,21 +193,21 @@ def test_late_and_repeated_answers_do_not_move_an_ended_saga(tmp_path: Path) -> 
         await Runtime(db, system, member=MEMBER).run_until(
             lambda: drained(db, SUBSCRIBERS, 2), timeout=30
         )
-        assert {r.saga_id: (r.status, r.step, r.data) for r in db.list_sagas()} == sagas
+        assert {r.saga_id: (r.status, r.step, r.data) for r in db.sync.list_sagas()} == sagas
         for saga_id, known in history.items():
             for entry in history_of(db, saga_id)[known:]:
                 assert entry["transition"].startswith("ignored"), entry
                 assert "sent" not in entry
-        assert db.execute("SELECT COUNT(*) FROM commands")[0][0] == commands
+        assert db.sync.execute("SELECT COUNT(*) FROM commands")[0][0] == commands
         assert (
-            db.execute(
+            db.sync.execute(
                 "SELECT namespace, key, data, version FROM documents"
                 " WHERE namespace IN ('inventory.stock', 'inventory.reservation',"
                 " 'payment.payment')"
             )
             == state
         )
-        assert {row["orderId"]: row["status"] for row in db.query_documents(ORDER_VIEW)} == (
+        assert {row["orderId"]: row["status"] for row in db.sync.query_documents(ORDER_VIEW)} == (
             statuses
         )
 
@@ -258,13 +260,13 @@ async def run_service(
 def answers(db: SqliteDatabase, order_id: str, event_type: str) -> list[dict[str, Any]]:
     return [
         row
-        for row in sorted(db.trace_rows(order_id), key=lambda r: r["sequence"])
+        for row in sorted(db.sync.trace_rows(order_id), key=lambda r: r["sequence"])
         if row["type"] == event_type
     ]
 
 
 def stock(db: SqliteDatabase) -> tuple[int, int, int]:
-    document = db.get_document_sync(STOCK, "PROD-A")
+    document = db.sync.get_document(STOCK, "PROD-A")
     assert document is not None
     data = document.data
     assert data["available"] + data["reserved"] + data["sold"] == data["stocked"]
@@ -280,7 +282,7 @@ def test_reserve_inventory_twice_reserves_once_and_answers_twice(tmp_path: Path)
         reserve = ReserveInventoryCommand(order_id="ORD-7", items=items(3))
         db, _, ids = await run_service(tmp_path, "inventory", [reserve, reserve])
         assert stock(db) == (7, 3, 0)
-        reservation = db.get_document_sync(RESERVATIONS, "ORD-7")
+        reservation = db.sync.get_document(RESERVATIONS, "ORD-7")
         assert reservation is not None
         assert (reservation.data["status"], reservation.version) == ("RESERVED", 1)
         replies = answers(db, "ORD-7", "InventoryReservedEvent")
@@ -324,7 +326,7 @@ def test_process_payment_twice_charges_once(tmp_path: Path) -> None:
     async def scenario() -> None:
         pay = ProcessPaymentCommand(order_id="ORD-10", customer_id="CUST-1", amount=Decimal("7.25"))
         db, _, ids = await run_service(tmp_path, "payment", [pay, pay], subscribers=set())
-        payments = db.query_documents(PAYMENTS)
+        payments = db.sync.query_documents(PAYMENTS)
         assert len(payments) == 1
         assert payments[0]["amount"] == Decimal("7.25")
         replies = answers(db, "ORD-10", "PaymentProcessedEvent")
@@ -347,7 +349,7 @@ def test_cancel_order_twice_answers_twice_and_cancels_once(tmp_path: Path) -> No
         assert [r["causationId"] for r in replies] == ids[1:]
         # Both answers say the same thing: the order was cancelled for the first reason.
         assert {r["body"]["reason"] for r in replies} == {"customer changed their mind"}
-        stream = [e.envelope.message_type for e in db.read_stream_sync("Order-ORD-11")]
+        stream = [e.envelope.message_type for e in db.sync.read_stream("Order-ORD-11")]
         assert stream == ["OrderCreatedEvent", "OrderCancelledEvent"]
 
     asyncio.run(scenario())
@@ -362,6 +364,6 @@ def test_a_submit_repeated_with_the_same_message_id_is_absorbed(tmp_path: Path) 
         await system.submit(db, command, message_id=message_id)
         # A client retrying after a timeout whose outcome it does not know.
         await system.submit(db, command, message_id=message_id)
-        assert db.execute("SELECT message_id FROM commands") == [(message_id,)]
+        assert db.sync.execute("SELECT message_id FROM commands") == [(message_id,)]
 
     asyncio.run(scenario())

@@ -20,6 +20,7 @@ from conftest import OrderStore
 
 from sagaline.deploy import Deployment
 from sagaline.orders import SERVICE_NAMES, build_system
+from sagaline.orders.checks import check_deployment, check_invariants, check_snapshot
 from sagaline.orders.demo import (
     open_demo_deployment,
     run_demo,
@@ -35,10 +36,6 @@ from sagaline.testing.invariants import (
     OUTBOX,
     AuditSnapshot,
     Violation,
-    check_deployment,
-    check_deployment_async,
-    check_invariants,
-    check_snapshot,
     format_violations,
 )
 
@@ -109,7 +106,7 @@ def deployment(copy: Path) -> Iterator[Deployment]:
 
 
 def _check(deployment: Deployment) -> list[Violation]:
-    return check_deployment(deployment, initial_stock=INITIAL_STOCK)
+    return asyncio.run(check_deployment(deployment, initial_stock=INITIAL_STOCK))
 
 
 def _damage(directory: Path, damage: Callable[[Connections], None]) -> None:
@@ -309,7 +306,7 @@ def test_the_snapshot_accounts_for_every_message(deployment: Deployment) -> None
 def test_the_checker_needs_no_readable_bus(deployment: Deployment) -> None:
     # As with a broker for a bus: only the stores' own rows are read.
     async def check() -> list[Violation]:
-        sources = [(name, deployment.store(name).audit_rows()) for name in SERVICE_NAMES]
+        sources = [(name, await deployment.store(name).audit_rows()) for name in SERVICE_NAMES]
         snapshot = AuditSnapshot.from_rows(
             sources, routes=build_system().routes, outbox=True, answers=ORDER_ANSWERS
         )
@@ -320,7 +317,7 @@ def test_the_checker_needs_no_readable_bus(deployment: Deployment) -> None:
     assert not violations, format_violations(violations)
     orchestrator: Any = deployment.store("orchestrator")
     inventory: Any = deployment.store("inventory")
-    ((reserve,),) = orchestrator.execute(
+    ((reserve,),) = orchestrator.sync.execute(
         "SELECT message_id FROM outbox WHERE type = 'ReserveInventoryCommand' LIMIT 1"
     )
     inventory.connection.execute("DELETE FROM inbox WHERE message_id = ?", (reserve,))
@@ -348,22 +345,13 @@ def test_the_checker_reports_damage_to_a_service_store(
     assert all(v.evidence for v in violations), format_violations(violations)
 
 
-def test_the_async_variant_runs_in_a_loop(deployment: Deployment) -> None:
-    async def check() -> list[Violation]:
-        with pytest.raises(RuntimeError, match="check_deployment_async"):
-            check_deployment(deployment)
-        return await check_deployment_async(deployment, initial_stock=INITIAL_STOCK)
-
-    assert asyncio.run(check()) == []
-
-
 def test_a_colocated_deployment_is_checked_as_one_store(tmp_path: Path) -> None:
     async def run() -> tuple[list[Violation], str]:
         deployment = await open_demo_deployment(f"sqlite:///{tmp_path}/demo.db")
         try:
             await run_demo(deployment)
             snapshot = await AuditSnapshot.from_deployment(deployment, build_system())
-            return await check_deployment_async(deployment), snapshot.layout
+            return await check_deployment(deployment), snapshot.layout
         finally:
             await deployment.close()
 
@@ -381,6 +369,6 @@ def test_a_single_store_is_still_checked_by_check_invariants(tmp_path: Path) -> 
     deployment = asyncio.run(run())
     try:
         store = deployment.store("order")
-        assert check_invariants(store) == []  # type: ignore[arg-type]
+        assert asyncio.run(check_invariants(store)) == []
     finally:
         asyncio.run(deployment.close())

@@ -47,10 +47,16 @@ from sagaline.testing.conformance import (
     padded,
     queue_service,
     record,
-    recorded,
     subscriber,
 )
-from sagaline.testing.conformance.harness import both, handled_all, run_until
+from sagaline.testing.conformance.harness import both, dead_lettered, handled_all, run_until
+
+
+def recorded(store: SqliteDatabase, service: str) -> dict[str, list[int]]:
+    """What ``service`` recorded in ``store`` (see the conformance suites' ``record``), read
+    without awaiting: the stores here are SQLite files."""
+    return {row["key"]: row["seqs"] for row in store.sync.query_documents(f"bus.{service}")}
+
 
 NATS_URL = os.environ.get("SAGALINE_NATS_URL", "nats://127.0.0.1:4222")
 
@@ -295,8 +301,8 @@ def test_a_message_the_worker_dead_letters_is_settled_on_the_server(kit: NatsKit
         system = System([service])
         store = kit.store("alpha")
         poison = await system.submit(bus, ConformanceCommand(key="K-poison", seq=0))
-        await run(bus, system, {"alpha": store}, lambda: bool(store.dead_letters()))
-        [dead] = store.dead_letters()
+        await run(bus, system, {"alpha": store}, lambda: bool(store.sync.dead_letters()))
+        [dead] = store.sync.dead_letters()
         assert (dead.envelope.message_id, dead.attempts) == (poison.message_id, 2)
         [queue] = service.consumers()
         await expect_unsettled(bus, queue, 0)
@@ -326,13 +332,13 @@ def test_a_message_without_sagaline_headers_is_dead_lettered(kit: NatsKit) -> No
             return (
                 recorded(alpha, "alpha") == {"K-1": [7]}
                 and recorded(watcher, "watcher") == {"K-1": [8]}
-                and len(alpha.dead_letters()) == 1
-                and len(watcher.dead_letters()) == 1
+                and len(alpha.sync.dead_letters()) == 1
+                and len(watcher.sync.dead_letters()) == 1
             )
 
         await run(bus, system, {"alpha": alpha, "watcher": watcher}, done)
         for store, body in ((alpha, command), (watcher, event)):
-            [dead] = store.dead_letters()
+            [dead] = store.sync.dead_letters()
             assert dead.envelope.message_type == UNKNOWN_TYPE
             assert dead.envelope.body == body
             assert "unknown" in dead.reason
@@ -803,15 +809,15 @@ def test_a_message_the_broker_refuses_is_set_aside_and_the_outbox_goes_on(
             system,
             both(
                 handled_all(harness, "watcher", {"K-2": [0]}),
-                lambda: bool(harness.dead_letters()),
+                dead_lettered(harness),
             ),
         )
-        [dead] = harness.dead_letters()
+        [dead] = await harness.dead_letters()
         assert dead.consumer == "outbox"
         assert dead.envelope.message_type == "ConformanceEvent"
         assert "max_payload" in dead.reason
-        assert harness.recorded("alpha") == {"K-1": [0], "K-2": [1]}
-        assert store.outbox_pending() == 0
+        assert await harness.recorded("alpha") == {"K-1": [0], "K-2": [1]}
+        assert store.sync.outbox_pending() == 0
 
     drive(scenario)
 
@@ -832,11 +838,11 @@ def test_the_order_flow_runs_on_nats(kit: NatsKit) -> None:
         wanted = {"ORD-12345": "CONFIRMED", "ORD-12346": "CANCELLED", "ORD-12347": "CANCELLED"}
 
         def statuses() -> dict[str, str]:
-            rows = stores["read"].query_documents(ORDER_VIEW)
+            rows = stores["read"].sync.query_documents(ORDER_VIEW)
             return {row["orderId"]: row["status"] for row in rows}
 
         def done() -> bool:
-            sagas = stores["orchestrator"].list_sagas()
+            sagas = stores["orchestrator"].sync.list_sagas()
             return (
                 statuses() == wanted
                 and len(sagas) == 3
@@ -846,10 +852,10 @@ def test_the_order_flow_runs_on_nats(kit: NatsKit) -> None:
         await run(bus, system, stores, done, timeout=60)
         sagas = {
             saga.data.get("orderId", saga.saga_id): saga.status
-            for saga in stores["orchestrator"].list_sagas()
+            for saga in stores["orchestrator"].sync.list_sagas()
         }
         assert sorted(sagas.values()) == ["COMPENSATED", "COMPENSATED", "COMPLETED"]
         for store in stores.values():
-            assert not store.dead_letters()
+            assert not store.sync.dead_letters()
 
     kit.run(scenario)

@@ -75,8 +75,8 @@ WORKER = VICTIM + textwrap.dedent(
             return
 
         def settled():
-            lag = db.subscription_lag()
-            return not db.pending_counts() and bool(lag) and all(v == 0 for v in lag.values())
+            lag = db.sync.subscription_lag()
+            return not db.sync.pending_counts() and bool(lag) and all(v == 0 for v in lag.values())
 
         await Runtime(db, system).run_until(settled, timeout=30)
         await db.close()
@@ -118,7 +118,7 @@ def test_a_message_that_kills_its_consumer_is_dead_lettered_alone(tmp_path: Path
 
     db = SqliteDatabase(f"sqlite:///{store}")
     try:
-        dead = db.dead_letters()
+        dead = db.sync.dead_letters()
         assert {(d.consumer, d.envelope.message_type) for d in dead} == {
             ("victim", "PoisonTestCommand"),
             ("victim", "PoisonTestEvent"),
@@ -130,7 +130,7 @@ def test_a_message_that_kills_its_consumer_is_dead_lettered_alone(tmp_path: Path
         # Each poison killed the worker on every delivery but the last, which set it aside.
         assert kills >= 2 * MAX_ATTEMPTS
         for namespace in ("victim.commands", "victim.events"):
-            handled = {row["key"] for row in db.query_documents(namespace)}
+            handled = {row["key"] for row in db.sync.query_documents(namespace)}
             assert handled == {"A", "B", "C", "D"}
     finally:
         db.connection.close()
@@ -165,9 +165,10 @@ WORKER_ON_BUS = VICTIM + textwrap.dedent(
 
             def settled():
                 handled = sum(
-                    len(db.query_documents(f"victim.{{kind}}")) for kind in ("commands", "events")
+                    len(db.sync.query_documents(f"victim.{{kind}}"))
+                    for kind in ("commands", "events")
                 )
-                return handled == 2 * {len(BROKER_KEYS)} and len(db.dead_letters()) == 2
+                return handled == 2 * {len(BROKER_KEYS)} and len(db.sync.dead_letters()) == 2
 
             await Runtime(db, system, bus=bus, poll_interval=0.05).run_until(settled, timeout=60)
             await db.close()
@@ -207,7 +208,7 @@ def test_on_a_broker_only_the_message_that_kills_its_consumer_is_dead_lettered(
         run_until_it_lives(lambda: worker("run"))
         db = SqliteDatabase(f"sqlite:///{store}")
         try:
-            dead = db.dead_letters()
+            dead = db.sync.dead_letters()
             # Each once, though a process that dies may not have acked its dead letter.
             assert sorted((d.envelope.message_type, d.envelope.correlation_id) for d in dead) == [
                 ("PoisonTestCommand", "POISON"),
@@ -215,7 +216,7 @@ def test_on_a_broker_only_the_message_that_kills_its_consumer_is_dead_lettered(
             ]
             assert all("without completing" in d.reason for d in dead)
             for namespace in ("victim.commands", "victim.events"):
-                keys = {row["key"] for row in db.query_documents(namespace)}
+                keys = {row["key"] for row in db.sync.query_documents(namespace)}
                 assert keys == set(BROKER_KEYS)
             # Counts of handlings are kept until their message is handled; a dead letter keeps its
             # own, so that a delivery of it again (its ack lost) goes back to the dead letters.

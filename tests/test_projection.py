@@ -44,9 +44,9 @@ def plan(first: int, count: int) -> list[tuple[CreateOrderCommand, str]]:
     return orders
 
 
-def drained(db: SqliteDatabase, sagas: int) -> bool:
+async def drained(db: SqliteDatabase, sagas: int) -> bool:
     """Every saga ended, no command pending, every subscriber caught up with the log."""
-    return is_settled(db, sagas)
+    return await is_settled(db, sagas)
 
 
 async def run(db: SqliteDatabase, system: System, orders: list[Any], sagas: int) -> None:
@@ -76,7 +76,7 @@ async def thirty_orders(path: Path) -> tuple[SqliteDatabase, System, dict[str, s
 
 
 def view(db: SqliteDatabase, namespace: str = ORDER_VIEW) -> list[dict[str, Any]]:
-    return db.query_documents(namespace)
+    return db.sync.query_documents(namespace)
 
 
 def test_the_read_model_equals_a_fresh_rebuild(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_the_read_model_equals_a_fresh_rebuild(tmp_path: Path) -> None:
         assert view(db, shadow) == live
         assert view(db) == live  # the live view was left alone
         done = [d for d, _ in reported]
-        assert done == sorted(done) and done[-1] == db.head_position()
+        assert done == sorted(done) and done[-1] == db.sync.head_position()
         assert len(reported) > 1
 
     asyncio.run(scenario())
@@ -114,7 +114,7 @@ def test_a_swapped_rebuild_keeps_the_view_and_later_events_still_apply(tmp_path:
         assert namespace == ORDER_VIEW
         assert view(db) == before
         assert view(db, f"{ORDER_VIEW}.rebuild") == []
-        assert db.subscription_lag()["read"] == 0
+        assert db.sync.subscription_lag()["read"] == 0
 
         more = plan(30, 6)
         await run(db, system, [c for c, _ in more], 36)
@@ -132,24 +132,24 @@ def test_the_view_answers_queries_by_status_and_by_customer(tmp_path: Path) -> N
     async def scenario() -> None:
         db, _, expected = await thirty_orders(tmp_path)
         for status in ("CONFIRMED", "CANCELLED"):
-            rows = db.query_documents(ORDER_VIEW, {"status": status})
+            rows = db.sync.query_documents(ORDER_VIEW, {"status": status})
             wanted = sorted(o for o, s in expected.items() if s == status)
             assert [row["orderId"] for row in rows] == wanted
             assert all(row["status"] == status for row in rows)
-        assert db.query_documents(ORDER_VIEW, {"status": "PENDING"}) == []
+        assert db.sync.query_documents(ORDER_VIEW, {"status": "PENDING"}) == []
 
-        rows = db.query_documents(ORDER_VIEW, {"customerId": "CUST-2"})
+        rows = db.sync.query_documents(ORDER_VIEW, {"customerId": "CUST-2"})
         assert [row["orderId"] for row in rows] == [f"ORD-{n:03d}" for n in range(2, 30, 5)]
-        rows = db.query_documents(ORDER_VIEW, {"customerId": "CUST-4", "status": "CONFIRMED"})
+        rows = db.sync.query_documents(ORDER_VIEW, {"customerId": "CUST-4", "status": "CONFIRMED"})
         assert rows == []
-        assert db.query_documents(ORDER_VIEW, {"customerId": "CUST-404"}) == []
+        assert db.sync.query_documents(ORDER_VIEW, {"customerId": "CUST-404"}) == []
 
-        [row] = db.query_documents(ORDER_VIEW, {"orderId": "ORD-003"})
+        [row] = db.sync.query_documents(ORDER_VIEW, {"orderId": "ORD-003"})
         assert row["status"] == "CANCELLED"
         assert "Insufficient stock for PROD-A" in row["reason"]
-        [row] = db.query_documents(ORDER_VIEW, {"orderId": "ORD-004"})
+        [row] = db.sync.query_documents(ORDER_VIEW, {"orderId": "ORD-004"})
         assert row["status"] == "CANCELLED" and "declined" in row["reason"]
-        [row] = db.query_documents(ORDER_VIEW, {"orderId": "ORD-001"})
+        [row] = db.sync.query_documents(ORDER_VIEW, {"orderId": "ORD-001"})
         assert row["status"] == "CONFIRMED" and row["reason"] is None
         assert row["totalAmount"] == Decimal("11.01")
         assert row["items"] == [
@@ -159,7 +159,7 @@ def test_the_view_answers_queries_by_status_and_by_customer(tmp_path: Path) -> N
 
         # Filter names are checked, values are parameters: no way to inject SQL.
         with pytest.raises(ValueError):
-            db.query_documents(ORDER_VIEW, {"status') OR 1=1 --": "x"})
-        assert db.query_documents(ORDER_VIEW, {"status": "x' OR '1'='1"}) == []
+            db.sync.query_documents(ORDER_VIEW, {"status') OR 1=1 --": "x"})
+        assert db.sync.query_documents(ORDER_VIEW, {"status": "x' OR '1'='1"}) == []
 
     asyncio.run(scenario())

@@ -48,9 +48,14 @@ from sagaline.testing.conformance import (
     padded,
     queue_service,
     record,
-    recorded,
     subscriber,
 )
+
+
+def recorded(store: SqliteDatabase, service: str) -> dict[str, list[int]]:
+    """What ``service`` recorded in ``store`` (see the conformance suites' ``record``), read
+    without awaiting: the stores here are SQLite files."""
+    return {row["key"]: row["seqs"] for row in store.sync.query_documents(f"bus.{service}")}
 
 
 @pytest.fixture(scope="session")
@@ -207,8 +212,8 @@ def test_a_message_the_worker_dead_letters_is_not_in_the_broker_dead_letters(rig
         store = rig.store("alpha")
         await bus.prepare(consumers_of(system), system.routes)
         poison = await system.submit(bus, ConformanceCommand(key="K-poison", seq=0))
-        await run_services(bus, system, {"alpha": store}, lambda: bool(store.dead_letters()))
-        [dead] = store.dead_letters()
+        await run_services(bus, system, {"alpha": store}, lambda: bool(store.sync.dead_letters()))
+        [dead] = store.sync.dead_letters()
         assert (dead.envelope.message_id, dead.attempts) == (poison.message_id, 2)
         assert await bus.broker_dead_letters(service.consumers()[0]) == []
 
@@ -239,9 +244,9 @@ def test_a_message_without_sagaline_metadata_is_dead_lettered(rig: Rig) -> None:
             bus,
             system,
             {"alpha": store},
-            lambda: len(store.dead_letters()) == 2 and handled(store, "alpha") == 1,
+            lambda: len(store.sync.dead_letters()) == 2 and handled(store, "alpha") == 1,
         )
-        dead = store.dead_letters()
+        dead = store.sync.dead_letters()
         assert {d.envelope.message_type for d in dead} == {"unknown"}
         # Kept byte for byte, text or not.
         assert {d.envelope.body for d in dead} == {body, b"\xff\xfe not even text"}
@@ -597,7 +602,7 @@ def test_messages_of_one_route_travel_as_one_amqp_message(rig: Rig) -> None:
         assert await queue_depths(rig.url, bus.queue_names(spec)) == [2] + [0] * 7  # 25 + 25
         await run_services(bus, system, {"alpha": store}, lambda: handled(store, "alpha") == 50)
         assert recorded(store, "alpha") == {key: list(range(10)) for key in keys}
-        assert not store.dead_letters()
+        assert not store.sync.dead_letters()
         await bus.close()
         # Both bundles were acknowledged: a new consumer gets nothing.
         assert await queue_depths(rig.url, bus.queue_names(spec)) == [0] * 8
@@ -660,9 +665,9 @@ def test_a_bundle_that_cannot_be_unpacked_is_dead_lettered_and_the_queue_goes_on
             bus,
             system,
             {"alpha": store},
-            lambda: bool(store.dead_letters()) and handled(store, "alpha") == 2,
+            lambda: bool(store.sync.dead_letters()) and handled(store, "alpha") == 2,
         )
-        [dead] = store.dead_letters()
+        [dead] = store.sync.dead_letters()
         assert dead.envelope.message_type == "unknown"
         assert dead.envelope.message_id == "odd-1"
         assert dead.envelope.body == b"\x92 truncated"
@@ -816,11 +821,11 @@ def test_the_order_flow_runs_on_rabbitmq_with_a_store_per_service(rig: Rig) -> N
         def statuses() -> dict[str, str]:
             return {
                 row["orderId"]: row["status"]
-                for row in stores["read"].query_documents("read.order")
+                for row in stores["read"].sync.query_documents("read.order")
             }
 
         def settled() -> bool:
-            sagas = stores["orchestrator"].list_sagas()
+            sagas = stores["orchestrator"].sync.list_sagas()
             return (
                 len(sagas) == 3
                 and all(s.status in ("COMPLETED", "COMPENSATED") for s in sagas)
@@ -834,10 +839,10 @@ def test_the_order_flow_runs_on_rabbitmq_with_a_store_per_service(rig: Rig) -> N
             "ORD-12346": "CANCELLED",
             "ORD-12347": "CANCELLED",
         }
-        sagas = {s.saga_id: s.status for s in stores["orchestrator"].list_sagas()}
+        sagas = {s.saga_id: s.status for s in stores["orchestrator"].sync.list_sagas()}
         assert sorted(sagas.values()) == ["COMPENSATED", "COMPENSATED", "COMPLETED"]
         for store in stores.values():
-            assert not store.dead_letters()
+            assert not store.sync.dead_letters()
         replayed = Counter([e.envelope.message_type async for e in bus.replay(0)])
         assert replayed["OrderCreatedEvent"] == 3
         assert replayed["OrderConfirmedEvent"] == 1

@@ -105,8 +105,8 @@ def run_through_restart(cluster: Cluster, restart: object) -> None:
 
 
 def _ended(cluster: Cluster) -> int:
-    def count(deployment: Any) -> int:
-        counts = deployment.store("orchestrator").saga_counts()
+    async def count(deployment: Any) -> int:
+        counts = await deployment.store("orchestrator").saga_counts()
         return int(counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0))
 
     return int(cluster.run(count))

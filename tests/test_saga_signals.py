@@ -158,7 +158,7 @@ def system_of(vendors: Vendors, *definitions: SagaDefinition) -> System:
 
 
 async def saga(db: SqliteDatabase, trip: str) -> SagaRecord | None:
-    return db.get_saga_sync(f"trip:{trip}")
+    return db.sync.get_saga(f"trip:{trip}")
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
@@ -256,7 +256,7 @@ def test_a_dead_lettered_command_fails_its_step_and_the_saga_compensates(tmp_pat
         assert record.data["_failure"]["step"] == "hotel"
         assert "hotel vendor cannot read this" in record.data["_failure"]["reason"]
         assert record.data["_steps"]["flight"]["s"] == "compensated"
-        [dead] = db.dead_letters()
+        [dead] = db.sync.dead_letters()
         assert dead.envelope.message_id == "saga:trip:T-1:hotel:1"
 
     asyncio.run(scenario())

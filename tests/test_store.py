@@ -34,12 +34,12 @@ def make_store(tmp_path: Path) -> Iterator[Callable[[], SqliteDatabase]]:
 
 def test_commits_are_durable_wal_with_full_sync(make_store: Callable[[], SqliteDatabase]) -> None:
     for db in (make_store(), make_store()):
-        assert db.execute("PRAGMA journal_mode") == [("wal",)]
-        assert db.execute("PRAGMA synchronous") == [(2,)]
+        assert db.sync.execute("PRAGMA journal_mode") == [("wal",)]
+        assert db.sync.execute("PRAGMA synchronous") == [(2,)]
 
 
 def test_the_file_records_its_schema_version(make_store: Callable[[], SqliteDatabase]) -> None:
-    version = make_store().get_meta("schema_version")
+    version = make_store().sync.get_meta("schema_version")
     assert version is not None and int(version) >= 1
 
 

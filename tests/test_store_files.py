@@ -261,9 +261,9 @@ def test_a_full_store_raises_store_unavailable_naming_it(tmp_path: Path) -> None
     async def scenario() -> None:
         db = SqliteDatabase(url)
         try:
-            [(pages,)] = db.execute("PRAGMA page_count")
+            [(pages,)] = db.sync.execute("PRAGMA page_count")
             # The file may not grow past the pages it has: the next message finds it full.
-            db.execute(f"PRAGMA max_page_count = {int(pages)}")
+            db.sync.execute(f"PRAGMA max_page_count = {int(pages)}")
             with pytest.raises(StoreUnavailable) as caught:
                 await system.submit(db, padded(ConformanceCommand, "K-1", 200_000))
             assert str(caught.value) == f"the store {url} is full (no space left on the device)"

@@ -66,7 +66,9 @@ def commands_in(url: str) -> list[str]:
     """The correlation ids of the commands on a SQLite store's bus, in order."""
     db = SqliteDatabase(url)
     try:
-        return [row[0] for row in db.execute("SELECT correlation_id FROM commands ORDER BY id")]
+        return [
+            row[0] for row in db.sync.execute("SELECT correlation_id FROM commands ORDER BY id")
+        ]
     finally:
         db.connection.close()
 
@@ -112,7 +114,7 @@ def test_a_json_array_and_json_lines_are_submitted_and_handled(tmp_path: Path) -
         try:
             await stock_demo(db, {"PROD-A": 100})
             await run_until_settled(db, build_system(), len(expected), timeout=60)
-            return {row["orderId"]: row["status"] for row in db.query_documents(ORDER_VIEW)}
+            return {row["orderId"]: row["status"] for row in db.sync.query_documents(ORDER_VIEW)}
         finally:
             await db.close()
 

@@ -20,15 +20,19 @@ def test_the_kit_exports_the_invariant_checker_and_the_harness() -> None:
         "InjectedFailure",
         "Violation",
         "check_app",
-        "check_app_async",
         "check_app_deployment",
-        "check_app_deployment_async",
-        "check_deployment",
-        "check_deployment_async",
-        "check_invariants",
-        "check_invariants_async",
         "format_violations",
     ]
+
+
+def test_the_kit_knows_no_app() -> None:
+    # The order app's checks live with the order app; the kit imports no app of its own.
+    program = (
+        "import sys, sagaline.testing, sagaline.testing.invariants;"
+        " sys.exit(any(name.startswith('sagaline.orders') for name in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_conformance_package_exports_a_suite_per_port() -> None:

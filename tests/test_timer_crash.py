@@ -6,13 +6,15 @@ charges are refunded. The invariants of RELIABILITY.md hold over the store after
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections import Counter
 
 from conftest import OrderStore, ServiceProcesses
 
+from sagaline.orders.checks import check_invariants
 from sagaline.orders.read import ORDER_VIEW
-from sagaline.testing import check_invariants, format_violations
+from sagaline.testing import format_violations
 
 ORDERS = 30
 INITIAL_STOCK = {"PROD-A": 300, "PROD-B": 10}
@@ -31,7 +33,7 @@ def test_timers_set_before_a_sigkill_fire_once_after_the_restart(
         order_store.path, crash_at="timers-before-commit:1", lease_seconds=2, options=TIMED
     )
     assert service_processes.wait_exit(doomed, TIMEOUT) == -signal.SIGKILL
-    waiting = order_store.db.execute("SELECT count(*) FROM timers")[0][0]
+    waiting = order_store.db.sync.execute("SELECT count(*) FROM timers")[0][0]
     assert waiting > 0, "the timers were lost with the process"
 
     worker = service_processes.start(order_store.path, lease_seconds=2, options=TIMED)
@@ -45,7 +47,7 @@ def test_timers_set_before_a_sigkill_fire_once_after_the_restart(
     assert service_processes.stop(worker) == 0, service_processes.output(worker)
     cancelled = {
         row["orderId"]: row["reason"]
-        for row in order_store.db.query_documents(ORDER_VIEW)
+        for row in order_store.db.sync.query_documents(ORDER_VIEW)
         if row["status"] == "CANCELLED"
     }
     timed_out = [r for r in cancelled.values() if "timed out after 1 s" in r]
@@ -53,12 +55,12 @@ def test_timers_set_before_a_sigkill_fire_once_after_the_restart(
     # Each timer fired once: one message per timer id on the log, none left set.
     fired = Counter(
         row[0]
-        for row in order_store.db.execute(
+        for row in order_store.db.sync.execute(
             "SELECT message_id FROM events WHERE type = 'SagaTimerFired'"
         )
     )
     assert fired and set(fired.values()) == {1}, fired
-    assert order_store.db.execute("SELECT count(*) FROM timers")[0][0] == 0
+    assert order_store.db.sync.execute("SELECT count(*) FROM timers")[0][0] == 0
 
     # Payment comes back: what it charges now, for orders already cancelled, is refunded.
     everything = service_processes.start(order_store.path, lease_seconds=2)
@@ -69,10 +71,10 @@ def test_timers_set_before_a_sigkill_fire_once_after_the_restart(
         alive=[everything],
     )
     assert service_processes.stop(everything) == 0, service_processes.output(everything)
-    violations = check_invariants(order_store.db, initial_stock=INITIAL_STOCK)
+    violations = asyncio.run(check_invariants(order_store.db, initial_stock=INITIAL_STOCK))
     assert not violations, format_violations(violations)
     counts = dict(
-        order_store.db.execute(
+        order_store.db.sync.execute(
             "SELECT type, count(*) FROM events WHERE type IN"
             " ('PaymentProcessedEvent', 'PaymentFailedEvent', 'PaymentRefundedEvent')"
             " GROUP BY type"

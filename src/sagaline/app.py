@@ -57,7 +57,7 @@ class App:
     """A system and what the tools need to know of it.
 
     ``build(settings)`` returns the system; it is called with the settings given on the command
-    line (``--set payment_limit=500``), or none. ``projections`` can be rebuilt from the log.
+    line (``--set sold_out=ROME``), or none. ``projections`` can be rebuilt from the log.
     ``commands`` is a ``typer.Typer`` whose commands join the CLI's own. ``invariants`` are
     checked after the generic ones by the test kit (:func:`sagaline.testing.check_app`).
     """

@@ -10,7 +10,6 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from typing import Any, Protocol, cast
 
 import msgspec
@@ -29,7 +28,6 @@ __all__ = [
     "redact_url",
     "saga_failure",
     "saga_summary",
-    "stock_violations",
     "strip_control",
     "to_json",
 ]
@@ -155,20 +153,22 @@ class TransactionTrace:
 class TraceSource(Protocol):
     """What a store offers for tracing (every backend's query methods)."""
 
-    def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]: ...
+    async def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]: ...
 
-    def handled_by(self, message_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]: ...
+    async def handled_by(self, message_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]: ...
 
-    def dead_letters(self) -> list[DeadLetter]: ...
+    async def dead_letters(self) -> list[DeadLetter]: ...
 
 
 class SagaSource(Protocol):
     """A store that holds saga instances."""
 
-    def get_saga_sync(self, saga_id: str, *, history: bool = True) -> SagaRecord | None: ...
+    async def get_saga(self, saga_id: str, *, history: bool = True) -> SagaRecord | None: ...
 
 
-def merge_trace_rows(sources: Sequence[TraceSource], correlation_id: str) -> list[dict[str, Any]]:
+async def merge_trace_rows(
+    sources: Sequence[TraceSource], correlation_id: str
+) -> list[dict[str, Any]]:
     """One row per message from the stores of several services.
 
     With a database per service, a message is recorded by the store of the service that emitted
@@ -177,7 +177,7 @@ def merge_trace_rows(sources: Sequence[TraceSource], correlation_id: str) -> lis
     """
     merged: dict[str, dict[str, Any]] = {}
     for source in sources:
-        for row in source.trace_rows(correlation_id):
+        for row in await source.trace_rows(correlation_id):
             known = merged.get(row["messageId"])
             if known is None:
                 merged[row["messageId"]] = dict(row)
@@ -190,7 +190,7 @@ def merge_trace_rows(sources: Sequence[TraceSource], correlation_id: str) -> lis
         for row in merged.values():
             row["handledBy"] = []
         for source in sources:
-            for message_id, handlers in source.handled_by(ids).items():
+            for message_id, handlers in (await source.handled_by(ids)).items():
                 merged[message_id]["handledBy"].extend(
                     {"consumer": consumer, "at": at} for consumer, at in handlers
                 )
@@ -199,7 +199,7 @@ def merge_trace_rows(sources: Sequence[TraceSource], correlation_id: str) -> lis
     return list(merged.values())
 
 
-def load_trace(
+async def load_trace(
     db: TraceSource | Sequence[TraceSource],
     correlation_id: str,
     saga_id: str | None = None,
@@ -214,21 +214,17 @@ def load_trace(
     sources = [db] if not isinstance(db, Sequence) else list(db)
     if saga_store is None and len(sources) == 1:
         saga_store = cast(SagaSource, sources[0])
-    return TransactionTrace(
-        correlation_id=correlation_id,
-        messages=causal_order(merge_trace_rows(sources, correlation_id)),
-        saga=(
-            saga_store.get_saga_sync(saga_id)
-            if saga_id is not None and saga_store is not None
-            else None
-        ),
-        dead_letters=[
-            letter
-            for source in sources
-            for letter in source.dead_letters()
-            if letter.envelope.correlation_id == correlation_id
-        ],
-    )
+    messages = causal_order(await merge_trace_rows(sources, correlation_id))
+    saga = None
+    if saga_id is not None and saga_store is not None:
+        saga = await saga_store.get_saga(saga_id)
+    dead_letters = [
+        letter
+        for source in sources
+        for letter in await source.dead_letters()
+        if letter.envelope.correlation_id == correlation_id
+    ]
+    return TransactionTrace(correlation_id, messages, saga, dead_letters)
 
 
 _JSON = msgspec.json.Encoder(decimal_format="number")
@@ -279,15 +275,3 @@ def strip_control(text: str, replacement: str = "?") -> str:
         else:
             out.append(replacement)
     return "".join(out)
-
-
-def stock_violations(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Products whose ledger is off: ``available + reserved + sold != stocked`` or negative."""
-    problems = []
-    for row in rows:
-        counts = {name: row.get(name, 0) for name in ("available", "reserved", "sold", "stocked")}
-        if any(not isinstance(v, int | Decimal) or v < 0 for v in counts.values()):
-            problems.append(f"{row.get('productId')}: a negative or non-integer count {counts}")
-        elif counts["available"] + counts["reserved"] + counts["sold"] != counts["stocked"]:
-            problems.append(f"{row.get('productId')}: available + reserved + sold != stocked")
-    return problems

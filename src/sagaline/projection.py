@@ -126,7 +126,7 @@ async def rebuild(
     shadow = f"{projection.namespace}.rebuild"
     async with db.transaction() as tx:
         await tx.delete_namespace(shadow)
-    head = db.head_position() if bus is None else 0
+    head = await db.head_position() if bus is None else 0
     position = 0
     replayed: list[str] = []
 

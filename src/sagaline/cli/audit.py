@@ -210,7 +210,7 @@ def trace(
     keepers = current_app().default.saga_services()
 
     async def query(deployment: Deployment) -> TransactionTrace:
-        return load_transaction(deployment, key, keepers)
+        return await load_transaction(deployment, key, keepers)
 
     found = with_deployment(store, bus, query, read_only=True)
     if not found.found:
@@ -225,7 +225,7 @@ def trace(
         out.print(dead_letter_table([dead_letter_summary(d) for d in found.dead_letters]))
 
 
-def load_transaction(
+async def load_transaction(
     deployment: Deployment, key: str, keepers: Sequence[str] | None = None
 ) -> TransactionTrace:
     """The audit trail of ``key`` with its saga: the first instance found of one of the app's
@@ -236,12 +236,12 @@ def load_transaction(
     found: TransactionTrace | None = None
     for definition in app.sagas.values():
         for keeper in keepers:
-            found = load_trace(
+            found = await load_trace(
                 sources, key, saga_id(definition, key), saga_store=_queries(deployment, keeper)
             )
             if found.saga is not None:
                 return found
-    return found if found is not None else load_trace(sources, key)
+    return found if found is not None else await load_trace(sources, key)
 
 
 @app.command()
@@ -341,8 +341,8 @@ def sagas(
         rows: list[dict[str, Any]] = []
         counts: dict[str, int] = {}
         for db in {id(q): q for q in (_queries(deployment, k) for k in keepers)}.values():
-            rows += [saga_summary(record) for record in db.list_sagas(wanted)]
-            for name, count in db.saga_counts().items():
+            rows += [saga_summary(record) for record in await db.list_sagas(wanted)]
+            for name, count in (await db.saga_counts()).items():
                 counts[name] = counts.get(name, 0) + count
         return rows, counts
 
@@ -404,7 +404,7 @@ def rebuild(
             TimeElapsedColumn(),
             console=err,
         ) as progress:
-            head = queries.head_position() if deployment.bus is None else None
+            head = await queries.head_position() if deployment.bus is None else None
             task = progress.add_task("rebuild", total=head)
 
             def advance(position: int, head: int) -> None:
@@ -414,7 +414,7 @@ def rebuild(
                 db, projection, bus=deployment.bus, progress=advance
             )
             progress.update(task, completed=progress.tasks[0].completed)
-        count = len(queries.query_documents(namespace))
+        count = len(await queries.query_documents(namespace))
         return namespace, count, int(progress.tasks[0].completed)
 
     namespace, count, position = with_deployment(store, bus, go, services=[service])

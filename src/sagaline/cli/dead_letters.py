@@ -58,7 +58,7 @@ def dead_letters(
 
     async def query(deployment: Deployment) -> list[dict[str, Any]]:
         letters = [
-            letter for queries in all_queries(deployment) for letter in queries.dead_letters()
+            letter for queries in all_queries(deployment) for letter in await queries.dead_letters()
         ]
         letters.sort(key=lambda letter: letter.failed_at)
         return [dead_letter_summary(letter) for letter in letters]
@@ -93,7 +93,7 @@ def _redrive(
         # store's own: two stores may each have a dead letter 1).
         targets: list[tuple[str, int]] = []
         for service in [consumer] if consumer else list(deployment.services):
-            for letter in deployment.queries(service).dead_letters():
+            for letter in await deployment.queries(service).dead_letters():
                 if letter.consumer == service and letter_id in (None, letter.id):
                     targets.append((service, letter.id))
         targets = list(dict.fromkeys(targets))

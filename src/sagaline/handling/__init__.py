@@ -16,7 +16,7 @@ process's workers and relay), :mod:`.crash` (the crash tests' kill points).
 """
 
 from sagaline.handling.crash import crash_point
-from sagaline.handling.runtime import Runtime
+from sagaline.handling.runtime import Condition, Runtime, holds
 from sagaline.handling.service import Context, Handler, ReadsOf, Service
 from sagaline.handling.service import decode_in as decode_in
 from sagaline.handling.system import CLIENT as CLIENT
@@ -25,6 +25,7 @@ from sagaline.handling.worker import DEFAULT_BATCH, Worker
 
 __all__ = [
     "DEFAULT_BATCH",
+    "Condition",
     "Context",
     "Handler",
     "ReadsOf",
@@ -33,4 +34,5 @@ __all__ = [
     "System",
     "Worker",
     "crash_point",
+    "holds",
 ]

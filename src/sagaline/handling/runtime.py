@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import cast
 
 from sagaline.clock import SYSTEM_CLOCK, Clock
@@ -16,7 +17,19 @@ from sagaline.handling.worker import DEFAULT_BATCH, Worker
 from sagaline.ports import Backend, BrokerBus, Outbox
 from sagaline.relay import Relay
 
-__all__ = ["Runtime"]
+__all__ = ["Condition", "Runtime", "holds"]
+
+#: What a runner waits for: a function that says whether it holds, now or once awaited (a
+#: store's asynchronous query: ``lambda: db.is_idle(system.subscribers)``).
+Condition = Callable[[], bool | Awaitable[bool]]
+
+
+async def holds(condition: Condition) -> bool:
+    """Whether ``condition`` holds, awaiting its answer when it gives a coroutine."""
+    answer = condition()
+    if inspect.isawaitable(answer):
+        answer = await answer
+    return bool(answer)
 
 
 class Runtime:
@@ -103,9 +116,10 @@ class Runtime:
         self.stop_event.set()
 
     async def run_until(
-        self, done: Callable[[], bool], *, check_every: float = 0.05, timeout: float = 300.0
+        self, done: Condition, *, check_every: float = 0.05, timeout: float = 300.0
     ) -> None:
-        """Run until ``done()`` is true, then stop.
+        """Run until ``done()`` is true, then stop; ``done`` may answer asynchronously (a
+        store's query).
 
         ``done()`` is checked every ``check_every`` seconds and ``timeout`` counted, both on the
         runtime's clock; a worker that fails ends the wait at once, with its error.
@@ -114,7 +128,7 @@ class Runtime:
         clock = self.clock
         deadline = clock.monotonic() + timeout
         try:
-            while not done():
+            while not await holds(done):
                 if runner.done():
                     runner.result()
                 if clock.monotonic() > deadline:

@@ -41,9 +41,9 @@ from sagaline.cli import (
     with_deployment,
 )
 from sagaline.config import redact_url
-from sagaline.observability import TransactionTrace, load_trace, stock_violations
+from sagaline.observability import TransactionTrace, load_trace
 from sagaline.orders.demo import DEMO_STOCK, NotADemoStore, open_demo_deployment, run_demo
-from sagaline.orders.inventory import STOCK, set_stock
+from sagaline.orders.inventory import STOCK, set_stock, stock_violations
 from sagaline.orders.messages import Id
 from sagaline.orders.read import ORDER_VIEW
 from sagaline.orders.saga import ORDER_SAGA
@@ -155,12 +155,12 @@ def demo(
             sources = all_queries(deployment)
             orchestrator = queries(deployment, "orchestrator")
             traces = [
-                load_trace(sources, key, saga_id(ORDER_SAGA, key), saga_store=orchestrator)
+                await load_trace(sources, key, saga_id(ORDER_SAGA, key), saga_store=orchestrator)
                 for key in run.order_ids
             ]
             read = queries(deployment, "read")
-            orders = [read.get_document_sync(ORDER_VIEW, key) for key in run.order_ids]
-            stock = queries(deployment, "inventory").query_documents(STOCK)
+            orders = [await read.get_document(ORDER_VIEW, key) for key in run.order_ids]
+            stock = await queries(deployment, "inventory").query_documents(STOCK)
             return run.handled, traces, stock, orders
         finally:
             await deployment.close()
@@ -233,7 +233,7 @@ def stock_list(
     """Every product's stock: available, reserved, sold and stocked units."""
 
     async def query(deployment: Deployment) -> list[dict[str, Any]]:
-        return queries(deployment, "inventory").query_documents(STOCK)
+        return await queries(deployment, "inventory").query_documents(STOCK)
 
     rows = with_deployment(
         store, bus, query, must_exist="inventory", services=["inventory"], read_only=True
@@ -256,7 +256,7 @@ def order(
     """One order of the read model."""
 
     async def query(deployment: Deployment) -> Document | None:
-        return queries(deployment, "read").get_document_sync(ORDER_VIEW, order_id)
+        return await queries(deployment, "read").get_document(ORDER_VIEW, order_id)
 
     document = with_deployment(store, bus, query, services=["read"], read_only=True)
     if document is None:
@@ -301,7 +301,7 @@ def orders(
         filters["customerId"] = customer
 
     async def query(deployment: Deployment) -> list[dict[str, Any]]:
-        return queries(deployment, "read").query_documents(ORDER_VIEW, filters)
+        return await queries(deployment, "read").query_documents(ORDER_VIEW, filters)
 
     rows = with_deployment(store, bus, query, services=["read"], read_only=True)
     if json_output:

@@ -9,7 +9,7 @@ demo's stores, and refuses any other data, so the demo never wipes real data
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -157,19 +157,19 @@ async def submit_demo_orders(
     return [await system.submit(bus, order) for order in orders]
 
 
-def is_settled(db: Database, sagas: int) -> bool:
+async def is_settled(db: Database, sagas: int) -> bool:
     """Whether ``sagas`` sagas have ended and nothing is left to deliver.
 
     Terminal sagas alone are not enough: the confirmation or cancellation still has to reach
     the read model and the inventory, so every queue must be empty and every subscriber at the
     head of the log.
     """
-    counts = db.saga_counts()
+    counts = await db.saga_counts()
     ended = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
-    return ended == sagas == sum(counts.values()) and db.is_idle(SUBSCRIBER_NAMES)
+    return ended == sagas == sum(counts.values()) and await db.is_idle(SUBSCRIBER_NAMES)
 
 
-def is_deployment_settled(deployment: Deployment, order_ids: Sequence[str]) -> bool:
+async def is_deployment_settled(deployment: Deployment, order_ids: Sequence[str]) -> bool:
     """Whether the orders' sagas have ended and every service has caught up with them.
 
     With one database for stores and bus this is :func:`is_settled`. With a database per
@@ -178,25 +178,28 @@ def is_deployment_settled(deployment: Deployment, order_ids: Sequence[str]) -> b
     recorded the outcome, and no outbox holds anything unpublished.
     """
     if deployment.colocated and len(deployment.distinct_stores()) == 1:
-        return is_settled(deployment.store("orchestrator"), len(order_ids))
-    counts = deployment.queries("orchestrator").saga_counts()
+        return await is_settled(deployment.store("orchestrator"), len(order_ids))
+    counts = await deployment.queries("orchestrator").saga_counts()
     ended = counts.get("COMPLETED", 0) + counts.get("COMPENSATED", 0)
     if not ended == len(order_ids) == sum(counts.values()):
         return False
     read = deployment.queries("read")
     for order_id in order_ids:
-        view = read.get_document_sync(ORDER_VIEW, order_id)
+        view = await read.get_document(ORDER_VIEW, order_id)
         if view is None or view.data.get("status") not in ("CONFIRMED", "CANCELLED"):
             return False
     inventory = deployment.queries("inventory")
-    if any(row.get("reserved") for row in inventory.query_documents(STOCK)):
+    if any(row.get("reserved") for row in await inventory.query_documents(STOCK)):
         return False
     order_store = deployment.queries("order")
     for order_id in order_ids:
-        stream = order_store.read_stream_sync(Order.stream_name(order_id))
+        stream = await order_store.read_stream(Order.stream_name(order_id))
         if not stream or stream[-1].envelope.message_type not in _ORDER_FINAL_EVENTS:
             return False
-    return all(not store.outbox_pending() for store in deployment.distinct_stores())
+    for store in deployment.distinct_stores():
+        if await store.outbox_pending():
+            return False
+    return True
 
 
 async def run_until_settled(
@@ -216,7 +219,7 @@ async def run_until_settled(
         order_ids = list(sagas) if not isinstance(sagas, int) else []
         runtimes = deployment.runtimes(system)
 
-        def done() -> bool:
+        def done() -> Awaitable[bool]:
             return is_deployment_settled(deployment, order_ids)
 
         await _run_all_until(runtimes, done, timeout)
@@ -228,13 +231,13 @@ async def run_until_settled(
 
 
 async def _run_all_until(
-    runtimes: Sequence[Runtime], done: Callable[[], bool], timeout: float
+    runtimes: Sequence[Runtime], done: Callable[[], Awaitable[bool]], timeout: float
 ) -> None:
     tasks = [asyncio.create_task(runtime.run()) for runtime in runtimes]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     try:
-        while not done():
+        while not await done():
             for task in tasks:
                 if task.done():
                     task.result()

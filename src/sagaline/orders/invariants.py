@@ -1,9 +1,9 @@
 """The order flow's own invariants (RELIABILITY.md I2 stock, I3 exclusive, I4 money, and the
-order rules of I1, I5 and I8), registered on the order apps as ``App.invariants``.
+order rules of I5 and I8), registered on the order apps as ``App.invariants``.
 
-The test kit (:mod:`sagaline.testing`) checks what any app keeps (every saga ended, each message
-handled once, streams without gaps, read model equal to a rebuild, nothing lost or undelivered)
-and then these, over the same snapshot of the stores: every created order has its saga; each
+The test kit (:mod:`sagaline.testing`) checks what any app keeps (every start event has its saga
+and every saga ended, each message handled once, streams without gaps, read model equal to a
+rebuild, nothing lost or undelivered) and then these, over the same snapshot of the stores: each
 product's stock ledger balances and matches the reservations and the sagas' outcomes; no order is
 both confirmed and cancelled; one payment per order, of its amount, and none for an order not
 confirmed; one creation and one reservation per order; each message one answer; each command of
@@ -79,7 +79,6 @@ def order_invariants(initial_stock: Mapping[str, int] | None = None) -> tuple[In
 
     def check_orders(snapshot: AuditSnapshot) -> Iterator[Violation]:
         facts = _Facts.load(snapshot)
-        yield from _check_started(facts)
         yield from _check_stock(snapshot, facts, initial_stock)
         yield from _check_exclusive(snapshot, facts)
         yield from _check_money(snapshot, facts)
@@ -131,18 +130,6 @@ class _Facts:
 
 def _documents(snapshot: AuditSnapshot, namespace: str) -> dict[str, dict[str, Any]]:
     return snapshot.documents.get(namespace, {})
-
-
-def _check_started(facts: _Facts) -> Iterator[Violation]:
-    """I1: every created order has its saga."""
-    for order_id in facts.created_orders():
-        if order_id not in facts.outcomes:
-            created = facts.of(order_id, _CREATED)[0]
-            yield Violation(
-                "I1",
-                f"{order_id} was created but no saga started for it",
-                {"orderId": order_id, "stream": created.stream, "position": created.at},
-            )
 
 
 def _check_stock(

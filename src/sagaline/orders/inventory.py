@@ -7,6 +7,8 @@ with nothing reserved is a no-op that still answers, and it bars a later reserva
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from sagaline import Reads, StoreTransaction
@@ -29,6 +31,7 @@ __all__ = [
     "reserve_order",
     "sell_order",
     "set_stock",
+    "stock_violations",
 ]
 
 STOCK = "inventory.stock"
@@ -186,3 +189,15 @@ async def _move(
         data[source] -= item["quantity"]
         data[target] += item["quantity"]
         await tx.put_document(STOCK, item["productId"], data, stock.version)
+
+
+def stock_violations(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Products whose ledger is off: ``available + reserved + sold != stocked`` or negative."""
+    problems = []
+    for row in rows:
+        counts = {name: row.get(name, 0) for name in ("available", "reserved", "sold", "stocked")}
+        if any(not isinstance(v, int | Decimal) or v < 0 for v in counts.values()):
+            problems.append(f"{row.get('productId')}: a negative or non-integer count {counts}")
+        elif counts["available"] + counts["reserved"] + counts["sold"] != counts["stocked"]:
+            problems.append(f"{row.get('productId')}: available + reserved + sold != stocked")
+    return problems

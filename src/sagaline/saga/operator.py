@@ -48,7 +48,7 @@ def keeper_of(system: System, saga_id: str) -> tuple[str, dict[int, SagaDefiniti
 async def find_saga(deployment: Deployment, system: System, saga_id: str) -> SagaRecord:
     """The saga instance ``saga_id`` with its history; :class:`SagaNotFound` when none."""
     service, _ = keeper_of(system, saga_id)
-    record = deployment.queries(service).get_saga_sync(saga_id, history=True)
+    record = await deployment.queries(service).get_saga(saga_id, history=True)
     if record is None:
         raise SagaNotFound(f"no saga {saga_id}")
     return record

@@ -1,9 +1,9 @@
 """Tools for testing systems built with sagaline: the invariant checker of RELIABILITY.md.
 
-``check_app`` checks any app on one store (the embedded default, bus included), and
-``check_app_deployment`` on a deployment of a store per service and a bus (SQLite, PostgreSQL,
-RabbitMQ, NATS): the invariants any app keeps, then the app's own (``App.invariants``).
-``check_invariants`` and ``check_deployment`` do so for the reference order app.
+``await check_app(app, store)`` checks any app on one store (the embedded default, bus included),
+and ``await check_app_deployment(app, deployment)`` on a deployment of a store per service and a
+bus (SQLite, PostgreSQL, RabbitMQ, NATS): the invariants any app keeps, then the app's own
+(``App.invariants``).
 
 :class:`Harness` runs an app on a temporary store (a SQLite file, or a PostgreSQL schema) with a
 :class:`~sagaline.clock.FakeClock` it moves to each next due retry, and with :class:`Faults` a
@@ -18,13 +18,7 @@ from sagaline.testing.invariants import (
     AuditSnapshot,
     Violation,
     check_app,
-    check_app_async,
     check_app_deployment,
-    check_app_deployment_async,
-    check_deployment,
-    check_deployment_async,
-    check_invariants,
-    check_invariants_async,
     format_violations,
 )
 
@@ -37,12 +31,6 @@ __all__ = [
     "InjectedFailure",
     "Violation",
     "check_app",
-    "check_app_async",
     "check_app_deployment",
-    "check_app_deployment_async",
-    "check_deployment",
-    "check_deployment_async",
-    "check_invariants",
-    "check_invariants_async",
     "format_violations",
 ]

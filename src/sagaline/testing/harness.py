@@ -46,7 +46,7 @@ from sagaline.handling import Context, Runtime, System, Worker
 from sagaline.handling.timers import TimerPoller
 from sagaline.messages import Envelope, Message, MessageStamps, stamping
 from sagaline.ports import Batch, ConsumerSpec, Database, Delivery, Disposable, Outcome
-from sagaline.testing.invariants import Violation, check_app_async
+from sagaline.testing.invariants import Violation, check_app
 
 __all__ = ["Delivered", "Faults", "Harness", "InjectedCrash", "InjectedFailure", "Schedule"]
 
@@ -133,7 +133,7 @@ class Harness:
         async with Harness(app, seed=7, faults=Faults(duplicates=0.2)) as harness:
             await harness.submit(BookTripCommand(...))
             await harness.run_until_quiet()
-            assert harness.db.saga_counts() == {"COMPLETED": 1}
+            assert await harness.db.saga_counts() == {"COMPLETED": 1}
             assert await harness.check() == []
 
     The store is a SQLite file in a temporary directory, removed on exit; ``path`` keeps it at a
@@ -298,7 +298,7 @@ class Harness:
                     continue
                 due = await schedule.next_due(self.clock.time())
                 if due is None:
-                    if not self.db.is_idle(self.system.subscribers):
+                    if not await self.db.is_idle(self.system.subscribers):
                         raise RuntimeError("work is pending that never falls due")
                     return taken
                 self.clock.set(max(due + _PAST, self.clock.time()))
@@ -311,11 +311,11 @@ class Harness:
         """Every row of the store the invariant checker reads, table by table (messages with
         their ids, bodies and timestamps, saga records and histories, documents, inbox): for
         one seed, the same rows on every run."""
-        return self.db.audit_rows()
+        return await self.db.audit_rows()
 
     async def check(self) -> list[Violation]:
         """The invariants the app breaks in the store: the generic ones, then its own."""
-        return await check_app_async(self.app, self.db, system=self.system)
+        return await check_app(self.app, self.db, system=self.system)
 
     # The stepping -----------------------------------------------------------------------------
 

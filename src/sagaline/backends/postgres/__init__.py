@@ -5,9 +5,9 @@ events into its log in the store's own transaction, exactly like the SQLite back
 ``outbox=True`` the store keeps outgoing messages in its outbox instead, for a relay to publish to
 another bus; the same class also serves as such a bus for stores elsewhere (:class:`BrokerBus`).
 
-Connections: an asyncio pool for units of work, claims and the log; one autocommit connection
-that LISTENs for wake-ups; one synchronous autocommit connection, opened on first use, for the
-query tools. The pool and the listener belong to the event loop that opened them; used from
+Connections: an asyncio pool for units of work, claims, the log and the query tools; one
+autocommit connection that LISTENs for wake-ups, on which the schemas are migrated when it is
+first opened. The pool and the listener belong to the event loop that opened them; used from
 another loop (each ``asyncio.run`` is one), the database opens them again there. The module is
 split by responsibility: :mod:`.schema`, :mod:`.transaction` (the unit of work), :mod:`.bus`
 (queues and subscriptions) and :mod:`.queries` (read-only tools).
@@ -41,7 +41,7 @@ from sagaline.backends.postgres.schema import (
     SCHEMA_VERSION,
     Names,
     cannot_connect,
-    connect_sync,
+    connect,
     migrate,
     migrate_connection,
     redact_url,
@@ -124,7 +124,6 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
         self._listener: asyncio.Task[None] | None = None
         self._listener_conn: AsyncConnection[Any] | None = None
         self._connections: weakref.WeakSet[AsyncConnection[Any]] = weakref.WeakSet()
-        self._sync_conn: psycopg.Connection[Any] | None = None
         self._migrated = False
         self._wakeups = {}
         self._members = {}
@@ -150,16 +149,6 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
         """This database: a bus that is a database, which keeps the commands clients submitted."""
         return self
 
-    def _sync(self) -> psycopg.Connection[Any]:
-        """The synchronous tools' connection, opened (and the schemas migrated) on first use."""
-        conn = self._sync_conn
-        if conn is None or conn.closed:
-            conn = self._sync_conn = connect_sync(self.url, self.connect_timeout)
-        if not self._migrated:
-            migrate_connection(conn, self.names)
-            self._migrated = True
-        return conn
-
     async def _ready(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
         pool = self._pool
         loop = asyncio.get_running_loop()
@@ -182,7 +171,12 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
         return self._pool
 
     async def _start(self) -> None:
-        self._sync()
+        # The listening connection first: a wrong URL or a missing database fails at once and
+        # clearly (a pool would retry until its timeout). The schemas are migrated on it.
+        try:
+            listener = await self._connect_listener()
+        except psycopg.Error as exc:
+            raise cannot_connect(self.url, exc) from None
         pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
             self.url,
             min_size=1,
@@ -193,11 +187,16 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
             name=f"sagaline-{self.names.store_name}",
         )
         try:
+            if not self._migrated:
+                await migrate_connection(listener, self.names)
+                self._migrated = True
             await pool.open(wait=True, timeout=self.connect_timeout or 15.0)
-            listener = await self._connect_listener()
-        except (psycopg.Error, psycopg_pool.PoolTimeout, TimeoutError) as exc:
+        except BaseException as exc:
             await pool.close()
-            raise cannot_connect(self.url, exc) from None
+            await listener.close()
+            if isinstance(exc, psycopg.OperationalError | psycopg_pool.PoolTimeout | TimeoutError):
+                raise cannot_connect(self.url, exc) from None
+            raise
         self._listener = asyncio.get_running_loop().create_task(self._listen(listener))
         self._pool = pool
 
@@ -228,7 +227,7 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
         self._loop = None
 
     async def close(self) -> None:
-        """Close the pool, the listener and the tools' connection."""
+        """Close the pool and the listener."""
         loop = asyncio.get_running_loop()
         if self._pool is not None and self._loop is loop:
             if self._listener is not None:
@@ -239,9 +238,6 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
                 await self._listener_conn.close()
             await self._pool.close()
         self._abandon()
-        if self._sync_conn is not None:
-            self._sync_conn.close()
-            self._sync_conn = None
 
     # ---------------------------------------------------------- unit of work
 
@@ -295,18 +291,14 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
             )
 
     def rename_namespace(self, source: str, target: str) -> None:
-        """Move every document of ``source`` to ``target``.
-
-        Called inside a unit of work of this task, it runs when that unit commits.
-        """
+        """Move every document of ``source`` to ``target`` when the unit of work of this task
+        commits (called outside one, it raises :class:`RuntimeError`)."""
         sql = f"UPDATE {self.names.store}.documents SET namespace = %s WHERE namespace = %s"
-        self._run_or_defer(sql, (target, source))
+        self._defer(sql, (target, source))
 
     def reset_subscription(self, subscriber: str, position: int) -> None:
-        """Move every partition cursor of ``subscriber`` to ``position``.
-
-        Called inside a unit of work of this task, it runs when that unit commits.
-        """
+        """Move every partition cursor of ``subscriber`` to ``position`` when the unit of work of
+        this task commits (called outside one, it raises :class:`RuntimeError`)."""
         b = self.names.bus
         sql = (
             f"INSERT INTO {b}.subscriptions (subscriber, part, position)"
@@ -314,14 +306,13 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
             " ON CONFLICT (subscriber, part) DO UPDATE SET position = excluded.position,"
             " attempts = 0, available_at = 0, claimed = 0, last_error = NULL"
         )
-        self._run_or_defer(sql, (subscriber, position, PARTITIONS - 1))
+        self._defer(sql, (subscriber, position, PARTITIONS - 1))
 
-    def _run_or_defer(self, sql: str, params: tuple[Any, ...]) -> None:
+    def _defer(self, sql: str, params: tuple[Any, ...]) -> None:
         tx = _CURRENT.get()
-        if tx is not None and tx._db is self:
-            tx.defer(sql, params)
-        else:
-            self._sync().execute(sql, params)
+        if tx is None or tx._db is not self:
+            raise RuntimeError("a projection swap joins a unit of work of this database: open one")
+        tx.defer(sql, params)
 
     # ----------------------------------------------------------------- outbox
 
@@ -384,14 +375,6 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
         with suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
 
-    def outbox_pending(self) -> int:
-        """How many outbox entries are not published yet."""
-        return int(
-            self._rows(f"SELECT count(*) FROM {self.names.store}.outbox WHERE sent_at IS NULL")[0][
-                0
-            ]
-        )
-
     # ------------------------------------------------------------------ demo
 
     async def drop_if_marked(self, key: str) -> bool:
@@ -401,22 +384,25 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
         False, leaving everything as it was, when the store schema holds data without the mark.
         """
         await self.close()
-        with connect_sync(self.url, self.connect_timeout) as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn = await connect(self.url, self.connect_timeout)
+        async with conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
             names = self.names
-            exists = conn.execute("SELECT to_regclass(%s)", (f"{names.store}.meta",)).fetchone()
+            cursor = await conn.execute("SELECT to_regclass(%s)", (f"{names.store}.meta",))
+            exists = await cursor.fetchone()
             if exists is not None and exists[0] is not None:
-                mark = conn.execute(
+                cursor = await conn.execute(
                     f"SELECT value FROM {names.store}.meta WHERE key = %s", (key,)
-                ).fetchone()
-                if (mark is None or mark[0] != "1") and any(
-                    conn.execute(f"SELECT 1 FROM {names.store}.{table} LIMIT 1").fetchone()
-                    for table in _DATA_TABLES
-                ):
-                    return False
-            conn.execute(f"DROP SCHEMA IF EXISTS {names.store} CASCADE")
+                )
+                mark = await cursor.fetchone()
+                if mark is None or mark[0] != "1":
+                    for table in _DATA_TABLES:
+                        cursor = await conn.execute(f"SELECT 1 FROM {names.store}.{table} LIMIT 1")
+                        if await cursor.fetchone():
+                            return False
+            await conn.execute(f"DROP SCHEMA IF EXISTS {names.store} CASCADE")
             if names.bus != names.store:
-                conn.execute(f"DROP SCHEMA IF EXISTS {names.bus} CASCADE")
+                await conn.execute(f"DROP SCHEMA IF EXISTS {names.bus} CASCADE")
         self._migrated = False
         return True
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
+from psycopg import AsyncConnection
 
 from sagaline.backends.postgres import open_bus, open_store
-from sagaline.backends.postgres.schema import Names, connect_sync
+from sagaline.backends.postgres.schema import Names, connect
 
 __all__ = ["reset"]
 
@@ -43,8 +43,8 @@ async def reset(
             url, service=service, colocated_bus=colocated_bus, connect_timeout=connect_timeout
         )
     names = db.names
-    with connect_sync(url, connect_timeout) as conn:
-        if _holds_unmarked_data(conn, names, mark):
+    async with await connect(url, connect_timeout) as conn:
+        if await _holds_unmarked_data(conn, names, mark):
             return False
     if delete:
         try:
@@ -54,21 +54,26 @@ async def reset(
     return True
 
 
-def _holds_unmarked_data(conn: psycopg.Connection[Any], names: Names, mark: str) -> bool:
+async def _holds_unmarked_data(conn: AsyncConnection[Any], names: Names, mark: str) -> bool:
     """Whether the store schema (the bus schema too, when it is the same one) holds data and
     lacks the mark."""
-    exists = conn.execute("SELECT to_regclass(%s)", (f"{names.store}.meta",)).fetchone()
+
+    async def one(sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+        cursor = await conn.execute(sql, params)
+        return await cursor.fetchone()
+
+    exists = await one("SELECT to_regclass(%s)", (f"{names.store}.meta",))
     if exists is None or exists[0] is None:
         return False
-    row = conn.execute(f"SELECT value FROM {names.store}.meta WHERE key = %s", (mark,)).fetchone()
+    row = await one(f"SELECT value FROM {names.store}.meta WHERE key = %s", (mark,))
     if row is not None and row[0] == "1":
         return False
     tables = [f"{names.store}.{table}" for table in _STORE_TABLES]
     if names.bus == names.store:
         tables += [f"{names.bus}.{table}" for table in _BUS_TABLES]
     for table in tables:
-        if conn.execute("SELECT to_regclass(%s)", (table,)).fetchone() == (None,):
+        if await one("SELECT to_regclass(%s)", (table,)) == (None,):
             continue
-        if conn.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone():
+        if await one(f"SELECT 1 FROM {table} LIMIT 1"):
             return True
     return False

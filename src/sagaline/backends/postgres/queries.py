@@ -1,7 +1,8 @@
 """Read-only queries of a PostgreSQL store and bus for tools: the log, sagas, views, traces.
 
-The synchronous ones run on a dedicated autocommit connection opened on first use, outside any
-unit of work; the log is read asynchronously through the pool.
+Every query runs on a connection of the database's asyncio pool (autocommit, outside any unit of
+work), so a tool never blocks its event loop and keeps one pool for its lifetime; the reads that
+must agree with each other (the audit rows, idleness) share one snapshot.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
-import psycopg
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool
 
@@ -35,13 +35,10 @@ class PostgresQueries:
     outbox: bool
     _open_transactions: int
 
-    def _sync(self) -> psycopg.Connection[Any]:
-        raise NotImplementedError
-
     async def _ready(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
         raise NotImplementedError
 
-    def audit_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+    async def audit_rows(self) -> dict[str, list[tuple[Any, ...]]]:
         """Every row the invariant checker reads, in one snapshot; the same keys and column
         orders as the SQLite backend's ``audit_rows`` (see there). With its bus co-located,
         ``events``, ``commands`` and ``subscriptions`` are the bus's; in outbox mode ``events``
@@ -80,22 +77,24 @@ class PostgresQueries:
                 f"SELECT subscriber, part, position FROM {b}.subscriptions"
                 " ORDER BY subscriber, part"
             )
-        conn = self._sync()
         result: dict[str, list[tuple[Any, ...]]] = {}
-        with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        pool = await self._ready()
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             for key, sql in queries.items():
-                result[key] = [tuple(row) for row in conn.execute(sql).fetchall()]
+                result[key] = [tuple(row) for row in await _fetch(conn, sql)]
         result.setdefault("commands", [])
         result.setdefault("subscriptions", [])
         return result
 
-    def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
-        return self._sync().execute(sql, params).fetchall()
+    async def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[Any]:
+        pool = await self._ready()
+        async with pool.connection() as conn:
+            return await _fetch(conn, sql, params)
 
-    def read_stream_sync(self, stream: str) -> list[StoredEvent]:
+    async def read_stream(self, stream: str) -> list[StoredEvent]:
         """Every event of one stream, in version order."""
-        rows = self._rows(
+        rows = await self._rows(
             f"SELECT COALESCE(position, 0), stream, version, {ENVELOPE_COLUMNS}"
             f" FROM {self.names.store}.streams WHERE stream = %s ORDER BY version",
             (stream,),
@@ -110,14 +109,11 @@ class PostgresQueries:
 
     async def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
         """The global event log after ``after``, at most ``limit`` events."""
-        pool = await self._ready()
-        async with pool.connection() as conn:
-            cursor = await conn.execute(
-                f"SELECT position, stream, version, {ENVELOPE_COLUMNS} FROM {self._log_source()}"
-                " WHERE position > %s ORDER BY position LIMIT %s",
-                (after, limit),
-            )
-            rows = await cursor.fetchall()
+        rows = await self._rows(
+            f"SELECT position, stream, version, {ENVELOPE_COLUMNS} FROM {self._log_source()}"
+            " WHERE position > %s ORDER BY position LIMIT %s",
+            (after, limit),
+        )
         return [StoredEvent(row[0], row[1], row[2], envelope_from_row(row, 3)) for row in rows]
 
     async def iter_log(self, after: int = 0, batch: int = 1000) -> AsyncIterator[StoredEvent]:
@@ -130,56 +126,60 @@ class PostgresQueries:
                 yield event
             after = page[-1].position
 
-    def head_position(self) -> int:
+    async def head_position(self) -> int:
         """The position of the newest event (0 when the log is empty)."""
         head = f"{self.names.store}.stream_head" if self.outbox else f"{self.names.bus}.log_head"
-        return int(self._rows(f"SELECT position FROM {head}")[0][0])
+        return int((await self._rows(f"SELECT position FROM {head}"))[0][0])
 
-    def get_saga_sync(self, saga_id: str, *, history: bool = True) -> SagaRecord | None:
+    async def get_saga(self, saga_id: str, *, history: bool = True) -> SagaRecord | None:
         """One saga instance (with its history unless told otherwise), or None."""
         s = self.names.store
-        rows = self._rows(f"SELECT {SAGA_COLUMNS} FROM {s}.sagas WHERE saga_id = %s", (saga_id,))
-        if not rows:
-            return None
-        record = saga_from_row(rows[0])
-        if history:
-            record.history = [
-                decode_json(entry)
-                for (entry,) in self._rows(
+        pool = await self._ready()
+        async with pool.connection() as conn:
+            rows = await _fetch(
+                conn, f"SELECT {SAGA_COLUMNS} FROM {s}.sagas WHERE saga_id = %s", (saga_id,)
+            )
+            if not rows:
+                return None
+            record = saga_from_row(rows[0])
+            if history:
+                entries = await _fetch(
+                    conn,
                     f"SELECT data FROM {s}.saga_history WHERE saga_id = %s ORDER BY version, entry",
                     (saga_id,),
                 )
-            ]
+                record.history = [decode_json(entry) for (entry,) in entries]
         return record
 
-    def list_sagas(self, status: str | None = None) -> list[SagaRecord]:
+    async def list_sagas(self, status: str | None = None) -> list[SagaRecord]:
         """Saga instances (without their history), optionally of one status."""
         sql = f"SELECT {SAGA_COLUMNS} FROM {self.names.store}.sagas"
         params: tuple[Any, ...] = ()
         if status is not None:
             sql += " WHERE status = %s"
             params = (status,)
-        return [saga_from_row(row) for row in self._rows(sql + " ORDER BY created_at", params)]
+        rows = await self._rows(sql + " ORDER BY created_at", params)
+        return [saga_from_row(row) for row in rows]
 
-    def saga_counts(self) -> dict[str, int]:
+    async def saga_counts(self) -> dict[str, int]:
         """How many sagas are in each status."""
         return {
             status: int(count)
-            for status, count in self._rows(
+            for status, count in await self._rows(
                 f"SELECT status, count(*) FROM {self.names.store}.sagas GROUP BY status"
             )
         }
 
-    def get_document_sync(self, namespace: str, key: str) -> Document | None:
+    async def get_document(self, namespace: str, key: str) -> Document | None:
         """One document, or None (outside any unit of work)."""
-        rows = self._rows(
+        rows = await self._rows(
             f"SELECT data, version FROM {self.names.store}.documents"
             " WHERE namespace = %s AND key = %s",
             (namespace, key),
         )
         return None if not rows else Document(decode_json(rows[0][0]), rows[0][1])
 
-    def query_documents(
+    async def query_documents(
         self, namespace: str, filters: Mapping[str, Any] | None = None
     ) -> list[dict[str, Any]]:
         """Documents of a namespace whose top-level fields equal ``filters`` (parameters only)."""
@@ -190,12 +190,12 @@ class PostgresQueries:
                 raise ValueError(f"not a field name: {name!r}")
             sql += " AND data::json ->> %s = %s"
             params.extend([name, value if isinstance(value, str) else JSON.encode(value).decode()])
-        return [decode_json(row[0]) for row in self._rows(sql + " ORDER BY key", params)]
+        return [decode_json(row[0]) for row in await self._rows(sql + " ORDER BY key", params)]
 
-    def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]:
+    async def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]:
         """Every command and event of one business key, with who handled it and when."""
         b, s = self.names.bus, self.names.store
-        rows = self._rows(
+        rows = await self._rows(
             "SELECT 'event', position, message_id, type, body, causation_id, timestamp, source,"
             f" NULL, stream, version FROM {b}.events WHERE correlation_id = %(key)s"
             " UNION ALL"
@@ -222,7 +222,7 @@ class PostgresQueries:
             if row[2] not in seen:
                 seen.add(row[2])
                 unique.append(row)
-        handled = self.handled_by([row[2] for row in unique])
+        handled = await self.handled_by([row[2] for row in unique])
         result = []
         for kind, seq, message_id, type_, body, causation, ts, source, queue, one, two in unique:
             entry: dict[str, Any] = {
@@ -251,12 +251,12 @@ class PostgresQueries:
             result.append(entry)
         return result
 
-    def handled_by(self, message_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+    async def handled_by(self, message_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
         """Which consumers of this store handled each of ``message_ids``, and when."""
         handled: dict[str, list[tuple[str, str]]] = {}
         if not message_ids:
             return handled
-        for message_id, consumer, at in self._rows(
+        for message_id, consumer, at in await self._rows(
             f"SELECT message_id, consumer, processed_at FROM {self.names.store}.inbox"
             " WHERE message_id = ANY(%s::text[]) ORDER BY processed_at",
             (list(message_ids),),
@@ -264,9 +264,9 @@ class PostgresQueries:
             handled.setdefault(message_id, []).append((consumer, at))
         return handled
 
-    def dead_letters(self) -> list[DeadLetter]:
+    async def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter, oldest first."""
-        rows = self._rows(
+        rows = await self._rows(
             "SELECT id, consumer, message_id, type, body, correlation_id, causation_id, timestamp,"
             f" source, reason, attempts, failed_at FROM {self.names.store}.dead_letters ORDER BY id"
         )
@@ -290,28 +290,38 @@ class PostgresQueries:
             for row in rows
         ]
 
-    def pending_counts(self) -> dict[str, int]:
+    async def outbox_pending(self) -> int:
+        """How many outbox entries are not published yet."""
+        s = self.names.store
+        return int(
+            (await self._rows(f"SELECT count(*) FROM {s}.outbox WHERE sent_at IS NULL"))[0][0]
+        )
+
+    async def pending_counts(self) -> dict[str, int]:
         """Undone commands per queue."""
-        return {
-            queue: int(count)
-            for queue, count in self._rows(
-                f"SELECT queue, count(*) FROM {self.names.bus}.commands WHERE NOT done"
-                " GROUP BY queue"
-            )
-        }
+        pool = await self._ready()
+        async with pool.connection() as conn:
+            return await self._pending(conn)
 
-    def subscription_lag(self) -> dict[str, int]:
+    async def subscription_lag(self) -> dict[str, int]:
         """Per subscriber, how many log positions its slowest partition is behind."""
-        b = self.names.bus
-        return {
-            name: int(lag)
-            for name, lag in self._rows(
-                f"SELECT subscriber, (SELECT position FROM {b}.log_head) - min(position)"
-                f" FROM {b}.subscriptions GROUP BY subscriber"
-            )
-        }
+        pool = await self._ready()
+        async with pool.connection() as conn:
+            return await self._lag(conn)
 
-    def is_idle(self, subscribers: Iterable[str] = ()) -> bool:
+    async def _pending(self, conn: AsyncConnection[Any]) -> dict[str, int]:
+        sql = f"SELECT queue, count(*) FROM {self.names.bus}.commands WHERE NOT done GROUP BY queue"
+        return {queue: int(count) for queue, count in await _fetch(conn, sql)}
+
+    async def _lag(self, conn: AsyncConnection[Any]) -> dict[str, int]:
+        b = self.names.bus
+        sql = (
+            f"SELECT subscriber, (SELECT position FROM {b}.log_head) - min(position)"
+            f" FROM {b}.subscriptions GROUP BY subscriber"
+        )
+        return {name: int(lag) for name, lag in await _fetch(conn, sql)}
+
+    async def is_idle(self, subscribers: Iterable[str] = ()) -> bool:
         """Whether nothing is left to deliver: no command pending, every subscriber at the head.
 
         ``subscribers`` must have started: one that never claimed has no cursor yet. Read in one
@@ -319,21 +329,29 @@ class PostgresQueries:
         """
         if self._open_transactions:
             return False
-        conn = self._sync()
-        with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            pending = self.pending_counts()
-            lag = self.subscription_lag()
+        pool = await self._ready()
+        async with pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            pending = await self._pending(conn)
+            lag = await self._lag(conn)
         return not pending and set(subscribers) <= set(lag) and not any(lag.values())
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """A read-only query for checks and tools (parameters only, ``%s`` placeholders)."""
-        return [tuple(row) for row in self._rows(sql, params)]
+        return [tuple(row) for row in await self._rows(sql, params)]
 
-    def get_meta(self, key: str) -> str | None:
+    async def get_meta(self, key: str) -> str | None:
         """A value of the store schema's metadata table, or None."""
-        rows = self._rows(f"SELECT value FROM {self.names.store}.meta WHERE key = %s", (key,))
+        sql = f"SELECT value FROM {self.names.store}.meta WHERE key = %s"
+        rows = await self._rows(sql, (key,))
         return None if not rows else str(rows[0][0])
+
+
+async def _fetch(
+    conn: AsyncConnection[Any], sql: str, params: Sequence[Any] | dict[str, Any] = ()
+) -> list[Any]:
+    cursor = await conn.execute(sql, params)
+    return await cursor.fetchall()
 
 
 def _kind_of(message_type: str) -> str:

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 import psycopg
+from psycopg import AsyncConnection
 
 from sagaline.backends._sql.constants import LEASE_SECONDS, MEMBERSHIP_INTERVAL, PARTITIONS
 from sagaline.config import redact, redact_url
@@ -24,6 +25,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Names",
     "cannot_connect",
+    "connect",
     "migrate",
     "migrate_connection",
     "quote_schema",
@@ -259,18 +261,20 @@ def _bus_ddl(b: str) -> list[str]:
     ]
 
 
-def _version(conn: psycopg.Connection[Any], schema: str, key: str) -> int | None:
-    exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",)).fetchone()
+async def _version(conn: AsyncConnection[Any], schema: str, key: str) -> int | None:
+    cursor = await conn.execute("SELECT to_regclass(%s)", (f"{schema}.meta",))
+    exists = await cursor.fetchone()
     if exists is None or exists[0] is None:
         return None
-    row = conn.execute(f"SELECT value FROM {schema}.meta WHERE key = %s", (key,)).fetchone()
+    cursor = await conn.execute(f"SELECT value FROM {schema}.meta WHERE key = %s", (key,))
+    row = await cursor.fetchone()
     return None if row is None else int(row[0])
 
 
-def _migrate_one(
-    conn: psycopg.Connection[Any], schema: str, key: str, ddl: list[str], label: str
+async def _migrate_one(
+    conn: AsyncConnection[Any], schema: str, key: str, ddl: list[str], label: str
 ) -> None:
-    current = _version(conn, schema, key)
+    current = await _version(conn, schema, key)
     if current is not None and current > SCHEMA_VERSION:
         raise ConfigurationError(
             f"schema {label} has version {current}; this sagaline knows {SCHEMA_VERSION}:"
@@ -279,39 +283,43 @@ def _migrate_one(
     if current == SCHEMA_VERSION:
         return
     for statement in ddl:
-        conn.execute(statement)
-    conn.execute(
+        await conn.execute(statement)
+    await conn.execute(
         f"INSERT INTO {schema}.meta (key, value) VALUES (%s, %s), ('partitions', %s)"
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (key, str(SCHEMA_VERSION), str(PARTITIONS)),
     )
 
 
-def migrate_connection(conn: psycopg.Connection[Any], names: Names) -> None:
+async def migrate_connection(conn: AsyncConnection[Any], names: Names) -> None:
     """Create or upgrade both schemas on ``conn`` in one transaction, under the advisory lock."""
-    with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
-        _migrate_one(conn, names.store, "schema_version", _store_ddl(names.store), names.store_name)
-        _migrate_one(conn, names.bus, "bus_schema_version", _bus_ddl(names.bus), names.bus_name)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        await _migrate_one(
+            conn, names.store, "schema_version", _store_ddl(names.store), names.store_name
+        )
+        await _migrate_one(
+            conn, names.bus, "bus_schema_version", _bus_ddl(names.bus), names.bus_name
+        )
 
 
-def migrate(url: str, schema: str = "sagaline", bus_schema: str | None = None) -> None:
+async def migrate(url: str, schema: str = "sagaline", bus_schema: str | None = None) -> None:
     """Create or upgrade a store's schema and its bus schema (``sagaline migrate``); idempotent."""
     names = Names(schema, bus_schema)
-    with connect_sync(url) as conn:
-        migrate_connection(conn, names)
+    async with await connect(url) as conn:
+        await migrate_connection(conn, names)
 
 
-def connect_sync(url: str, connect_timeout: float | None = None) -> psycopg.Connection[Any]:
-    """A synchronous autocommit connection; :class:`StoreUnavailable` (without the password) when
-    the server cannot be reached or refuses it. ``connect_timeout`` bounds the wait in seconds
-    (PostgreSQL counts whole seconds, at least 2)."""
+async def connect(url: str, connect_timeout: float | None = None) -> AsyncConnection[Any]:
+    """An autocommit connection; :class:`StoreUnavailable` (without the password) when the server
+    cannot be reached or refuses it. ``connect_timeout`` bounds the wait in seconds (PostgreSQL
+    counts whole seconds, at least 2)."""
     validate_url(url)
     options: dict[str, Any] = {}
     if connect_timeout is not None:
         options["connect_timeout"] = max(2, math.ceil(connect_timeout))
     try:
-        return psycopg.Connection.connect(url, autocommit=True, **options)
+        return await AsyncConnection.connect(url, autocommit=True, **options)
     except psycopg.Error as exc:
         raise cannot_connect(url, exc) from None
 

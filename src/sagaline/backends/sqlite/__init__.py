@@ -5,9 +5,11 @@ committed saga step survives power loss. SQLite has one writer at a time; throug
 group commit (a consumer claims a batch, handles it and acknowledges it in one transaction).
 
 The process shares one connection between its services; an :class:`asyncio.Lock` keeps their
-transactions apart. Calls are short and synchronous on the event loop thread. The module is split
-by responsibility: :mod:`.schema`, :mod:`.rows`, :mod:`.transaction` (the unit of work),
-:mod:`.bus` (queues and subscriptions) and :mod:`.queries` (read-only tools).
+transactions apart. Calls are short and synchronous on the event loop thread (the query port's
+too: a local file answers faster than a thread would start). The module is split by
+responsibility: :mod:`.schema`, :mod:`.rows`, :mod:`.transaction` (the unit of work), :mod:`.bus`
+(queues and subscriptions) and :mod:`.queries` (read-only tools, and ``db.sync``, their
+synchronous form for tests and scripts).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from sagaline.backends.sqlite.files import (
     connect_read_only,
     create_owner_only,
 )
-from sagaline.backends.sqlite.queries import SqliteQueries
+from sagaline.backends.sqlite.queries import SqliteQueries, SqliteReader
 from sagaline.backends.sqlite.rows import path_from_url
 from sagaline.backends.sqlite.schedule import SqliteSchedule
 from sagaline.backends.sqlite.schema import (
@@ -65,6 +67,7 @@ __all__ = [
     "PARTITIONS",
     "NotAStore",
     "SqliteDatabase",
+    "SqliteReader",
     "SqliteTransaction",
     "open_bus",
     "open_store",
@@ -112,6 +115,9 @@ class SqliteDatabase(SqliteBus, SqliteSchedule, SqliteQueries):
             raise ConfigurationError(f"the directory of {self.path!r} does not exist")
         check_store_file(self.path, url, adopt=adopt)
         self._lock = asyncio.Lock()
+        #: Synchronous reads of this file, for a test or a script between two batches (SQLite
+        #: only: tools use the asynchronous query methods, the same on every backend).
+        self.sync = SqliteReader(self)
         self._init_bus()
         self._checkpointer: tuple[threading.Thread, threading.Event] | None = None
         try:

@@ -1,10 +1,17 @@
-"""Read-only queries of the SQLite file for tools: the log, sagas, views, traces, dead letters."""
+"""Read-only queries of the SQLite file for tools: the log, sagas, views, traces, dead letters.
+
+:class:`SqliteReader` reads synchronously on the database's connection: a SQLite-specific
+convenience (``db.sync``) for a test or a script that looks between two batches without awaiting.
+:class:`SqliteQueries` is the asynchronous query port (:class:`~sagaline.ports.StoreQueries` and
+the checker's and waiters' capabilities) that tools use on every backend; it answers inline from
+the reader, since a read of a local file takes microseconds and a thread would cost more.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -17,15 +24,26 @@ from sagaline.backends._sql.rows import (
 from sagaline.messages import Envelope, registry
 from sagaline.ports import DeadLetter, Document, SagaRecord, StoredEvent
 
-__all__ = ["SqliteQueries"]
+__all__ = ["SqliteQueries", "SqliteReader"]
 
 
-class SqliteQueries:
-    """Queries on the connection of a :class:`SqliteDatabase` (outside any unit of work)."""
-
+class _Connected(Protocol):
     connection: sqlite3.Connection
 
-    def read_stream_sync(self, stream: str) -> list[StoredEvent]:
+
+class SqliteReader:
+    """Synchronous reads on the connection of a :class:`SqliteDatabase`, outside any unit of
+    work (``db.sync``); the same answers as its asynchronous query port."""
+
+    def __init__(self, db: _Connected) -> None:
+        self._db = db
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The database's connection."""
+        return self._db.connection
+
+    def read_stream(self, stream: str) -> list[StoredEvent]:
         """Every event of one stream, in version order."""
         rows = self.connection.execute(
             f"SELECT position, stream, version, {ENVELOPE_COLUMNS} FROM events"
@@ -34,31 +52,12 @@ class SqliteQueries:
         ).fetchall()
         return [StoredEvent(row[0], row[1], row[2], envelope_from_row(row, 3)) for row in rows]
 
-    async def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
-        """The global event log after ``after``, at most ``limit`` events."""
-        rows = self.connection.execute(
-            f"SELECT position, stream, version, {ENVELOPE_COLUMNS} FROM events"
-            " WHERE position > ? ORDER BY position LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [StoredEvent(row[0], row[1], row[2], envelope_from_row(row, 3)) for row in rows]
-
-    async def iter_log(self, after: int = 0, batch: int = 1000) -> AsyncIterator[StoredEvent]:
-        """Stream the global log in pages of ``batch`` events."""
-        while True:
-            page = await self.read_log(after, batch)
-            if not page:
-                return
-            for event in page:
-                yield event
-            after = page[-1].position
-
     def head_position(self) -> int:
         """The position of the newest event (0 when the log is empty)."""
         row = self.connection.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()
         return int(row[0])
 
-    def get_saga_sync(self, saga_id: str, *, history: bool = True) -> SagaRecord | None:
+    def get_saga(self, saga_id: str, *, history: bool = True) -> SagaRecord | None:
         """One saga instance (with its history unless told otherwise), or None."""
         row = self.connection.execute(
             "SELECT saga_id, definition, definition_version, status, step, data,"
@@ -99,7 +98,7 @@ class SqliteQueries:
             self.connection.execute("SELECT status, COUNT(*) FROM sagas GROUP BY status").fetchall()
         )
 
-    def get_document_sync(self, namespace: str, key: str) -> Document | None:
+    def get_document(self, namespace: str, key: str) -> Document | None:
         """One document, or None (outside any unit of work)."""
         row = self.connection.execute(
             "SELECT data, version FROM documents WHERE namespace = ? AND key = ?",
@@ -342,6 +341,100 @@ class SqliteQueries:
             "SELECT value FROM sagaline_meta WHERE key = ?", (key,)
         ).fetchone()
         return None if row is None else str(row[0])
+
+
+class SqliteQueries:
+    """The query port of a :class:`SqliteDatabase`, answered inline by its :class:`SqliteReader`
+    (outside any unit of work)."""
+
+    connection: sqlite3.Connection
+    #: The synchronous reads behind these (SQLite only).
+    sync: SqliteReader
+
+    async def read_log(self, after: int = 0, limit: int = 1000) -> list[StoredEvent]:
+        """The global event log after ``after``, at most ``limit`` events."""
+        rows = self.connection.execute(
+            f"SELECT position, stream, version, {ENVELOPE_COLUMNS} FROM events"
+            " WHERE position > ? ORDER BY position LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [StoredEvent(row[0], row[1], row[2], envelope_from_row(row, 3)) for row in rows]
+
+    async def iter_log(self, after: int = 0, batch: int = 1000) -> AsyncIterator[StoredEvent]:
+        """Stream the global log in pages of ``batch`` events."""
+        while True:
+            page = await self.read_log(after, batch)
+            if not page:
+                return
+            for event in page:
+                yield event
+            after = page[-1].position
+
+    async def read_stream(self, stream: str) -> list[StoredEvent]:
+        """Every event of one stream, in version order."""
+        return self.sync.read_stream(stream)
+
+    async def head_position(self) -> int:
+        """The position of the newest event (0 when the log is empty)."""
+        return self.sync.head_position()
+
+    async def get_saga(self, saga_id: str, *, history: bool = True) -> SagaRecord | None:
+        """One saga instance (with its history unless told otherwise), or None."""
+        return self.sync.get_saga(saga_id, history=history)
+
+    async def list_sagas(self, status: str | None = None) -> list[SagaRecord]:
+        """Saga instances (without their history), optionally of one status."""
+        return self.sync.list_sagas(status)
+
+    async def saga_counts(self) -> dict[str, int]:
+        """How many sagas are in each status."""
+        return self.sync.saga_counts()
+
+    async def get_document(self, namespace: str, key: str) -> Document | None:
+        """One document, or None (outside any unit of work)."""
+        return self.sync.get_document(namespace, key)
+
+    async def query_documents(
+        self, namespace: str, filters: Mapping[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Documents of a namespace whose top-level fields equal ``filters``."""
+        return self.sync.query_documents(namespace, filters)
+
+    async def trace_rows(self, correlation_id: str) -> list[dict[str, Any]]:
+        """Every command and event of one business key, with who handled it and when."""
+        return self.sync.trace_rows(correlation_id)
+
+    async def handled_by(self, message_ids: Sequence[str]) -> dict[str, list[tuple[str, str]]]:
+        """Which consumers of this store handled each of ``message_ids``, and when."""
+        return self.sync.handled_by(message_ids)
+
+    async def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter, oldest first."""
+        return self.sync.dead_letters()
+
+    async def outbox_pending(self) -> int:
+        """How many outbox entries are not published yet."""
+        return self.sync.outbox_pending()
+
+    async def pending_counts(self) -> dict[str, int]:
+        """Undone commands per queue."""
+        return self.sync.pending_counts()
+
+    async def subscription_lag(self) -> dict[str, int]:
+        """Per subscriber, how many log positions its slowest partition is behind."""
+        return self.sync.subscription_lag()
+
+    async def is_idle(self, subscribers: Iterable[str] = ()) -> bool:
+        """Whether nothing is left to deliver (see :meth:`SqliteReader.is_idle`)."""
+        return self.sync.is_idle(subscribers)
+
+    async def audit_rows(self) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row the invariant checker reads (see :meth:`SqliteReader.audit_rows`)."""
+        return self.sync.audit_rows()
+
+    async def get_meta(self, key: str) -> str | None:
+        """A value of the file's metadata table, or None."""
+        return self.sync.get_meta(key)
 
 
 def _kind_of(message_type: str) -> str:

@@ -206,7 +206,7 @@ class SqliteTransaction:
         )
 
     async def read_stream(self, stream: str) -> list[StoredEvent]:
-        return self._db.read_stream_sync(stream)
+        return self._db.sync.read_stream(stream)
 
     async def get_document(self, namespace: str, key: str) -> Document | None:
         row = self._conn.execute(
@@ -245,7 +245,7 @@ class SqliteTransaction:
         self._conn.execute("DELETE FROM documents WHERE namespace = ?", (namespace,))
 
     async def get_saga(self, saga_id: str) -> SagaRecord | None:
-        return self._db.get_saga_sync(saga_id, history=False)
+        return self._db.sync.get_saga(saga_id, history=False)
 
     async def put_saga(self, record: SagaRecord) -> None:
         now = self.now

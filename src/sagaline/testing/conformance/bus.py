@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 import pytest
 
-from sagaline.handling import Context, Runtime, Service, System
+from sagaline.handling import Condition, Context, Runtime, Service, System
 from sagaline.ports import Batch, Bus, Outcome, RetryPolicy
 from sagaline.testing.conformance.adapters import InspectableBackend
 from sagaline.testing.conformance.messages import (
@@ -36,14 +36,14 @@ from sagaline.testing.conformance.timing import ClockConformance, OpenBackend
 __all__ = ["BusConformance", "OpenBackend", "idle", "run"]
 
 
-def idle(db: InspectableBackend, subscribers: Iterable[str] = ()) -> Callable[[], bool]:
+def idle(db: InspectableBackend, subscribers: Iterable[str] = ()) -> Callable[[], Awaitable[bool]]:
     """No command pending and every named subscriber caught up with the log."""
     subscribers = set(subscribers)
 
-    def done() -> bool:
-        lag = db.subscription_lag()
+    async def done() -> bool:
+        lag = await db.subscription_lag()
         return (
-            not db.pending_counts()
+            not await db.pending_counts()
             and set(lag) >= subscribers
             and not any(lag[name] for name in subscribers)
         )
@@ -54,7 +54,7 @@ def idle(db: InspectableBackend, subscribers: Iterable[str] = ()) -> Callable[[]
 async def run(
     db: InspectableBackend,
     system: System,
-    done: Callable[[], bool],
+    done: Condition,
     services: list[str] | None = None,
     timeout: float = 20,
 ) -> Runtime:
@@ -64,9 +64,9 @@ async def run(
     return runtime
 
 
-def commands_of(db: InspectableBackend, key: str) -> list[dict[str, Any]]:
+async def commands_of(db: InspectableBackend, key: str) -> list[dict[str, Any]]:
     """The commands of ``key`` the backend knows, in the order they were sent."""
-    rows = [r for r in db.trace_rows(key) if r["kind"] == "command"]
+    rows = [r for r in await db.trace_rows(key) if r["kind"] == "command"]
     return sorted(rows, key=lambda r: r["sequence"])
 
 
@@ -104,17 +104,20 @@ class BusConformance(ClockConformance):
                 [ConformanceCommand(key="K-1", seq=i) for i in range(3)]
                 + [ConformanceOtherCommand(key="K-1", seq=10 + i) for i in range(2)],
             )
-            assert backend.pending_counts() == {"alpha": 3, "beta": 2}
+            assert await backend.pending_counts() == {"alpha": 3, "beta": 2}
 
-            await run(backend, system, lambda: "alpha" not in backend.pending_counts(), ["alpha"])
-            assert recorded(backend, "alpha") == {"K-1": [0, 1, 2]}
-            assert recorded(backend, "beta") == {}
-            assert backend.pending_counts() == {"beta": 2}
+            async def alpha_done() -> bool:
+                return "alpha" not in await backend.pending_counts()
+
+            await run(backend, system, alpha_done, ["alpha"])
+            assert await recorded(backend, "alpha") == {"K-1": [0, 1, 2]}
+            assert await recorded(backend, "beta") == {}
+            assert await backend.pending_counts() == {"beta": 2}
 
             await run(backend, system, idle(backend), ["beta"])
-            assert recorded(backend, "alpha") == {"K-1": [0, 1, 2]}
-            assert recorded(backend, "beta") == {"K-1": [10, 11]}
-            assert {r["queue"] for r in commands_of(backend, "K-1")} == {"alpha", "beta"}
+            assert await recorded(backend, "alpha") == {"K-1": [0, 1, 2]}
+            assert await recorded(backend, "beta") == {"K-1": [10, 11]}
+            assert {r["queue"] for r in await commands_of(backend, "K-1")} == {"alpha", "beta"}
 
         asyncio.run(scenario())
 
@@ -146,16 +149,16 @@ class BusConformance(ClockConformance):
                 ],
             )
             await run(backend, system, idle(backend))
-            assert recorded(backend, "alpha") == {"K-1": [0, 1]}
-            assert recorded(backend, "beta") == {"K-1": [10]}
-            [dead] = commands_of(backend, "K-dead")
+            assert await recorded(backend, "alpha") == {"K-1": [0, 1]}
+            assert await recorded(backend, "beta") == {"K-1": [10]}
+            [dead] = await commands_of(backend, "K-dead")
             assert (dead["queue"], dead["outcome"]) == ("alpha", "dead")
             assert dead["deliveries"] == policy.max_attempts
-            rows = {(r["queue"], r["body"]["seq"]): r for r in commands_of(backend, "K-1")}
+            rows = {(r["queue"], r["body"]["seq"]): r for r in await commands_of(backend, "K-1")}
             assert set(rows) == {("alpha", 0), ("alpha", 1), ("beta", 10)}
             assert {r["outcome"] for r in rows.values()} == {"handled"}
             assert rows["alpha", 1]["deliveries"] >= 2
-            [letter] = backend.dead_letters()
+            [letter] = await backend.dead_letters()
             assert letter.attempts == policy.max_attempts
 
         asyncio.run(scenario())
@@ -198,7 +201,7 @@ class BusConformance(ClockConformance):
             assert redelivery.attempt == 2
             async with db.transaction() as tx:
                 await db.settle(tx, again, [(Outcome.ACK, None)])
-            assert db.pending_counts() == {}
+            assert await db.pending_counts() == {}
             assert (await db.claim(spec, "member-1", 10)).deliveries == []
 
         asyncio.run(scenario())
@@ -281,8 +284,8 @@ class BusConformance(ClockConformance):
                 [subscriber("early", ConformanceEvent), subscriber("late", ConformanceEvent)]
             )
             await run(backend, late_system, idle(backend, {"early", "late"}), ["late"])
-            assert recorded(backend, "late") == recorded(backend, "early")
-            assert sum(len(v) for v in recorded(backend, "late").values()) == 25
+            assert await recorded(backend, "late") == await recorded(backend, "early")
+            assert sum(len(v) for v in (await recorded(backend, "late")).values()) == 25
 
         asyncio.run(scenario())
 
@@ -299,6 +302,6 @@ class BusConformance(ClockConformance):
             await system.submit(backend, ConformanceEvent(key="K-1", seq=1))
             # The restarted process has a new member id; it must not wait out the old lease.
             await Runtime(backend, system, member="after-restart").run_until(done, timeout=3)
-            assert recorded(backend, "watcher") == {"K-1": [0, 1]}
+            assert await recorded(backend, "watcher") == {"K-1": [0, 1]}
 
         asyncio.run(scenario())

@@ -28,6 +28,7 @@ from sagaline.testing.conformance.harness import (
     Harness,
     MakeHarness,
     both,
+    dead_lettered,
     drive,
     handled_all,
     run_until,
@@ -98,9 +99,9 @@ class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultC
                     handled_all(harness, "beta", {"K-0": [100, 101]}),
                 ),
             )
-            assert harness.recorded("alpha") == expected
-            assert harness.recorded("beta") == {"K-0": [100, 101]}
-            assert harness.recorded("watcher") == {}
+            assert await harness.recorded("alpha") == expected
+            assert await harness.recorded("beta") == {"K-0": [100, 101]}
+            assert await harness.recorded("watcher") == {}
 
         drive(scenario)
 
@@ -129,10 +130,10 @@ class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultC
                     handled_all(harness, "third", {"K-0": [100, 101]}),
                 ),
             )
-            assert harness.recorded("first") == expected
-            assert harness.recorded("second") == second
-            assert harness.recorded("third") == {"K-0": [100, 101]}
-            assert not harness.dead_letters()
+            assert await harness.recorded("first") == expected
+            assert await harness.recorded("second") == second
+            assert await harness.recorded("third") == {"K-0": [100, 101]}
+            assert not await harness.dead_letters()
 
         drive(scenario)
 
@@ -162,9 +163,9 @@ class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultC
             )
             expected = {key: list(range(12)) for key in keys}
             await run_until(harness, system, handled_all(harness, "alpha", expected))
-            assert harness.recorded("alpha") == expected
+            assert await harness.recorded("alpha") == expected
             assert all(calls[key, 2] >= 3 for key in keys)
-            assert not harness.dead_letters()
+            assert not await harness.dead_letters()
 
         drive(scenario)
 
@@ -205,9 +206,9 @@ class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultC
             await run_until(
                 harness,
                 system,
-                both(handled_all(harness, "alpha", expected), lambda: bool(harness.dead_letters())),
+                both(handled_all(harness, "alpha", expected), dead_lettered(harness)),
             )
-            [dead] = harness.dead_letters()
+            [dead] = await harness.dead_letters()
             assert (dead.consumer, dead.envelope.message_id) == ("alpha", poison.message_id)
             assert dead.envelope.body == poison.body
             assert dead.attempts == policy.max_attempts
@@ -215,7 +216,7 @@ class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultC
             assert len(poison_calls) >= policy.max_attempts
             assert poison_ids == {poison.message_id}  # each attempt, the same message
             assert poison_calls[-1] - poison_calls[0] >= (policy.delay(1) + policy.delay(2)) * 0.9
-            assert harness.recorded("alpha") == expected
+            assert await harness.recorded("alpha") == expected
             # The poison's own key went on after it.
             assert progress_when_handled["K-poison", 1] == len(poison_calls)
             if source == "queue":
@@ -252,8 +253,8 @@ class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultC
                     handled_all(harness, "watcher", {"K-1": [1, 2]}),
                 ),
             )
-            assert harness.recorded("alpha") == {"K-1": [1, 2]}
-            assert harness.recorded("watcher") == {"K-1": [1, 2]}
+            assert await harness.recorded("alpha") == {"K-1": [1, 2]}
+            assert await harness.recorded("watcher") == {"K-1": [1, 2]}
 
         drive(scenario)
 

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
-from sagaline.handling import Runtime, System
+from sagaline.handling import Condition, Runtime, System, holds
 from sagaline.messages import Envelope
 from sagaline.ports import Backend, BrokerBus, DeadLetter, StoredEvent
+from sagaline.testing.conformance.services import recorded
 
-__all__ = ["Harness", "MakeHarness", "both", "drive", "handled_all", "run_until"]
+__all__ = [
+    "Harness",
+    "MakeHarness",
+    "both",
+    "dead_lettered",
+    "drive",
+    "either",
+    "handled_all",
+    "run_until",
+]
 
 
 class Harness:
@@ -76,14 +86,13 @@ class Harness:
             self.store, system, services, bus=self.bus, member=member, poll_interval=0.05
         )
 
-    def recorded(self, service: str) -> dict[str, list[int]]:
+    async def recorded(self, service: str) -> dict[str, list[int]]:
         """What ``service`` recorded (see :func:`~.services.record`): per key, its seqs."""
-        rows = cast(Any, self.store).query_documents(f"bus.{service}")
-        return {row["key"]: row["seqs"] for row in rows}
+        return await recorded(cast(Any, self.store), service)
 
-    def dead_letters(self) -> list[DeadLetter]:
+    async def dead_letters(self) -> list[DeadLetter]:
         """The store's dead letters, oldest first."""
-        return list(cast(Any, self.store).dead_letters())
+        return list(await cast(Any, self.store).dead_letters())
 
     async def replay(self, after: int = 0) -> list[StoredEvent]:
         """The bus's event log after ``after``."""
@@ -115,7 +124,7 @@ MakeHarness = Callable[[], Harness]
 async def run_until(
     harness: Harness,
     system: System,
-    done: Callable[[], bool],
+    done: Condition,
     services: list[str] | None = None,
     timeout: float = 30,
     member: str = "m",
@@ -129,16 +138,44 @@ async def run_until(
 
 def handled_all(
     harness: Harness, service: str, expected: dict[str, list[int]]
-) -> Callable[[], bool]:
+) -> Callable[[], Awaitable[bool]]:
     """Whether ``service`` recorded at least as many messages per key as ``expected``."""
 
-    def done() -> bool:
-        found = harness.recorded(service)
+    async def done() -> bool:
+        found = await harness.recorded(service)
         return all(len(found.get(key, [])) >= len(seqs) for key, seqs in expected.items())
 
     return done
 
 
-def both(*conditions: Callable[[], bool]) -> Callable[[], bool]:
+def dead_lettered(harness: Harness, at_least: int = 1) -> Callable[[], Awaitable[bool]]:
+    """Whether the store holds at least ``at_least`` dead letters."""
+
+    async def done() -> bool:
+        return len(await harness.dead_letters()) >= at_least
+
+    return done
+
+
+def both(*conditions: Condition) -> Callable[[], Awaitable[bool]]:
     """Whether every condition holds."""
-    return lambda: all(condition() for condition in conditions)
+
+    async def done() -> bool:
+        for condition in conditions:
+            if not await holds(condition):
+                return False
+        return True
+
+    return done
+
+
+def either(*conditions: Condition) -> Callable[[], Awaitable[bool]]:
+    """Whether some condition holds."""
+
+    async def done() -> bool:
+        for condition in conditions:
+            if await holds(condition):
+                return True
+        return False
+
+    return done

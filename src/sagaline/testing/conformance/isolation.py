@@ -83,10 +83,10 @@ class IsolationConformance:
             await run_until(
                 second, system, handled_all(second, "alpha", expected), member="survivor"
             )
-            assert second.recorded("alpha") == expected
+            assert await second.recorded("alpha") == expected
             [alone] = [unit for unit in units.values() if KEYS[0] in unit]
             assert alone == [KEYS[0]], f"the suspect was handled with others: {alone}"
-            assert not second.dead_letters()
+            assert not await second.dead_letters()
             await second.close()
 
         drive(scenario)

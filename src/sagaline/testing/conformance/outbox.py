@@ -152,7 +152,7 @@ class OutboxConformance:
             # The commit wakes a relay waiting for work (well before its timeout).
             await asyncio.wait_for(waiting, 10.0)
             # Nothing reached a bus in the store's database: everything waits in the outbox.
-            assert store.pending_counts() == {}
+            assert await store.pending_counts() == {}
             assert [e.stream for e in await store.read_log()] == ["Stream-K-1", "Stream-K-1"]
             entries = await store.outbox_claim("relay-1", 10)
             assert [e.id for e in entries] == sorted({e.id for e in entries})
@@ -247,7 +247,7 @@ class OutboxConformance:
             bus.refused.add(refused.message_id)
             await _drain(relay)
             assert _ids(bus.published) == _ids([e for e in written if e is not refused])
-            [dead] = store.dead_letters()
+            [dead] = await store.dead_letters()
             assert (dead.consumer, dead.envelope.message_id) == ("outbox", refused.message_id)
             assert dead.envelope.body == refused.body
             assert "refused by the bus" in dead.reason and refused.message_id in dead.reason
@@ -255,6 +255,6 @@ class OutboxConformance:
             later = await _emit_some(store, "K-2")
             await _drain(relay)
             assert _ids(bus.published) == _ids([e for e in written if e is not refused] + later)
-            assert len(store.dead_letters()) == 1
+            assert len(await store.dead_letters()) == 1
 
         asyncio.run(scenario())

@@ -20,7 +20,14 @@ from sagaline.errors import DuplicateMessageId, InvalidMessage, NotAcceptedFromC
 from sagaline.handling import System
 from sagaline.messages import MAX_MESSAGE_BYTES, encode_body
 from sagaline.ports import DEAD_LETTER_BODY_BYTES
-from sagaline.testing.conformance.harness import Harness, both, drive, handled_all, run_until
+from sagaline.testing.conformance.harness import (
+    Harness,
+    both,
+    dead_lettered,
+    drive,
+    handled_all,
+    run_until,
+)
 from sagaline.testing.conformance.messages import (
     ConformanceCommand,
     ConformanceEvent,
@@ -80,10 +87,10 @@ class ScreeningConformance:
                 system,
                 both(
                     handled_all(harness, "alpha", {"K-1": [1], "K-2": [2], "K-3": [5]}),
-                    lambda: len(harness.dead_letters()) >= 3,
+                    dead_lettered(harness, 3),
                 ),
             )
-            dead = {letter.envelope.message_id: letter for letter in harness.dead_letters()}
+            dead = {letter.envelope.message_id: letter for letter in await harness.dead_letters()}
             assert set(dead) == {bad.message_id, not_json.message_id, repeated.message_id}
             assert {letter.consumer for letter in dead.values()} == {"alpha"}
             assert "invalid" in dead[bad.message_id].reason
@@ -92,7 +99,7 @@ class ScreeningConformance:
             assert "invalid" in dead[not_json.message_id].reason
             assert "'seq' appears twice" in dead[repeated.message_id].reason
             assert dead[repeated.message_id].envelope.body == repeated.body
-            assert harness.recorded("alpha") == {"K-1": [1], "K-2": [2], "K-3": [5]}
+            assert await harness.recorded("alpha") == {"K-1": [1], "K-2": [2], "K-3": [5]}
 
         drive(scenario)
 
@@ -165,9 +172,9 @@ class ScreeningConformance:
                     handled_all(harness, "watcher", {"K-1": [1, 5]}),
                 ),
             )
-            assert harness.recorded("alpha") == {"K-1": [1, 5]}
-            assert harness.recorded("watcher") == {"K-1": [1, 5]}
-            assert harness.recorded("beta") == {}
+            assert await harness.recorded("alpha") == {"K-1": [1, 5]}
+            assert await harness.recorded("watcher") == {"K-1": [1, 5]}
+            assert await harness.recorded("beta") == {}
 
         drive(scenario)
 
@@ -200,11 +207,11 @@ class ScreeningConformance:
                 system,
                 both(
                     handled_all(harness, "alpha", {"K-2": [2]}),
-                    lambda: len(harness.dead_letters()) >= expected_dead,
+                    dead_lettered(harness, expected_dead),
                 ),
             )
-            assert harness.recorded("alpha") == {"K-2": [2]}
-            dead = harness.dead_letters()
+            assert await harness.recorded("alpha") == {"K-2": [2]}
+            dead = await harness.dead_letters()
             assert len(dead) == expected_dead
             reasons = sorted(letter.reason for letter in dead)
             if dead:
@@ -262,12 +269,12 @@ class ScreeningConformance:
                     handled_all(harness, "alpha", {"K-3": [3]}),
                     handled_all(harness, "internal", {"K-2": [2]}),
                     handled_all(harness, "watcher", {"K-2": [2]}),
-                    lambda: len(harness.dead_letters()) >= 2,
+                    dead_lettered(harness, 2),
                 ),
             )
-            assert harness.recorded("internal") == {"K-2": [2]}
-            assert harness.recorded("watcher") == {"K-2": [2]}
-            dead = {letter.envelope.message_id: letter for letter in harness.dead_letters()}
+            assert await harness.recorded("internal") == {"K-2": [2]}
+            assert await harness.recorded("watcher") == {"K-2": [2]}
+            dead = {letter.envelope.message_id: letter for letter in await harness.dead_letters()}
             assert set(dead) == {command.message_id, event.message_id}
             assert dead[command.message_id].reason == (
                 "internal command ConformanceOtherCommand not accepted from clients"
@@ -318,13 +325,11 @@ class ScreeningConformance:
                 ),
             )
             store = cast(Any, harness.store)
-            assert store.get_document_sync("bus.alpha", "K-big").data["sizes"] == [
-                len(command.payload)
-            ]
-            assert store.get_document_sync("bus.watcher", "K-big").data["sizes"] == [
-                len(event.payload)
-            ]
-            assert not harness.dead_letters()
+            alpha = await store.get_document("bus.alpha", "K-big")
+            watcher = await store.get_document("bus.watcher", "K-big")
+            assert alpha.data["sizes"] == [len(command.payload)]
+            assert watcher.data["sizes"] == [len(event.payload)]
+            assert not await harness.dead_letters()
 
         drive(scenario)
 
@@ -358,17 +363,17 @@ class ScreeningConformance:
                 system,
                 both(
                     handled_all(harness, "alpha", {"K-1": [1]}),
-                    lambda: bool(harness.dead_letters()),
+                    dead_lettered(harness),
                 ),
             )
-            [dead] = harness.dead_letters()
+            [dead] = await harness.dead_letters()
             assert dead.envelope.message_id == big.message_id
             assert dead.envelope.body == body[:DEAD_LETTER_BODY_BYTES]
             assert f"{size:,} bytes" in dead.reason
             assert hashlib.sha256(body).hexdigest() in dead.reason
             if size > MAX_MESSAGE_BYTES:
                 assert str(MAX_MESSAGE_BYTES) in dead.reason
-            assert harness.recorded("alpha") == {"K-1": [1]}
+            assert await harness.recorded("alpha") == {"K-1": [1]}
             after = self.store_bytes(harness.store)
             if before is not None and after is not None:
                 # The service's own store (the bus is elsewhere) keeps the prefix, not the body.

@@ -25,9 +25,9 @@ async def record(ctx: Context, message: Any) -> None:
     await ctx.tx.put_document(namespace, message.key, data, document.version if document else 0)
 
 
-def recorded(store: StoreQueries, service: str) -> dict[str, list[int]]:
+async def recorded(store: StoreQueries, service: str) -> dict[str, list[int]]:
     """What ``service`` handled (with :func:`record`): per key, the seqs in the order handled."""
-    return {row["key"]: row["seqs"] for row in store.query_documents(f"bus.{service}")}
+    return {row["key"]: row["seqs"] for row in await store.query_documents(f"bus.{service}")}
 
 
 def queue_service(name: str, *types: type[Command], retry: RetryPolicy = FAST_RETRY) -> Service:

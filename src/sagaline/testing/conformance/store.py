@@ -34,7 +34,7 @@ def saga(saga_id: str, status: str = "RUNNING", step: int = 0) -> SagaRecord:
         definition_version=3,
         status=status,
         step=step,
-        data={"orderId": saga_id, "amount": Decimal("75.50"), "items": [{"q": 1}]},
+        data={"key": saga_id, "amount": Decimal("75.50"), "items": [{"q": 1}]},
         history=[],
     )
 
@@ -185,13 +185,13 @@ class StoreConformance:
 
     def test_sagas_are_versioned(self, store: InspectableStore) -> None:
         async def scenario() -> None:
-            record = saga("order:ORD-1")
+            record = saga("store-test:K-1")
             async with store.transaction() as tx:
-                assert await tx.get_saga("order:ORD-1") is None
+                assert await tx.get_saga("store-test:K-1") is None
                 await tx.put_saga(record)
             assert record.version == 1
             async with store.transaction() as tx:
-                loaded = await tx.get_saga("order:ORD-1")
+                loaded = await tx.get_saga("store-test:K-1")
             assert loaded is not None
             assert (loaded.definition, loaded.definition_version) == ("store-test", 3)
             assert (loaded.status, loaded.step, loaded.version) == ("RUNNING", 0, 1)
@@ -205,13 +205,13 @@ class StoreConformance:
                 await tx.put_saga(loaded)
             assert loaded.version == 2
             async with store.transaction() as tx:
-                again = await tx.get_saga("order:ORD-1")
+                again = await tx.get_saga("store-test:K-1")
             assert again is not None
             assert (again.step, again.version, again.data["reserved"]) == (1, 2, True)
 
             with pytest.raises(ConcurrencyError):
                 async with store.transaction() as tx:
-                    await tx.put_saga(saga("order:ORD-1"))  # a second instance of one id
+                    await tx.put_saga(saga("store-test:K-1"))  # a second instance of one id
 
         asyncio.run(scenario())
 
@@ -225,10 +225,10 @@ class StoreConformance:
     def test_a_stale_saga_write_raises(self, store: InspectableStore, status: str) -> None:
         async def scenario() -> None:
             async with store.transaction() as tx:
-                await tx.put_saga(saga("order:ORD-2"))
+                await tx.put_saga(saga("store-test:K-2"))
             async with store.transaction() as tx:
-                winner = await tx.get_saga("order:ORD-2")
-                loser = await tx.get_saga("order:ORD-2")
+                winner = await tx.get_saga("store-test:K-2")
+                loser = await tx.get_saga("store-test:K-2")
             assert winner is not None and loser is not None
             winner.step = 1
             async with store.transaction() as tx:
@@ -240,7 +240,7 @@ class StoreConformance:
                 async with store.transaction() as tx:
                     await tx.put_saga(loser)
             async with store.transaction() as tx:
-                current = await tx.get_saga("order:ORD-2")
+                current = await tx.get_saga("store-test:K-2")
             assert current is not None
             assert (current.status, current.step, current.version) == ("RUNNING", 1, 2)
 
@@ -251,12 +251,12 @@ class StoreConformance:
     def test_the_inbox_marks_a_message_once_per_consumer(self, store: InspectableStore) -> None:
         async def scenario() -> None:
             async with store.transaction() as tx:
-                assert await tx.record_inbox("inventory", "m-1") is True
-                assert await tx.record_inbox("inventory", "m-1") is False
+                assert await tx.record_inbox("consumer-a", "m-1") is True
+                assert await tx.record_inbox("consumer-a", "m-1") is False
             async with store.transaction() as tx:
-                assert await tx.record_inbox("inventory", "m-1") is False
-                assert await tx.record_inbox("payment", "m-1") is True
-                assert await tx.record_inbox("inventory", "m-2") is True
+                assert await tx.record_inbox("consumer-a", "m-1") is False
+                assert await tx.record_inbox("consumer-b", "m-1") is True
+                assert await tx.record_inbox("consumer-a", "m-2") is True
 
         asyncio.run(scenario())
 
@@ -265,24 +265,24 @@ class StoreConformance:
     ) -> None:
         async def scenario() -> None:
             async with store.transaction() as tx:
-                assert await tx.handling_started("inventory", ["m-1", "m-2", "m-1"]) == [1, 1, 1]
+                assert await tx.handling_started("consumer-a", ["m-1", "m-2", "m-1"]) == [1, 1, 1]
             async with store.transaction() as tx:
-                assert await tx.handling_started("inventory", ["m-1"]) == [2]
-                assert await tx.handling_started("payment", ["m-1"]) == [1]
+                assert await tx.handling_started("consumer-a", ["m-1"]) == [2]
+                assert await tx.handling_started("consumer-b", ["m-1"]) == [1]
             with pytest.raises(Boom):  # a count rolled back does not count
                 async with store.transaction() as tx:
-                    assert await tx.handling_started("inventory", ["m-1"]) == [3]
+                    assert await tx.handling_started("consumer-a", ["m-1"]) == [3]
                     raise Boom
             async with store.transaction() as tx:
-                assert await tx.handling_counts("inventory", ["m-2", "m-1", "m-9"]) == [1, 2, 0]
-                assert await tx.handling_started("inventory", ["m-1"]) == [3]
-                await tx.handling_ended("inventory", "m-1")
+                assert await tx.handling_counts("consumer-a", ["m-2", "m-1", "m-9"]) == [1, 2, 0]
+                assert await tx.handling_started("consumer-a", ["m-1"]) == [3]
+                await tx.handling_ended("consumer-a", "m-1")
             async with store.transaction() as tx:
-                assert await tx.handling_started("inventory", ["m-1"]) == [1]
-                assert await tx.handling_started("payment", ["m-1"]) == [2]
-                await tx.handling_ended("payment", "m-1", dead_lettered=True)
+                assert await tx.handling_started("consumer-a", ["m-1"]) == [1]
+                assert await tx.handling_started("consumer-b", ["m-1"]) == [2]
+                await tx.handling_ended("consumer-b", "m-1", dead_lettered=True)
             async with store.transaction() as tx:  # a dead letter stays known as one
-                [count] = await tx.handling_started("payment", ["m-1"])
+                [count] = await tx.handling_started("consumer-b", ["m-1"])
                 assert count > DEAD_LETTERED
 
         asyncio.run(scenario())
@@ -299,18 +299,18 @@ class StoreConformance:
                     await tx.emit(events("K-1", 2), {})
                     await tx.emit([command], {"ConformanceStoreEvent": "somewhere"})
                     await tx.put_document("ns", "k", {"n": 1}, 0)
-                    await tx.put_saga(saga("order:ORD-3"))
+                    await tx.put_saga(saga("store-test:K-3"))
                     assert await tx.record_inbox("consumer", "m-1")
                     await tx.dead_letter("consumer", command, "no reason", 1)
                     raise Boom
             async with store.transaction() as tx:
                 assert await tx.read_stream("Stream-1") == []
                 assert await tx.get_document("ns", "k") is None
-                assert await tx.get_saga("order:ORD-3") is None
+                assert await tx.get_saga("store-test:K-3") is None
                 assert await tx.record_inbox("consumer", "m-1") is True
             assert await store.read_log() == []
-            assert store.pending_counts() == {}
-            assert store.dead_letters() == []
+            assert await store.pending_counts() == {}
+            assert await store.dead_letters() == []
 
         asyncio.run(scenario())
 
@@ -323,9 +323,9 @@ class StoreConformance:
                 await tx.put_document("ns", "k", {"n": 1}, 0)
                 await tx.append("Stream-1", 0, events("K-1", 1))
                 # Not committed yet: the other handle does not see it.
-                assert reader.get_document_sync("ns", "k") is None
+                assert await reader.get_document("ns", "k") is None
                 assert await reader.read_log() == []
-            document = reader.get_document_sync("ns", "k")
+            document = await reader.get_document("ns", "k")
             assert document is not None and document.data == {"n": 1}
             assert [e.stream for e in await reader.read_log()] == ["Stream-1"]
             async with reader.transaction() as tx:

@@ -12,16 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, cast
 
 import pytest
 
-from sagaline.handling import Context, Handler, Service, System
+from sagaline.handling import Condition, Context, Handler, Service, System, holds
 from sagaline.messages import Envelope
 from sagaline.ports import BrokerBus, RetryPolicy
-from sagaline.testing.conformance.harness import Harness, drive
+from sagaline.testing.conformance.harness import (
+    Harness,
+    dead_lettered,
+    drive,
+    either,
+)
 from sagaline.testing.conformance.messages import ConformanceCommand, ConformanceEvent
 from sagaline.testing.conformance.services import record
 
@@ -66,10 +71,10 @@ def _logged_failures() -> Iterator[_Failures]:
         logger.removeHandler(failures)
 
 
-async def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+async def _wait_for(condition: Condition, timeout: float, what: str) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    while not condition():
+    while not await holds(condition):
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
 
@@ -117,22 +122,22 @@ class StoreFaultConformance:
                 with _logged_failures() as failures:
                     # Well past what two attempts per message allow, had they been charged.
                     await _wait_for(
-                        lambda: failures.count >= 5 or bool(harness.dead_letters()),
+                        either(lambda: failures.count >= 5, dead_lettered(harness)),
                         60,
                         "the worker to meet the outage",
                     )
                     outage.end()
                 expected = {f"K-{k}": [k] for k in range(3)}
-                await _wait_for(
-                    lambda: harness.recorded("alpha") == expected or runner.done(),
-                    60,
-                    "the commands to be handled",
-                )
+
+                async def handled() -> bool:
+                    return await harness.recorded("alpha") == expected or runner.done()
+
+                await _wait_for(handled, 60, "the commands to be handled")
             finally:
                 runtime.stop()
                 await runner
-            assert harness.dead_letters() == []
-            assert harness.recorded("alpha") == expected
+            assert await harness.dead_letters() == []
+            assert await harness.recorded("alpha") == expected
             # Each command had one effect: one event caused by each.
             events = await _caused_events(harness)
             assert Counter(events[m.message_id] for m in sent) == {1: 3}
@@ -158,13 +163,15 @@ class StoreFaultConformance:
                 system.routes,
             )
             runtime = harness.runtime(system)
+
+            async def handled() -> bool:
+                return await harness.recorded("alpha") == {"K-0": [0], "K-1": [1]}
+
             with _logged_failures() as failures:
-                await runtime.run_until(
-                    lambda: harness.recorded("alpha") == {"K-0": [0], "K-1": [1]}, timeout=30
-                )
+                await runtime.run_until(handled, timeout=30)
             assert calls == {0: 1, 1: 1}
             assert failures.count == 0
-            assert harness.dead_letters() == []
+            assert await harness.dead_letters() == []
             events = await _caused_events(harness)
             assert [events[e.message_id] for e in envelopes] == [1, 1]
 

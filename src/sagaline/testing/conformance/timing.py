@@ -82,8 +82,8 @@ class ClockConformance:
             clock.advance(1.0)
             assert await worker.run_once()
             assert calls["K-1", 1] == failed + 1
-            assert recorded(db, "alpha") == {"K-1": [1]}
-            assert db.pending_counts() == {}
+            assert await recorded(db, "alpha") == {"K-1": [1]}
+            assert await db.pending_counts() == {}
 
         asyncio.run(scenario())
 
@@ -107,8 +107,8 @@ class ClockConformance:
             clock.advance(1.0)
             assert await worker.run_once()
             assert calls["K-1", 1] == failed + 1
-            assert recorded(db, "watcher") == {"K-1": [1]}
-            assert db.subscription_lag() == {"watcher": 0}
+            assert await recorded(db, "watcher") == {"K-1": [1]}
+            assert await db.subscription_lag() == {"watcher": 0}
 
         asyncio.run(scenario())
 

@@ -8,13 +8,13 @@ message id); it never raises for a violation.
 
 * :mod:`~sagaline.testing.invariants.snapshot` (records in ``records``): the snapshot, loaded
   from a store or a deployment through each store's ``audit_rows()``;
-* :mod:`~sagaline.testing.invariants.checks` and ``rebuild``: what any app keeps (every saga
-  ended, each message's effect once, streams without gaps, each read model equal to a rebuild,
-  nothing lost, everything delivered), parametrised by the system only;
+* :mod:`~sagaline.testing.invariants.checks` and ``rebuild``: what any app keeps (every start
+  event has its saga and every saga ended, each message's effect once, streams without gaps, each
+  read model equal to a rebuild, nothing lost, everything delivered), parametrised by the system
+  only;
 * :mod:`~sagaline.testing.invariants.runner`: :func:`check_app` and
-  :func:`check_app_deployment`, the generic checks then the app's own (``App.invariants``);
-* :mod:`~sagaline.testing.invariants.reference`: :func:`check_invariants` and
-  :func:`check_deployment`, the runner applied to the reference order app.
+  :func:`check_app_deployment` (coroutines), the generic checks then the app's own
+  (``App.invariants``).
 """
 
 from __future__ import annotations
@@ -36,18 +36,9 @@ from sagaline.testing.invariants.records import (
     Violation,
     format_violations,
 )
-from sagaline.testing.invariants.reference import (
-    check_deployment,
-    check_deployment_async,
-    check_invariants,
-    check_invariants_async,
-    check_snapshot,
-)
 from sagaline.testing.invariants.runner import (
     check_app,
-    check_app_async,
     check_app_deployment,
-    check_app_deployment_async,
     check_app_snapshot,
     check_generic,
 )
@@ -71,15 +62,8 @@ __all__ = [
     "UnsentEntry",
     "Violation",
     "check_app",
-    "check_app_async",
     "check_app_deployment",
-    "check_app_deployment_async",
     "check_app_snapshot",
-    "check_deployment",
-    "check_deployment_async",
     "check_generic",
-    "check_invariants",
-    "check_invariants_async",
-    "check_snapshot",
     "format_violations",
 ]

@@ -1,9 +1,9 @@
 """The invariants any app keeps (RELIABILITY.md), checked over an audit snapshot.
 
-Each check needs no business word: it reads the snapshot, and the system for its routes and
-subscribers. A violation names the message, stream or position at fault (``correlationId`` is the
-transaction the message belongs to). An app adds the rules of its own domain as
-:attr:`sagaline.App.invariants`; :mod:`sagaline.testing.invariants.runner` runs both.
+Each check needs no business word: it reads the snapshot, and the system for its routes,
+subscribers and saga definitions. A violation names the message, stream or position at fault
+(``correlationId`` is the transaction the message belongs to). An app adds the rules of its own
+domain as :attr:`sagaline.App.invariants`; :mod:`sagaline.testing.invariants.runner` runs both.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 from sagaline.handling import System
 from sagaline.saga.definition import SagaStatus
+from sagaline.saga.state import saga_id
 from sagaline.testing.invariants.records import (
     CLIENT_SOURCE,
     DEAD,
@@ -30,6 +31,7 @@ __all__ = [
     "check_delivered",
     "check_no_loss",
     "check_once",
+    "check_started",
     "check_terminal",
     "check_versions",
 ]
@@ -42,6 +44,40 @@ def _subscribers(system: System) -> dict[str, list[str]]:
         for service in system.services.values()
         if service.event_handlers
     }
+
+
+def check_started(snapshot: AuditSnapshot, system: System) -> Iterator[Violation]:
+    """I1: every start event in the log has its saga.
+
+    For each saga definition the system's services keep (an orchestrator's, a choreography's
+    monitor's), every event of the definition's start type has the instance
+    ``saga_id(definition, key)`` of the key it carries: a transaction whose saga never started
+    is one no saga will ever end.
+    """
+    started = {record.saga_id for record in snapshot.sagas}
+    for definition in system.sagas.values():
+        start = definition.start.type_name()
+        field = definition.correlation_field
+        for event in snapshot.events:
+            if event.type != start:
+                continue
+            key = event.body.get(field)
+            expected = saga_id(definition, key) if isinstance(key, str) else None
+            if expected is not None and expected in started:
+                continue
+            problem = f"has no saga {expected}" if expected else f"carries no {field}"
+            yield Violation(
+                "I1",
+                f"{start} {event.message_id} for {event.correlation_id} {problem}: no"
+                f" {definition.name} saga started for it",
+                {
+                    "sagaId": expected,
+                    "messageId": event.message_id,
+                    "correlationId": event.correlation_id,
+                    "stream": event.stream,
+                    "position": event.at,
+                },
+            )
 
 
 def check_terminal(snapshot: AuditSnapshot, system: System) -> Iterator[Violation]:

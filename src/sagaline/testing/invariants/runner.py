@@ -1,17 +1,16 @@
 """The runner: the invariants any app keeps, then the app's own, over a snapshot of its stores.
 
-A fault test of an app ends with ``assert not check_app(app, store)`` (one store holding every
-service and the bus) or ``assert not check_app_deployment(app, deployment)`` (a database per
-service, a bus between them). Run it on a quiescent system (no worker running): a system still at
-work shows undelivered messages (I9) and sagas not yet ended (I1), and the checks that compare a
-saga's outcome with the services' state then report what is merely late.
+A fault test of an app ends with ``assert not await check_app(app, store)`` (one store holding
+every service and the bus) or ``assert not await check_app_deployment(app, deployment)`` (a
+database per service, a bus between them). Run it on a quiescent system (no worker running): a
+system still at work shows undelivered messages (I9) and sagas not yet ended (I1), and the checks
+that compare a saga's outcome with the services' state then report what is merely late.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable, Coroutine, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from sagaline.app import App, Invariant, Settings
 from sagaline.handling import System
@@ -20,6 +19,7 @@ from sagaline.testing.invariants.checks import (
     check_delivered,
     check_no_loss,
     check_once,
+    check_started,
     check_terminal,
     check_versions,
 )
@@ -29,32 +29,17 @@ from sagaline.testing.invariants.snapshot import Answers, AuditSnapshot
 
 if TYPE_CHECKING:
     from sagaline.deploy import Deployment
+    from sagaline.ports import AuditRows
 
 __all__ = [
     "check_app",
-    "check_app_async",
     "check_app_deployment",
-    "check_app_deployment_async",
     "check_app_snapshot",
     "check_generic",
-    "run_checks",
 ]
 
 #: What is checked: an app (its system, projections and own invariants), or a bare system.
 Checked = App | System
-
-
-def run_checks(
-    make: Callable[[], Coroutine[Any, Any, list[Violation]]], name: str
-) -> list[Violation]:
-    """Run the checks ``make`` starts in an event loop of their own (``name``: for the error)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass  # no loop in this thread: run one
-    else:
-        raise RuntimeError(f"{name}() runs its own event loop: use {name}_async")
-    return asyncio.run(make())
 
 
 def _system(checked: Checked, system: System | None, settings: Settings | None) -> System:
@@ -74,6 +59,7 @@ async def check_generic(
 ) -> list[Violation]:
     """The invariants any system keeps (I1, I5 .. I9), each read model rebuilt (I7)."""
     violations: list[Violation] = []
+    violations.extend(check_started(snapshot, system))
     violations.extend(check_terminal(snapshot, system))
     violations.extend(check_once(snapshot))
     violations.extend(check_versions(snapshot, system))
@@ -95,7 +81,7 @@ async def check_app_snapshot(
     """Every invariant ``checked`` breaks in ``snapshot``: the generic ones, then its own.
 
     ``invariants`` replaces the app's own (``App.invariants``), to check them with options of a
-    test (the order app's initial stock). The violations come grouped by invariant id, the
+    test (an initial state the test knows). The violations come grouped by invariant id, the
     generic ones first within each.
     """
     built = _system(checked, system, settings)
@@ -113,9 +99,9 @@ async def check_app_snapshot(
     return sorted(violations, key=lambda violation: violation.invariant)
 
 
-def check_app(
+async def check_app(
     checked: Checked,
-    store: Any,
+    store: AuditRows,
     *,
     system: System | None = None,
     settings: Settings | None = None,
@@ -124,32 +110,14 @@ def check_app(
     """Every invariant ``checked`` breaks in ``store``; an empty list when it keeps them all.
 
     ``store`` holds every service's state and the bus (the embedded default). ``system`` (else
-    the app's, built with ``settings``) gives the routes, subscribers and sagas. Call
-    :func:`check_app_async` from a running event loop.
+    the app's, built with ``settings``) gives the routes, subscribers and sagas.
     """
-    return run_checks(
-        lambda: check_app_async(
-            checked, store, system=system, settings=settings, invariants=invariants
-        ),
-        "check_app",
-    )
-
-
-async def check_app_async(
-    checked: Checked,
-    store: Any,
-    *,
-    system: System | None = None,
-    settings: Settings | None = None,
-    invariants: Sequence[Invariant] | None = None,
-) -> list[Violation]:
-    """The same as :func:`check_app`, for callers inside an event loop."""
     built = _system(checked, system, settings)
     snapshot = await AuditSnapshot.from_store(store, built)
     return await check_app_snapshot(checked, snapshot, system=built, invariants=invariants)
 
 
-def check_app_deployment(
+async def check_app_deployment(
     checked: Checked,
     deployment: Deployment,
     *,
@@ -160,26 +128,8 @@ def check_app_deployment(
     """Every invariant ``checked`` breaks across the stores (and bus) of ``deployment``.
 
     Works for a database per service with any bus (the bus's own rows are checked too when it
-    has ``audit_rows``, as a SQLite bus does) and for stores co-located with their bus. Call
-    :func:`check_app_deployment_async` from a running event loop.
+    is a database, as a SQLite or PostgreSQL bus is) and for stores co-located with their bus.
     """
-    return run_checks(
-        lambda: check_app_deployment_async(
-            checked, deployment, system=system, settings=settings, invariants=invariants
-        ),
-        "check_app_deployment",
-    )
-
-
-async def check_app_deployment_async(
-    checked: Checked,
-    deployment: Deployment,
-    *,
-    system: System | None = None,
-    settings: Settings | None = None,
-    invariants: Sequence[Invariant] | None = None,
-) -> list[Violation]:
-    """The same as :func:`check_app_deployment`, for callers inside an event loop."""
     built = _system(checked, system, settings)
     snapshot = await AuditSnapshot.from_deployment(deployment, built, answers=_answers(checked))
     return await check_app_snapshot(checked, snapshot, system=built, invariants=invariants)

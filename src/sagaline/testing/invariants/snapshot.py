@@ -1,7 +1,7 @@
 """The snapshot the invariant checker reads: the final contents of a system's stores (and bus).
 
 Each store gives its rows through one query method, ``audit_rows()`` (see
-:meth:`sagaline.backends.sqlite.queries.SqliteQueries.audit_rows` for the contract); the snapshot
+:meth:`sagaline.backends.sqlite.queries.SqliteReader.audit_rows` for the contract); the snapshot
 is built from those rows alone, in one of two layouts:
 
 * co-located (``"colocated"``): the store's database is the bus. Commands are the rows of its
@@ -11,23 +11,21 @@ is built from those rows alone, in one of two layouts:
   outboxes' commands, each ``handled`` when the inbox of the service that handles its type has
   it, ``dead`` when that service dead-lettered it, else ``pending``. The commands clients submit
   are in no outbox: they are found in their handler's inbox and dead letters, and through the
-  events that answer them (``answers``: the order app's OrderCreated / OrderRejected answer its
-  CreateOrderCommand). When the bus exposes ``audit_rows`` too (a SQLite bus), its
+  events that answer them (``answers``: an app declares, for each command clients submit, the
+  events its handler answers with). When the bus is a database too (SQLite, PostgreSQL), its
   acknowledgements, log and cursors are checked against the stores.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from sagaline.backends.sqlite.rows import JSON, decode_json
-from sagaline.errors import ConfigurationError
 from sagaline.handling import System
-from sagaline.ports import SagaRecord
+from sagaline.ports import AuditRows, SagaRecord
 from sagaline.testing.invariants.records import (
     CLIENT_SOURCE,
     COLOCATED,
@@ -96,9 +94,9 @@ class AuditSnapshot:
     bus: BusView | None = None
 
     @classmethod
-    async def from_store(cls, db: Any, system: System) -> AuditSnapshot:
+    async def from_store(cls, db: AuditRows, system: System) -> AuditSnapshot:
         """The snapshot of one store that is also the bus (``db.audit_rows()``)."""
-        return cls.from_rows([("log", await _audit_rows(db))], routes=system.routes)
+        return cls.from_rows([("log", await db.audit_rows())], routes=system.routes)
 
     @classmethod
     async def from_deployment(
@@ -113,14 +111,14 @@ class AuditSnapshot:
         for service, store in deployment.stores.items():
             names[id(store)].append(service)
         sources = [
-            ("+".join(names[id(store)]), await _audit_rows(store))
+            ("+".join(names[id(store)]), await store.audit_rows())
             for store in deployment.distinct_stores()
         ]
         if deployment.bus is None:
             return cls.from_rows(sources, routes=routes)
-        bus_rows = None
-        if callable(getattr(deployment.bus, "audit_rows", None)):
-            bus_rows = await _audit_rows(deployment.bus)
+        # A bus that is a database (SQLite, PostgreSQL) keeps rows to check; a broker none.
+        database = deployment.bus.database()
+        bus_rows = await database.audit_rows() if database is not None else None
         return cls.from_rows(
             sources, routes=routes, bus_rows=bus_rows, outbox=True, answers=answers
         )
@@ -175,7 +173,7 @@ class AuditSnapshot:
             consumer,
             message_id,
             type_,
-            order_id,
+            correlation_id,
             cause,
             source,
             reason,
@@ -185,7 +183,7 @@ class AuditSnapshot:
             if (consumer, message_id, reason) not in known:
                 self.dead_letters.append(
                     AuditDeadLetter(
-                        consumer, message_id, type_, order_id, cause, source, reason, attempts
+                        consumer, message_id, type_, correlation_id, cause, source, reason, attempts
                     )
                 )
         for namespace, key, data, _ in rows.get("documents", ()):
@@ -220,7 +218,7 @@ class AuditSnapshot:
     def _take_log(self, rows: Rows, origin: str) -> None:
         known = self._known_events()
         for row in rows.get("events", ()):
-            position, stream, version, part, message_id, type_, body, order_id = row[:8]
+            position, stream, version, part, message_id, type_, body, correlation_id = row[:8]
             cause, timestamp, traceparent, source = row[8:12]
             event = AuditEvent(
                 position=position,
@@ -228,7 +226,7 @@ class AuditSnapshot:
                 version=version,
                 message_id=message_id,
                 type=type_,
-                correlation_id=order_id,
+                correlation_id=correlation_id,
                 causation_id=cause,
                 source=source,
                 body=_as_dict(body),
@@ -249,10 +247,12 @@ class AuditSnapshot:
         events = self._known_events()
         commands = {command.message_id for command in self.commands}
         for row in rows.get("outbox", ()):
-            entry_id, message_id, type_, body, order_id, cause, timestamp, traceparent = row[:8]
+            entry_id, message_id, type_, body, correlation_id, cause, timestamp, traceparent = row[
+                :8
+            ]
             source, sent = row[8], row[9]
             if not sent:
-                self.unsent.append(UnsentEntry(origin, entry_id, message_id, type_, order_id))
+                self.unsent.append(UnsentEntry(origin, entry_id, message_id, type_, correlation_id))
             queue = routes.get(type_)
             if queue is not None:
                 if message_id not in commands:
@@ -262,7 +262,7 @@ class AuditSnapshot:
                             message_id,
                             queue,
                             type_,
-                            order_id,
+                            correlation_id,
                             cause,
                             source,
                             PENDING,
@@ -279,7 +279,7 @@ class AuditSnapshot:
                         version=None,
                         message_id=message_id,
                         type=type_,
-                        correlation_id=order_id,
+                        correlation_id=correlation_id,
                         causation_id=cause,
                         source=source,
                         body=_as_dict(body),
@@ -387,7 +387,7 @@ def _fill_bus(bus: BusView, rows: Rows) -> None:
     """Add a bus's queues, log and cursors (rows of ``audit_rows()``) to ``bus``."""
     commands = {c.message_id for c in bus.commands}
     for row in rows.get("commands", ()):
-        command_id, queue, message_id, type_, order_id, cause, _, source = row[:8]
+        command_id, queue, message_id, type_, correlation_id, cause, _, source = row[:8]
         done, outcome, attempts, last_error = row[8:12]
         if message_id in commands:
             continue
@@ -398,7 +398,7 @@ def _fill_bus(bus: BusView, rows: Rows) -> None:
                 message_id,
                 queue,
                 type_,
-                order_id,
+                correlation_id,
                 cause,
                 source,
                 state,
@@ -410,22 +410,9 @@ def _fill_bus(bus: BusView, rows: Rows) -> None:
         )
     events = {e.message_id for e in bus.events}
     for row in rows.get("events", ()):
-        position, _, _, part, message_id, type_, _, order_id = row[:8]
+        position, _, _, part, message_id, type_, _, correlation_id = row[:8]
         if message_id not in events:
             events.add(message_id)
-            bus.events.append(BusEvent(position, part, message_id, type_, order_id, row[11]))
+            bus.events.append(BusEvent(position, part, message_id, type_, correlation_id, row[11]))
     for subscriber, part, position in rows.get("subscriptions", ()):
         bus.cursors.setdefault((str(subscriber), int(part)), int(position))
-
-
-async def _audit_rows(store: Any) -> Rows:
-    """``store.audit_rows()``, awaited when the backend answers asynchronously."""
-    method = getattr(store, "audit_rows", None)
-    if method is None:
-        raise ConfigurationError(
-            f"{type(store).__name__} has no audit_rows(): the invariant checker cannot read it"
-        )
-    rows = method()
-    if inspect.isawaitable(rows):
-        rows = await rows
-    return cast(Rows, rows)
