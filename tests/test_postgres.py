@@ -159,11 +159,15 @@ def test_migration_is_idempotent_and_safe_from_several_processes_at_once(pg_url:
 
 @pytest.mark.parametrize(
     ("old", "missing"),
-    [(1, ["received", "handling_starts"]), (2, ["handling_starts"])],
+    [
+        (1, ["received", "handling_starts", "timers"]),
+        (2, ["handling_starts", "timers"]),
+        (3, ["timers"]),
+    ],
 )
 def test_an_older_schema_is_upgraded_in_place(pg_url: str, old: int, missing: list[str]) -> None:
     """Version 2 added the table of messages received from clients through a broker, version 3
-    the count of handlings of messages received again."""
+    the count of handlings of messages received again, version 4 the durable timers."""
     schema, bus_schema = schema_name("old"), schema_name("oldbus")
     asyncio.run(migrate(pg_url, schema, bus_schema))
     with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -181,7 +185,7 @@ def test_an_older_schema_is_upgraded_in_place(pg_url: str, old: int, missing: li
             conn.execute("SELECT to_regclass(%s)", (f'"{schema}".{table}',)).fetchone()
             for table in missing
         ]
-    assert version == (str(SCHEMA_VERSION),) == ("3",)
+    assert version == (str(SCHEMA_VERSION),) == ("4",)
     assert all(row is not None and row[0] is not None for row in found)
 
 

@@ -123,6 +123,10 @@ class BusUnavailable(SagalineError):
 class SagaNotFound(SagalineError):
     """No saga instance has the id an operator named."""
 
+    code = "saga_not_found"
+
 
 class ActionRefused(MessageRefused):
     """An operator's action that the saga's state does not allow (the message says why)."""
+
+    code = "action_refused"

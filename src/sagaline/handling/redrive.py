@@ -34,6 +34,8 @@ __all__ = ["DeadLetterNotFound", "Redriven", "discard", "replay"]
 class DeadLetterNotFound(SagalineError):
     """No dead letter has the id an operator named (or another operator took it first)."""
 
+    code = "dead_letter_not_found"
+
 
 @dataclass(frozen=True)
 class Redriven:

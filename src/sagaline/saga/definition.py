@@ -263,10 +263,9 @@ class SagaDefinition:
         if len(set(names)) != len(names):
             raise SagaDefinitionError(f"saga {self.name!r} repeats a step name: {names}")
         for name in names:
-            if not name or not all(c.isalnum() or c in "_-." for c in name):
+            if not name or not all(c.isalnum() or c in "_-" for c in name):
                 raise SagaDefinitionError(
-                    f"saga {self.name!r}: step name {name!r} must be letters, digits, '_', '-'"
-                    " or '.'"
+                    f"saga {self.name!r}: step name {name!r} must be letters, digits, '_' or '-'"
                 )
         for what, seconds in (("deadline", self.deadline),):
             if seconds is not None and seconds <= 0:

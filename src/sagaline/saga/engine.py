@@ -54,7 +54,7 @@ class Orchestrator(SagaFollower):
             step = definition.step(send.step)
             builder = step.compensation if send.undo else step.command
             assert builder is not None
-            message_id = command_id(record.saga_id, send)
+            message_id = command_id(record.saga_id, send, record.data.get("_tag", ""))
             view = SagaView(
                 saga_id=record.saga_id,
                 step=send.step,

@@ -39,17 +39,18 @@ __all__ = ["SagaFollower", "command_id", "parse_command_id"]
 log = logging.getLogger("sagaline.saga")
 
 
-def command_id(saga: str, send: Send) -> str:
-    """The message id of the command ``send`` calls for: ``saga:<saga>:<step>:<try>`` (``u<try>``
-    for a compensation), the same whenever the transition is made again, so that a unit of work
-    redone after a crash sends the same message. A saga id that cannot be part of an id is
-    hashed."""
+def command_id(saga: str, send: Send, tag: str = "") -> str:
+    """The message id of the command ``send`` calls for: ``saga:<saga>:<step>.<tag>:<try>``
+    (``u<try>`` for a compensation; ``tag`` names the instance), the same whenever the
+    transition is made again, so that a unit of work redone after a crash sends the same
+    message. A saga id that cannot be part of an id is hashed."""
     attempt = f"u{send.attempt}" if send.undo else str(send.attempt)
-    candidate = f"{SAGA_COMMAND_PREFIX}{saga}:{send.step}:{attempt}"
+    step = f"{send.step}.{tag}" if tag else send.step
+    candidate = f"{SAGA_COMMAND_PREFIX}{saga}:{step}:{attempt}"
     if message_id_problem(candidate) is None:
         return candidate
     digest = hashlib.blake2b(saga.encode(), digest_size=12).hexdigest()
-    return f"{SAGA_COMMAND_PREFIX}h{digest}:{send.step}:{attempt}"
+    return f"{SAGA_COMMAND_PREFIX}h{digest}:{step}:{attempt}"
 
 
 def parse_command_id(message_id: str) -> tuple[str, str, bool] | None:
@@ -58,6 +59,7 @@ def parse_command_id(message_id: str) -> tuple[str, str, bool] | None:
         return None
     head, _, attempt = message_id[len(SAGA_COMMAND_PREFIX) :].rpartition(":")
     saga, _, step = head.rpartition(":")
+    step = step.partition(".")[0]
     if not saga or not step or not attempt:
         return None
     return saga, step, attempt.startswith("u")

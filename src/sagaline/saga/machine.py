@@ -10,6 +10,7 @@ the compensations still due, in order, ``data["_failure"]`` why the saga is comp
 
 from __future__ import annotations
 
+import hashlib
 from decimal import Decimal
 from typing import Any
 
@@ -116,6 +117,9 @@ class Machine:
             data=data,
         )
         machine = cls(definition, record, at, message_id, event.type_name())
+        # A tag of this instance, in the ids of its commands and timers: an instance started
+        # again under the same saga id (its store reset) never sends an id a broker remembers.
+        data["_tag"] = hashlib.blake2b(message_id.encode(), digest_size=4).hexdigest()
         machine.note("started")
         if definition.deadline is not None:
             machine.set_timer("deadline", "", 0, False, definition.deadline)
@@ -124,10 +128,16 @@ class Machine:
 
     # -------------------------------------------------------------- timers
 
+    @property
+    def base(self) -> str:
+        """The saga id with its instance's tag: what its timers' ids start with."""
+        tag = self.record.data.get("_tag")
+        return f"{self.record.saga_id}.{tag}" if tag else self.record.saga_id
+
     def timer_id(self, kind: str, step: str, attempt: int, undo: bool) -> str:
         if kind == "deadline":
-            return f"{self.record.saga_id}:deadline"
-        return f"{self.record.saga_id}:{step}:{'u' if undo else ''}{attempt}:{kind}"
+            return f"{self.base}:deadline"
+        return f"{self.base}:{step}:{'u' if undo else ''}{attempt}:{kind}"
 
     def set_timer(self, kind: str, step: str, attempt: int, undo: bool, after: float) -> None:
         timer_id = self.timer_id(kind, step, attempt, undo)
@@ -146,7 +156,7 @@ class Machine:
             self.transition.cancels.append(timer_id)
 
     def cancel_step_timers(self, name: str) -> None:
-        prefix = f"{self.record.saga_id}:{name}:"
+        prefix = f"{self.base}:{name}:"
         for timer_id in [t for t in self.timers if t.startswith(prefix)]:
             self.cancel_timer(timer_id)
 
