@@ -262,18 +262,33 @@ def test_a_stuck_compensation_waits_for_an_operator_who_retries_it(jobs_dir: Pat
 # ------------------------------------------------------------------ the CLI
 
 
-def cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def _env(cwd: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAGALINE_")}
     env.update(COLUMNS="200", SAGALINE_APP="jobs:app", SAGALINE_STORE_URL=f"sqlite:///{cwd}/s.db")
+    return env
+
+
+def cli(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "sagaline", *args],
         cwd=cwd,
         input=stdin,
         capture_output=True,
         text=True,
-        env=env,
+        env=_env(cwd),
         timeout=TIMEOUT,
         check=False,
+    )
+
+
+def start_worker(cwd: Path) -> subprocess.Popen[bytes]:
+    """``sagaline run``: every service of the job app, until terminated."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sagaline", "run"],
+        cwd=cwd,
+        env=_env(cwd),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
@@ -310,15 +325,7 @@ def test_every_operator_action_through_the_cli(jobs_dir: Path) -> None:
         ' {"commandType": "StartJobCommand", "jobId": "J-4", "outcome": "hang"}]',
     )
     assert submitted.returncode == 0, submitted.stderr
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGALINE_")}
-    env.update(SAGALINE_APP="jobs:app", SAGALINE_STORE_URL=f"sqlite:///{cwd}/s.db")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "sagaline", "run"],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = start_worker(cwd)
     try:
         for saga_id in ("job:J-1", "job:J-3"):
             wait_for(cwd, saga_id, "STUCK")
@@ -380,15 +387,7 @@ def test_dead_letters_are_replayed_and_discarded_through_the_cli(jobs_dir: Path)
         ' {"commandType": "StartJobCommand", "jobId": "J-2", "outcome": "fail"}]',
     )
     assert submitted.returncode == 0, submitted.stderr
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SAGALINE_")}
-    env.update(SAGALINE_APP="jobs:app", SAGALINE_STORE_URL=f"sqlite:///{cwd}/s.db")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "sagaline", "run"],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    worker = start_worker(cwd)
     try:
         for saga_id in ("job:J-1", "job:J-2"):
             wait_for(cwd, saga_id, "STUCK")

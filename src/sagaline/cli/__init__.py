@@ -65,6 +65,8 @@ from sagaline.cli.render import (
     quoted,
     styled_status,
 )
+from sagaline.config import redact_url
+from sagaline.observability import TransactionTrace, load_trace
 
 # For an app's own commands (App.commands): they use these, so that they take the same options,
 # open deployments the same way and look and fail like sagaline's own commands.
@@ -76,6 +78,8 @@ from sagaline.cli.render import (
 #     database bus).
 #   print_trace, load_transaction: a transaction's causal tree, with notes for its first line;
 #     a saga's trace.
+#   load_trace, TransactionTrace: a transaction's messages and saga, read from every store.
+#   redact_url: a URL without its password, for what is printed.
 #   check_urls, errors: exit with a clear error unless the URLs are supported; errors as
 #     messages and exit codes.
 #   settings: the command line's own options (``settings.connect_timeout``).
@@ -85,6 +89,7 @@ __all__ = [
     "BusOption",
     "JsonOption",
     "StoreOption",
+    "TransactionTrace",
     "all_queries",
     "app",
     "cell",
@@ -94,12 +99,14 @@ __all__ = [
     "errors",
     "fail",
     "inert",
+    "load_trace",
     "load_transaction",
     "main",
     "out",
     "print_trace",
     "queries",
     "quoted",
+    "redact_url",
     "settings",
     "styled_status",
     "with_deployment",

@@ -134,41 +134,29 @@ ReasonOption = Annotated[
 ]
 
 
-@saga_app.command()
-def retry(
-    saga_id: SagaId,
-    reason: ReasonOption,
-    by: ByOption = None,
-    store: StoreOption = DEFAULT_STORE_URL,
-    bus: BusOption = None,
-) -> None:
-    """Send the current step's command, or the current compensation, again (a STUCK saga
-    compensates again)."""
-    _act(saga_id, "retry", store, bus, by, reason)
+def _action_command(action: str, doc: str) -> None:
+    """Register ``saga ACTION``: an action that needs no more than who and why."""
+
+    def command(
+        saga_id: SagaId,
+        reason: ReasonOption,
+        by: ByOption = None,
+        store: StoreOption = DEFAULT_STORE_URL,
+        bus: BusOption = None,
+    ) -> None:
+        _act(saga_id, action, store, bus, by, reason)
+
+    command.__doc__ = doc
+    saga_app.command(action)(command)
 
 
-@saga_app.command()
-def compensate(
-    saga_id: SagaId,
-    reason: ReasonOption,
-    by: ByOption = None,
-    store: StoreOption = DEFAULT_STORE_URL,
-    bus: BusOption = None,
-) -> None:
-    """Give up on a RUNNING saga: compensate what it completed."""
-    _act(saga_id, "compensate", store, bus, by, reason)
-
-
-@saga_app.command()
-def skip(
-    saga_id: SagaId,
-    reason: ReasonOption,
-    by: ByOption = None,
-    store: StoreOption = DEFAULT_STORE_URL,
-    bus: BusOption = None,
-) -> None:
-    """Mark the current compensation as done by hand, and go on compensating."""
-    _act(saga_id, "skip", store, bus, by, reason)
+_action_command(
+    "retry",
+    "Send the current step's command, or the current compensation, again (a STUCK saga"
+    " compensates again).",
+)
+_action_command("compensate", "Give up on a RUNNING saga: compensate what it completed.")
+_action_command("skip", "Mark the current compensation as done by hand, and go on compensating.")
 
 
 @saga_app.command()

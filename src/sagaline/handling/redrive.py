@@ -76,15 +76,7 @@ async def replay(
                 f" {letter.envelope.message_type} in this system"
             )
         worker = Worker(db, system, service, spec, member="operator", bus=bus)
-        envelope = Envelope(
-            message_id=letter.envelope.message_id,
-            message_type=letter.envelope.message_type,
-            body=letter.envelope.body,
-            correlation_id=letter.envelope.correlation_id,
-            causation_id=letter.envelope.causation_id,
-            timestamp=letter.envelope.timestamp,
-            source=letter.envelope.source,
-        )
+        envelope = letter.envelope
         # The last try its policy allows: a handler that fails again dead-letters it anew.
         delivery = Delivery(envelope, spec.retry.max_attempts, letter.envelope.correlation_id, None)
         outgoing: list[Envelope] = []

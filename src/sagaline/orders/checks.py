@@ -17,8 +17,7 @@ from sagaline.testing import Violation, check_app, check_app_deployment
 from sagaline.testing.invariants import AuditSnapshot, check_app_snapshot
 
 if TYPE_CHECKING:
-    from sagaline.deploy import Deployment
-    from sagaline.ports import AuditRows
+    from sagaline import Database, Deployment
 
 __all__ = ["check_deployment", "check_invariants", "check_snapshot"]
 
@@ -28,7 +27,7 @@ def _orders(initial_stock: Mapping[str, int] | None) -> tuple[App, Sequence[Inva
 
 
 async def check_invariants(
-    db: AuditRows,
+    db: Database,
     *,
     initial_stock: Mapping[str, int] | None = None,
     system: System | None = None,

@@ -24,6 +24,7 @@ from sagaline.cli import (
     BusOption,
     JsonOption,
     StoreOption,
+    TransactionTrace,
     all_queries,
     cell,
     check_urls,
@@ -32,16 +33,16 @@ from sagaline.cli import (
     errors,
     fail,
     inert,
+    load_trace,
     out,
     print_trace,
     queries,
     quoted,
+    redact_url,
     settings,
     styled_status,
     with_deployment,
 )
-from sagaline.config import redact_url
-from sagaline.observability import TransactionTrace, load_trace
 from sagaline.orders.demo import DEMO_STOCK, NotADemoStore, open_demo_deployment, run_demo
 from sagaline.orders.inventory import STOCK, set_stock, stock_violations
 from sagaline.orders.messages import Id

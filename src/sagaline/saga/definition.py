@@ -267,9 +267,8 @@ class SagaDefinition:
                 raise SagaDefinitionError(
                     f"saga {self.name!r}: step name {name!r} must be letters, digits, '_' or '-'"
                 )
-        for what, seconds in (("deadline", self.deadline),):
-            if seconds is not None and seconds <= 0:
-                raise SagaDefinitionError(f"saga {self.name!r}: {what} must be positive")
+        if self.deadline is not None and self.deadline <= 0:
+            raise SagaDefinitionError(f"saga {self.name!r}: deadline must be positive")
         if self.state is not None and not (
             isinstance(self.state, type) and issubclass(self.state, msgspec.Struct)
         ):

@@ -26,7 +26,6 @@ from sagaline.saga.transition import (
     Send,
     Timer,
     Transition,
-    idempotency_key,
     saga_id,
 )
 
@@ -39,7 +38,6 @@ __all__ = [
     "action_refused",
     "advance",
     "correlation_key",
-    "idempotency_key",
     "on_action",
     "on_dead_letter",
     "on_timer",

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sagaline.ports import SagaRecord
 from sagaline.saga.definition import SagaDefinition
 
-__all__ = ["ACTIONS", "SagaView", "Send", "Timer", "Transition", "idempotency_key", "saga_id"]
+__all__ = ["ACTIONS", "SagaView", "Send", "Timer", "Transition", "saga_id"]
 
 #: What an operator may do to a saga (see :func:`sagaline.saga.state.on_action`).
 ACTIONS = ("retry", "compensate", "skip", "abort")
@@ -35,12 +35,6 @@ STUCK = "stuck"  # its compensation could not succeed within its policy
 def saga_id(definition: SagaDefinition, key: str) -> str:
     """The id of the instance of ``definition`` for business key ``key``."""
     return f"{definition.name}:{key}"
-
-
-def idempotency_key(saga: str, step: str, *, undo: bool = False) -> str:
-    """The key every try of one step's command (or compensation) carries: the saga and the
-    step, never the attempt, so that a provider called again with it does the work once."""
-    return f"{saga}:{step}:undo" if undo else f"{saga}:{step}"
 
 
 @dataclass(frozen=True, slots=True)
