@@ -240,8 +240,11 @@ async def run_deployment(
     runner = None
     runtimes = []
     if instances:
-        argv = [sys.executable, "-m", "sagaline", "up", "--store", store, "--instances"]
-        argv += [str(instances), "--batch-size", str(batch_size)]
+        argv = [sys.executable, "-m", "sagaline"]
+        if choreography:
+            argv += ["--app", "sagaline.orders.choreography:app"]
+        argv += ["up", "--store", store, "--instances", str(instances)]
+        argv += ["--batch-size", str(batch_size)]
         if bus is not None:
             argv += ["--bus", bus]
         if step_timeout is not None:
@@ -377,8 +380,7 @@ def main() -> None:
     parser.add_argument(
         "--choreography",
         action="store_true",
-        help="run the order flow as a choreography (not with --instances: `sagaline up` runs"
-        " the orchestrated flow)",
+        help="run the order flow as a choreography (services react to each other's events)",
     )
     parser.add_argument(
         "--step-timeout",
@@ -390,8 +392,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.choreography and args.step_timeout is not None:
         parser.error("--step-timeout applies to the orchestrated saga: drop --choreography")
-    if args.choreography and args.instances:
-        parser.error("--choreography runs the services in this process: drop --instances")
     with tempfile.TemporaryDirectory(prefix="sagaline-bench-") as tmp:
         if args.store is None and args.bus is None and not args.instances:
             path = args.path or str(Path(tmp) / "bench.db")

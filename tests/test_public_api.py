@@ -33,6 +33,7 @@ PUBLIC = [
     "MessageDeadLettered",
     "MessageRefused",
     "NonRetryableError",
+    "NotAStore",
     "NotAcceptedFromClients",
     "NotResettable",
     "Orchestrator",

@@ -14,6 +14,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import servers
 
@@ -21,6 +22,7 @@ from sagaline import Deployment
 from sagaline.backends.postgres import PostgresDatabase
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.clock import FakeClock
+from sagaline.config import DEFAULT_LEASE_SECONDS
 from sagaline.handling import Runtime, System
 from sagaline.orders import build_system
 from sagaline.orders.inventory import set_stock
@@ -208,6 +210,153 @@ def test_on_a_broker_deployment_the_timer_lives_in_the_store_of_its_saga(
                 await asyncio.gather(*tasks)
             assert await orchestrator.next_timer_due() is None
             assert provider.charges() == []
+        finally:
+            await deployment.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_saga_deadline_cancels_the_order_and_the_late_charge_is_refunded(
+    open_store: Opener,
+) -> None:
+    """No step timeout, a deadline on the whole saga: when it passes with the payment still
+    unanswered, the order is cancelled saying so, and the charge made afterwards is refunded."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        db = open_store(clock)
+        await db.open()
+        provider = PaymentProvider()
+        system = build_system(deadline=120, provider=provider)
+        async with db.transaction() as tx:
+            await set_stock(tx, "PROD-A", 5)
+        await system.submit(db, ORDER)
+
+        async def waiting_for_payment() -> bool:
+            saga = await saga_of(db, "ORD-T1")
+            steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
+            return bool(steps.get("process_payment", {}).get("s") == "running")
+
+        async def status_is(status: SagaStatus) -> bool:
+            saga = await saga_of(db, "ORD-T1")
+            return saga is not None and saga.status == status
+
+        async with running(db, system, WITHOUT_PAYMENT):
+            await until(waiting_for_payment, "the saga sent ProcessPayment")
+            # One timer only: the deadline, 120 seconds after the saga started.
+            due = await db.next_timer_due()
+            assert due is not None and due == pytest.approx(clock.time() + 120, abs=0.01)
+            clock.advance(119)
+            assert await status_is(SagaStatus.RUNNING)
+            clock.advance(2)
+            await until(lambda: status_is(SagaStatus.COMPENSATED), "the order compensated")
+        saga = await saga_of(db, "ORD-T1")
+        assert saga is not None
+        reason = "the saga's deadline of 120 s passed"
+        assert saga.data["_failure"] == {
+            "step": "process_payment",
+            "event": "deadline",
+            "reason": reason,
+        }
+        async with db.transaction() as tx:
+            [view] = await _views(tx)
+        assert view["status"] == "CANCELLED"
+        assert view["reason"] == f"Payment failed: {reason}"
+
+        async def refunded() -> bool:
+            async with db.transaction() as tx:
+                payment = await tx.get_document(PAYMENTS, "ORD-T1")
+            return payment is not None and payment.data["status"] == "REFUNDED"
+
+        async with running(db, system, [*WITHOUT_PAYMENT, "payment"]):
+            await until(refunded, "the late charge refunded")
+        [charge] = provider.charges()
+        assert charge.refunded
+        assert await db.next_timer_due() is None
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def own_deployment_urls() -> Iterator[tuple[str, str]]:
+    """A database and a NATS prefix of the test's own (nothing left by another test)."""
+    database, prefix = servers.postgres_database(), servers.nats_prefix()
+    try:
+        yield next(database), next(prefix)
+    finally:
+        database.close()
+        prefix.close()
+
+
+def test_on_a_broker_deployment_a_saga_deadline_compensates(
+    own_deployment_urls: tuple[str, str],
+) -> None:
+    """PostgreSQL stores and NATS between them: the deadline set when the saga started lives in
+    the orchestrator's store, fires through its outbox and compensates the saga; a saga that
+    completes in time leaves no timer behind."""
+
+    async def scenario() -> None:
+        clock = FakeClock()
+        system = build_system(deadline=120, provider=PaymentProvider())
+        store_url, bus_url = own_deployment_urls
+        deployment = Deployment(
+            store_url, bus_url, list(system.services), store_options={"clock": clock}
+        )
+        await deployment.open()
+        await deployment.prepare_bus(system)
+        orchestrator = deployment.store("orchestrator")
+        try:
+            async with deployment.store("inventory").transaction() as tx:
+                await set_stock(tx, "PROD-A", 5)
+            await system.submit(deployment.entry, ORDER)
+
+            async def status_is(order_id: str, status: SagaStatus) -> bool:
+                saga = await saga_of(orchestrator, order_id)
+                return saga is not None and saga.status == status
+
+            async def waiting_for_payment() -> bool:
+                saga = await saga_of(orchestrator, "ORD-T1")
+                steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
+                return bool(steps.get("process_payment", {}).get("s") == "running")
+
+            runtimes = deployment.runtimes(system, WITHOUT_PAYMENT, poll_interval=0.02)
+            tasks = [asyncio.create_task(r.run()) for r in runtimes]
+            try:
+                await until(waiting_for_payment, "the saga sent ProcessPayment")
+                assert await orchestrator.next_timer_due() == pytest.approx(
+                    clock.time() + 120, abs=0.01
+                )
+                for other in WITHOUT_PAYMENT[:2]:
+                    assert await deployment.store(other).next_timer_due() is None
+                clock.advance(121)
+                await until(
+                    lambda: status_is("ORD-T1", SagaStatus.COMPENSATED), "the order compensated"
+                )
+            finally:
+                for runtime in runtimes:
+                    runtime.stop()
+                await asyncio.gather(*tasks)
+            saga = await saga_of(orchestrator, "ORD-T1")
+            assert saga is not None and saga.data["_failure"]["event"] == "deadline"
+            assert await orchestrator.next_timer_due() is None
+
+            # With every service up, a saga done before its deadline cancels the deadline.
+            on_time = msgspec.structs.replace(ORDER, order_id="ORD-T2")
+            await system.submit(deployment.entry, on_time)
+            # The stopped relays' outbox leases run out on the test's clock (a relay that stops
+            # keeps its lease until it expires) before the new relays publish.
+            clock.advance(DEFAULT_LEASE_SECONDS + 1)
+            runtimes = deployment.runtimes(system, list(system.services), poll_interval=0.02)
+            tasks = [asyncio.create_task(r.run()) for r in runtimes]
+            try:
+                await until(
+                    lambda: status_is("ORD-T2", SagaStatus.COMPLETED), "the order completed"
+                )
+            finally:
+                for runtime in runtimes:
+                    runtime.stop()
+                await asyncio.gather(*tasks)
+            assert await orchestrator.next_timer_due() is None
         finally:
             await deployment.close()
 

@@ -77,6 +77,7 @@ __all__ = [
     "BUS_URL_ENV",
     "CONNECT_TIMEOUT_ENV",
     "DEFAULT_CONNECT_TIMEOUT",
+    "DEFAULT_LEASE_SECONDS",
     "STORE_URL_ENV",
     "Adapter",
     "MissingDriver",
@@ -97,6 +98,9 @@ BUS_URL_ENV = "SAGALINE_BUS_URL"
 #: gives up; long-running services wait as long as it takes.
 CONNECT_TIMEOUT_ENV = "SAGALINE_CONNECT_TIMEOUT"
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: How long a claim, a partition lease or a membership lasts without renewal, on every backend
+#: that leases (``--lease-seconds``): after a crash, another process takes the work over then.
+DEFAULT_LEASE_SECONDS = 10.0
 
 _SECRET_PARAMETER = re.compile(r"pass|secret|token|key", re.IGNORECASE)
 _MASK = "***"
@@ -192,7 +196,11 @@ class Adapter:
     classes of what the driver raises once connected, as ``"module:Name"`` references, which
     the command line reports as one line rather than a traceback (see :meth:`error_types`).
     ``reset``: the function that deletes a database's data when it is marked resettable (see
-    the module docstring); a broker has none.
+    the module docstring); a broker has none. ``file``: for a database in a local file, the
+    function that gives a URL's path (and raises :class:`ConfigurationError` for a malformed
+    URL), so that queries can refuse to create an empty store. ``options``: the keyword options
+    only this adapter's factories take (SQLite's ``read_only`` and ``adopt``), which the
+    command line passes to it alone.
     """
 
     schemes: tuple[str, ...]
@@ -206,6 +214,16 @@ class Adapter:
     broker: bool = False
     errors: tuple[str, ...] = ()
     reset: str | None = None
+    file: str | None = None
+    options: tuple[str, ...] = ()
+
+    def file_of(self, url: str) -> str | None:
+        """The local file a URL of this adapter names (checking the URL), or None when its
+        databases are not local files."""
+        if self.file is None:
+            return None
+        path: str = self._load(self.file, url)(url)
+        return path
 
     def error_types(self) -> tuple[type[Exception], ...]:
         """The driver's error classes that ``errors`` names, from modules already imported:
@@ -277,6 +295,8 @@ def register_scheme(
     errors: tuple[str, ...] = (),
     replace: bool = False,
     reset: str | None = None,
+    file: str | None = None,
+    options: tuple[str, ...] = (),
 ) -> Adapter:
     """Make URLs of ``schemes`` open the adapter whose factories ``store``/``bus`` name.
 
@@ -298,6 +318,8 @@ def register_scheme(
         broker,
         errors,
         reset,
+        file,
+        options,
     )
     for scheme in adapter.schemes:
         if not re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme):
@@ -370,6 +392,8 @@ register_scheme(
     bus="sagaline.backends.sqlite:open_bus",
     errors=("sqlite3:Error",),
     reset="sagaline.backends.sqlite.files:reset",
+    file="sagaline.backends.sqlite.rows:path_from_url",
+    options=("read_only", "adopt"),
 )
 register_scheme(
     "postgresql",

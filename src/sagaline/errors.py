@@ -41,6 +41,12 @@ class ConfigurationError(SagalineError):
     code = "configuration_error"
 
 
+class NotAStore(ConfigurationError):
+    """A database that holds data but is not a sagaline store; it was left as it was."""
+
+    code = "not_a_sagaline_store"
+
+
 class SagaDefinitionError(ConfigurationError):
     """A saga definition that leaves a failure unhandled or a step without compensation."""
 

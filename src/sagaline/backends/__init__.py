@@ -28,6 +28,10 @@ class BrokerTopology(Protocol):
         """Delete what the bus declared for ``consumers`` (and the shared pieces), with the
         messages they hold."""
 
+    @property
+    def prepared_consumers(self) -> list[ConsumerSpec]:
+        """The consumers this bus declared queues or consumers for in this process."""
+
 
 def open_backend(url: str, **options: Any) -> Backend:
     """The store-and-bus backend a URL names (``sqlite:///path``, ``postgresql://...``).

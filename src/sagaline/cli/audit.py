@@ -312,26 +312,16 @@ def describe(
 @app.command()
 def sagas(
     status: Annotated[
-        str | None,
-        typer.Option(
-            "--status",
-            help=f"Only sagas in this status ({', '.join(s.value for s in SagaStatus)}).",
-        ),
+        SagaStatus | None,
+        typer.Option("--status", case_sensitive=False, help="Only sagas in this status."),
     ] = None,
     store: StoreOption = DEFAULT_STORE_URL,
     bus: BusOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """Saga instances with their status, and how many are in each status."""
-    wanted = None
-    if status is not None:
-        wanted = status.upper()
-        if wanted not in {s.value for s in SagaStatus}:
-            fail(
-                f"unknown saga status {quoted(status)};"
-                f" choose from {', '.join(s.value for s in SagaStatus)}",
-                2,
-            )
+    """Saga instances with their definition version and status, and how many are in each
+    status."""
+    wanted = status.value if status is not None else None
 
     keepers = current_app().default.saga_services()
     if not keepers:
@@ -354,6 +344,7 @@ def sagas(
         return
     table = Table(title="Sagas", title_justify="left")
     table.add_column("sagaId", no_wrap=True)
+    table.add_column("saga", no_wrap=True)
     table.add_column("status", no_wrap=True)
     table.add_column("step", justify="right")
     table.add_column("failedStep")
@@ -362,6 +353,7 @@ def sagas(
     for row in rows:
         table.add_row(
             cell(row["sagaId"]),
+            cell(f"{row['definition']} v{row['definitionVersion']}"),
             styled_status(row["status"]),
             cell(row["step"]),
             cell(row["failedStep"]),

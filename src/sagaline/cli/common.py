@@ -3,7 +3,6 @@ deployments opened (and their errors reported) the same way."""
 
 import asyncio
 import logging
-import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -14,19 +13,18 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from sagaline.app import APP_ENV, App, find_app, load_app
-from sagaline.backends.sqlite import LEASE_SECONDS, NotAStore, path_from_url
 from sagaline.cli.render import describe_invalid, fail, inert
 from sagaline.config import (
     ADAPTERS,
     BUS_URL_ENV,
     CONNECT_TIMEOUT_ENV,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_LEASE_SECONDS,
     STORE_URL_ENV,
     Role,
     adapter_for,
     redact,
     redact_url,
-    scheme_of,
     schemes_for,
 )
 from sagaline.deploy import Deployment, service_url
@@ -35,6 +33,7 @@ from sagaline.errors import (
     ConfigurationError,
     InvalidMessage,
     MessageRefused,
+    NotAStore,
     SagalineError,
     StoreUnavailable,
 )
@@ -129,27 +128,17 @@ def check_urls(store: str, bus: str | None) -> None:
             continue
         shown = inert(redact_url(url))
         try:
-            adapter_for(url, kind)
+            adapter = adapter_for(url, kind)
         except ConfigurationError:
             fail(
                 f"unsupported {kind} URL {shown}: use "
                 + ", ".join(f"{name}://" for name in schemes_for(kind)),
                 2,
             )
-        scheme = scheme_of(url)
-        if scheme == "sqlite":
-            try:
-                path_from_url(url)
-            except SagalineError as exc:
-                fail(inert(exc), 2)
-
-
-def _check_store_url(url: str) -> str:
-    """The file path of a SQLite store URL; exits with a clear error otherwise."""
-    check_urls(url, None)
-    if not url.startswith("sqlite:///"):
-        fail(f"this command needs a SQLite store, not {inert(redact_url(url))}", 2)
-    return path_from_url(url)
+        try:
+            adapter.file_of(url)
+        except SagalineError as exc:
+            fail(inert(exc), 2)
 
 
 def _open_deployment(
@@ -171,23 +160,20 @@ def _open_deployment(
     """
     check_urls(store, bus)
     shown = inert(redact_url(store))
-    if must_exist is not None and store.startswith("sqlite:///"):
-        path = path_from_url(service_url(store, must_exist))
-        if path != ":memory:" and not Path(path).exists():
+    if must_exist is not None:
+        path = adapter_for(store, "store").file_of(service_url(store, must_exist))
+        if path is not None and path != ":memory:" and not Path(path).exists():
             fail(f"no store at {inert(path)} (run `sagaline demo`, or pass --store URL)", 1)
-    sqlite_options: dict[str, Any] = {}
-    if read_only:
-        sqlite_options["read_only"] = True
-    if adopt:
-        sqlite_options["adopt"] = True
-    options: dict[str, Any] = dict(sqlite_options) if store.startswith("sqlite:") else {}
+    # Options some adapters take (SQLite's), passed to those alone.
+    asked: dict[str, Any] = {"read_only": read_only, "adopt": adopt}
+    options = _options_for(store, "store", asked)
     if lease_seconds is not None:
         options["lease_seconds"] = lease_seconds
     bus_options: dict[str, Any] = {"instance": instance} if instance is not None else {}
     if services is None:
         services = current_app().services
-    if bus is not None and bus.startswith("sqlite:"):
-        bus_options.update(sqlite_options)
+    if bus is not None:
+        bus_options.update(_options_for(bus, "bus", asked))
     try:
         return Deployment(
             store,
@@ -201,8 +187,14 @@ def _open_deployment(
         fail(inert(exc), 2)
     except StoreUnavailable as exc:
         fail(inert(redact(str(exc), store, bus)), 1)
-    except (SagalineError, sqlite3.Error) as exc:
+    except _opening_errors() as exc:
         fail(f"cannot open the store {shown}: {inert(redact(str(exc), store, bus))}", 1)
+
+
+def _options_for(url: str, role: Role, asked: dict[str, Any]) -> dict[str, Any]:
+    """Of the options ``asked`` (those set), the ones the adapter of ``url`` takes."""
+    accepted = adapter_for(url, role).options
+    return {name: value for name, value in asked.items() if value and name in accepted}
 
 
 async def _open_with_retry(deployment: Deployment, max_delay: float = 5.0) -> None:
@@ -234,6 +226,11 @@ def _database_errors() -> tuple[type[Exception], ...]:
     for adapter in dict.fromkeys(ADAPTERS.values()):
         errors.extend(adapter.error_types())
     return tuple(errors)
+
+
+def _opening_errors() -> tuple[type[Exception], ...]:
+    """What opening a deployment may raise that is reported as one line."""
+    return (SagalineError, *_database_errors())
 
 
 def with_deployment(
@@ -355,7 +352,7 @@ LeaseOption = Annotated[
         min=0.1,
         help="How long a claim or membership lasts without renewal: after a crash, another"
         " process takes the work over once it expires.",
-        show_default=f"{LEASE_SECONDS:g}",
+        show_default=f"{DEFAULT_LEASE_SECONDS:g}",
     ),
 ]
 

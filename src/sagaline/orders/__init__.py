@@ -15,7 +15,7 @@ from sagaline.orders.payment import (
     PaymentRules,
     build_payment_service,
     rules_from_settings,
-    step_timeout_from_settings,
+    seconds_from_settings,
 )
 from sagaline.orders.provider import PaymentProvider
 from sagaline.orders.read import build_order_projection
@@ -41,21 +41,22 @@ def build_system(
     payment_rules: PaymentRules | None = None,
     *,
     step_timeout: float | None = None,
+    deadline: float | None = None,
     provider: PaymentProvider | None = None,
 ) -> System:
     """The five services of the order flow, wired for one bus.
 
     Clients may submit a ``CreateOrderCommand`` and nothing else: reserving, paying, cancelling,
     releasing and refunding are the saga's own commands, and every event is a service's.
-    ``step_timeout`` gives each step of the saga that many seconds; ``provider`` is the payment
-    provider charged (one in memory by default).
+    ``step_timeout`` gives each step of the saga that many seconds, ``deadline`` the whole saga;
+    ``provider`` is the payment provider charged (one in memory by default).
     """
     return System(
         [
             build_order_service(),
             build_inventory_service(),
             build_payment_service(payment_rules, provider),
-            Orchestrator([order_saga(step_timeout)]).service,
+            Orchestrator([order_saga(step_timeout, deadline)]).service,
             build_order_projection().service(),
         ],
         accepts=[CreateOrderCommand],
@@ -66,7 +67,8 @@ def _from_settings(settings: Mapping[str, str]) -> System:
     provider = settings.get("payment_provider")
     return build_system(
         rules_from_settings(settings),
-        step_timeout=step_timeout_from_settings(settings),
+        step_timeout=seconds_from_settings(settings, "step_timeout"),
+        deadline=seconds_from_settings(settings, "deadline"),
         provider=PaymentProvider(provider) if provider else None,
     )
 

@@ -236,7 +236,8 @@ app = App(
     projections=(build_order_projection(),),
     commands="sagaline.orders.cli:commands",
     description="The seed's order flow as a choreography, followed by a saga monitor.",
-    settings=SETTINGS,
+    # A choreography has no orchestrator to time its steps: only the payment rules apply.
+    settings={"payment_limit": SETTINGS["payment_limit"]},
     messages=MESSAGES,
     invariants=order_invariants(),
     answers=ORDER_ANSWERS,

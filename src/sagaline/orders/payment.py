@@ -29,7 +29,7 @@ __all__ = [
     "build_payment_service",
     "charge",
     "rules_from_settings",
-    "step_timeout_from_settings",
+    "seconds_from_settings",
 ]
 
 PAYMENTS = "payment.payment"
@@ -121,13 +121,14 @@ async def charge(
 SETTINGS = {
     "payment_limit": "payments above this amount are declined (default 1000.00)",
     "step_timeout": "seconds each step of the order saga may take before it fails (default: none)",
+    "deadline": "seconds the whole order saga may take before it is compensated (default: none)",
     "payment_provider": "a file where the simulated payment provider keeps its charges",
 }
 
 
-def step_timeout_from_settings(settings: Mapping[str, str]) -> float | None:
-    """The ``step_timeout`` setting in seconds (None when unset); ValueError when bad."""
-    text = settings.get("step_timeout")
+def seconds_from_settings(settings: Mapping[str, str], name: str) -> float | None:
+    """A setting in seconds, such as ``step_timeout`` (None when unset); ValueError when bad."""
+    text = settings.get(name)
     if text is None or text == "":
         return None
     try:
@@ -135,7 +136,7 @@ def step_timeout_from_settings(settings: Mapping[str, str]) -> float | None:
     except ValueError:
         seconds = float("nan")
     if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"step_timeout must be a positive number of seconds, not {text!r}")
+        raise ValueError(f"{name} must be a positive number of seconds, not {text!r}")
     return seconds
 
 

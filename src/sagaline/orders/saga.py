@@ -6,13 +6,15 @@ success publishes OrderConfirmed. InventoryReservationFailed compensates with Re
 and CancelOrder; PaymentFailed with ReleaseInventory and CancelOrder.
 
 With a step timeout (the app's ``step_timeout`` setting), a step that gets no answer in time
-fails: the order is cancelled with a reason that says so. A payment that goes through after its
+fails: the order is cancelled with a reason that says so; so is an order whose whole saga takes
+longer than its ``deadline`` setting. A payment that goes through after its
 step timed out is refunded (RefundPayment, the pivot's compensation for a late success).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -124,6 +126,8 @@ ORDER_SAGA = SagaDefinition(
 )
 
 
-def order_saga(step_timeout: float | None = None) -> SagaDefinition:
-    """The order saga, each step timing out after ``step_timeout`` seconds when given."""
-    return ORDER_SAGA if step_timeout is None else ORDER_SAGA.with_timeouts(step_timeout)
+def order_saga(step_timeout: float | None = None, deadline: float | None = None) -> SagaDefinition:
+    """The order saga, each step timing out after ``step_timeout`` seconds and the whole saga
+    after ``deadline`` seconds, when given."""
+    saga = ORDER_SAGA if step_timeout is None else ORDER_SAGA.with_timeouts(step_timeout)
+    return saga if deadline is None else replace(saga, deadline=deadline)

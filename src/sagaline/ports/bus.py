@@ -75,6 +75,13 @@ class BrokerBus(Bus, Protocol):
         submitted (the start of an audit trail); None for a message broker."""
         ...
 
+    @property
+    def max_payload(self) -> int | None:
+        """The largest message (body and headers, in bytes) the bus carries when that is below
+        sagaline's own limit (a NATS server's ``max_payload``); None when sagaline's is the
+        bound."""
+        ...
+
     async def complete(self, batch: Batch, outcomes: Sequence[tuple[Outcome, str | None]]) -> None:
         """After the store committed: settle each delivery (ACK and DEAD acknowledge; RETRY comes
         back after ``consumer.retry.delay(attempt)``; SKIP comes back keeping its key's order)."""

@@ -187,9 +187,7 @@ class SagaFollower:
                 self._gone(ctx, record, event.wire_name)
                 await ctx.tx.put_saga(record)
                 continue
-            if record is not None and event.wire_name not in {
-                t.type_name() for t in definition.event_types()
-            }:
+            if record is not None and not definition.handles(event.wire_name):
                 continue  # an event of another version of the saga
             moved = advance(
                 definition,

@@ -21,7 +21,7 @@ from sagaline.backends.nats.replay import replay_stream
 from sagaline.backends.nats.topology import Topology
 from sagaline.backends.nats.wire import MessageTooLarge, _headers_of, _headers_size
 from sagaline.clock import SYSTEM_CLOCK, Clock
-from sagaline.config import redact, redact_url
+from sagaline.config import DEFAULT_LEASE_SECONDS, redact, redact_url
 from sagaline.errors import BusUnavailable, ConfigurationError
 from sagaline.messages import Envelope
 from sagaline.ports import Batch, BrokerBus, ConsumerSpec, Outcome, StoredEvent
@@ -41,7 +41,7 @@ class NatsBus:
         *,
         prefix: str = "sagaline",
         partitions: int = 8,
-        lease_seconds: float = 10.0,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
         ack_wait: float = 10.0,
         max_ack_pending: int = 20_000,
         publish_timeout: float = 10.0,
@@ -211,6 +211,11 @@ class NatsBus:
         if self._nc is None:
             await self.open()
         await self._topology.delete(self.jetstream)
+
+    @property
+    def prepared_consumers(self) -> list[ConsumerSpec]:
+        """The consumers this process created durable pull consumers for."""
+        return self._topology.prepared_consumers
 
     async def prepare(self, consumers: Sequence[ConsumerSpec], routes: Mapping[str, str]) -> None:
         """Create the streams, the lease bucket and every consumer's durable pull consumers.

@@ -211,6 +211,11 @@ class Topology:
         )
         self._prepared.update(todo)
 
+    @property
+    def prepared_consumers(self) -> list[ConsumerSpec]:
+        """The consumers this process created durable pull consumers for."""
+        return list(self._prepared)
+
     async def delete(self, js: JetStreamContext) -> None:
         """Delete both streams (their messages and consumers) and the lease bucket, passing over
         what does not exist."""

@@ -145,6 +145,11 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
     def start_checkpointer(self) -> None:
         """Nothing to do: the server checkpoints its own write-ahead log."""
 
+    @property
+    def max_payload(self) -> None:
+        """None: the database carries what sagaline's own message limit allows."""
+        return None
+
     def database(self) -> PostgresDatabase:
         """This database: a bus that is a database, which keeps the commands clients submitted."""
         return self

@@ -351,6 +351,11 @@ class RabbitBus:
 
     # Replay and inspection ------------------------------------------------------------------
 
+    @property
+    def max_payload(self) -> None:
+        """None: the broker carries what sagaline's own message limit allows."""
+        return None
+
     def database(self) -> None:
         """None: a broker, not a database (it keeps no record of what clients submitted)."""
         return None

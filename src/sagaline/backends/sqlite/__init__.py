@@ -283,6 +283,11 @@ class SqliteDatabase(SqliteBus, SqliteSchedule, SqliteQueries):
         async with self.transaction() as tx:
             tx.to_bus(envelopes, routes)
 
+    @property
+    def max_payload(self) -> None:
+        """None: the database carries what sagaline's own message limit allows."""
+        return None
+
     def database(self) -> SqliteDatabase:
         """This file: a bus that is a database, which keeps the commands clients submitted."""
         return self

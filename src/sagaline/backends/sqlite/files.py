@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sagaline.backends.sqlite.rows import path_from_url
-from sagaline.errors import ConfigurationError, StoreUnavailable
+from sagaline.errors import NotAStore, StoreUnavailable
 
 __all__ = [
     "NotAStore",
@@ -32,12 +32,6 @@ _SQLITE_HEADER = b"SQLite format 3\x00"
 _SIDE_FILES = ("-wal", "-shm", "-journal")
 #: The tables that hold a store's data (a store without rows in any is empty).
 _DATA_TABLES = ("events", "commands", "documents", "sagas", "inbox", "outbox", "dead_letters")
-
-
-class NotAStore(ConfigurationError):
-    """A file that holds data but is not a sagaline store; it was left as it was."""
-
-    code = "not_a_sagaline_store"
 
 
 def _uri(path: str, **parameters: str) -> str:

@@ -1,13 +1,11 @@
 """SQLite URLs. The row conversions the database backends share live in
-:mod:`sagaline.backends._sql.rows`; the JSON codec is also importable from here, where the test
-kit's invariants look for it."""
+:mod:`sagaline.backends._sql.rows`."""
 
 from __future__ import annotations
 
-from sagaline.backends._sql.rows import JSON, decode_json
 from sagaline.errors import ConfigurationError
 
-__all__ = ["JSON", "decode_json", "path_from_url"]
+__all__ = ["path_from_url"]
 
 
 def path_from_url(url: str) -> str:

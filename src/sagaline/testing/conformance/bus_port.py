@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from sagaline.handling import Context, Service, System
-from sagaline.ports import BrokerBus, RetryPolicy
+from sagaline.ports import RetryPolicy
 from sagaline.testing.conformance.harness import (
     Harness,
     MakeHarness,
@@ -240,7 +240,7 @@ class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultC
             command = await system.submit(harness.entry, ConformanceCommand(key="K-1", seq=1))
             event = await system.submit(harness.entry, ConformanceEvent(key="K-1", seq=1))
             # The relay republishes after a crash between the broker's confirm and its mark.
-            await cast(BrokerBus, harness.port).publish([command, event], system.routes)
+            await harness.port.publish([command, event], system.routes)
             await system.submit_many(
                 harness.entry,
                 [ConformanceCommand(key="K-1", seq=2), ConformanceEvent(key="K-1", seq=2)],
@@ -344,4 +344,4 @@ class BusPortConformance(ScreeningConformance, IsolationConformance, StoreFaultC
             await harness.bus.close()
             harness.bus = None
             # Alone now, the store writes to its own database's bus, as the crashed member did.
-            cast(Any, harness.store).outbox = False
+            harness.store.outbox = False

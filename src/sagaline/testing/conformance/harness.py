@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
+from sagaline.backends import BrokerTopology
 from sagaline.handling import Condition, Runtime, System, holds
 from sagaline.messages import Envelope
-from sagaline.ports import Backend, BrokerBus, DeadLetter, StoredEvent
+from sagaline.ports import BrokerBus, Database, DeadLetter, StoredEvent
 from sagaline.testing.conformance.services import recorded
 
 __all__ = [
@@ -32,19 +33,19 @@ __all__ = [
 class Harness:
     """One store and one bus (the same object when the bus is in the store's database)."""
 
-    def __init__(self, store: Backend, bus: BrokerBus | None) -> None:
+    def __init__(self, store: Database, bus: BrokerBus | None) -> None:
         self.store = store
         self.bus = bus
         self.extra_buses: list[BrokerBus] = []
         _OPEN.append(self)
 
     @property
-    def entry(self) -> Any:
+    def entry(self) -> BrokerBus:
         """Where clients submit: the bus (or the store that is the bus)."""
         return self.bus if self.bus is not None else self.store
 
     @property
-    def port(self) -> Any:
+    def port(self) -> BrokerBus:
         """The object that claims and completes: the bus (or the store that is the bus)."""
         return self.bus if self.bus is not None else self.store
 
@@ -56,12 +57,11 @@ class Harness:
 
     async def close(self) -> None:
         """Delete what the test declared on a broker, and close the buses and the store."""
-        if self.bus is not None and hasattr(self.bus, "delete_topology"):
+        if isinstance(self.bus, BrokerTopology):
             # What the test declared on a broker goes with it (it holds the broker's resources).
+            extra = [b for b in self.extra_buses if isinstance(b, BrokerTopology)]
             with contextlib.suppress(Exception):
-                await self.bus.delete_topology(
-                    [c for b in self.extra_buses for c in getattr(b, "prepared_consumers", [])]
-                )
+                await self.bus.delete_topology([c for b in extra for c in b.prepared_consumers])
         for bus in [*self.extra_buses, *([self.bus] if self.bus is not None else [])]:
             with contextlib.suppress(Exception):
                 await bus.close()
@@ -70,13 +70,13 @@ class Harness:
     async def prepare(self, system: System) -> None:
         """Declare the queues and subscriptions of ``system`` on the bus."""
         consumers = [spec for service in system.services.values() for spec in service.consumers()]
-        await cast(BrokerBus, self.port).prepare(consumers, system.routes)
+        await self.port.prepare(consumers, system.routes)
 
     async def inject(self, envelopes: list[Envelope], system: System) -> None:
         """Put hand-made envelopes on the bus as they are, unchecked (what a broken or hostile
         producer could do)."""
         await self.prepare(system)
-        await cast(BrokerBus, self.port).publish(envelopes, system.routes)
+        await self.port.publish(envelopes, system.routes)
 
     def runtime(
         self, system: System, services: list[str] | None = None, member: str = "m"
@@ -88,15 +88,15 @@ class Harness:
 
     async def recorded(self, service: str) -> dict[str, list[int]]:
         """What ``service`` recorded (see :func:`~.services.record`): per key, its seqs."""
-        return await recorded(cast(Any, self.store), service)
+        return await recorded(self.store, service)
 
     async def dead_letters(self) -> list[DeadLetter]:
         """The store's dead letters, oldest first."""
-        return list(await cast(Any, self.store).dead_letters())
+        return list(await self.store.dead_letters())
 
     async def replay(self, after: int = 0) -> list[StoredEvent]:
         """The bus's event log after ``after``."""
-        return [stored async for stored in cast(BrokerBus, self.port).replay(after)]
+        return [stored async for stored in self.port.replay(after)]
 
 
 #: Harnesses made by the running test; closed in the test's event loop when it ends.

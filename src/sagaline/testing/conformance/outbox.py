@@ -56,6 +56,10 @@ class RecordingBus:
     async def open(self) -> None:
         """Nothing to connect."""
 
+    @property
+    def max_payload(self) -> None:
+        return None
+
     def database(self) -> None:
         """Not a database."""
         return None

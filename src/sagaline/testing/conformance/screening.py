@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
@@ -305,7 +305,7 @@ class ScreeningConformance:
             # sagaline's limit is 1 MiB of body. A broker may allow less: NATS counts headers in
             # its server's max_payload (1 MiB by default), and refuses the rest at publish.
             limit = MAX_MESSAGE_BYTES
-            broker_limit = getattr(harness.bus, "max_payload", None)
+            broker_limit = harness.bus.max_payload if harness.bus is not None else None
             if broker_limit is not None and broker_limit - 2048 < limit:
                 limit = broker_limit - 2048
                 with pytest.raises(InvalidMessage, match="max_payload"):
@@ -324,9 +324,9 @@ class ScreeningConformance:
                     handled_all(harness, "watcher", {"K-big": [0]}),
                 ),
             )
-            store = cast(Any, harness.store)
-            alpha = await store.get_document("bus.alpha", "K-big")
-            watcher = await store.get_document("bus.watcher", "K-big")
+            alpha = await harness.store.get_document("bus.alpha", "K-big")
+            watcher = await harness.store.get_document("bus.watcher", "K-big")
+            assert alpha is not None and watcher is not None
             assert alpha.data["sizes"] == [len(command.payload)]
             assert watcher.data["sizes"] == [len(event.payload)]
             assert not await harness.dead_letters()
@@ -345,7 +345,7 @@ class ScreeningConformance:
             await harness.open()
             system = System([queue_service("alpha", ConformanceCommand)])
             size = 4 * MAX_MESSAGE_BYTES
-            broker_limit = getattr(harness.bus, "max_payload", None)
+            broker_limit = harness.bus.max_payload if harness.bus is not None else None
             if broker_limit is not None and broker_limit - 2048 < size:
                 size = broker_limit - 2048
             head = (

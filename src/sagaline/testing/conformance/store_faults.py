@@ -14,13 +14,13 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import pytest
 
 from sagaline.handling import Condition, Context, Handler, Service, System, holds
 from sagaline.messages import Envelope
-from sagaline.ports import BrokerBus, RetryPolicy
+from sagaline.ports import RetryPolicy
 from sagaline.testing.conformance.harness import (
     Harness,
     dead_lettered,
@@ -158,7 +158,7 @@ class StoreFaultConformance:
             envelopes = [Envelope.wrap(m, source="client") for m in (first, second)]
             # A relay that republishes after a crash between the broker's confirm and marking
             # its rows sent: the copies travel in one publication and arrive in one batch.
-            await cast(BrokerBus, harness.port).publish(
+            await harness.port.publish(
                 [envelopes[0], envelopes[0], envelopes[1], envelopes[0], envelopes[1]],
                 system.routes,
             )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sagaline.backends.sqlite.rows import JSON, decode_json
+from sagaline.backends._sql.rows import JSON, decode_json
 from sagaline.errors import ConcurrencyError, InvalidMessage
 from sagaline.ports import Document, StoreTransaction
 from sagaline.projection import Projection, Views

@@ -23,7 +23,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sagaline.backends.sqlite.rows import JSON, decode_json
+from sagaline.backends._sql.rows import JSON, decode_json
 from sagaline.handling import System
 from sagaline.ports import AuditRows, SagaRecord
 from sagaline.testing.invariants.records import (
