@@ -334,6 +334,13 @@ def test_every_operator_action_through_the_cli(jobs_dir: Path) -> None:
             "job:J-1",
             "job:J-3",
         ]
+        # The table names each instance's definition and the version it runs on; the status
+        # is a choice of any case.
+        table = cli("sagas", "--status", "stuck", cwd=cwd)
+        assert table.returncode == 0, table.stderr
+        assert "job v1" in table.stdout and "STUCK" in table.stdout
+        wrong = cli("sagas", "--status", "hung", cwd=cwd)
+        assert wrong.returncode == 2 and "hung" in wrong.stderr
         # skip: the release is done by hand; the saga goes on compensating.
         skipped = cli(
             "saga", "skip", "job:J-1", "--reason", "released by phone", "--by", "bo", cwd=cwd

@@ -83,3 +83,31 @@ def test_timers_set_before_a_sigkill_fire_once_after_the_restart(
     # Every late charge refunded; the late declines (above the limit) had nothing to refund.
     assert counts["PaymentRefundedEvent"] == counts["PaymentProcessedEvent"] > 0
     assert counts["PaymentProcessedEvent"] + counts["PaymentFailedEvent"] == len(timed_out)
+
+
+def test_the_deadline_setting_cancels_the_orders_that_outlast_it(
+    order_store: OrderStore, service_processes: ServiceProcesses
+) -> None:
+    """`sagaline run --set deadline=1` without the payment service: every order is cancelled
+    when its saga's deadline passes, with a reason that says so, and nothing stays set."""
+    order_store.stock(INITIAL_STOCK)
+    order_store.submit(order_store.mix(0, 5))
+    worker = service_processes.start(
+        order_store.path, options=["--set", "deadline=1", *WITHOUT_PAYMENT]
+    )
+    service_processes.wait_for(
+        lambda: order_store.ended_sagas() == 5,
+        timeout=TIMEOUT,
+        what="every saga ended",
+        alive=[worker],
+    )
+    assert service_processes.stop(worker) == 0, service_processes.output(worker)
+    reasons = {
+        row["orderId"]: row["reason"]
+        for row in order_store.db.sync.query_documents(ORDER_VIEW)
+        if row["status"] == "CANCELLED"
+    }
+    # Each of the five has its stock and waits for its payment in vain.
+    assert len(reasons) == 5, reasons
+    assert all("the saga's deadline of 1 s passed" in r for r in reasons.values()), reasons
+    assert order_store.db.sync.execute("SELECT count(*) FROM timers")[0][0] == 0

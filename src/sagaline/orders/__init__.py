@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from sagaline.app import App
-from sagaline.handling import System
+from sagaline import App, Orchestrator, System
 from sagaline.orders.invariants import ORDER_ANSWERS, order_invariants
 from sagaline.orders.inventory import build_inventory_service
 from sagaline.orders.messages import MESSAGES, CreateOrderCommand
@@ -20,7 +19,6 @@ from sagaline.orders.payment import (
 from sagaline.orders.provider import PaymentProvider
 from sagaline.orders.read import build_order_projection
 from sagaline.orders.saga import ORDER_SAGA, order_saga
-from sagaline.saga.engine import Orchestrator
 
 __all__ = [
     "ORDER_SAGA",

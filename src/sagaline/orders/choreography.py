@@ -30,8 +30,7 @@ from __future__ import annotations
 import logging
 from decimal import Decimal
 
-from sagaline.app import App
-from sagaline.handling import Context, Service, System
+from sagaline import App, Context, Reads, SagaMonitor, Service, System
 from sagaline.orders.invariants import ORDER_ANSWERS, order_invariants
 from sagaline.orders.inventory import (
     RESERVATIONS,
@@ -68,8 +67,6 @@ from sagaline.orders.payment import (
 from sagaline.orders.provider import PaymentProvider
 from sagaline.orders.read import build_order_projection
 from sagaline.orders.saga import ORDER_SAGA, cancellation_reason
-from sagaline.ports import Reads
-from sagaline.saga.monitor import SagaMonitor
 
 __all__ = ["PAYMENT_TERMS", "SAGA_SERVICE", "app", "build_choreography_system"]
 

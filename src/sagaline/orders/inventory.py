@@ -11,8 +11,7 @@ from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
-from sagaline import Reads, StoreTransaction
-from sagaline.handling import Context, Service
+from sagaline import Context, Reads, Service, StoreTransaction
 from sagaline.orders.messages import (
     InventoryReleasedEvent,
     InventoryReservationFailedEvent,

@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 from decimal import Decimal
 
-from sagaline.aggregate import Aggregate
-from sagaline.handling import Context, Service
-from sagaline.messages import Envelope, Event
+from sagaline import Aggregate, Context, Envelope, Event, Reads, Service
 from sagaline.orders.messages import (
     CancelOrderCommand,
     CreateOrderCommand,
@@ -18,7 +16,6 @@ from sagaline.orders.messages import (
     OrderItem,
     OrderRejectedEvent,
 )
-from sagaline.ports import Reads
 
 __all__ = [
     "Order",

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sagaline import Envelope, utc_timestamp
+from sagaline import Envelope, Projection, Views, utc_timestamp
 from sagaline.orders.messages import OrderCancelledEvent, OrderConfirmedEvent, OrderCreatedEvent
-from sagaline.projection import Projection, Views
 
 __all__ = ["ORDER_VIEW", "build_order_projection"]
 

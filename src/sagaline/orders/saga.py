@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from sagaline import SagaDefinition, Step, StepKind
 from sagaline.orders.messages import (
     CancelOrderCommand,
     InventoryReleasedEvent,
@@ -37,7 +38,6 @@ from sagaline.orders.messages import (
     ReleaseInventoryCommand,
     ReserveInventoryCommand,
 )
-from sagaline.saga.definition import SagaDefinition, Step, StepKind
 
 __all__ = ["ORDER_SAGA", "cancellation_reason", "order_saga"]
 
