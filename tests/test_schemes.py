@@ -260,3 +260,18 @@ def test_what_backends_share_imports_no_backend() -> None:
             assert not any(module.startswith(f"sagaline.backends.{b}") for b in _BACKENDS), (
                 f"{path.relative_to(SRC)} imports {module}"
             )
+
+
+def test_the_cli_the_test_kit_and_the_apps_reach_no_backend_but_through_the_registry() -> None:
+    """The command line, the test kit and the order app open stores and buses by URL: none of
+    their modules imports a backend package (nor a database driver), so a new backend needs no
+    edit there."""
+    folders = [SRC / "cli", SRC / "testing", SRC / "orders", SRC / "handling", SRC / "saga"]
+    for path in [p for folder in folders for p in sorted(folder.rglob("*.py"))]:
+        for module in _imported(path):
+            assert not any(module.startswith(f"sagaline.backends.{b}") for b in _BACKENDS), (
+                f"{path.relative_to(SRC)} imports {module}"
+            )
+            assert module.partition(".")[0] not in {"psycopg", "aio_pika", "aiormq", "nats"}, (
+                f"{path.relative_to(SRC)} imports {module}"
+            )
