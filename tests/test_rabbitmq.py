@@ -33,6 +33,7 @@ from sagaline.backends.rabbitmq import (
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.errors import ConfigurationError
 from sagaline.handling import Context, Runtime, Service, System
+from sagaline.handling.notices import MessageDeadLettered
 from sagaline.messages import MAX_MESSAGE_BYTES, Envelope
 from sagaline.observability import redact_url
 from sagaline.orders import build_system
@@ -313,24 +314,6 @@ async def claim_some(bus: RabbitBus, spec: ConsumerSpec, member: str, count: int
     pytest.fail(f"{member} did not receive {count} deliveries")
 
 
-async def claim_or_dead_letter(
-    bus: RabbitBus, setup: RabbitBus, spec: ConsumerSpec, member: str
-) -> Any:
-    """A batch claimed by ``bus``, or None once the broker has dead-lettered what it held: the
-    broker moves a message past its delivery limit a moment after the consumer that held it
-    last went away, so neither is waited for alone."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    while loop.time() < deadline:
-        batch = await bus.claim(spec, member, 100)
-        if batch.deliveries:
-            return batch
-        if await setup.broker_dead_letters(spec):
-            return None
-        await bus.wait_for_work(spec, 0.2)
-    pytest.fail(f"{member} received nothing, and nothing was dead-lettered")
-
-
 def same_partition_keys(bus: RabbitBus, count: int) -> list[str]:
     """``count`` keys that all fall in partition 0."""
     keys = (f"K-{n}" for n in itertools.count())
@@ -360,6 +343,26 @@ def test_a_batch_never_completed_is_handed_out_again(rig: Rig) -> None:
     rig.run(scenario)
 
 
+async def past_the_delivery_limit(
+    rig: Rig, setup: RabbitBus, spec: ConsumerSpec, messages: int
+) -> list[int]:
+    """Hand the ``messages`` (one AMQP message) to consumer after consumer, each dying before it
+    settles them, until the broker has delivered them past its limit; the attempts seen. The
+    broker dead-letters them a moment after the last consumer went away."""
+    attempts: list[int] = []
+    while len(attempts) <= spec.retry.delivery_limit:
+        dying = rig.bus()
+        batch = await claim_some(dying, spec, f"member-{len(attempts)}", messages)
+        attempts.append(batch.deliveries[0].attempt)
+        await dying.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while not await setup.broker_dead_letters(spec):
+        assert loop.time() < deadline, "the broker did not dead-letter the message"
+        await asyncio.sleep(0.05)
+    return attempts
+
+
 @pytest.mark.parametrize("messages", [1, 3], ids=["alone", "bundled"])
 def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_letters(
     rig: Rig, messages: int
@@ -374,17 +377,9 @@ def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_lette
         # Keys of one partition, published at once: one AMQP message.
         keys = same_partition_keys(setup, messages)
         sent = await system.submit_many(setup, [ConformanceCommand(key=k, seq=1) for k in keys])
-        attempts: list[int] = []
         # Each consumer takes it and dies before settling (no worker records a dead letter).
-        limit = policy.delivery_limit
-        while not await setup.broker_dead_letters(spec):
-            assert len(attempts) <= limit + 1
-            dying = rig.bus()
-            batch = await claim_or_dead_letter(dying, setup, spec, f"member-{len(attempts)}")
-            if batch is not None:
-                attempts.append(batch.deliveries[0].attempt)
-            await dying.close()
-        assert attempts == list(range(1, limit + 2))
+        attempts = await past_the_delivery_limit(rig, setup, spec, messages)
+        assert attempts == list(range(1, policy.delivery_limit + 2))
         dead = await setup.broker_dead_letters(spec)
         # A bundle is dead-lettered whole, each of its messages listed.
         assert [d.envelope.message_id for d in dead] == [e.message_id for e in sent]
@@ -393,6 +388,60 @@ def test_a_message_that_keeps_killing_its_consumer_ends_in_the_broker_dead_lette
         assert {d.queue for d in dead} <= set(setup.queue_names(spec))
         # Looking does not take them away.
         assert len(await setup.broker_dead_letters(spec)) == messages
+
+    rig.run(scenario)
+
+
+@pytest.mark.parametrize("fate", ["handled", "dead-lettered"])
+def test_what_the_broker_dead_lettered_goes_to_the_worker_once_more(rig: Rig, fate: str) -> None:
+    """A member consumes its consumer's dead-letter queue too: the message the broker gave up on
+    is handed to the worker as one delivered before. It is handled, or, when it keeps failing,
+    recorded as a dead letter in the store, with the notice a saga hears; either way it leaves
+    the broker's dead letters."""
+    policy = RetryPolicy(max_attempts=1, initial_delay=0.01)
+
+    async def failing(ctx: Context, command: ConformanceCommand) -> None:
+        raise RuntimeError("still broken")
+
+    async def note(ctx: Context, notice: MessageDeadLettered) -> None:
+        await ctx.tx.put_document("notices", notice.message_id, {"reason": notice.reason}, 0)
+
+    watching = Service("watcher")
+    watching.subscribes(MessageDeadLettered)(note)
+
+    async def scenario() -> None:
+        service = Service("alpha", retry=policy)
+        service.handles(ConformanceCommand)(record if fate == "handled" else failing)
+        [spec] = service.consumers()
+        system = System([service, watching])
+        setup = rig.bus()
+        await setup.prepare(consumers_of(system), system.routes)
+        [key] = same_partition_keys(setup, 1)
+        sent = await system.submit(setup, ConformanceCommand(key=key, seq=1))
+        await past_the_delivery_limit(rig, setup, spec, 1)
+
+        store, watcher = rig.store("alpha"), rig.store("watcher")
+        bus = rig.bus()
+        if fate == "handled":
+            await run_services(bus, system, {"alpha": store}, lambda: handled(store, "alpha") == 1)
+            assert recorded(store, "alpha") == {key: [1]}
+            assert store.sync.dead_letters() == []
+        else:
+            await run_services(
+                bus,
+                system,
+                {"alpha": store, "watcher": watcher},
+                lambda: bool(watcher.sync.query_documents("notices")),
+            )
+            [letter] = store.sync.dead_letters()
+            assert letter.envelope.message_id == sent.message_id
+            assert "still broken" in letter.reason
+            # The notice names the message, for the saga whose command it was.
+            [notice] = watcher.sync.query_documents("notices")
+            assert "still broken" in notice["reason"]
+            assert watcher.sync.get_document("notices", sent.message_id) is not None
+        await bus.close()
+        assert await setup.broker_dead_letters(spec) == []
 
     rig.run(scenario)
 

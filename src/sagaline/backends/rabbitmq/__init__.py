@@ -65,9 +65,12 @@ its consumer cannot take a batch of others down with it, and the one that keeps 
 dead-lettered in the store with its reason, then acknowledged. As a backstop, the partition
 queues have a dead-letter exchange and ``x-delivery-limit`` = the retry policy's
 ``delivery_limit``, so a message that crashes every consumer before its dead letter is recorded
-ends in the consumer's ``.dead`` queue (see :meth:`RabbitBus.broker_dead_letters`); it is that
-generous so that the messages held by a process that a poison message kills again and again do
-not get there first.
+ends in the consumer's ``.dead`` queue; it is that generous so that the messages held by a
+process that a poison message kills again and again do not get there first. The consumer's
+members consume its ``.dead`` queue too: what the broker gave up on is handed to the worker once
+more, as a message delivered before, which handles it or records it as a dead letter (and tells
+the saga whose command it was). Nothing stays in the broker's dead letters unseen;
+:meth:`RabbitBus.broker_dead_letters` lists what no member has taken yet.
 
 Replay: every event is also routed into the stream ``<prefix>.log``, read back from any position
 by :meth:`RabbitBus.replay` (a position is the stream offset x :data:`POSITIONS_PER_OFFSET` + the

@@ -303,6 +303,7 @@ class RabbitBus:
             self.share_delay,
             self.instance[1] if self.instance else 1,
             self._topology.members_queue(consumer),
+            dead_queue=self.dead_letter_queue(consumer),
             clock=self.clock,
         )
         try:
@@ -382,7 +383,8 @@ class RabbitBus:
         await publish_marker(publisher, self.log_stream, marker, self.publish_timeout)
 
     async def broker_dead_letters(self, consumer: ConsumerSpec) -> list[BrokerDeadLetter]:
-        """The messages the broker dead-lettered for ``consumer`` (looked at, left in place)."""
+        """The messages the broker dead-lettered for ``consumer`` that no member has taken back
+        yet (looked at, left in place)."""
         connection = await self._connected()
         await self.prepare([consumer], {})
         return await read_dead_letters(connection, self.dead_letter_queue(consumer))

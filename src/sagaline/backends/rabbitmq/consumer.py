@@ -112,6 +112,7 @@ class _Consumption:
         members_queue: str = "",
         probe_interval: float = 1.0,
         *,
+        dead_queue: str = "",
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.spec = spec
@@ -124,6 +125,9 @@ class _Consumption:
         #: count is the number of instances present (a single-active-consumer queue counts only
         #: its active consumer).
         self.members_queue = members_queue
+        #: The consumer's queue of the broker's own dead letters (past ``x-delivery-limit``),
+        #: consumed too: what the broker gave up on goes to the worker once more.
+        self.dead_queue = dead_queue
         self.probe_interval = probe_interval
         self.clock = clock
         #: The queues of the partitions this member consumes at once (``home``; all without it),
@@ -186,6 +190,8 @@ class _Consumption:
                 raw.on_consumer_cancel_callbacks.add(self._on_cancel)
                 for queue in self.first:
                     await raw.basic_consume(queue, self._on_delivery, no_ack=False)
+                if self.dead_queue:
+                    await raw.basic_consume(self.dead_queue, self._on_dead_letter, no_ack=False)
                 if self.rest and self.members_queue:
                     await raw.queue_declare(self.members_queue, durable=False, auto_delete=True)
                     await raw.basic_consume(self.members_queue, _ignore, no_ack=True)
@@ -289,7 +295,7 @@ class _Consumption:
         self.broken = True
         self.wakeup.set()
 
-    async def _on_delivery(self, message: DeliveredMessage) -> None:
+    async def _on_delivery(self, message: DeliveredMessage, *, dead: bool = False) -> None:
         channel = message.channel
         if self.closed or not (channel is self.raw or channel is self.spare_raw):
             return
@@ -302,12 +308,21 @@ class _Consumption:
         properties = message.header.properties
         envelopes = messages_of(properties, message.body)
         redelivered = _delivery_count(properties)
+        if dead:
+            # Delivered before, however its count reads now: the worker counts in its store how
+            # often it was handed to its handler, and handles it or records it as a dead letter.
+            redelivered = max(redelivered, 1)
         bundle = _Unsettled(len(envelopes)) if len(envelopes) > 1 else None
         for envelope in envelopes:
             self.ready.append(
                 _Received(next(self._seq), tag, channel, envelope, redelivered, bundle)
             )
         self.wakeup.set()
+
+    async def _on_dead_letter(self, message: DeliveredMessage) -> None:
+        """A message the broker dead-lettered (its delivery limit reached before the worker could
+        record it as one): handed out once more, as a message delivered before."""
+        await self._on_delivery(message, dead=True)
 
     def _release_holds(self, now: float) -> None:
         for key in [key for key, due in self.held.items() if due <= now]:
