@@ -10,18 +10,31 @@ and restarted loses nothing and does nothing twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import re
 import signal
 import sqlite3
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import servers
 from conftest import OrderStore, ServiceProcesses
 
+from sagaline import (
+    ActionRefused,
+    SagaDefinitionError,
+    SagaMonitor,
+    SagaStatus,
+    Step,
+    StepRetry,
+    find_saga,
+    request_action,
+)
 from sagaline.backends.sqlite import SqliteDatabase
 from sagaline.deploy import Deployment
 from sagaline.handling import Runtime, System
@@ -36,6 +49,7 @@ from sagaline.orders.choreography import (
 from sagaline.orders.demo import (
     DEMO_ORDER_IDS,
     DEMO_STOCK,
+    demo_orders,
     is_deployment_settled,
     stock_demo,
     submit_demo_orders,
@@ -403,3 +417,70 @@ def test_the_checker_reports_damage_to_a_choreography(
     finally:
         asyncio.run(db.close())
     assert invariants <= {v.invariant for v in violations}, format_violations(violations)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"deadline": 60}, "a deadline"),
+        ({"timeout": 30}, "step reserve_inventory's timeout"),
+        ({"retry": StepRetry(attempts=3)}, "step reserve_inventory's retry"),
+        ({"compensation_timeout": 30}, "step reserve_inventory's compensation_timeout"),
+    ],
+)
+def test_a_monitor_refuses_what_only_a_sender_can_do(change: dict[str, Any], named: str) -> None:
+    """A timeout, a retry or a deadline in a choreography's saga would never act (the monitor
+    sends nothing): the monitor refuses the definition, naming it, instead of letting a saga
+    wait for ever."""
+    if "deadline" in change:
+        definition = dataclasses.replace(ORDER_SAGA, **change)
+    else:
+        steps = tuple(
+            dataclasses.replace(step, **change) if step.name == "reserve_inventory" else step
+            for step in ORDER_SAGA.steps
+            if isinstance(step, Step)
+        )
+        definition = dataclasses.replace(ORDER_SAGA, steps=steps)
+    with pytest.raises(SagaDefinitionError, match=re.escape(named)):
+        SagaMonitor([definition])
+    SagaMonitor([ORDER_SAGA])  # as it is, it is followed
+
+
+def test_an_operator_may_abort_a_choreographed_saga_but_not_ask_it_to_send(
+    tmp_path: Path,
+) -> None:
+    """The monitor sends nothing: retry and compensate are refused with the reason, before
+    anything is asked; abort ends the saga FAILED, recorded with who and why."""
+
+    async def scenario() -> None:
+        system = build_choreography_system()
+        services = list(system.services)
+        deployment = Deployment(f"sqlite:///{tmp_path}/c.db", services=services)
+        await deployment.open()
+        store = deployment.distinct_stores()[0]
+        await stock_demo(store)
+        await system.submit(store, demo_orders()[0])
+        # Without its payment service the saga waits at the payment step.
+        without_payment = [s for s in services if s != "payment"]
+        followed = f"order:{DEMO_ORDER_IDS[0]}"
+
+        async def waiting() -> bool:
+            record = await store.get_saga(followed, history=False)
+            return record is not None and record.step == 2
+
+        await Runtime(store, system, without_payment).run_until(waiting, timeout=30)
+        for action in ("retry", "compensate"):
+            with pytest.raises(ActionRefused, match="monitor, which sends nothing"):
+                await request_action(deployment, system, followed, action, by="ann", reason="x")
+        await request_action(deployment, system, followed, "abort", by="ann", reason="by hand")
+
+        async def failed() -> bool:
+            record = await store.get_saga(followed, history=False)
+            return record is not None and record.status == SagaStatus.FAILED
+
+        await Runtime(store, system, without_payment).run_until(failed, timeout=30)
+        record = await find_saga(deployment, system, followed)
+        assert any(e.get("by") == "ann" and e.get("reason") == "by hand" for e in record.history)
+        await deployment.close()
+
+    asyncio.run(scenario())

@@ -127,6 +127,8 @@ class Service:
     types: dict[str, type[Message]] = field(default_factory=dict)
     #: The saga definitions whose instances this service keeps (an orchestrator, a monitor).
     sagas: tuple[SagaDefinition, ...] = ()
+    #: Whether it sends its sagas' commands (an orchestrator) or only follows them (a monitor).
+    drives_sagas: bool = False
 
     def handles(
         self, *types: type[Command], reads: ReadsOf | None = None

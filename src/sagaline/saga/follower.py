@@ -84,6 +84,8 @@ class SagaFollower:
 
     #: Whether compensations are confirmed only in the order of the plan (see ``advance``).
     compensations_in_order = True
+    #: Whether it sends what its transitions call for (an orchestrator), or only records them.
+    sends = True
 
     def __init__(
         self,
@@ -103,7 +105,9 @@ class SagaFollower:
             hosted[definition.version] = definition
         #: The newest version of each saga: what new instances start on.
         self.definitions = {name: hosted[max(hosted)] for name, hosted in self.versions.items()}
-        self.service = Service(name, retry=retry or RetryPolicy(), sagas=tuple(ordered))
+        self.service = Service(
+            name, retry=retry or RetryPolicy(), sagas=tuple(ordered), drives_sagas=self.sends
+        )
         by_type: dict[str, list[str]] = {}
         event_types: dict[str, type[Event]] = {}
         for definition in ordered:
@@ -234,6 +238,7 @@ class SagaFollower:
         moved = on_action(
             definition,
             record,
+            sends=self.sends,
             action=asked.action,
             by=asked.by,
             reason=asked.reason,

@@ -77,7 +77,8 @@ async def request_action(
     """
     service, versions = keeper_of(system, saga_id)
     record = await find_saga(deployment, system, saga_id)
-    problem = action_refused(action, record, versions.get(record.definition_version))
+    sends = system.services[service].drives_sagas
+    problem = action_refused(action, record, versions.get(record.definition_version), sends=sends)
     if problem:
         raise ActionRefused(problem)
     if not by.strip() or not reason.strip():

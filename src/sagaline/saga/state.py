@@ -133,11 +133,23 @@ def on_dead_letter(
     return machine.transition
 
 
-def action_refused(action: str, record: SagaRecord, definition: SagaDefinition | None) -> str:
-    """Why ``action`` cannot be done to ``record`` now ("" when it can)."""
+#: The actions that send a command (only a saga's orchestrator sends).
+SENDING_ACTIONS = ("retry", "compensate")
+
+
+def action_refused(
+    action: str, record: SagaRecord, definition: SagaDefinition | None, *, sends: bool = True
+) -> str:
+    """Why ``action`` cannot be done to ``record`` now ("" when it can); ``sends``: the saga
+    is kept by an orchestrator (not by a choreography's monitor, which sends nothing)."""
     status = SagaStatus(record.status)
     if action not in ACTIONS:
         return f"unknown action {action!r} (one of {', '.join(ACTIONS)})"
+    if not sends and action in SENDING_ACTIONS:
+        return (
+            f"saga {record.saga_id} is followed by a choreography's monitor, which sends"
+            f" nothing: {action} needs an orchestrator (skip and abort apply)"
+        )
     if status.terminal:
         return f"saga {record.saga_id} has ended {status.value}; nothing to {action}"
     if definition is None:
@@ -170,6 +182,7 @@ def on_action(
     reason: str,
     at: str,
     message_id: str,
+    sends: bool = True,
 ) -> Transition:
     """An operator's ``action`` (:data:`ACTIONS`) on ``record``, by ``by`` for ``reason``.
 
@@ -179,7 +192,7 @@ def on_action(
     history with who and why; one the state does not allow is noted as refused.
     """
     machine = Machine(definition, record, at, message_id, "SagaActionRequested")  # type: ignore[arg-type]
-    refused = action_refused(action, record, definition)
+    refused = action_refused(action, record, definition, sends=sends)
     if refused:
         machine.note(f"refused {action} by {by}: {refused}", by=by, reason=reason)
         return machine.transition
