@@ -390,9 +390,13 @@ class SagaDefinition:
                 plan.append(name)
         return plan
 
+    def takes_view(self, builder: Callable[..., Any]) -> bool:
+        """Whether ``builder`` (one of this definition's) takes the view as a second argument."""
+        return id(builder) in self._extended
+
     def build(self, builder: Callable[..., Any], data: Mapping[str, Any], view: Any) -> Any:
         """Call ``builder`` with the saga's state (typed when the definition declares ``state``)
-        and, if it takes a second argument, ``view``."""
+        and, if it takes a second argument, ``view`` (which may be None when it does not)."""
         state: Any = data
         if self.state is not None:
             public = {k: v for k, v in data.items() if not k.startswith("_")}

@@ -49,26 +49,28 @@ class Orchestrator(SagaFollower):
         if record is None:
             return
         sent: list[str] = []
-        failure = record.data.get("_failure")
+        data = record.data
         for send in transition.sends:
             step = definition.step(send.step)
             builder = step.compensation if send.undo else step.command
             assert builder is not None
-            message_id = command_id(record.saga_id, send, record.data.get("_tag", ""))
-            view = SagaView(
-                saga_id=record.saga_id,
-                step=send.step,
-                attempt=send.attempt,
-                idempotency_key=idempotency_key_of(message_id),
-                failure=failure,
-            )
-            command = definition.build(builder, record.data, view)
-            sent.append(ctx.send(command, message_id=message_id).message_type)
-        key = record.saga_id.partition(":")[2]
+            message_id = command_id(record.saga_id, send, data.get("_tag", ""))
+            view = None
+            if definition.takes_view(builder):
+                view = SagaView(
+                    saga_id=record.saga_id,
+                    step=send.step,
+                    attempt=send.attempt,
+                    idempotency_key=idempotency_key_of(message_id),
+                    failure=data.get("_failure"),
+                )
+            command = definition.build(builder, data, view)
+            ctx.send(command, message_id=message_id)
+            sent.append(command.wire_name)
         for timer in transition.timers:
             fired = SagaTimerFired(
                 saga_id=record.saga_id,
-                key=key,
+                key=record.saga_id.partition(":")[2],
                 timer_id=timer.timer_id,
                 purpose=timer.kind,
                 step=timer.step,
@@ -84,8 +86,12 @@ class Orchestrator(SagaFollower):
         for timer_id in transition.cancels:
             ctx.cancel(timer_id)
         if transition.completed and definition.on_completed is not None:
-            view = SagaView(record.saga_id, "", 0, "", failure)
-            completion = definition.build(definition.on_completed, record.data, view)
-            sent.append(ctx.publish(completion).message_type)
+            finish = definition.on_completed
+            view = None
+            if definition.takes_view(finish):
+                view = SagaView(record.saga_id, "", 0, "", data.get("_failure"))
+            completion = definition.build(finish, data, view)
+            ctx.publish(completion)
+            sent.append(completion.wire_name)
         if sent and record.new_history:
             record.new_history[-1].setdefault("sent", []).extend(sent)

@@ -37,7 +37,7 @@ def saga_id(definition: SagaDefinition, key: str) -> str:
     return f"{definition.name}:{key}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """A command due: step ``step``'s (or, ``undo``, its compensation), try ``attempt``."""
 
@@ -46,7 +46,7 @@ class Send:
     attempt: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Timer:
     """A timer to set: ``kind`` (``timeout``, ``retry`` or ``deadline``) for ``step`` (empty for
     the deadline) and try ``attempt`` (of the compensation when ``undo``), due ``after`` seconds
