@@ -7,8 +7,8 @@ and CancelOrder; PaymentFailed with ReleaseInventory and CancelOrder.
 
 With a step timeout (the app's ``step_timeout`` setting), a step that gets no answer in time
 fails: the order is cancelled with a reason that says so; so is an order whose whole saga takes
-longer than its ``deadline`` setting. A payment that goes through after its
-step timed out is refunded (RefundPayment, the pivot's compensation for a late success).
+longer than its ``deadline`` setting. A payment that goes through after its step timed out is
+refunded (RefundPayment, the pivot's compensation for a late success).
 """
 
 from __future__ import annotations
