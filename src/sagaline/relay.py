@@ -48,7 +48,8 @@ class Relay:
         self.published = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish until ``stop`` is set, then publish what is left once (best effort)."""
+        """Publish until ``stop`` is set, then publish what is left once and give the lease up
+        (best effort: a relay that cannot lets it expire)."""
         failures = 0
         while not stop.is_set():
             try:
@@ -69,6 +70,8 @@ class Relay:
         with suppress(Exception):
             while await self.publish_once():
                 pass
+        with suppress(Exception):
+            await self.store.outbox_release(self.owner)
 
     async def publish_once(self) -> int:
         """Publish one batch of the outbox; how many entries were published."""

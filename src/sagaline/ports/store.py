@@ -199,6 +199,11 @@ class Outbox(Protocol):
         """Mark entries published; they are not handed out again."""
         ...
 
+    async def outbox_release(self, owner: str) -> None:
+        """Give the relay lease up if ``owner`` holds it (a relay that stops), so that the next
+        relay publishes at once instead of waiting for the lease to expire."""
+        ...
+
     async def outbox_refused(self, entry: OutboxEntry, reason: str) -> None:
         """Set aside an entry the bus refuses for good (too large for it, say): it is recorded
         as a dead letter of the consumer ``outbox`` with ``reason`` and not published again."""

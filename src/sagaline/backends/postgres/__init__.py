@@ -362,6 +362,15 @@ class PostgresDatabase(PostgresBus, PostgresSchedule, PostgresQueries):
                 (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.clock.time())), list(ids)),
             )
 
+    async def outbox_release(self, owner: str) -> None:
+        """Give the relay lease up if ``owner`` holds it."""
+        pool = await self._ready()
+        async with pool.connection() as conn:
+            await conn.execute(
+                f"UPDATE {self.names.store}.outbox_relay SET expires = 0 WHERE owner = %s",
+                (owner,),
+            )
+
     async def outbox_refused(self, entry: OutboxEntry, reason: str) -> None:
         """Set aside an entry the bus refuses for good: a dead letter of ``outbox``, marked sent."""
         async with self.transaction() as tx:

@@ -230,6 +230,22 @@ class SqliteDatabase(SqliteBus, SqliteSchedule, SqliteQueries):
             ).fetchall()
         return [OutboxEntry(row[0], envelope_from_row(row, 1)) for row in rows]
 
+    async def outbox_release(self, owner: str) -> None:
+        """Give the relay lease up if ``owner`` holds it."""
+        async with self._lock:
+            conn = self.connection
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.execute(
+                    "UPDATE relay_lease SET owner = NULL, expires = 0 WHERE id = 1 AND owner = ?",
+                    (owner,),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
     async def outbox_sent(self, ids: Sequence[int]) -> None:
         """Mark entries published."""
         if not ids:

@@ -206,6 +206,30 @@ class OutboxConformance:
 
         asyncio.run(scenario())
 
+    def test_a_relay_that_stops_gives_its_lease_up(
+        self, make_outbox_store: OpenOutboxStore
+    ) -> None:
+        """A relay stopped on purpose lets the next one publish at once (a lease of an hour
+        would otherwise hold it back); a relay that does not hold the lease gives nothing up."""
+
+        async def scenario() -> None:
+            store = make_outbox_store(lease_seconds=3600)
+            written = await _emit_some(store, "K-1")
+            stop = asyncio.Event()
+            stop.set()
+            first = RecordingBus()
+            await Relay(store, first, ROUTES, owner="relay-1").run(stop)
+            assert _ids(first.published) == _ids(written)
+            later = Envelope.wrap(ConformanceEvent(key="K-2", seq=5))
+            async with store.transaction() as tx:
+                await tx.emit([later], ROUTES)
+            taken = await store.outbox_claim("relay-2", 10)
+            assert _ids([e.envelope for e in taken]) == [later.message_id]
+            await store.outbox_release("relay-1")  # not its lease any more: nothing changes
+            assert await store.outbox_claim("relay-3", 10) == []
+
+        asyncio.run(scenario())
+
     def test_the_relay_publishes_every_entry_once_in_order_and_marks_it_sent(
         self, store: InspectableOutboxStore
     ) -> None:
