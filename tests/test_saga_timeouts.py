@@ -1,6 +1,7 @@
-"""Step timeouts through the real message path, on the test kit's clock: a step whose service is
-down fails when its timeout passes and the saga compensates; the service's late answer is
-compensated too. On SQLite and on PostgreSQL; no test sleeps, the fake clock is moved instead.
+"""Step timeouts and saga deadlines through the real message path, on the test kit's clock: a step
+whose service is down fails when its timeout or the saga's deadline passes and the saga
+compensates; the service's late answer is compensated too. On SQLite, PostgreSQL, and PostgreSQL
+with NATS; no test sleeps, the fake clock is moved instead.
 """
 
 from __future__ import annotations
@@ -83,6 +84,24 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
         await asyncio.sleep(0.02)
 
 
+async def waiting_for_payment(db: Backend, order_id: str = "ORD-T1") -> bool:
+    """Whether the saga of ``order_id`` sent ProcessPayment and waits for its answer."""
+    saga = await saga_of(db, order_id)
+    steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
+    return bool(steps.get("process_payment", {}).get("s") == "running")
+
+
+async def status_is(db: Backend, status: SagaStatus, order_id: str = "ORD-T1") -> bool:
+    saga = await saga_of(db, order_id)
+    return saga is not None and saga.status == status
+
+
+async def refunded(db: Backend, order_id: str = "ORD-T1") -> bool:
+    async with db.transaction() as tx:
+        payment = await tx.get_document(PAYMENTS, order_id)
+    return payment is not None and payment.data["status"] == "REFUNDED"
+
+
 async def _views(tx: StoreTransaction) -> list[dict[str, Any]]:
     document = await tx.get_document(ORDER_VIEW, "ORD-T1")
     return [] if document is None else [document.data]
@@ -99,60 +118,73 @@ async def running(db: Backend, system: System, services: Sequence[str]) -> Async
         await task
 
 
-def test_a_step_timeout_cancels_the_order_and_the_late_charge_is_refunded(
-    open_store: Opener,
+#: The limits an order saga may have: a timeout on each step, and a deadline on the whole saga,
+#: each with the cause and the reason its failure records.
+LIMITS = {
+    "step timeout": (
+        {"step_timeout": 30.0},
+        "timeout",
+        "step process_payment timed out after 30 s",
+    ),
+    "deadline": ({"deadline": 120.0}, "deadline", "the saga's deadline of 120 s passed"),
+}
+
+
+@pytest.mark.parametrize("limit", list(LIMITS))
+def test_a_limit_that_passes_cancels_the_order_and_the_late_charge_is_refunded(
+    open_store: Opener, limit: str
 ) -> None:
+    """A step timeout (from when ProcessPayment was sent) or a deadline (from when the saga
+    started) passes with the payment unanswered: the order is cancelled with a reason that
+    says so; when the payment service comes back, its late charge is refunded."""
+    option, cause, reason = LIMITS[limit]
+    seconds = next(iter(option.values()))
+
     async def scenario() -> None:
         clock = FakeClock()
         db = open_store(clock)
         await db.open()
         provider = PaymentProvider()
-        system = build_system(step_timeout=30, provider=provider)
+        system = build_system(
+            step_timeout=option.get("step_timeout"),
+            deadline=option.get("deadline"),
+            provider=provider,
+        )
         async with db.transaction() as tx:
             await set_stock(tx, "PROD-A", 5)
         await system.submit(db, ORDER)
 
-        async def waiting_for_payment() -> bool:
-            saga = await saga_of(db, "ORD-T1")
-            steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
-            return bool(steps.get("process_payment", {}).get("s") == "running")
-
-        async def status_is(status: SagaStatus) -> bool:
-            saga = await saga_of(db, "ORD-T1")
-            return saga is not None and saga.status == status
-
         async with running(db, system, WITHOUT_PAYMENT):
-            await until(waiting_for_payment, "the saga sent ProcessPayment")
-            # Nothing answers. The step's timer is due 30 seconds after it was sent.
+            await until(lambda: waiting_for_payment(db), "the saga sent ProcessPayment")
+            # Nothing answers. The one timer set is due ``seconds`` from now (the clock stood
+            # still since the saga started and the command was sent).
             due = await db.next_timer_due()
-            assert due is not None and due == pytest.approx(clock.time() + 30, abs=0.01)
-            clock.advance(29)
-            assert await status_is(SagaStatus.RUNNING)
+            assert due is not None and due == pytest.approx(clock.time() + seconds, abs=0.01)
+            clock.advance(seconds - 1)
+            assert await status_is(db, SagaStatus.RUNNING)
             clock.advance(2)
-            await until(lambda: status_is(SagaStatus.COMPENSATED), "the order compensated")
+            await until(lambda: status_is(db, SagaStatus.COMPENSATED), "the order compensated")
         saga = await saga_of(db, "ORD-T1")
         assert saga is not None
-        assert saga.data["_failure"]["reason"] == "step process_payment timed out after 30 s"
+        assert saga.data["_failure"] == {
+            "step": "process_payment",
+            "event": cause,
+            "reason": reason,
+        }
         async with db.transaction() as tx:
-            [view] = [d for d in await _views(tx)]
+            [view] = await _views(tx)
         assert view["status"] == "CANCELLED"
-        assert view["reason"] == "Payment failed: step process_payment timed out after 30 s"
+        assert view["reason"] == f"Payment failed: {reason}"
         assert provider.charges() == []
 
         # The payment service comes back: it charges (the command was still queued), and the
         # saga, which gave up on the payment, has it refunded.
-        async def refunded() -> bool:
-            async with db.transaction() as tx:
-                payment = await tx.get_document(PAYMENTS, "ORD-T1")
-            return payment is not None and payment.data["status"] == "REFUNDED"
-
         async with running(db, system, [*WITHOUT_PAYMENT, "payment"]):
-            await until(refunded, "the late charge refunded")
+            await until(lambda: refunded(db), "the late charge refunded")
         [charge] = provider.charges()
         assert charge.refunded
         assert re.fullmatch(r"saga:order:ORD-T1:process_payment\.[0-9a-f]{8}", charge.key)
-        saga = await saga_of(db, "ORD-T1")
-        assert saga is not None and saga.status == SagaStatus.COMPENSATED
+        assert await status_is(db, SagaStatus.COMPENSATED)
         assert await db.next_timer_due() is None
 
     asyncio.run(scenario())
@@ -185,24 +217,20 @@ def test_on_a_broker_deployment_the_timer_lives_in_the_store_of_its_saga(
                 await set_stock(tx, "PROD-A", 5)
             await system.submit(deployment.entry, ORDER)
 
-            async def waiting_for_payment() -> bool:
-                saga = await saga_of(orchestrator, "ORD-T1")
-                steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
-                return bool(steps.get("process_payment", {}).get("s") == "running")
-
-            async def compensated() -> bool:
-                saga = await saga_of(orchestrator, "ORD-T1")
-                return saga is not None and saga.status == SagaStatus.COMPENSATED
-
             runtimes = deployment.runtimes(system, WITHOUT_PAYMENT, poll_interval=0.02)
             tasks = [asyncio.create_task(r.run()) for r in runtimes]
             try:
-                await until(waiting_for_payment, "the payment step's timer set")
+                await until(
+                    lambda: waiting_for_payment(orchestrator), "the payment step's timer set"
+                )
                 assert await orchestrator.next_timer_due() == clock.time() + 30
                 for other in WITHOUT_PAYMENT[:2]:
                     assert await deployment.store(other).next_timer_due() is None
                 clock.advance(31)
-                await until(compensated, "the order compensated")
+                await until(
+                    lambda: status_is(orchestrator, SagaStatus.COMPENSATED),
+                    "the order compensated",
+                )
             finally:
                 for runtime in runtimes:
                     runtime.stop()
@@ -211,67 +239,6 @@ def test_on_a_broker_deployment_the_timer_lives_in_the_store_of_its_saga(
             assert provider.charges() == []
         finally:
             await deployment.close()
-
-    asyncio.run(scenario())
-
-
-def test_a_saga_deadline_cancels_the_order_and_the_late_charge_is_refunded(
-    open_store: Opener,
-) -> None:
-    """No step timeout, a deadline on the whole saga: when it passes with the payment still
-    unanswered, the order is cancelled saying so, and the charge made afterwards is refunded."""
-
-    async def scenario() -> None:
-        clock = FakeClock()
-        db = open_store(clock)
-        await db.open()
-        provider = PaymentProvider()
-        system = build_system(deadline=120, provider=provider)
-        async with db.transaction() as tx:
-            await set_stock(tx, "PROD-A", 5)
-        await system.submit(db, ORDER)
-
-        async def waiting_for_payment() -> bool:
-            saga = await saga_of(db, "ORD-T1")
-            steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
-            return bool(steps.get("process_payment", {}).get("s") == "running")
-
-        async def status_is(status: SagaStatus) -> bool:
-            saga = await saga_of(db, "ORD-T1")
-            return saga is not None and saga.status == status
-
-        async with running(db, system, WITHOUT_PAYMENT):
-            await until(waiting_for_payment, "the saga sent ProcessPayment")
-            # One timer only: the deadline, 120 seconds after the saga started.
-            due = await db.next_timer_due()
-            assert due is not None and due == pytest.approx(clock.time() + 120, abs=0.01)
-            clock.advance(119)
-            assert await status_is(SagaStatus.RUNNING)
-            clock.advance(2)
-            await until(lambda: status_is(SagaStatus.COMPENSATED), "the order compensated")
-        saga = await saga_of(db, "ORD-T1")
-        assert saga is not None
-        reason = "the saga's deadline of 120 s passed"
-        assert saga.data["_failure"] == {
-            "step": "process_payment",
-            "event": "deadline",
-            "reason": reason,
-        }
-        async with db.transaction() as tx:
-            [view] = await _views(tx)
-        assert view["status"] == "CANCELLED"
-        assert view["reason"] == f"Payment failed: {reason}"
-
-        async def refunded() -> bool:
-            async with db.transaction() as tx:
-                payment = await tx.get_document(PAYMENTS, "ORD-T1")
-            return payment is not None and payment.data["status"] == "REFUNDED"
-
-        async with running(db, system, [*WITHOUT_PAYMENT, "payment"]):
-            await until(refunded, "the late charge refunded")
-        [charge] = provider.charges()
-        assert charge.refunded
-        assert await db.next_timer_due() is None
 
     asyncio.run(scenario())
 
@@ -309,19 +276,12 @@ def test_on_a_broker_deployment_a_saga_deadline_compensates(
                 await set_stock(tx, "PROD-A", 5)
             await system.submit(deployment.entry, ORDER)
 
-            async def status_is(order_id: str, status: SagaStatus) -> bool:
-                saga = await saga_of(orchestrator, order_id)
-                return saga is not None and saga.status == status
-
-            async def waiting_for_payment() -> bool:
-                saga = await saga_of(orchestrator, "ORD-T1")
-                steps: dict[str, dict[str, Any]] = saga.data.get("_steps", {}) if saga else {}
-                return bool(steps.get("process_payment", {}).get("s") == "running")
-
             runtimes = deployment.runtimes(system, WITHOUT_PAYMENT, poll_interval=0.02)
             tasks = [asyncio.create_task(r.run()) for r in runtimes]
             try:
-                await until(waiting_for_payment, "the saga sent ProcessPayment")
+                await until(
+                    lambda: waiting_for_payment(orchestrator), "the saga sent ProcessPayment"
+                )
                 assert await orchestrator.next_timer_due() == pytest.approx(
                     clock.time() + 120, abs=0.01
                 )
@@ -329,7 +289,7 @@ def test_on_a_broker_deployment_a_saga_deadline_compensates(
                     assert await deployment.store(other).next_timer_due() is None
                 clock.advance(121)
                 await until(
-                    lambda: status_is("ORD-T1", SagaStatus.COMPENSATED), "the order compensated"
+                    lambda: status_is(orchestrator, SagaStatus.COMPENSATED), "the order compensated"
                 )
             finally:
                 for runtime in runtimes:
@@ -348,7 +308,8 @@ def test_on_a_broker_deployment_a_saga_deadline_compensates(
             tasks = [asyncio.create_task(r.run()) for r in runtimes]
             try:
                 await until(
-                    lambda: status_is("ORD-T2", SagaStatus.COMPLETED), "the order completed"
+                    lambda: status_is(orchestrator, SagaStatus.COMPLETED, "ORD-T2"),
+                    "the order completed",
                 )
             finally:
                 for runtime in runtimes:

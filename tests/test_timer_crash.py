@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 from collections import Counter
 
 from conftest import OrderStore, ServiceProcesses
@@ -21,6 +22,27 @@ INITIAL_STOCK = {"PROD-A": 300, "PROD-B": 10}
 TIMEOUT = 60.0
 WITHOUT_PAYMENT = ["--services", "order,inventory,orchestrator,read"]
 TIMED = ["--set", "step_timeout=1", *WITHOUT_PAYMENT]
+
+
+def cancelled_when_all_ended(
+    order_store: OrderStore,
+    service_processes: ServiceProcesses,
+    worker: subprocess.Popen[bytes],
+    sagas: int,
+) -> dict[str, str]:
+    """Wait until ``sagas`` sagas ended, stop ``worker``; each cancelled order's reason."""
+    service_processes.wait_for(
+        lambda: order_store.ended_sagas() == sagas,
+        timeout=TIMEOUT,
+        what="every saga ended",
+        alive=[worker],
+    )
+    assert service_processes.stop(worker) == 0, service_processes.output(worker)
+    return {
+        row["orderId"]: row["reason"]
+        for row in order_store.db.sync.query_documents(ORDER_VIEW)
+        if row["status"] == "CANCELLED"
+    }
 
 
 def test_timers_set_before_a_sigkill_fire_once_after_the_restart(
@@ -38,18 +60,7 @@ def test_timers_set_before_a_sigkill_fire_once_after_the_restart(
 
     worker = service_processes.start(order_store.path, lease_seconds=2, options=TIMED)
     # (The payments asked for stay queued: their service is not running.)
-    service_processes.wait_for(
-        lambda: order_store.ended_sagas() == ORDERS,
-        timeout=TIMEOUT,
-        what="every saga ended",
-        alive=[worker],
-    )
-    assert service_processes.stop(worker) == 0, service_processes.output(worker)
-    cancelled = {
-        row["orderId"]: row["reason"]
-        for row in order_store.db.sync.query_documents(ORDER_VIEW)
-        if row["status"] == "CANCELLED"
-    }
+    cancelled = cancelled_when_all_ended(order_store, service_processes, worker, ORDERS)
     timed_out = [r for r in cancelled.values() if "timed out after 1 s" in r]
     assert timed_out, cancelled
     # Each timer fired once: one message per timer id on the log, none left set.
@@ -95,18 +106,7 @@ def test_the_deadline_setting_cancels_the_orders_that_outlast_it(
     worker = service_processes.start(
         order_store.path, options=["--set", "deadline=1", *WITHOUT_PAYMENT]
     )
-    service_processes.wait_for(
-        lambda: order_store.ended_sagas() == 5,
-        timeout=TIMEOUT,
-        what="every saga ended",
-        alive=[worker],
-    )
-    assert service_processes.stop(worker) == 0, service_processes.output(worker)
-    reasons = {
-        row["orderId"]: row["reason"]
-        for row in order_store.db.sync.query_documents(ORDER_VIEW)
-        if row["status"] == "CANCELLED"
-    }
+    reasons = cancelled_when_all_ended(order_store, service_processes, worker, 5)
     # Each of the five has its stock and waits for its payment in vain.
     assert len(reasons) == 5, reasons
     assert all("the saga's deadline of 1 s passed" in r for r in reasons.values()), reasons

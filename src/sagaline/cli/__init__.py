@@ -42,7 +42,6 @@ from sagaline.cli.common import (
     BusOption,
     JsonOption,
     StoreOption,
-    all_queries,
     app,
     app_option,
     check_urls,
@@ -51,7 +50,6 @@ from sagaline.cli.common import (
     with_deployment,
 )
 from sagaline.cli.common import _errors as errors
-from sagaline.cli.common import _queries as queries
 from sagaline.cli.common import _settings as settings
 from sagaline.cli.render import (
     STATUS_STYLES,
@@ -74,8 +72,8 @@ from sagaline.observability import TransactionTrace, load_trace
 #   fail: print an error (already inert markup) on stderr and exit with a status.
 #   inert, quoted: untrusted text made inert for the terminal; quoted as a literal.
 #   emit_json, cell, styled_status: JSON on stdout; a table cell; a status in its colour.
-#   queries, all_queries: the query tools of one service's store; of every store (and a
-#     database bus).
+#   (Stores are read through the deployment itself: deployment.queries(service), and
+#   deployment.audit_sources() for every store and a database bus.)
 #   print_trace, load_transaction: a transaction's causal tree, with notes for its first line;
 #     a saga's trace.
 #   load_trace, TransactionTrace: a transaction's messages and saga, read from every store.
@@ -90,7 +88,6 @@ __all__ = [
     "JsonOption",
     "StoreOption",
     "TransactionTrace",
-    "all_queries",
     "app",
     "cell",
     "check_urls",
@@ -104,7 +101,6 @@ __all__ = [
     "main",
     "out",
     "print_trace",
-    "queries",
     "quoted",
     "redact_url",
     "settings",

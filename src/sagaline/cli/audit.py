@@ -14,8 +14,6 @@ from sagaline.cli.common import (
     BusOption,
     JsonOption,
     StoreOption,
-    _queries,
-    all_queries,
     app,
     check_urls,
     current_app,
@@ -231,13 +229,13 @@ async def load_transaction(
     """The audit trail of ``key`` with its saga: the first instance found of one of the app's
     sagas, in the store of a service that keeps saga instances."""
     app = current_app()
-    sources = all_queries(deployment)
+    sources = deployment.audit_sources()
     keepers = app.default.saga_services() if keepers is None else keepers
     found: TransactionTrace | None = None
     for definition in app.sagas.values():
         for keeper in keepers:
             found = await load_trace(
-                sources, key, saga_id(definition, key), saga_store=_queries(deployment, keeper)
+                sources, key, saga_id(definition, key), saga_store=deployment.queries(keeper)
             )
             if found.saga is not None:
                 return found
@@ -330,7 +328,7 @@ def sagas(
     async def query(deployment: Deployment) -> tuple[list[dict[str, Any]], dict[str, int]]:
         rows: list[dict[str, Any]] = []
         counts: dict[str, int] = {}
-        for db in {id(q): q for q in (_queries(deployment, k) for k in keepers)}.values():
+        for db in {id(q): q for q in (deployment.queries(k) for k in keepers)}.values():
             rows += [saga_summary(record) for record in await db.list_sagas(wanted)]
             for name, count in (await db.saga_counts()).items():
                 counts[name] = counts.get(name, 0) + count
@@ -387,7 +385,7 @@ def rebuild(
 
     async def go(deployment: Deployment) -> tuple[str, int, int]:
         db = deployment.store(service)
-        queries = _queries(deployment, service)
+        queries = deployment.queries(service)
         with Progress(
             TextColumn(f"rebuilding {inert(projection.namespace)}"),
             BarColumn(),

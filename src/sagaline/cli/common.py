@@ -38,7 +38,6 @@ from sagaline.errors import (
     StoreUnavailable,
 )
 from sagaline.observability import strip_control
-from sagaline.ports import StoreQueries
 
 #: The store used when neither ``--store`` nor ``SAGALINE_STORE_URL`` names one.
 DEFAULT_STORE_URL = "sqlite:///./sagaline.db"
@@ -107,17 +106,6 @@ BusOption = Annotated[
         " (put {service} in a SQLite store URL for one file per service).",
     ),
 ]
-
-
-def _queries(deployment: Deployment, service: str) -> StoreQueries:
-    """The query methods of ``service``'s store (every backend offers the same ones)."""
-    return deployment.queries(service)
-
-
-def all_queries(deployment: Deployment) -> list[StoreQueries]:
-    """The query methods of every distinct store of the deployment, and of a database bus
-    (which also holds the commands that clients submitted)."""
-    return deployment.audit_sources()
 
 
 def check_urls(store: str, bus: str | None) -> None:

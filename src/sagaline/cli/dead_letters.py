@@ -19,7 +19,6 @@ from sagaline.cli.common import (
     BusOption,
     JsonOption,
     StoreOption,
-    all_queries,
     app,
     current_app,
     with_deployment,
@@ -58,7 +57,9 @@ def dead_letters(
 
     async def query(deployment: Deployment) -> list[dict[str, Any]]:
         letters = [
-            letter for queries in all_queries(deployment) for letter in await queries.dead_letters()
+            letter
+            for queries in deployment.audit_sources()
+            for letter in await queries.dead_letters()
         ]
         letters.sort(key=lambda letter: letter.failed_at)
         return [dead_letter_summary(letter) for letter in letters]

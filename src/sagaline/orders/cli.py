@@ -25,7 +25,6 @@ from sagaline.cli import (
     JsonOption,
     StoreOption,
     TransactionTrace,
-    all_queries,
     cell,
     check_urls,
     current_app,
@@ -36,7 +35,6 @@ from sagaline.cli import (
     load_trace,
     out,
     print_trace,
-    queries,
     quoted,
     redact_url,
     settings,
@@ -153,15 +151,15 @@ def demo(
         try:
             system = current_app().system({"payment_limit": str(limit)})
             run = await run_demo(deployment, system=system)
-            sources = all_queries(deployment)
-            orchestrator = queries(deployment, "orchestrator")
+            sources = deployment.audit_sources()
+            orchestrator = deployment.queries("orchestrator")
             traces = [
                 await load_trace(sources, key, saga_id(ORDER_SAGA, key), saga_store=orchestrator)
                 for key in run.order_ids
             ]
-            read = queries(deployment, "read")
+            read = deployment.queries("read")
             orders = [await read.get_document(ORDER_VIEW, key) for key in run.order_ids]
-            stock = await queries(deployment, "inventory").query_documents(STOCK)
+            stock = await deployment.queries("inventory").query_documents(STOCK)
             return run.handled, traces, stock, orders
         finally:
             await deployment.close()
@@ -234,7 +232,7 @@ def stock_list(
     """Every product's stock: available, reserved, sold and stocked units."""
 
     async def query(deployment: Deployment) -> list[dict[str, Any]]:
-        return await queries(deployment, "inventory").query_documents(STOCK)
+        return await deployment.queries("inventory").query_documents(STOCK)
 
     rows = with_deployment(
         store, bus, query, must_exist="inventory", services=["inventory"], read_only=True
@@ -257,7 +255,7 @@ def order(
     """One order of the read model."""
 
     async def query(deployment: Deployment) -> Document | None:
-        return await queries(deployment, "read").get_document(ORDER_VIEW, order_id)
+        return await deployment.queries("read").get_document(ORDER_VIEW, order_id)
 
     document = with_deployment(store, bus, query, services=["read"], read_only=True)
     if document is None:
@@ -302,7 +300,7 @@ def orders(
         filters["customerId"] = customer
 
     async def query(deployment: Deployment) -> list[dict[str, Any]]:
-        return await queries(deployment, "read").query_documents(ORDER_VIEW, filters)
+        return await deployment.queries("read").query_documents(ORDER_VIEW, filters)
 
     rows = with_deployment(store, bus, query, services=["read"], read_only=True)
     if json_output:

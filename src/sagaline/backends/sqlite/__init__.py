@@ -33,7 +33,7 @@ from sagaline.backends.sqlite.files import (
     create_owner_only,
 )
 from sagaline.backends.sqlite.queries import SqliteQueries, SqliteReader
-from sagaline.backends.sqlite.rows import path_from_url
+from sagaline.backends.sqlite.rows import immediate, path_from_url
 from sagaline.backends.sqlite.schedule import SqliteSchedule
 from sagaline.backends.sqlite.schema import (
     BACKSTOP_CHECKPOINT_PAGES,
@@ -209,19 +209,12 @@ class SqliteDatabase(SqliteBus, SqliteSchedule, SqliteQueries):
         async with self._lock:
             conn = self.connection
             now = self.clock.time()
-            with self._without_fsync():
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    taken = conn.execute(
-                        "UPDATE relay_lease SET owner = ?, expires = ?"
-                        " WHERE id = 1 AND (owner IS NULL OR owner = ? OR expires < ?)",
-                        (owner, now + self.lease_seconds, owner, now),
-                    ).rowcount
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
+            with self._without_fsync(), immediate(conn):
+                taken = conn.execute(
+                    "UPDATE relay_lease SET owner = ?, expires = ?"
+                    " WHERE id = 1 AND (owner IS NULL OR owner = ? OR expires < ?)",
+                    (owner, now + self.lease_seconds, owner, now),
+                ).rowcount
             if not taken:
                 return []
             rows = conn.execute(
@@ -234,17 +227,11 @@ class SqliteDatabase(SqliteBus, SqliteSchedule, SqliteQueries):
         """Give the relay lease up if ``owner`` holds it."""
         async with self._lock:
             conn = self.connection
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 conn.execute(
                     "UPDATE relay_lease SET owner = NULL, expires = 0 WHERE id = 1 AND owner = ?",
                     (owner,),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
 
     async def outbox_sent(self, ids: Sequence[int]) -> None:
         """Mark entries published."""
@@ -252,14 +239,8 @@ class SqliteDatabase(SqliteBus, SqliteSchedule, SqliteQueries):
             return
         async with self._lock:
             conn = self.connection
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 conn.executemany("UPDATE outbox SET sent = 1 WHERE id = ?", [(i,) for i in ids])
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
 
     async def outbox_refused(self, entry: OutboxEntry, reason: str) -> None:
         """Set aside an entry the bus refuses for good: a dead letter of ``outbox``, marked sent."""

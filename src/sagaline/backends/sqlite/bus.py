@@ -29,6 +29,7 @@ from sagaline.backends._sql.planner import (
 )
 from sagaline.backends._sql.rows import ENVELOPE_COLUMNS, envelope_from_row
 from sagaline.backends.sqlite.failures import unavailable
+from sagaline.backends.sqlite.rows import immediate
 from sagaline.clock import Clock
 from sagaline.ports import Batch, ConsumerSpec, Delivery, Outcome
 
@@ -87,8 +88,7 @@ class SqliteBus:
     def _claim_queue_rows(self, consumer: ConsumerSpec, member: str, limit: int) -> Batch:
         conn = self.connection
         now = self.clock.time()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             candidates = conn.execute(
                 "SELECT c.id, c.attempts FROM commands c"
                 " WHERE c.queue = ? AND c.done = 0 AND c.available_at <= ?"
@@ -109,11 +109,6 @@ class SqliteBus:
                     f" RETURNING id, attempts, key, {ENVELOPE_COLUMNS}",
                     (member, now + self.lease_seconds, *ids),
                 ).fetchall()
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         rows.sort(key=lambda row: row[0])
         deliveries = [
             Delivery(
@@ -173,14 +168,12 @@ class SqliteBus:
         now = self.clock.monotonic()
         wall = self.clock.time()
         membership = self._members.setdefault((consumer.name, member), Membership())
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(conn):
             if now - membership.refreshed > MEMBERSHIP_INTERVAL:
                 membership.owned = self._refresh_membership(consumer, member, wall)
                 membership.refreshed = now
             if not membership.owned:
-                conn.execute("COMMIT")
-                return Batch(consumer=consumer, deliveries=[])
+                return Batch(consumer=consumer, deliveries=[])  # committed on leaving the block
             marks = ",".join("?" * len(membership.owned))
             state = SubscriptionState.of(
                 conn.execute(
@@ -191,7 +184,6 @@ class SqliteBus:
                 wall,
             )
             if not state.eligible:
-                conn.execute("COMMIT")
                 return Batch(consumer=consumer, deliveries=[])
             head = conn.execute("SELECT COALESCE(MAX(position), 0) FROM events").fetchone()[0]
             wanted = sorted(consumer.message_types)
@@ -208,11 +200,6 @@ class SqliteBus:
                 " WHERE subscriber = ?4 AND part = ?1",
                 [(*mark, consumer.name) for mark in plan.marks],
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         if plan.empty:
             return Batch(consumer=consumer, deliveries=[])
         return Batch(consumer=consumer, deliveries=plan.deliveries, cursor=plan.cursor)
@@ -227,8 +214,7 @@ class SqliteBus:
             return
         async with self._lock:
             conn = self.connection
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 conn.execute(
                     "DELETE FROM members WHERE consumer = ? AND member = ?",
                     (consumer.name, member),
@@ -238,11 +224,6 @@ class SqliteBus:
                     " WHERE subscriber = ? AND lease_owner = ?",
                     (consumer.name, member),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         self._members.pop((consumer.name, member), None)
 
     async def settle(

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Sequence
 
 from sagaline.backends._sql.schedule import rewound_positions
+from sagaline.backends.sqlite.rows import immediate
 from sagaline.clock import Clock
 from sagaline.ports import ConsumerSpec, Delivery
 
@@ -56,8 +57,7 @@ class SqliteSchedule:
             return
         conn = self.connection
         async with self._lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate(conn):
                 if consumer.source == "queue":
                     now = self.clock.time()
                     conn.executemany(
@@ -75,9 +75,4 @@ class SqliteSchedule:
                             for part, position in rewound_positions(deliveries).items()
                         ],
                     )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         self._notify()
